@@ -56,11 +56,22 @@ def backend_for(t: Tensor) -> str:
     return "ref"
 
 
+def _impl(module, op: str, backend: str):
+    """The backend's function for op, or None (-> reference). Triton functions live next to their reference
+    (module.<op>_triton); compiled CPU ops live in kernels/_cpp.py (_cpp.<op>)."""
+    if backend == "triton":
+        return getattr(module, f"{op}_triton", None)
+    if backend == "cpp":
+        from . import _cpp
+        return getattr(_cpp, op, None)
+    return None
+
+
 def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
                queue_ids: Tensor | None = None, normalized: bool = True):
     """Top-k cosine neighbours of each query row in the queue; see kernels/queue_topk.py for the contract."""
     backend = backend_for(query)
-    impl = getattr(_queue_topk, f"queue_topk_{backend}", None) if backend != "ref" else None
+    impl = _impl(_queue_topk, "queue_topk", backend)
     if impl is None:
         return _queue_topk.queue_topk_ref(query, queue, k, exclude_ids, queue_ids, normalized)
     return impl(query, queue, k, exclude_ids, queue_ids, normalized)
@@ -69,7 +80,7 @@ def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None 
 def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None, generator=None):
     """MAE per-sample random masking; see kernels/masking.py for the contract."""
     backend = backend_for(x)
-    impl = getattr(_masking, f"random_masking_{backend}", None) if backend != "ref" else None
+    impl = _impl(_masking, "random_masking", backend)
     if impl is None:
         return _masking.random_masking_ref(x, mask_ratio, noise, generator)
     return impl(x, mask_ratio, noise, generator)
@@ -78,7 +89,7 @@ def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None, ge
 def unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
     """Insert mask tokens and restore the original token order; see kernels/masking.py."""
     backend = backend_for(x)
-    impl = getattr(_masking, f"unshuffle_{backend}", None) if backend != "ref" else None
+    impl = _impl(_masking, "unshuffle", backend)
     if impl is None:
         return _masking.unshuffle_ref(x, mask_token, ids_restore)
     return impl(x, mask_token, ids_restore)
