@@ -1,0 +1,276 @@
+"""Configuration: dataclasses with defaults from SPEC, YAML presets (maect/presets/*.yaml) that override some keys,
+and `key=value` command-line overrides type-checked against the defaults. Unknown keys are rejected.
+
+Batch sizes are GLOBAL (summed over ranks and gradient-accumulation steps), as in the paper's tables.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+import yaml
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
+STAGES = ("mae", "head", "ct", "pipeline", "ct_pipeline")
+
+
+@dataclass
+class ModelCfg:
+    arch: str = "vit_b16"            # vit_b16 | vit_l16 | vit_h16 | vit_h14 | vit_s16 | custom
+    img_size: int = 224
+    patch_size: int = 0              # 0: the arch's own
+    in_chans: int = 3
+    embed_dim: int = 0               # 0: the arch's own (required for custom)
+    depth: int = 0
+    num_heads: int = 0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    pool: str = "mean"               # head / probe input: 'mean' of patch tokens (B/16, tiny) or 'cls' (L, H)
+    attention: str = "sdpa"          # sdpa | math
+
+
+@dataclass
+class DataCfg:
+    name: str = "fashion_mnist"      # fashion_mnist | imagefolder
+    root: str = ""                   # '' -> /usr/share/datasets/fashion-mnist for fashion_mnist
+    loader: str = "auto"             # auto | cpu | dali
+    num_workers: int = 0
+
+
+@dataclass
+class MAECfg:                        # stage 1
+    epochs: float = 800
+    warmup_epochs: float = 40
+    batch_size: int = 4096
+    accum_steps: int = 1
+    blr: float = 1.5e-4              # lr = blr * batch_size / 256
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    crop_scale: tuple = (0.2, 1.0)
+    num_views: int = 1               # official MAE: 1; the MAE-CT authors' retrained B/L/H: 2
+
+
+@dataclass
+class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
+    proj_hidden: int = 2048
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    queue_size: int = 65536
+
+
+@dataclass
+class HeadCfg:                       # stage 2: NNCLR head initialisation, encoder frozen
+    epochs: float = 20
+    warmup_frac: float = 0.2
+    batch_size: int = 1024
+    blr: float = 1e-4                # lr = blr * 2 * batch_size / 256
+    weight_decay: float = 1e-5
+    tau: float = 0.15
+    topk: int = 1
+    crop_scale: tuple = (0.08, 1.0)
+
+
+@dataclass
+class CTCfg:                         # stage 3: contrastive tuning
+    epochs: float = 20
+    warmup_frac: float = 0.2
+    batch_size: int = 1024
+    blr: float = 1e-4                # encoder: lr = blr * 2 * batch_size / 256, times LLRD factors
+    weight_decay: float = 0.05
+    head_blr: float = 1e-4           # 5e-4 for MAE-CTaug
+    head_weight_decay: float = 1e-5
+    tau: float = 0.15
+    topk: int = 20
+    target_ema: float = 0.99
+    encoder_ema: float = 0.9999
+    llrd: float = 0.65
+    tuned_from_block: int = -1       # first trained block; -1: depth // 2 (the upper half)
+    aug: bool = False                # MAE-CTaug: SPEC's asymmetric colour augmentations
+    crop_scale: tuple = (0.08, 1.0)
+
+
+@dataclass
+class EvalCfg:                       # the monitors and the pipeline's before/after k-NN
+    knn_k: int = 20
+    knn_T: float = 0.07
+    monitor_train: int = 10000       # bank size for the per-epoch k-NN monitor
+    monitor_test: int = 2000
+    final_train: int = 0             # 0: the whole train split for the pipeline's final k-NN
+    final_test: int = 0
+    use_ema: bool = False            # evaluate the EMA encoder instead of the online one
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    stage: str = "pipeline"          # mae | head | ct | pipeline (mae -> head -> ct) | ct_pipeline (head -> ct)
+    out_dir: str = "runs/default"
+    init: str = ""                   # checkpoint to start from (stage head/ct); '' inside a pipeline: previous stage
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    precision: str = "auto"          # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    threads: int = 0                 # CPU threads (0: all cores)
+    log_every: int = 20
+    fused_optimizer: str = "auto"    # auto | apex | torch | off
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    mae: MAECfg = field(default_factory=MAECfg)
+    nnclr: NNCLRCfg = field(default_factory=NNCLRCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    ct: CTCfg = field(default_factory=CTCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(key: str, value, default, ftype: str = ""):
+    """Convert value to the field's declared type (ftype) or the type of default; ConfigError names the key."""
+    if ftype == "float":
+        default = float(default)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise ConfigError(f"config key {key!r}: expected {len(default)} comma-separated numbers, got {value!r}")
+        return tuple(_coerce(key, v, d) for v, d in zip(value, default))
+    if isinstance(default, str):
+        return "" if value is None else str(value)
+    raise ConfigError(f"config key {key!r}: unsupported type {type(default).__name__}")
+
+
+def _all_keys(obj, prefix="") -> list[str]:
+    out = []
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out += _all_keys(v, f"{prefix}{f.name}.") if is_dataclass(v) else [prefix + f.name]
+    return out
+
+
+def set_key(cfg: Config, key: str, value) -> None:
+    parts, obj = key.split("."), cfg
+    for p in parts[:-1]:
+        if not (hasattr(obj, p) and is_dataclass(getattr(obj, p))):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(_all_keys(cfg))}")
+        obj = getattr(obj, p)
+    name = parts[-1]
+    if name not in {f.name for f in fields(obj)} or is_dataclass(getattr(obj, name)):
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(_all_keys(cfg))}")
+    ftype = {f.name: f.type for f in fields(obj)}[name]
+    setattr(obj, name, _coerce(key, value, getattr(obj, name), ftype if isinstance(ftype, str) else ftype.__name__))
+
+
+def _apply_dict(cfg: Config, d: dict, prefix: str = "", source: str = "") -> None:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _apply_dict(cfg, v, f"{prefix}{k}.", source)
+        else:
+            try:
+                set_key(cfg, prefix + k, v)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+
+
+def preset_path(name: str) -> str:
+    path = name if name.endswith((".yaml", ".yml")) else os.path.join(PRESET_DIR, f"{name}.yaml")
+    if not os.path.exists(path):
+        avail = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml"))
+        raise ConfigError(f"unknown preset {name!r} (no file {path}); available presets: {avail} or a path to a .yaml")
+    return path
+
+
+def load_config(args: list[str]) -> Config:
+    """args: ['preset=tiny', 'ct.epochs=3', ...]. The preset (if any) applies first, then the rest in order."""
+    pairs = []
+    for a in args:
+        if "=" not in a:
+            raise ConfigError(f"argument {a!r} is not key=value (e.g. preset=tiny, ct.epochs=3)")
+        k, v = a.split("=", 1)
+        pairs.append((k.lstrip("-").strip(), v))
+    cfg = Config()
+    for k, v in pairs:
+        if k == "preset":
+            path = preset_path(v)
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+            if not isinstance(d, dict):
+                raise ConfigError(f"preset file {path} must hold a mapping of keys")
+            _apply_dict(cfg, d, source=path)
+            cfg.preset = v
+    for k, v in pairs:
+        if k != "preset":
+            set_key(cfg, k, yaml.safe_load(v) if v != "" else "")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    _apply_dict(cfg, d, source="checkpoint config")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations, caught before any work starts."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r}: choose one of {STAGES}")
+    if cfg.model.pool not in ("mean", "cls"):
+        raise ConfigError(f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
+    if cfg.data.loader not in ("auto", "cpu", "dali"):
+        raise ConfigError(f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
+    if not 0.0 <= cfg.mae.mask_ratio < 1.0:
+        raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
+    for name in ("mae", "head", "ct"):
+        s = getattr(cfg, name)
+        if s.batch_size < 1:
+            raise ConfigError(f"{name}.batch_size={s.batch_size} must be positive")
+        lo, hi = s.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{name}.crop_scale={s.crop_scale} must satisfy 0 < min <= max <= 1")
+    for name in ("head", "ct"):
+        s = getattr(cfg, name)
+        if s.topk < 1 or s.topk > cfg.nnclr.queue_size:
+            raise ConfigError(f"{name}.topk={s.topk} must be between 1 and nnclr.queue_size={cfg.nnclr.queue_size}")
+        if cfg.nnclr.queue_size % s.batch_size:
+            raise ConfigError(f"nnclr.queue_size={cfg.nnclr.queue_size} must be divisible by the global batch "
+                              f"{name}.batch_size={s.batch_size} (FIFO enqueue of whole global batches)")
+    if cfg.mae.batch_size % cfg.mae.accum_steps:
+        raise ConfigError(f"mae.batch_size={cfg.mae.batch_size} must be divisible by mae.accum_steps={cfg.mae.accum_steps}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def dump(cfg: Config, path: str) -> None:
+    d = to_dict(cfg)
+
+    def fix(x):  # tuples -> lists for plain YAML
+        return {k: fix(v) for k, v in x.items()} if isinstance(x, dict) else list(x) if isinstance(x, tuple) else x
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(fix(d), f, sort_keys=False)
+    os.replace(tmp, path)
+

@@ -1,0 +1,1 @@
+from maect.models.vit import MaskedAutoencoderViT, build_model, pool  # noqa: F401

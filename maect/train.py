@@ -1,0 +1,416 @@
+"""One entry point for every stage:  torchrun [--nproc_per_node=N] -m maect.train preset=tiny [key=value ...]
+
+stage=mae       MAE pretraining (stage 1)
+stage=head      NNCLR head initialisation, encoder frozen (stage 2), from init=CKPT
+stage=ct        contrastive tuning of the upper blocks (stage 3), from init=CKPT (a head checkpoint)
+stage=pipeline  mae -> head -> ct, each from the previous stage's checkpoint, then k-NN before/after
+stage=ct_pipeline  head -> ct from init=CKPT (an MAE / official checkpoint)
+Outputs in out_dir/<stage>/: checkpoint-latest.pth (each epoch), checkpoint-final.pth, metrics.jsonl, config.yaml.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import kernels
+from dataloading import build_loader, eval_batches, load_data
+from maect import config as C
+from maect import dist, hub
+from maect.heads import FeatureQueue, NNCLRHead
+from maect.losses import nnclr_loss
+from maect.models import attention as attn
+from maect.models.vit import num_params, pool
+from maect.optim import build_optimizer, freeze, llrd_scale, lr_factor, param_groups, set_lr
+
+log = logging.getLogger("maect")
+
+
+# ------------------------------------------------------------------------------------------------ plumbing
+class Meter:
+    """Progress line (loss, lr, images/s, ETA) every log_every steps; JSONL metrics; tensorboard if installed."""
+
+    def __init__(self, out_dir: str, stage: str, total_steps: int, global_batch: int, log_every: int, main: bool):
+        self.stage, self.total, self.gb, self.every, self.main = stage, total_steps, global_batch, log_every, main
+        self.t0 = self.t_last = time.time()
+        self.step_last = 0
+        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if main else None
+        self.tb = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def step(self, step: int, epoch: int, values: dict) -> None:
+        if not self.main or (step % self.every and step != self.total):
+            return
+        now = time.time()
+        ips = (step - self.step_last) * self.gb / max(now - self.t_last, 1e-9)
+        eta = (self.total - step) * (now - self.t0) / max(step, 1)
+        self.t_last, self.step_last = now, step
+        vals = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+        log.info(f"[{self.stage}] ep {epoch} step {step}/{self.total} {vals} | {ips:.0f} img/s | ETA {eta / 60:.1f} min")
+        self.write({"step": step, "epoch": epoch, "img_per_s": ips, **values})
+
+    def write(self, rec: dict) -> None:
+        if not self.main:
+            return
+        rec = {"stage": self.stage, "time": time.time() - self.t0, **rec}
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{self.stage}/{k}", v, rec.get("step", 0))
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def autocast(cfg: C.Config, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def step_generator(cfg: C.Config, stage: str, step: int) -> torch.Generator:
+    """A CPU generator for per-step randomness (mask noise, NN pick) that does not depend on the rank count."""
+    return torch.Generator().manual_seed((cfg.seed * 1000003 + zlib.crc32(stage.encode())) * 1000003 + step)
+
+
+def stage_dir(cfg: C.Config, stage: str) -> str:
+    d = os.path.join(cfg.out_dir, stage)
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+class KNNMonitor:
+    """Quick k-NN accuracy: bank = a fixed subset of the train split, queries = a subset of the test split, both
+    with the deterministic eval transform. The same code gives the pipeline's before/after numbers."""
+
+    def __init__(self, cfg: C.Config, device, n_train: int, n_test: int):
+        self.cfg, self.device = cfg, device
+        train, test = load_data(cfg.data.name, cfg.data.root, "train"), load_data(cfg.data.name, cfg.data.root, "test")
+        g = torch.Generator().manual_seed(1234)
+        self.train = train.subset(torch.randperm(len(train), generator=g)[:n_train]) if 0 < n_train < len(train) else train
+        self.test = test.subset(torch.arange(min(n_test, len(test)))) if 0 < n_test < len(test) else test
+        self.num_classes = train.num_classes
+
+    @torch.no_grad()
+    def __call__(self, encoder: nn.Module, pool_mode: str) -> float:
+        from maect.eval.features import extract_features
+        from maect.eval.knn import knn_accuracy
+        m = self.cfg.model
+        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device)
+        ftr, ytr = extract_features(encoder, eval_batches(self.train, **kw), pool=pool_mode, device=self.device)
+        fte, yte = extract_features(encoder, eval_batches(self.test, **kw), pool=pool_mode, device=self.device)
+        return knn_accuracy(ftr, ytr, fte, yte, k=self.cfg.eval.knn_k, T=self.cfg.eval.knn_T,
+                            num_classes=self.num_classes)
+
+
+def make_loader(cfg, di, data, s, num_views, ctaug, batch_per_rank):
+    return build_loader(data, cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
+                        batch_size=batch_per_rank, rank=di.rank, world=di.world, seed=cfg.seed, num_views=num_views,
+                        crop_scale=s.crop_scale, ctaug=ctaug, device=di.device)
+
+
+def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
+    if batch % (world * accum):
+        raise C.ConfigError(f"{key}={batch} must be divisible by world size {world}" + (f" x accum {accum}" if accum > 1 else ""))
+    return batch // (world * accum)
+
+
+def save(di, path: str, obj: dict) -> None:
+    if di.is_main:
+        hub.save_checkpoint(obj, path)
+
+
+def check_finite(loss: float, stage: str, step: int, out: str) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"[{stage}] non-finite loss {loss} at step {step}; last good checkpoint: "
+                                 f"{os.path.join(out, 'checkpoint-latest.pth')}")
+
+
+# ------------------------------------------------------------------------------------------------ stage 1
+def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
+    s, out = cfg.mae, stage_dir(cfg, "mae")
+    data = load_data(cfg.data.name, cfg.data.root, "train")
+    model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
+    if cfg.init:
+        ck = hub.load_checkpoint(cfg.init)
+        model.load_state_dict(ck.get("model", ck))
+    micro = per_rank(s.batch_size, di.world, "mae.batch_size", s.accum_steps)
+    loader = make_loader(cfg, di, data, s, s.num_views, False, micro)
+    ddp = DDP(model) if di.world > 1 else model
+    lr = s.blr * s.batch_size / 256
+    opt, opt_name = build_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr,
+                                    fused=cfg.fused_optimizer, device=di.device)
+    spe = len(loader) // s.accum_steps
+    total, warm = max(1, round(s.epochs * spe)), round(s.warmup_epochs * spe)
+    log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
+             f"{di.world} ranks x {s.accum_steps} accum), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
+             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
+    meter = Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main)
+    L, step, epoch, run_loss = model.patch_embed.num_patches, 0, 0, torch.zeros((), device=di.device)
+    model.train()
+    while step < total:
+        loader.set_epoch(epoch)
+        for i, b in enumerate(loader):
+            micro_i = i % s.accum_steps
+            x = torch.cat(b["views"])
+            g = step_generator(cfg, "mae", step * s.accum_steps + micro_i)
+            sel = slice(di.rank * micro, (di.rank + 1) * micro)
+            noise = torch.cat([torch.rand(micro * di.world, L, generator=g)[sel] for _ in b["views"]]).to(di.device)
+            sync = micro_i == s.accum_steps - 1
+            with (contextlib.nullcontext() if sync or di.world == 1 else ddp.no_sync()), autocast(cfg, di.device):
+                loss, _, _ = ddp(x, s.mask_ratio, s.norm_pix_loss, noise)
+            (loss / s.accum_steps).backward()
+            run_loss += loss.detach() / s.accum_steps
+            if not sync:
+                continue
+            set_lr(opt, lr, lr_factor(step, total, warm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.log_every == 0 or step == total:
+                val = float(dist.all_reduce_mean(run_loss)) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
+                check_finite(val, "mae", step, out)  # host sync only at log steps
+                meter.step(step, epoch, {"loss": val, "lr": opt.param_groups[0]["lr"]})
+                run_loss.zero_()
+            if step >= total:
+                break
+        epoch += 1
+        save(di, os.path.join(out, "checkpoint-latest.pth"), mae_ckpt(cfg, model, opt, epoch, step))
+    path = os.path.join(out, "checkpoint-final.pth")
+    save(di, path, mae_ckpt(cfg, model, opt, epoch, step))
+    meter.close()
+    return path
+
+
+def mae_ckpt(cfg, model, opt, epoch, step):
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "scaler": None,
+            "args": C.to_dict(cfg), "stage": "mae", "version": _version()}
+
+
+def _version() -> str:
+    from maect import __version__
+    return __version__
+
+
+# ------------------------------------------------------------------------------------------------ stages 2, 3
+def load_for_nnclr(cfg: C.Config, di, init: str):
+    """Encoder (+ head and queue when the checkpoint has them) for stages 2/3."""
+    if not init:
+        raise C.ConfigError("stage head/ct needs init=CHECKPOINT (an MAE, official MAE/timm or head checkpoint)")
+    ck = hub.load_checkpoint(init)
+    encoder, info = hub.load_encoder(ck)
+    if info["config"] is None:   # an outside checkpoint: the run's model config must agree with its weights
+        log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
+    D = encoder.embed_dim
+    n = cfg.nnclr
+    head = NNCLRHead(D, n.proj_hidden, n.proj_dim, n.pred_hidden)
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    if "head" in ck:
+        if any(k.startswith("target_projector.") for k in ck["head"]):
+            head.add_target()
+        head.load_state_dict(ck["head"])
+        if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
+            queue.load_state_dict(ck["queue"])
+    return encoder.to(di.device), head.to(di.device), queue.to(di.device)
+
+
+class NNCLRNet(nn.Module):
+    """encoder (upper blocks from grad_from) + head; one forward for both views so DDP sees one graph."""
+
+    def __init__(self, encoder, head, grad_from: int, pool_mode: str, encoder_frozen: bool):
+        super().__init__()
+        self.encoder, self.head, self.grad_from, self.pool_mode = encoder, head, grad_from, pool_mode
+        self.encoder_frozen = encoder_frozen
+
+    def forward(self, x0, x1):
+        n = x0.shape[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
+            f = pool(self.encoder.forward_features(torch.cat([x0, x1]), grad_from_block=self.grad_from), self.pool_mode)
+        f0, f1 = f[:n].float(), f[n:].float()
+        p0, z0 = self.head(f0)      # separate calls: BatchNorm statistics per view
+        p1, z1 = self.head(f1)
+        return p0, p1, z0, z1
+
+
+def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None) -> str:
+    """Stage 2 (stage='head') or stage 3 (stage='ct'): same step, different trainable set and hyperparameters."""
+    s, out, ct = (cfg.head if stage == "head" else cfg.ct), stage_dir(cfg, stage), stage == "ct"
+    encoder, head, queue = load_for_nnclr(cfg, di, init)
+    depth = encoder.depth
+    t = (cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else depth // 2) if ct else depth
+    freeze(encoder)
+    if ct:
+        for name, p in encoder.named_parameters():  # upper blocks + final norm train
+            if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= t):
+                p.requires_grad_(True)
+        if head.target_projector is None:
+            head.add_target()
+    encoder.eval()  # frozen part in eval mode; no dropout/drop-path anywhere, so the trained part is unaffected
+    ema = copy.deepcopy(encoder).requires_grad_(False) if ct else None
+    if di.world > 1:
+        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+    net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=not ct)
+    ddp = DDP(net, find_unused_parameters=False) if di.world > 1 else net
+
+    n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
+    data = load_data(cfg.data.name, cfg.data.root, "train")
+    loader = make_loader(cfg, di, data, s, 2, ct and cfg.ct.aug, n_rank)
+    scale = 2 * s.batch_size / 256
+    lrs = {"enc": s.blr * scale, "head": (cfg.ct.head_blr if ct else s.blr) * scale}
+    groups = param_groups(head.named_parameters(), cfg.ct.head_weight_decay if ct else s.weight_decay, tag="head")
+    if ct:
+        groups += param_groups(encoder.named_parameters(), s.weight_decay,
+                               lambda n: llrd_scale(n, depth, cfg.ct.llrd), tag="enc")
+    opt, opt_name = build_optimizer(groups, 1.0, fused=cfg.fused_optimizer, device=di.device)
+    total = max(1, round(s.epochs * len(loader)))
+    warm = round(s.warmup_frac * total)
+    n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    log.info(f"[{stage}] trainable: head {num_params(head, True) / 1e6:.2f}M, encoder {n_enc / 1e6:.2f}M "
+             f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
+    log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
+             f"top-k {s.topk}, queue {queue.size}, {total} steps, optimizer {opt_name}, loader {loader.backend}, "
+             f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
+    meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
+    step, epoch = 0, 0
+    head.train()
+    stats = torch.zeros(3, device=di.device)  # loss sum, nn-acc sum, count
+    while step < total:
+        loader.set_epoch(epoch)
+        for b in loader:
+            x0, x1 = b["views"]
+            with autocast(cfg, di.device):
+                p0, p1, z0, z1 = ddp(x0, x1)
+            z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
+            g = step_generator(cfg, stage, step)
+            nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
+            nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
+            loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            set_lr(opt, lrs, lr_factor(step, total, warm))
+            opt.step()
+            nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
+            queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]))
+            if ct:
+                head.update_target(cfg.ct.target_ema)
+                ema_update(ema, encoder, cfg.ct.encoder_ema)
+            stats += torch.stack([loss.detach(), nn_acc, torch.ones((), device=di.device)])
+            step += 1
+            if step % cfg.log_every == 0 or step == total:
+                st = dist.all_reduce_mean(stats)
+                check_finite(float(st[0]), stage, step, out)
+                meter.step(step, epoch, {"loss": float(st[0] / st[2]), "nn_acc": float(st[1] / st[2]),
+                                         "lr": opt.param_groups[0]["lr"]})
+                stats.zero_()
+            if step >= total:
+                break
+        epoch += 1
+        if monitor is not None and di.is_main and (ct or epoch == 1):
+            acc = monitor(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
+            log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}%")
+            meter.write({"step": step, "epoch": epoch, "knn_acc": acc})
+        save(di, os.path.join(out, "checkpoint-latest.pth"), nnclr_ckpt(cfg, stage, encoder, ema, head, queue, opt, epoch, step))
+    path = os.path.join(out, "checkpoint-final.pth")
+    save(di, path, nnclr_ckpt(cfg, stage, encoder, ema, head, queue, opt, epoch, step))
+    meter.close()
+    return path
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, m: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.lerp_(p.detach(), 1.0 - m)
+
+
+def nnclr_ckpt(cfg, stage, encoder, ema, head, queue, opt, epoch, step):
+    ck = {"model": encoder.state_dict(), "head": head.state_dict(), "queue": queue.state_dict(),
+          "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "scaler": None, "args": C.to_dict(cfg),
+          "stage": stage, "version": _version()}
+    if ema is not None:
+        ck["model_ema"] = ema.state_dict()
+    return ck
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def setup_logging(main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+
+
+def run(cfg: C.Config) -> dict:
+    di = dist.init(cfg.device)
+    setup_logging(di.is_main)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    attn.set_backend(cfg.model.attention)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if di.is_main:
+        C.dump(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    log.info(f"maect {_version()} | stage {cfg.stage} | device {di.device} x {di.world} ranks | torch {torch.__version__} "
+             f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
+    results, times = {}, {}
+    need_monitor = cfg.stage in ("head", "ct", "pipeline", "ct_pipeline")
+    monitor = KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test) if need_monitor and di.is_main else None
+    init = cfg.init
+    for stage in {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,)):
+        t0 = time.time()
+        if stage == "mae":
+            init = run_mae(cfg, di)
+        else:
+            init = run_nnclr(cfg, di, stage, init, monitor)
+        times[stage] = time.time() - t0
+        results[f"{stage}_checkpoint"] = init
+        log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
+    results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
+    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
+        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test)
+        before = results.get("mae_checkpoint") or cfg.init
+        acc0 = final(hub.load_encoder(before)[0].to(di.device), cfg.model.pool)
+        acc1 = final(hub.load_encoder(init, use_ema=cfg.eval.use_ema)[0].to(di.device), cfg.model.pool)
+        results.update(knn_mae=acc0, knn_maect=acc1)
+        log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
+                 f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
+        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = C.load_config(argv)
+    except C.ConfigError as e:
+        sys.exit(f"maect.train: {e}")
+    try:
+        run(cfg)
+    except (C.ConfigError, FileNotFoundError) as e:
+        sys.exit(f"maect.train: {e}")
+    finally:
+        if dist.is_dist():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
