@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine (safe to re-run): the Fashion-MNIST data set and the Python packages.
+#   ./setup.sh           package + test extras (pytest, scipy, scikit-learn, torchvision, timm)
+#   ./setup.sh --no-test package only
+# A torch already installed (e.g. a CUDA build) is kept: setup.py asks for torch>=2.10 and pip leaves a
+# satisfying install alone.
+set -euo pipefail
+cd "$(dirname "$0")"
+FMNIST=/usr/share/datasets/fashion-mnist
+if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    echo "setup: installing Debian package dataset-fashion-mnist into $FMNIST"
+    $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  else
+    echo "setup: no apt-get here: put the four Fashion-MNIST idx .gz files in a folder and pass data.root=DIR" >&2
+  fi
+fi
+EXTRA="[test]"; [ "${1:-}" = "--no-test" ] && EXTRA=""
+PY=${PYTHON:-python3}
+$PY -m pip install -q --disable-pip-version-check -e ".$EXTRA" 2>&1 | grep -v "Running pip as the 'root' user" || true
+$PY -c "import maect, kernels, dataloading, torch; print(f'setup: maect ready (torch {torch.__version__}, cuda {torch.cuda.is_available()})')"
