@@ -1,0 +1,167 @@
+"""python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder]
+       [--data-root DIR] [--pool cls|mean] [--device auto|cpu|cuda] [--out results.json] [--export-features DIR]
+       [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
+
+Loads the encoder (maect.hub.load_encoder), extracts train/test features once (or reuses the cache in
+--export-features DIR when its metadata matches), runs the protocols on the features, prints a table and writes
+the JSON. The checkpoint records the pooling, image size and data set; flags override them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from maect.eval.cluster import cluster_eval
+from maect.eval.features import cache_features, extract_features, feature_meta, load_cached
+from maect.eval.knn import knn_accuracy
+from maect.eval.lowshot import lowshot
+from maect.eval.probe import linear_probe
+
+PROTOCOLS = ("knn", "probe", "lowshot", "cluster")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m maect.eval", description=__doc__.split("\n\n")[1])
+    p.add_argument("--ckpt", required=True, help="maect or official MAE checkpoint (.pth)")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated subset of {PROTOCOLS}")
+    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder (default: the checkpoint's data set)")
+    p.add_argument("--data-root", default=None, help="data directory (imagefolder: with train/ and val/)")
+    p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's model.pool")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    p.add_argument("--out", default=None, help="results JSON (default: eval_<ckpt name>.json next to the ckpt)")
+    p.add_argument("--export-features", default=None, metavar="DIR",
+                   help="cache features here (DIR/train.*, DIR/test.*) and reuse them when the metadata matches")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's EMA encoder")
+    p.add_argument("--batch-size", type=int, default=256, help="encoder batch size for feature extraction")
+    p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
+    p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
+    p.add_argument("--knn-k", type=int, default=20, help="k for k-NN (k=10, the paper's, is always reported too)")
+    p.add_argument("--knn-T", type=float, default=0.07)
+    p.add_argument("--knn-standardize", action="store_true", help="standardise features (train mean/std) first")
+    p.add_argument("--probe-epochs", type=int, default=50)
+    p.add_argument("--probe-batch", type=int, default=1024)
+    p.add_argument("--lowshot-max-iter", type=int, default=1000)
+    p.add_argument("--kmeans-restarts", type=int, default=10)
+    p.add_argument("--cluster-split", default="test", choices=("train", "test"), help="which features k-means clusters")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.protocols = [s.strip() for s in args.protocols.split(",") if s.strip()]
+    bad = [s for s in args.protocols if s not in PROTOCOLS]
+    if bad or not args.protocols:
+        p.error(f"--protocols: unknown {bad}; choose from {PROTOCOLS}")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device):
+    """(features [N, D] on device, labels [N] on device, num_classes, source) for one split, from the cache when
+    its metadata matches, else from the encoder (then written to the cache)."""
+    from dataloading import eval_batches, load_data
+    limit = args.train_limit if split == "train" else args.test_limit
+    meta = feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
+                        data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema)
+    prefix = os.path.join(args.export_features, split) if args.export_features else None
+    hit = load_cached(prefix, meta) if prefix else None
+    if hit is not None:
+        f, y, stored = hit
+        return f.to(device), y.to(device), stored["num_classes"], "cache"
+    data = load_data(data_name, data_root, split)
+    batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"], batch_size=args.batch_size,
+                           device=device, limit=limit)
+    f, y = extract_features(model, batches, pool=pool, device=device)
+    if prefix:
+        cache_features(prefix, f, y, dict(meta, num_classes=int(data.num_classes)))
+    return f, y, int(data.num_classes), "encoder"
+
+
+def run(args) -> dict:
+    from maect.hub import load_encoder   # imported here: the protocols above need no checkpoint code
+    device = resolve_device(args.device)
+    model, info = load_encoder(args.ckpt, use_ema=args.use_ema)
+    model.to(device)
+    pool = args.pool or info.get("pool") or "cls"
+    recorded = info.get("data") or {}
+    data_name = args.data or recorded.get("name") or "fashion_mnist"
+    data_root = args.data_root if args.data_root is not None else (recorded.get("root") or None)
+    res = {"ckpt": os.path.abspath(args.ckpt), "pool": pool, "data": data_name, "data_root": data_root,
+           "img_size": info["img_size"], "device": str(device), "use_ema": args.use_ema, "seed": args.seed,
+           "protocols": {}, "seconds": {}}
+    t0 = time.perf_counter()
+    tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device)
+    te_f, te_y, _, src_te = split_features(model, info, args, "test", data_name, data_root, pool, device)
+    res["seconds"]["features"] = time.perf_counter() - t0
+    res.update(num_classes=C, n_train=int(tr_f.shape[0]), n_test=int(te_f.shape[0]), dim=int(tr_f.shape[1]),
+               feature_source={"train": src_tr, "test": src_te})
+    P = res["protocols"]
+    for name in args.protocols:
+        t = time.perf_counter()
+        if name == "knn":
+            ks = sorted({10, args.knn_k})
+            acc = knn_accuracy(tr_f, tr_y, te_f, te_y, k=ks, T=args.knn_T, num_classes=C,
+                               standardize=args.knn_standardize)
+            P["knn"] = {"T": args.knn_T, "standardize": args.knn_standardize, **{f"k{k}": a for k, a in acc.items()}}
+        elif name == "probe":
+            P["probe"] = linear_probe(tr_f, tr_y, te_f, te_y, num_classes=C, epochs=args.probe_epochs,
+                                      batch_size=args.probe_batch, seed=args.seed)
+        elif name == "lowshot":
+            P["lowshot"] = lowshot(tr_f, tr_y, te_f, te_y, seed=args.seed, max_iter=args.lowshot_max_iter)
+        elif name == "cluster":
+            f, y = (tr_f, tr_y) if args.cluster_split == "train" else (te_f, te_y)
+            P["cluster"] = dict(cluster_eval(f, y, num_classes=C, restarts=args.kmeans_restarts, seed=args.seed),
+                                split=args.cluster_split)
+        res["seconds"][name] = time.perf_counter() - t
+    return res
+
+
+def table(res: dict) -> str:
+    """Human-readable summary, one metric per line (accuracies in %)."""
+    rows, P = [], res["protocols"]
+    for k, v in P.get("knn", {}).items():
+        if k.startswith("k"):
+            rows.append((f"k-NN {k[0]}={k[1:]} (T={P['knn']['T']})", f"{v:.2f}"))
+    if "probe" in P:
+        p = P["probe"]
+        rows.append((f"linear probe (lr {p['lr']:.3g}, val {p['val_acc']:.1f})", f"{p['test_acc']:.2f}"))
+    for k, v in P.get("lowshot", {}).items():
+        rows.append((f"low-shot {k} ({len(v['accs'])} split{'s' * (len(v['accs']) > 1)})",
+                     f"{v['mean']:.2f} ± {v['std']:.2f}"))
+    if "cluster" in P:
+        c = P["cluster"]
+        rows.append((f"k-means ACC (k={c['k']}, {c['restarts']} restarts)", f"{c['acc']:.2f}"))
+        rows.append(("k-means NMI", f"{c['nmi']:.2f}"))
+    w = max(len(r[0]) for r in rows) if rows else 10
+    head = (f"{os.path.basename(res['ckpt'])}: {res['data']} train {res['n_train']} / test {res['n_test']}, "
+            f"pool={res['pool']}, D={res['dim']}")
+    return "\n".join([head, "-" * (w + 16)] + [f"{a:<{w}}  {b:>14}" for a, b in rows])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = run(args)
+    print(table(res))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                   f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(res, fh, indent=1, default=float)   # default=float: numpy scalars
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

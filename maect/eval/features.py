@@ -1,0 +1,122 @@
+"""Frozen-encoder features for the evaluation protocols, and an on-disk cache of them.
+
+extract_features runs the encoder once over deterministic eval batches (no augmentation) and pools the tokens
+after the final LayerNorm: 'cls' (L/H, MAE baselines) or 'mean' of patch tokens (MAE-CT B/16, tiny). Every
+protocol (k-NN, probe, low-shot, k-means) then works on these [N, D] tensors only.
+
+Cache layout for a prefix P (e.g. DIR/train):
+    P.features.npy   float32 [N, D]
+    P.labels.npy     int64 [N]
+    P.json           metadata: checkpoint path/mtime/size, pool, split, img_size, ... (see feature_meta)
+The cache is used only when the stored metadata equals the expected one, so a retrained checkpoint (new mtime or
+size), another pooling or another --train-limit re-runs the encoder instead of silently reusing stale features.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from maect.models.vit import pool as pool_tokens
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device=None) -> tuple[Tensor, Tensor]:
+    """Pooled encoder features of every batch.
+
+    model:   MaskedAutoencoderViT (or a DDP/compile wrapper exposing .module); only forward_features is used.
+    batches: iterable of (x [n, C, S, S] float normalised, y [n] int64), e.g. dataloading.eval_batches(...).
+    pool:    'cls' | 'mean'.
+    device:  where the encoder runs and the features live (default: the model's parameters' device).
+    Returns (features float32 [N, D], labels int64 [N]) on `device`.
+
+    The model is put in eval mode for the pass, and every module's own training flag is restored afterwards
+    (stage 3 keeps the frozen lower half in eval mode while the upper half trains: a blanket model.train() at
+    the end would flip the frozen half). No gradients, so no parameter or buffer is touched; LayerNorm has no
+    running statistics, so eval mode only matters for modules a wrapper may add (e.g. BatchNorm in a head).
+    """
+    net = getattr(model, "module", model)
+    if device is None:
+        device = next(net.parameters()).device
+    device = torch.device(device)
+    flags = {m: m.training for m in net.modules()}
+    net.eval()
+    # bf16 autocast on CUDA as in training; fp32 on CPU (CPU autocast would only slow the small eval models down)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    feats, labels = [], []
+    try:
+        for x, y in batches:
+            with amp:
+                tokens = net.forward_features(x.to(device, non_blocking=True))   # [n, 1 + L, D]
+            feats.append(pool_tokens(tokens, pool).float())                      # [n, D] fp32
+            labels.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    if not feats:
+        raise ValueError("extract_features: the batch iterator yielded no batches (empty dataset or limit=0?)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def feature_meta(ckpt: str | None, *, pool: str, split: str, img_size: int, in_chans: int, data: str,
+                 data_root: str | None, limit: int | None, use_ema: bool = False) -> dict:
+    """Everything that determines the features of one split. The checkpoint is identified by its absolute path,
+    mtime and size (cheap; hashing a 2.5 GB ViT-H file on every call would not be)."""
+    meta = {"checkpoint": None, "ckpt_mtime": None, "ckpt_size": None, "pool": pool, "split": split,
+            "img_size": int(img_size), "in_chans": int(in_chans), "data": data, "data_root": data_root or "",
+            "limit": None if limit is None else int(limit), "use_ema": bool(use_ema)}
+    if ckpt is not None:
+        st = os.stat(ckpt)
+        meta.update(checkpoint=os.path.abspath(ckpt), ckpt_mtime=st.st_mtime, ckpt_size=st.st_size)
+    return meta
+
+
+def _atomic_save(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def cache_features(prefix: str, features: Tensor, labels: Tensor, meta: dict) -> None:
+    """Write P.features.npy (float32 [N, D]), P.labels.npy (int64 [N]) and P.json (meta) atomically; the JSON is
+    written last, so a run killed half-way leaves no metadata that would vouch for a partial cache."""
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    if features.shape[0] != labels.shape[0]:
+        raise ValueError(f"cache_features: {features.shape[0]} feature rows but {labels.shape[0]} labels")
+    f = features.detach().float().cpu().numpy()
+    y = labels.detach().long().cpu().numpy()
+
+    def save_npy(arr):
+        def w(tmp):
+            with open(tmp, "wb") as fh:   # np.save on a path would append '.npy' to the temporary name
+                np.save(fh, arr)
+        return w
+    _atomic_save(prefix + ".features.npy", save_npy(f))
+    _atomic_save(prefix + ".labels.npy", save_npy(y))
+    full = dict(meta, num_samples=int(f.shape[0]), dim=int(f.shape[1]))
+
+    def save_json(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(full, fh, indent=1)
+    _atomic_save(prefix + ".json", save_json)
+
+
+def load_cached(prefix: str, expect: dict | None = None) -> tuple[Tensor, Tensor, dict] | None:
+    """(features float32 [N, D], labels int64 [N], meta) from the cache at prefix, on CPU; None when the cache is
+    missing, or when `expect` is given and any of its keys differs from the stored metadata."""
+    paths = [prefix + s for s in (".features.npy", ".labels.npy", ".json")]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    with open(paths[2]) as fh:
+        meta = json.load(fh)
+    if expect is not None and any(meta.get(k) != v for k, v in expect.items()):
+        return None
+    f = torch.from_numpy(np.load(paths[0]))
+    y = torch.from_numpy(np.load(paths[1])).long()
+    if f.shape != (meta.get("num_samples"), meta.get("dim")) or y.shape != (f.shape[0],):
+        return None  # files from different writes: treat as no cache
+    return f, y, meta

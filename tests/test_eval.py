@@ -1,0 +1,254 @@
+"""Evaluation protocols: k-NN, linear probe, low-shot, k-means, feature cache and the CLI.
+
+Chance-level tolerance (random labels): test labels drawn uniformly and independently of everything a protocol
+sees make its number of correct test predictions Binomial(M, 1/C), whatever it learned from the train side. So
+accuracy = 100/C ± 100*sqrt((1/C)(1 - 1/C)/M); we allow 5 standard deviations (false-alarm odds ~1e-6, and the
+seeds are fixed anyway). Hungarian-matched cluster accuracy is the exception: the matching is chosen on the
+evaluated labels themselves, so it is biased upward; see test_random_labels_near_chance for its bound.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from maect.eval import (cache_features, cluster_eval, extract_features, feature_meta, hungarian_accuracy,
+                        knn_accuracy, knn_predict, linear_probe, load_cached, lowshot)
+from maect.eval.lowshot import fit_logreg
+from maect.eval.probe import train_heads
+from maect.models.vit import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def clusters(n, C, D, seed, spread=0.3):
+    """Perfectly separable features: C well-apart centres (norm ~5*sqrt(D)) plus small noise; labels cycle 0..C-1."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(C, D, generator=torch.Generator().manual_seed(1234)) * 5
+    y = torch.arange(n) % C
+    return centres[y] + spread * torch.randn(n, D, generator=g), y
+
+
+def chance_band(C, M, sds=5.0):
+    p = 1.0 / C
+    return 100 * p, 100 * sds * math.sqrt(p * (1 - p) / M)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("custom", img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                       decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+
+
+# ------------------------------------------------------------------------------------------ separable: 100%
+def test_separable_features_score_100():
+    C, D = 10, 32
+    tr_f, tr_y = clusters(1000, C, D, seed=0)
+    te_f, te_y = clusters(500, C, D, seed=1)
+    assert knn_accuracy(tr_f, tr_y, te_f, te_y, k=[10, 20]) == {10: 100.0, 20: 100.0}
+    pr = linear_probe(tr_f, tr_y, te_f, te_y, epochs=5, batch_size=512)
+    print("probe", pr)
+    assert pr["test_acc"] == 100.0 and pr["val_acc"] == 100.0
+    ls = lowshot(tr_f, tr_y, te_f, te_y)
+    print({k: v["mean"] for k, v in ls.items()})
+    assert set(ls) == {"1-shot", "2-shot", "5-shot", "1%"}
+    assert all(v["mean"] == 100.0 for v in ls.values())
+    assert [len(v["accs"]) for v in ls.values()] == [3, 3, 3, 1]
+    assert ls["1-shot"]["n_train"] == [C] * 3 and ls["5-shot"]["n_train"] == [5 * C] * 3
+    cl = cluster_eval(te_f, te_y, num_classes=C, restarts=3)
+    print("cluster", cl)
+    assert cl["acc"] == 100.0 and cl["nmi"] == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------------ random: chance
+def test_random_labels_near_chance():
+    C, D, N, M = 10, 32, 1000, 1000
+    g = torch.Generator().manual_seed(7)
+    tr_f, te_f = torch.randn(N, D, generator=g), torch.randn(M, D, generator=g)
+    tr_y, te_y = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (M,), generator=g)
+    mid, tol = chance_band(C, M)
+    accs = {"knn": knn_accuracy(tr_f, tr_y, te_f, te_y, k=20),
+            "probe": linear_probe(tr_f, tr_y, te_f, te_y, epochs=5, batch_size=512)["test_acc"]}
+    accs.update({k: v["mean"] for k, v in lowshot(tr_f, tr_y, te_f, te_y).items()})
+    print(f"chance {mid} ± {tol:.2f}:", accs)
+    for name, a in accs.items():
+        assert abs(a - mid) <= tol, name
+    # k-means on 2000 random points: each of the C x C contingency cells is ~Binomial(2000, 0.01), mean 20, sd 4.4;
+    # the matching takes one cell per row, at best about the row maximum (~mean + 2 sd = 29), so ACC <= ~14.5%.
+    # Independent labellings have expected MI ~ (C-1)^2 / (2N) nats = 0.02, i.e. NMI ~ 0.9% of ln(10).
+    cf = torch.randn(2000, D, generator=g)
+    cl = cluster_eval(cf, torch.randint(0, C, (2000,), generator=g), num_classes=C, restarts=3)
+    print("cluster", cl)
+    assert 10.0 <= cl["acc"] <= 17.0 and cl["nmi"] <= 3.0
+
+
+# ------------------------------------------------------------------------------------------ k-NN reference
+def knn_bruteforce(train_f, train_y, test_f, k, T, C, standardize=False):
+    """Full [M, N] similarity matrix, stable descending sort (ties: lower index), explicit per-class vote sums."""
+    a, b = train_f.float(), test_f.float()
+    if standardize:
+        mu, sd = a.mean(0), a.std(0)
+        a, b = (a - mu) / (sd + 1e-6), (b - mu) / (sd + 1e-6)
+    a, b = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    sim = b @ a.t()
+    preds, gaps = [], []
+    for i in range(sim.shape[0]):
+        order = torch.sort(sim[i], descending=True, stable=True).indices[:k]
+        votes = [0.0] * C
+        for j in order.tolist():
+            votes[int(train_y[j])] += math.exp(float(sim[i, j]) / T)
+        top2 = sorted(votes)[-2:]
+        gaps.append((top2[1] - top2[0]) / top2[1])
+        preds.append(int(np.argmax(votes)))
+    return torch.tensor(preds), min(gaps)
+
+
+@pytest.mark.parametrize("k,standardize,chunk", [(20, False, None), (10, True, 37), (1, False, 1000)])
+def test_knn_matches_bruteforce(k, standardize, chunk):
+    C, N, M, D = 7, 701, 213, 24                                  # odd sizes on purpose
+    g = torch.Generator().manual_seed(k)
+    tr_f = torch.randn(N, D, generator=g) + 0.5                   # offset: standardisation does something
+    te_f = torch.randn(M, D, generator=g) + 0.5
+    tr_y = torch.randint(0, C, (N,), generator=g)
+    tr_copy, te_copy = tr_f.clone(), te_f.clone()
+    pred = knn_predict(tr_f, tr_y, te_f, k=k, T=0.07, num_classes=C, chunk=chunk, standardize=standardize)
+    ref, gap = knn_bruteforce(tr_f, tr_y, te_f, k, 0.07, C, standardize)
+    print(f"k={k} std={standardize}: {int((pred != ref).sum())} mismatches, smallest relative vote gap {gap:.2e}")
+    assert torch.equal(pred, ref)
+    assert torch.equal(tr_f, tr_copy) and torch.equal(te_f, te_copy)   # inputs unchanged
+
+
+def test_knn_rejects_k_larger_than_bank():
+    with pytest.raises(ValueError, match="train bank size"):
+        knn_accuracy(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(3, 4),
+                     torch.zeros(3, dtype=torch.long), k=20)
+
+
+# ------------------------------------------------------------------------------------------ clustering
+def test_hungarian_accuracy_on_permuted_labels():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 500)
+    perm = rng.permutation(10)
+    assert hungarian_accuracy(perm[y], y) == 100.0
+    pred = perm[y].copy()
+    pred[:50] = (pred[:50] + 1) % 10                              # 50 of 500 moved to another cluster
+    assert hungarian_accuracy(pred, y) == pytest.approx(90.0)
+
+
+# ------------------------------------------------------------------------------------------ probe / low-shot maths
+def test_probe_parallel_sweep_equals_single_lr_runs():
+    """Each head in the one-pass sweep gets exactly its own gradient: it matches a run with that lr alone."""
+    f, y = clusters(300, 5, 16, seed=3, spread=3.0)
+    lrs = torch.tensor([0.4, 0.1, 0.02])
+    _, W, b = train_heads(f, y, 5, lrs, epochs=3, batch_size=64)
+    for i in range(3):
+        _, Wi, bi = train_heads(f, y, 5, lrs[i:i + 1], epochs=3, batch_size=64)
+        print(i, float((W[i] - Wi[0]).abs().max()))
+        torch.testing.assert_close(W[i], Wi[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b[i], bi[0], rtol=1e-5, atol=1e-6)
+
+
+def test_lowshot_lambda_to_sklearn_C_mapping():
+    """At sklearn's solution with C = 1/(lam*n), the gradient of the cyanure-scaled objective
+    (1/n) sum CE + lam/2 ||W||^2 vanishes (relative to its two terms)."""
+    rng = np.random.default_rng(0)
+    n, D, C, lam_n = 200, 8, 4, 0.5                          # overlapping classes, strong penalty: a crisp optimum
+    x = rng.standard_normal((n, D))
+    y = rng.integers(0, C, n)
+    x[np.arange(n), y] += 1.0
+    clf = fit_logreg(x, y, lam_n=lam_n, tol=1e-10, max_iter=10000)
+    W = clf.coef_                                            # [C, D]
+    logits = x @ W.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad_loss = (p - np.eye(C)[y]).T @ x / n                 # d/dW of the mean CE
+    grad_pen = (lam_n / n) * W                               # d/dW of lam/2 ||W||^2
+    rel = np.abs(grad_loss + grad_pen).max() / np.abs(grad_pen).max()
+    print("relative stationarity residual", rel)
+    assert clf.converged_ and rel < 1e-3
+
+
+# ------------------------------------------------------------------------------------------ features / model
+def test_extract_features_restores_flags_and_leaves_model_bitwise_unchanged(tmp_path):
+    model = tiny_model()
+    model.train()
+    model.blocks[0].eval()                                   # stage-3 style: frozen lower half in eval mode
+    flags = {n: m.training for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=g), torch.arange(8) % 3) for _ in range(3)]
+    f, y = extract_features(model, batches, pool="mean")
+    fc, _ = extract_features(model, batches, pool="cls")
+    assert f.shape == (24, 32) and f.dtype == torch.float32 and y.tolist() == [i % 3 for i in range(8)] * 3
+    with torch.no_grad():
+        ref = model.eval().forward_features(batches[1][0])
+    model.train()
+    model.blocks[0].eval()
+    torch.testing.assert_close(f[8:16], ref[:, 1:].mean(1))
+    torch.testing.assert_close(fc[8:16], ref[:, 0])
+    # run every protocol on these features too: none of them may reach back into the model
+    knn_accuracy(f, y, f, y, k=5)
+    linear_probe(f, y, f, y, epochs=1, batch_size=8)
+    cluster_eval(f, y, restarts=1)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_feature_cache_roundtrip_and_mismatch(tmp_path):
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"x")
+    meta = feature_meta(str(ckpt), pool="mean", split="train", img_size=28, in_chans=1, data="fashion_mnist",
+                        data_root=None, limit=100)
+    f, y = torch.randn(10, 4), torch.arange(10)
+    prefix = str(tmp_path / "feats" / "train")
+    assert load_cached(prefix, meta) is None
+    cache_features(prefix, f, y, meta)
+    got = load_cached(prefix, meta)
+    assert got is not None and torch.equal(got[0], f) and torch.equal(got[1], y)
+    assert load_cached(prefix, dict(meta, pool="cls")) is None
+    ckpt.write_bytes(b"retrained")                           # new size / mtime: the cache no longer vouches
+    assert load_cached(prefix, feature_meta(str(ckpt), pool="mean", split="train", img_size=28, in_chans=1,
+                                            data="fashion_mnist", data_root=None, limit=100)) is None
+
+
+# ------------------------------------------------------------------------------------------ CLI end to end
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST not installed")
+def test_cli_end_to_end(tmp_path):
+    from maect.config import Config, to_dict
+    from maect.eval.__main__ import main
+    cfg = Config()
+    cfg.model.arch, cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = "custom", 28, 7, 1
+    cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads, cfg.model.pool = 32, 2, 2, "mean"
+    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 16, 1, 2
+    model = tiny_model()
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": model.state_dict(), "args": to_dict(cfg)}, ckpt)
+    raw = ckpt.read_bytes()
+    out, feats = tmp_path / "res.json", tmp_path / "feats"
+    cmd = [sys.executable, "-m", "maect.eval", "--ckpt", str(ckpt), "--train-limit", "300", "--test-limit", "200",
+           "--probe-epochs", "3", "--kmeans-restarts", "2", "--out", str(out), "--export-features", str(feats)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0
+    res = json.loads(out.read_text())
+    P = res["protocols"]
+    assert (res["n_train"], res["n_test"], res["dim"], res["pool"]) == (300, 200, 32, "mean")
+    assert res["feature_source"] == {"train": "encoder", "test": "encoder"}
+    assert set(P) == {"knn", "probe", "lowshot", "cluster"} and {"k10", "k20"} <= set(P["knn"])
+    for v in (P["knn"]["k20"], P["probe"]["test_acc"], P["lowshot"]["1-shot"]["mean"], P["cluster"]["acc"]):
+        assert 0.0 <= v <= 100.0
+    assert "k-NN k=20" in r.stdout and "low-shot 1%" in r.stdout
+    # a second run finds the cache (same checkpoint, pool, limits) and does not touch the encoder
+    res2 = main(["--ckpt", str(ckpt), "--train-limit", "300", "--test-limit", "200", "--protocols", "knn",
+                 "--out", str(tmp_path / "res2.json"), "--export-features", str(feats)])
+    assert res2["feature_source"] == {"train": "cache", "test": "cache"}
+    assert res2["protocols"]["knn"]["k20"] == P["knn"]["k20"]
+    assert ckpt.read_bytes() == raw
