@@ -1,0 +1,222 @@
+"""queue_topk: the Triton kernel against the reference (on CPU through the Triton interpreter, see conftest.py).
+
+Tolerances (derived, not tuned). Both sides accumulate fp32 products of the same (possibly bf16/fp16) inputs; bf16 and
+fp16 products are exact in fp32, so they differ only in summation order and, for normalized=False, in where the
+division by the norms happens. For |q|, |e| <= 1, sum_d |q_d e_d| <= 1, so each side's rounding error is at most
+D * u (u = 2^-24, fp32 unit roundoff) plus a few u for the norms: TOL = 2 * (D + 8) * u between the two.
+Against the fp32 reference on the un-rounded fp32 data the low-precision rule applies: the kernel's error is at most
+2 x the low-precision reference's own error + TOL.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.queue_topk import queue_topk_ref, queue_topk_triton, similarity_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+U32 = 2.0 ** -24
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def tol_for(D: int) -> float:
+    return 2 * (D + 8) * U32
+
+
+def make(B, Q, D, dtype, seed=0, normalized=True, n_ids=7):
+    """Unit-norm (or random-norm when normalized=False) query/queue in dtype, ids from a small range so that some
+    entries are excluded; also the fp32 originals for the float64 truth."""
+    g = torch.Generator().manual_seed(seed)
+    q32, e32 = torch.randn(B, D, generator=g), torch.randn(Q, D, generator=g)
+    if normalized:
+        q32, e32 = F.normalize(q32, dim=1), F.normalize(e32, dim=1)
+    else:
+        q32, e32 = q32 * 3.0, e32 * 0.5
+    ex = torch.randint(0, n_ids, (B,), generator=g)
+    qi = torch.randint(0, n_ids, (Q,), generator=g)
+    to = dict(device=DEVICE)
+    return q32.to(dtype).to(**to), e32.to(dtype).to(**to), ex.to(**to), qi.to(**to), q32.to(**to), e32.to(**to)
+
+
+def check_topk(q, e, k, ex, qi, normalized, v, i, truth=None):
+    """Compare a kernel result (v, i) with the reference on the same inputs; see the module docstring."""
+    B, D = q.shape
+    tol = tol_for(D)
+    rv, ri = queue_topk_ref(q, e, k, ex, qi, normalized)
+    assert v.shape == rv.shape == (B, k) and i.shape == ri.shape and v.dtype == torch.float32 and i.dtype == torch.int64
+    v, i, rv, ri = v.cpu(), i.cpu(), rv.cpu(), ri.cpu()
+    fin = torch.isfinite(rv)
+    diff = (v[fin] - rv[fin]).abs().max().item() if fin.any() else 0.0
+    print(f"max |v - ref| = {diff:.3g} (tol {tol:.3g}); index mismatches: {(i != ri).sum().item()}")
+    assert torch.equal(torch.isfinite(v), fin), "padding (-inf) positions differ"
+    assert torch.equal(i[~fin], ri[~fin]) and (i[~fin] == -1).all()
+    assert diff <= tol
+    # every returned entry: admissible, unique, and its reference similarity equals the returned value
+    sim = similarity_ref(q, e, ex, qi, normalized).cpu()
+    if fin.any():
+        at = sim.gather(1, i.clamp(min=0))[fin]
+        print(f"max |sim_ref[idx] - v| = {(at - v[fin]).abs().max().item():.3g}")
+        assert torch.isfinite(at).all(), "an excluded entry came back"
+        assert ((at - v[fin]).abs() <= tol).all()
+    for b in range(B):
+        got = i[b][i[b] >= 0]
+        assert got.unique().numel() == got.numel(), f"row {b}: duplicate indices"
+    # identical indices wherever the reference's ranking is decided by more than the rounding noise
+    full = sim.sort(dim=1, descending=True).values
+    nxt = full[:, 1:k + 1] if full.shape[1] > k else torch.cat([full[:, 1:], full.new_full((B, 1), -float("inf"))], 1)
+    prv = torch.cat([full.new_full((B, 1), float("inf")), full[:, :k - 1]], 1)
+    clear = fin & ((prv - rv) > 2 * tol) & ((rv - nxt) > 2 * tol)
+    assert torch.equal(i[clear], ri[clear])
+    if truth is not None and q.dtype != torch.float32:   # low-precision rule against the float64 truth
+        q32, e32 = truth
+        tv = queue_topk_ref(q32, e32, k, ex, qi, normalized)[0].cpu()   # un-rounded data; top-k values are
+        # 1-Lipschitz in the similarities, so the rule transfers from the matrix to the returned values
+        err_ref = (rv[fin] - tv[fin]).abs().max().item() if fin.any() else 0.0
+        err_k = (v[fin] - tv[fin]).abs().max().item() if fin.any() else 0.0
+        print(f"vs fp32 data: kernel err {err_k:.3g}, {q.dtype} reference err {err_ref:.3g}")
+        assert err_k <= 2 * err_ref + tol
+
+
+SHAPES = [  # (B, Q, D, splits, large k): odd sizes on purpose; splits > 1 exercises the merge kernel; None = heuristic
+    (1, 1, 16, 1, 1), (3, 17, 40, 1, 17), (37, 300, 40, 1, 64), (37, 300, 16, 2, 64), (3, 300, 40, 4, 64),
+    (64, 1024, 256, None, 20),     # realistic D and MAE-CT's k=20; the heuristic picks 2 splits here
+]
+
+
+@pytest.mark.parametrize("k", [1, 5, "large"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Q{}-D{}-S{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, shape, k):
+    B, Q, D, splits, k_large = shape
+    k = min(k, Q) if k != "large" else k_large           # "large" is k = Q on the small queues
+    q, e, ex, qi, q32, e32 = make(B, Q, D, dtype, seed=B * Q + D)
+    v, i = queue_topk_triton(q, e, k, ex, qi, True, splits=splits)
+    check_topk(q, e, k, ex, qi, True, v, i, truth=(q32, e32))
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[5]], ids=lambda s: "B{}-Q{}-D{}-S{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_normalizes_on_the_fly(dtype, shape):
+    """normalized=False on rows of norm ~3 (query) and ~0.5 (queue): the kernel computes the norms itself."""
+    B, Q, D, splits, k = shape
+    q, e, ex, qi, q32, e32 = make(B, Q, D, dtype, seed=B + Q + D, normalized=False)
+    v, i = queue_topk_triton(q, e, k, ex, qi, False, splits=splits)
+    check_topk(q, e, k, ex, qi, False, v, i, truth=(q32, e32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_without_ids(dtype):
+    q, e, _, _, q32, e32 = make(37, 300, 40, dtype)
+    v, i = queue_topk_triton(q, e, 20, None, None, True, splits=2)
+    check_topk(q, e, 20, None, None, True, v, i, truth=(q32, e32))
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_lower_index_first(dtype, splits, normalized):
+    """Duplicated queue rows give bit-identical similarities: indices must equal the reference's exactly, across
+    tiles (BLOCK_Q=128 here) and across splits."""
+    g = torch.Generator().manual_seed(1)
+    base = F.normalize(torch.randn(9, 16, generator=g), dim=1)
+    e = base[torch.randint(0, 9, (600,), generator=g)].to(dtype).to(DEVICE)
+    q = base[torch.randint(0, 9, (5,), generator=g)].to(dtype).to(DEVICE)    # each query equals some queue rows
+    ids = torch.arange(600, device=DEVICE)
+    ex = ids[[3, 150, 599, 0, 1000 % 600]]
+    for k in (1, 7, 40):
+        v, i = queue_topk_triton(q, e, k, ex, ids, normalized, splits=splits)
+        rv, ri = queue_topk_ref(q, e, k, ex, ids, normalized)
+        print(f"k={k}: index mismatches {(i != ri).sum().item()}, max |v - ref| {(v - rv).abs().max().item():.3g}")
+        assert torch.equal(i, ri)
+        assert (v - rv).abs().max().item() <= tol_for(16)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_excluded_rows_and_padding(splits):
+    """All entries excluded -> the row is all -inf / -1; 3 admissible entries with k=5 -> 2 padding slots."""
+    q, e, _, _, _, _ = make(3, 40, 16, torch.float32)
+    ex = torch.tensor([5, 5, 9], device=DEVICE)
+    all_five = torch.full((40,), 5, device=DEVICE)
+    v, i = queue_topk_triton(q, e, 5, ex, all_five, True, splits=splits)
+    check_topk(q, e, 5, ex, all_five, True, v, i)
+    assert (i[:2] == -1).all() and (v[:2] == float("-inf")).all() and (i[2] >= 0).all()
+    three = all_five.clone()
+    three[[4, 17, 33]] = 6
+    v, i = queue_topk_triton(q, e, 5, ex, three, True, splits=splits)
+    check_topk(q, e, 5, ex, three, True, v, i)
+    assert sorted(i[0, :3].tolist()) == [4, 17, 33] and (i[0, 3:] == -1).all() and (v[0, 3:] == float("-inf")).all()
+
+
+def test_empty_batch_and_bad_k():
+    q, e, ex, qi, _, _ = make(0, 17, 16, torch.float32)
+    v, i = queue_topk_triton(q, e, 5, ex, qi, True)
+    assert v.shape == (0, 5) and i.shape == (0, 5) and i.dtype == torch.int64
+    q, e, ex, qi, _, _ = make(3, 17, 16, torch.float32)
+    for bad in (0, 18, -1):
+        with pytest.raises(ValueError):
+            queue_topk_triton(q, e, bad, ex, qi, True)
+
+
+def test_large_k_falls_back_to_reference():
+    q, e, ex, qi, _, _ = make(3, 300, 16, torch.float32)
+    v, i = queue_topk_triton(q, e, 300, ex, qi, True)          # k = Q > MAX_K: the reference runs
+    rv, ri = queue_topk_ref(q, e, 300, ex, qi, True)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_noncontiguous_inputs_unchanged(dtype):
+    g = torch.Generator().manual_seed(3)
+    big_q = torch.randn(37, 80, generator=g).to(dtype).to(DEVICE)
+    big_e = torch.randn(40, 300, generator=g).to(dtype).to(DEVICE)
+    q = big_q[:, ::2]                          # [37, 40], column stride 2
+    e = big_e.t()                              # [300, 40], column-major
+    ex = torch.randint(0, 7, (74,), generator=g).to(DEVICE)[::2]
+    qi = torch.randint(0, 7, (300,), generator=g).to(DEVICE).int()   # int32 ids are accepted
+    before = [t.clone() for t in (big_q, big_e, ex, qi)]
+    v, i = queue_topk_triton(q, e, 9, ex, qi, False, splits=2)
+    check_topk(q, e, 9, ex, qi, False, v, i)
+    for a, b in zip(before, (big_q, big_e, ex, qi)):
+        assert torch.equal(a, b), "an input was modified"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 20, 64])
+def test_gpu_headline_shape(dtype, k):
+    """B=2048, Q=65536, D=256 on CUDA through the public dispatch (autotuned unless MAECT_AUTOTUNE=0)."""
+    import kernels
+    q, e, ex, qi, q32, e32 = make(2048, 65536, 256, dtype, n_ids=50000)
+    assert kernels.backend_for(q) == "triton"
+    v, i = kernels.queue_topk(q, e, k, ex, qi, True)
+    check_topk(q[:256], e, k, ex[:256], qi, True, v[:256], i[:256], truth=(q32[:256], e32))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("B", [1, 7, 300])
+def test_gpu_split_heuristic(B):
+    q, e, ex, qi, _, _ = make(B, 20000, 256, torch.bfloat16)
+    v, i = queue_topk_triton(q, e, 20, ex, qi, False)
+    check_topk(q, e, 20, ex, qi, False, v, i)
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """bench/gpu_suite.py --dry-run exercises every step's code path on CPU with tiny shapes."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    r = subprocess.run([sys.executable, str(root / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=170)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0
+    import json
+    res = json.loads(out.read_text())
+    assert res["steps"] and all(s["ok"] for s in res["steps"]), [s for s in res["steps"] if not s["ok"]]
