@@ -3,6 +3,24 @@
 Format (official MAE's): {'model': state_dict, 'optimizer': ..., 'epoch': ..., 'scaler': ..., 'args': ...} plus
 maect's entries ('stage', 'head', 'model_ema', 'step', 'rng', 'version'). Writes are atomic: a temporary file in
 the same directory, fsync, then rename, so a crash or kill never leaves a half-written checkpoint behind.
+
+`load_encoder` reads, besides maect's own checkpoints, every layout that holds a ViT under the official MAE / timm
+parameter names (all offline, nothing is downloaded):
+  - official MAE pretrain   {'model': encoder + decoder_* + mask_token, 'optimizer', 'epoch', 'args': Namespace}
+  - official MAE fine-tune  {'model': encoder + head.* (+ fc_norm.* instead of norm.* when global_pool=True)}
+  - timm VisionTransformer  a flat state dict (+ head.*; fc_norm.* for global_pool='avg' models)
+  - encoder-only            mae_pretrain_vit_*.pth, maect.export outputs
+wrapped in 'model' / 'state_dict' / 'module' and with a 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix.
+
+Mappings (each reported in info['notes']):
+  - pos_embed[:, 0] nonzero (one official H/14 release; timm's learned pos_embed): folded into the cls token,
+    cls_token += pos_embed[:, :1], and the row zeroed. Exact: both layouts feed the blocks cls_token + pos_embed[:, 0]
+    (our prepend_cls adds the now-zero row), and fp32 addition of the same two numbers gives the same bits.
+  - pos_embed without a cls row (timm no_embed_class): a zero row is prepended (the cls token had no position).
+  - learned patch rows of pos_embed load as they are (our pos_embed is frozen, not recomputed).
+  - fc_norm without norm (global-pool fine-tunes / timm 'avg' models): fc_norm is loaded as `norm` and pool='mean'.
+    Approximate: the fine-tuned model computes LN(mean_patches(x)), ours mean_patches(LN(x)) with the same affine.
+    A fresh identity norm would also differ, and fc_norm's gamma/beta are the trained statistics of that feature.
 """
 from __future__ import annotations
 
@@ -12,10 +30,13 @@ import os
 import torch
 
 from maect.config import ModelCfg, from_dict
-from maect.models.vit import MaskedAutoencoderViT, build_model
+from maect.models.vit import ARCHS, MaskedAutoencoderViT, build_model, sincos_pos_embed_2d
 
 # heads per width for weights that do not record their config (official MAE / timm sizes)
 HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+NESTS = ("model", "state_dict", "module")          # dicts that wrap a state dict, outermost first
+PREFIXES = ("module.", "_orig_mod.")               # DDP / torch.compile key prefixes
+CLASSIFIER = ("head.", "pre_logits.", "head_dist.")  # after the pooled feature: never part of the encoder
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -54,43 +75,193 @@ def model_from_cfg(m: ModelCfg, decoder: bool) -> MaskedAutoencoderViT:
     return build_model(m.arch, **kw)
 
 
+def arch_name(img: int, p: int, D: int, depth: int, heads: int) -> str:
+    """The ARCHS name with these sizes (decoder aside), else 'custom'."""
+    return next((a for a, v in ARCHS.items() if v[:5] == (img, p, D, depth, heads)), "custom")
+
+
 def infer_model_cfg(sd: dict) -> ModelCfg:
-    """Encoder size from the weights (official MAE / timm names)."""
-    w = sd["patch_embed.proj.weight"]                  # [D, C, p, p]
+    """Encoder size from the weights (official MAE / timm names): patch, in_chans and width from the patch
+    embedding [D, C, p, p], depth from blocks.N, image size from pos_embed's length (1 + L or, without a cls row,
+    L tokens), heads from the width (HEADS_BY_DIM)."""
+    w = sd["patch_embed.proj.weight"]
     D, C, p = w.shape[0], w.shape[1], w.shape[2]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    if depth == 0:
+        raise ValueError("no transformer blocks (blocks.N.*) in the state dict")
     n_tok = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
-    L = n_tok - 1 if n_tok is not None else (224 // p) ** 2
+    L = (224 // p) ** 2 if n_tok is None else n_tok if _is_square(n_tok) else n_tok - 1
     img = int(round(L ** 0.5)) * p
     if D not in HEADS_BY_DIM:
-        raise ValueError(f"cannot infer the number of heads for width {D}; load through a maect checkpoint with its config")
-    dec_depth = (1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks."))
-                 if any(k.startswith("decoder_blocks.") for k in sd) else 0)
+        raise ValueError(f"cannot infer the number of heads for width {D} (known widths: {sorted(HEADS_BY_DIM)}); "
+                         f"load through a maect checkpoint with its config")
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    if hidden != 4 * D:
+        raise ValueError(f"MLP hidden width {hidden} is not 4 x {D}: only MLP ratio 4 ViTs are supported")
+    dec_depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1)
     dec_dim = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else 512
-    return ModelCfg(arch="custom", img_size=img, patch_size=p, in_chans=C, embed_dim=D, depth=depth,
-                    num_heads=HEADS_BY_DIM[D], decoder_embed_dim=dec_dim, decoder_depth=dec_depth,
-                    decoder_num_heads=16, pool="cls")
+    return ModelCfg(arch=arch_name(img, p, D, depth, HEADS_BY_DIM[D]), img_size=img, patch_size=p, in_chans=C,
+                    embed_dim=D, depth=depth, num_heads=HEADS_BY_DIM[D], decoder_embed_dim=dec_dim,
+                    decoder_depth=dec_depth, decoder_num_heads=16, pool="cls")
 
 
-def load_encoder(src, use_ema: bool = False) -> tuple[MaskedAutoencoderViT, dict]:
-    """An encoder (no decoder), eval mode, from a path or a loaded checkpoint / state dict.
-    Returns (model, info) with info: pool, img_size, in_chans, data (name/root when recorded), missing, unexpected."""
+def _is_square(n: int) -> bool:
+    return int(round(n ** 0.5)) ** 2 == n
+
+
+def find_state_dict(ckpt, use_ema: bool = False) -> tuple[dict, list[str], bool]:
+    """The ViT state dict inside a checkpoint: 'model_ema' when use_ema and present, else the first of
+    'model' / 'state_dict' / 'module' (nested up to 3 deep) holding 'patch_embed.proj.weight'; 'module.' and
+    '_orig_mod.' prefixes stripped. Returns (state_dict, notes, whether the EMA encoder was taken)."""
+    notes, ema = [], False
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"expected a checkpoint dict, got {type(ckpt).__name__}")
+    if use_ema:
+        if isinstance(ckpt.get("model_ema"), dict):
+            ckpt, ema = ckpt["model_ema"], True
+            notes.append("EMA encoder ('model_ema') loaded")
+        else:
+            notes.append("EMA encoder requested but the checkpoint has no 'model_ema': the online encoder is loaded")
+    sd = ckpt
+    for _ in range(3):
+        sd = _strip_prefixes(sd, notes)
+        if "patch_embed.proj.weight" in sd:
+            return sd, notes, ema
+        key = next((k for k in NESTS if isinstance(sd.get(k), dict)), None)
+        if key is None:
+            break
+        sd = sd[key]
+    keys = [k for k in ckpt if isinstance(k, str)][:8]
+    raise ValueError(f"no ViT encoder weights found (expected 'patch_embed.proj.weight' at the top level or under "
+                     f"{'/'.join(NESTS)}); top-level keys: {keys}")
+
+
+def _strip_prefixes(sd: dict, notes: list) -> dict:
+    for pre in PREFIXES:
+        if sd and all(isinstance(k, str) and k.startswith(pre) for k in sd):
+            sd = {k[len(pre):]: v for k, v in sd.items()}
+            notes.append(f"'{pre}' key prefix removed")
+    return sd
+
+
+def _group(keys) -> str:
+    """['blocks.0.a', 'blocks.1.a', 'norm.w'] -> 'blocks.*.a, norm.w' (short lists for messages)."""
+    out = []
+    for k in keys:
+        parts = k.split(".")
+        g = ".".join("*" if s.isdigit() else s for s in parts)
+        if g not in out:
+            out.append(g)
+    return ", ".join(out[:12]) + (" ..." if len(out) > 12 else "")
+
+
+def convert_state_dict(sd: dict, model_keys, strict: bool = True) -> tuple[dict, dict]:
+    """Map a ViT state dict onto our encoder's keys (the module docstring lists the mappings).
+
+    Returns (encoder_state_dict with exactly model_keys, report) where report has kind ('mae_pretrain' |
+    'finetune' | 'encoder'), missing (our keys absent from the file), unexpected (file keys not loaded), notes
+    (sentences) and pool_hint ('mean' for fc_norm models, 'cls' for classifier checkpoints, None otherwise).
+    Raises ValueError when an encoder weight is missing, or (strict) when the file holds weights the encoder has
+    no place for."""
+    model_keys = list(model_keys)
+    notes, pool_hint = [], None
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    dec = [k for k in sd if k.startswith("decoder") or k == "mask_token"]
+    head = [k for k in sd if k.startswith(CLASSIFIER)]
+    fc = [k for k in sd if k.startswith("fc_norm.")]
+    kind = "mae_pretrain" if dec else "finetune" if head or fc else "encoder"
+    if dec:
+        notes.append(f"decoder ({len(dec)} tensors: decoder_*, mask_token) dropped: expected for an MAE pretrain "
+                     f"checkpoint")
+    else:
+        what = {"finetune": "fine-tune / classifier checkpoint", "encoder": "encoder-only checkpoint"}[kind]
+        notes.append(f"no decoder ({what}): expected")
+    if head:
+        notes.append(f"classifier head ({_group(head)}) ignored: expected (features are taken before it)")
+        pool_hint = "cls"
+    out = {k: v for k, v in sd.items() if k in model_keys}
+    # fc_norm: the global-pool fine-tune's only final norm (applied after pooling); see the module docstring
+    if fc and not any(k.startswith("norm.") for k in sd):
+        for k in fc:
+            if k.replace("fc_", "", 1) in model_keys:
+                out[k.replace("fc_", "", 1)] = sd[k]
+        notes.append("fc_norm loaded as norm and pool='mean' (global-pool fine-tune: it computed LN(mean(x)), "
+                     "this encoder computes mean(LN(x)) with the same gamma/beta: close, not identical)")
+        pool_hint = "mean"
+    elif fc:
+        notes.append("fc_norm ignored: the checkpoint also has the token norm 'norm', which is loaded")
+    if "pos_embed" in out:
+        out["pos_embed"], pos_notes = _fix_pos_embed(out)
+        notes += pos_notes
+    missing = [k for k in model_keys if k not in sd]
+    absent = [k for k in model_keys if k not in out]
+    if absent:
+        raise ValueError(f"checkpoint lacks encoder weights: {_group(absent)} ({len(absent)} tensors)")
+    unexpected = [k for k in sd if k not in model_keys]
+    unknown = [k for k in unexpected if k not in dec and k not in head and k not in fc]
+    if unknown:
+        msg = (f"weights this encoder has no place for (a ViT variant it does not implement: layer scale, "
+               f"qk-norm, register tokens, pre-norm, ...?): {_group(unknown)} ({len(unknown)} tensors)")
+        if strict:
+            raise ValueError(msg + "; pass strict=False to ignore them")
+        notes.append(msg + ": ignored (strict=False)")
+    return out, {"kind": kind, "missing": missing, "unexpected": unexpected, "notes": notes, "pool_hint": pool_hint}
+
+
+def _fix_pos_embed(out: dict) -> tuple[torch.Tensor, list[str]]:
+    """pos_embed -> [1, 1 + L, D] with a zero cls row (cls position folded into cls_token, which `out` gets)."""
+    pe, notes = out["pos_embed"].float(), []
+    if _is_square(pe.shape[1]):       # timm no_embed_class: only the L patch rows, cls had no position
+        pe = torch.cat([pe.new_zeros(1, 1, pe.shape[2]), pe], dim=1)
+        notes.append("pos_embed has no cls row (no_embed_class layout): a zero row prepended (exact)")
+    if torch.any(pe[:, 0] != 0) and "cls_token" in out:
+        out["cls_token"] = out["cls_token"].float() + pe[:, :1]
+        pe = pe.clone()
+        pe[:, 0] = 0
+        notes.append("pos_embed[:, 0] (cls position) is nonzero: folded into cls_token (cls_token += pos_embed[:, 0], "
+                     "row zeroed; exact, the cls token entering the blocks is the same sum)")
+    grid = int(round((pe.shape[1] - 1) ** 0.5))
+    ref = torch.from_numpy(sincos_pos_embed_2d(pe.shape[2], grid))[1:] if pe.shape[2] % 4 == 0 else None
+    if ref is None or not torch.allclose(pe[0, 1:], ref, atol=1e-5):
+        notes.append("pos_embed patch rows are not the fixed sin-cos (learned, e.g. timm or a fine-tune): "
+                     "loaded as they are")
+    return pe, notes
+
+
+def load_encoder(src, use_ema: bool = False, strict: bool = True) -> tuple[MaskedAutoencoderViT, dict]:
+    """An encoder (no decoder), eval mode, from a path or a loaded checkpoint / state dict in any layout of the
+    module docstring. Returns (model, info) with info: pool, img_size, in_chans, model_cfg, data (name/root when
+    recorded), config (maect Config or None), ema (the EMA encoder was loaded), format (maect | mae_pretrain |
+    finetune | encoder), missing (our encoder keys absent from the file, e.g. norm.* for fc_norm fine-tunes),
+    unexpected (file keys not loaded: decoder, head, ...), notes (each mapping and skipped group in words), source.
+    strict=False ignores weights the encoder has no place for (reported in notes) instead of raising."""
+    name = src if isinstance(src, str) else "<in-memory checkpoint>"
     ckpt = load_checkpoint(src) if isinstance(src, str) else src
-    cfg = None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "model" in ckpt["args"]:
-        cfg = from_dict(ckpt["args"])
-    sd = ckpt.get("model_ema") if use_ema and "model_ema" in ckpt else ckpt.get("model", ckpt)
-    if not isinstance(sd, dict) or "patch_embed.proj.weight" not in sd:
-        raise ValueError("no ViT encoder weights found (expected 'patch_embed.proj.weight' in the state dict)")
-    mcfg = cfg.model if cfg is not None else infer_model_cfg(sd)
-    model = model_from_cfg(mcfg, decoder=False)
-    enc = {k: v for k, v in sd.items() if not (k.startswith("decoder") or k == "mask_token")}
-    missing, unexpected = model.load_state_dict(enc, strict=False)
-    if missing:
-        raise ValueError(f"checkpoint lacks encoder weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    try:
+        cfg = None
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "model" in ckpt["args"]:
+            cfg = from_dict(ckpt["args"])
+        sd, notes, ema = find_state_dict(ckpt, use_ema)
+        mcfg = cfg.model if cfg is not None else infer_model_cfg(sd)
+        model = model_from_cfg(mcfg, decoder=False)
+        enc, rep = convert_state_dict(sd, model.state_dict().keys(), strict=strict)
+        model.load_state_dict(enc, strict=True)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ValueError(f"{name}: {exc}") from exc
+    if cfg is None:   # official / timm weights: pooling from the layout, else SPEC's table (B: mean, L/H: cls)
+        mcfg.pool = rep["pool_hint"] or ("mean" if mcfg.embed_dim < 1024 else "cls")
+        notes.append(f"no maect config: size inferred from the weights ({mcfg.arch}, {mcfg.embed_dim}d x {mcfg.depth}, "
+                     f"patch {mcfg.patch_size}, {mcfg.num_heads} heads, {mcfg.img_size}px), pool={mcfg.pool!r}")
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
+            notes.append(f"official MAE args: model={getattr(ckpt['args'], 'model', '?')!r}")
     model.eval()
     info = {"pool": mcfg.pool, "img_size": mcfg.img_size, "in_chans": mcfg.in_chans, "model_cfg": mcfg,
             "data": {"name": cfg.data.name, "root": cfg.data.root} if cfg is not None else None,
-            "missing": list(missing), "unexpected": list(unexpected), "config": cfg}
+            "missing": rep["missing"], "unexpected": rep["unexpected"], "config": cfg, "ema": ema,
+            "format": "maect" if cfg is not None else rep["kind"], "notes": notes + rep["notes"], "source": name}
     return model, info
 
+
+def describe(info: dict) -> str:
+    """One line per note, for logs and the export CLI."""
+    return f"{info['source']} ({info['format']}):\n" + "\n".join(f"  - {n}" for n in info["notes"])
