@@ -5,6 +5,11 @@ gradient is a sum of M = N * (L - K) rows: in fp32 the two summation orders diff
 (u = 2^-24); in bf16/fp16 the reference rounds the sum to the low precision while the kernel sums in fp32, so
 against the float64 sum the kernel's error must be at most 2 x the reference's own error + the fp32 bound.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -161,3 +166,36 @@ def test_gpu_vit_shapes_through_dispatch(shape, dtype):
     dec = torch.randn(shape[0], x_vis.shape[1], 512, device=DEVICE, dtype=dtype)
     tok = torch.randn(512, device=DEVICE)
     assert_same("unshuffle", kernels.unshuffle(dec, tok, ids), unshuffle_ref(dec, tok, ids))
+
+
+AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+mk = sys.modules["kernels.masking"]
+dims = dict(L="i32", K="i32", D="i32")
+for xd in ("bf16", "fp32"):
+    cases = [(mk._random_masking_fwd_kernel, dict(noise_ptr="*fp32", x_ptr=f"*{xd}", xv_ptr=f"*{xd}", mask_ptr=f"*{xd}",
+              ids_ptr="*i64", **dims, stride_xn="i32", stride_xl="i32", stride_xd="i32"),
+              dict(BLOCK_I=32, BLOCK_L=256, BLOCK_D=256)),
+             (mk._unshuffle_fwd_kernel, dict(x_ptr=f"*{xd}", tok_ptr=f"*{xd}", ids_ptr="*i64", out_ptr=f"*{xd}", **dims,
+              stride_xn="i32", stride_xk="i32", stride_xd="i32"), dict(HAS_TOKEN=True, BLOCK_I=16, BLOCK_D=256)),
+             (mk._unshuffle_bwd_kernel, dict(g_ptr=f"*{xd}", ids_ptr="*i64", gx_ptr=f"*{xd}", gtok_ptr="*fp32", **dims,
+              stride_gn="i32", stride_gl="i32", stride_gd="i32"), dict(HAS_TOKEN=True, BLOCK_I=16, BLOCK_D=256))]
+    for fn, s, c in cases:
+        src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        print("compiled", fn.__name__, xd, c)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90():
+    """No GPU here: compile the non-interpreted kernels ahead of time for an H100 (sm_90, through ptxas)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT_SCRIPT], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=170)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0

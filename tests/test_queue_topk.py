@@ -137,6 +137,21 @@ def test_ties_lower_index_first(dtype, splits, normalized):
         assert (v - rv).abs().max().item() <= tol_for(16)
 
 
+@pytest.mark.parametrize("normalized", [True, False])
+def test_zero_similarities_tie(normalized):
+    """Zero queue rows give similarities of +0.0 or -0.0 (sign depends on summation): both must tie, lower index
+    first, like the reference's comparisons do."""
+    g = torch.Generator().manual_seed(2)
+    e = torch.randn(300, 16, generator=g)
+    e[torch.randperm(300, generator=g)[:250]] = 0.0
+    e = torch.nn.functional.normalize(e, dim=1).to(DEVICE)
+    q = -torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1).to(DEVICE)
+    v, i = queue_topk_triton(q, e, 60, None, None, normalized, splits=2)
+    rv, ri = queue_topk_ref(q, e, 60, None, None, normalized)
+    print(f"index mismatches {(i != ri).sum().item()}, max |v - ref| {(v - rv).abs().max().item():.3g}")
+    assert torch.equal(i, ri) and (v - rv).abs().max().item() <= tol_for(16)
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_excluded_rows_and_padding(splits):
     """All entries excluded -> the row is all -inf / -1; 3 admissible entries with k=5 -> 2 padding slots."""
@@ -220,3 +235,38 @@ def test_gpu_suite_dry_run(tmp_path):
     import json
     res = json.loads(out.read_text())
     assert res["steps"] and all(s["ok"] for s in res["steps"]), [s for s in res["steps"] if not s["ok"]]
+
+
+AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels
+qt = sys.modules["kernels.queue_topk"]
+sig = dict(q_ptr="*bf16", e_ptr="*bf16", ex_ptr="*i64", qid_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64",
+           cand_ptr="*i64", B="i32", Q="i32", D="i32", stride_qb="i32", stride_qd="i32", stride_eq="i32",
+           stride_ed="i32")
+cases = [(qt._queue_topk_split_kernel, sig, dict(K=20, KP=32, SPLITS=1, FINAL=True, HAS_IDS=True, NORMALIZE=True,
+          PRECISION="tf32", DOT_F32=False, BLOCK_B=64, BLOCK_Q=128, BLOCK_D=64)),
+         (qt._queue_topk_split_kernel, sig, dict(K=64, KP=64, SPLITS=16, FINAL=False, HAS_IDS=False, NORMALIZE=False,
+          PRECISION="tf32", DOT_F32=False, BLOCK_B=32, BLOCK_Q=128, BLOCK_D=64)),
+         (qt._queue_topk_merge_kernel, dict(cand_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64", B="i32"),
+          dict(C=512, K=20, KP=32, BLOCK_B=8))]
+for fn, s, c in cases:
+    src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    print("compiled", fn.__name__, c)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90():
+    """No GPU here: compile the non-interpreted kernels ahead of time for an H100 (sm_90, through ptxas), so type
+    and code-generation errors in the GPU path show up on CPU-only machines too."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=170)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0
