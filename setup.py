@@ -21,7 +21,12 @@ if os.environ.get("MAECT_BUILD_EXT") == "1":
         if cuda:
             sources += sorted(glob.glob("csrc/*.cu"))
         Ext = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-        ext_modules = [Ext("kernels._maect_C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        # Same flags as the JIT build in kernels/_cpp.py: AVX2/FMA only if this CPU has them (never -march=native);
+        # the C++ standard is left to torch (its headers need C++20).
+        import torch
+
+        simd = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
+        ext_modules = [Ext("kernels._maect_C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"] + simd},
                            extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": cpp_extension.BuildExtension}
     except Exception as exc:  # the package must still install; dispatch falls back and logs why
