@@ -114,6 +114,10 @@ class Config:
     threads: int = 0                 # CPU threads (0: all cores)
     log_every: int = 20
     fused_optimizer: str = "auto"    # auto | apex | torch | off
+    resume: str = ""                 # '' (start fresh) | auto (continue from each stage's latest checkpoint)
+    ckpt_every: int = 0              # steps between checkpoints (0: at each epoch end only)
+    keep_last: int = 2               # numbered checkpoints kept besides latest/final
+    max_skips: int = 5               # consecutive non-finite steps tolerated before the run stops
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     mae: MAECfg = field(default_factory=MAECfg)
@@ -240,6 +244,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
+    if cfg.resume not in ("", "auto"):
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (continue from out_dir's latest checkpoints)")
     if not 0.0 <= cfg.mae.mask_ratio < 1.0:
         raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
     for name in ("mae", "head", "ct"):

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ import kernels
 from dataloading import build_loader, eval_batches, load_data
 from maect import config as C
 from maect import dist, hub
+from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
 from maect.heads import FeatureQueue, NNCLRHead
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
@@ -135,81 +135,145 @@ def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
     return batch // (world * accum)
 
 
-def save(di, path: str, obj: dict) -> None:
-    if di.is_main:
-        hub.save_checkpoint(obj, path)
+# ------------------------------------------------------------------------------------------------ the loop
+def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: int, warm: int, accum: int, opt,
+               lrs, step_fn, post_fn, state_fn, ckpts: Checkpoints, meter: Meter, resume: dict | None,
+               after_epoch=None) -> str:
+    """Shared by every stage. step_fn(batch, step, micro, sync, poison) runs forward + backward of one micro-batch
+    and returns (loss [detached], extras); after the last micro-batch of a step, the optimizer steps unless the
+    gradient is non-finite (then the step is skipped and logged; after cfg.max_skips skips in a row the run stops);
+    post_fn(batch, extras) runs after a taken step (queue, EMAs) and returns nn-accuracy (or None).
+    state_fn() -> the stage's checkpoint dict (model, optimizer, ...); the loop adds its own position."""
+    step, epoch, in_epoch, skips = 0, 0, 0, 0
+    stats = torch.zeros(3, device=di.device)  # loss sum, nn-acc sum, count (summed between log lines)
+    if resume is not None:
+        step, epoch, in_epoch, skips = resume["step"], resume["epoch"], resume["step_in_epoch"], resume["skips"]
+        stats = resume["stats"].to(di.device)
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def save_state(final: bool = False) -> str:
+        st = {**state_fn(), "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "skips": skips,
+              "stats": stats.cpu(), "args": C.to_dict(cfg), "stage": stage, "scaler": None}
+        if final:
+            return ckpts.save_final(st)
+        ckpts.save(st, step)
+        return ""
+
+    while step < total:
+        loader.set_epoch(epoch, in_epoch)
+        for b in loader:
+            micro = in_epoch % accum
+            in_epoch += 1
+            sync = micro == accum - 1
+            poison = fault("nan", stage, step, di.rank)
+            loss, extras = step_fn(b, step, micro, sync, poison)
+            if not sync:
+                continue
+            fault("crash", stage, step, di.rank)
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if not torch.isfinite(gnorm):  # one host sync per step: the gradient is all-reduced, so every rank agrees
+                opt.zero_grad(set_to_none=True)
+                skips += 1
+                log.warning(f"[{stage}] step {step}: non-finite loss/gradient ({float(loss):.4g}, |g| {float(gnorm):.4g}): "
+                            f"step skipped ({skips} in a row)")
+                meter.write({"step": step, "epoch": epoch, "skipped": 1})
+                if skips >= cfg.max_skips:
+                    raise FloatingPointError(
+                        f"[{stage}] {skips} non-finite steps in a row at step {step}; stopping. Last good checkpoint: "
+                        f"{os.path.join(ckpts.dir, 'checkpoint-latest.pth')} (lower the lr or check the data)")
+            else:
+                skips = 0
+                set_lr(opt, lrs, lr_factor(step, total, warm))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                nn_acc = post_fn(b, extras)
+                stats += torch.stack([loss.float(), torch.as_tensor(nn_acc if nn_acc is not None else 0.0,
+                                                                   device=di.device).float(), stats.new_ones(())])
+            step += 1
+            if step % cfg.log_every == 0 or step == total:
+                st = dist.all_reduce_mean(stats)
+                vals = {"loss": float(st[0] / st[2].clamp_min(1))}
+                if stage != "mae":
+                    vals["nn_acc"] = float(st[1] / st[2].clamp_min(1))
+                meter.step(step, epoch, {**vals, "lr": opt.param_groups[0]["lr"]})
+                stats.zero_()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
+                save_state()
+            if step >= total:
+                break
+        else:  # the epoch ran to its end
+            epoch, in_epoch = epoch + 1, 0
+            if after_epoch is not None:
+                after_epoch(epoch, step, meter)
+            if step < total:
+                save_state()
+            continue
+        break
+    path = save_state(final=True)
+    meter.close()
+    return path
 
 
-def check_finite(loss: float, stage: str, step: int, out: str) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"[{stage}] non-finite loss {loss} at step {step}; last good checkpoint: "
-                                 f"{os.path.join(out, 'checkpoint-latest.pth')}")
+def stage_resume(cfg: C.Config, ckpts: Checkpoints) -> dict | None:
+    if cfg.resume != "auto":
+        return None
+    ck = ckpts.load_latest()
+    if ck is not None:
+        check_resume_config(ck, cfg, ckpts.dir)
+        set_rng_state(ck["rng"])
+    return ck
 
 
 # ------------------------------------------------------------------------------------------------ stage 1
 def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     s, out = cfg.mae, stage_dir(cfg, "mae")
+    ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
     data = load_data(cfg.data.name, cfg.data.root, "train")
     model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
-    if cfg.init:
-        ck = hub.load_checkpoint(cfg.init)
-        model.load_state_dict(ck.get("model", ck))
+    if cfg.init:  # continue MAE pretraining from any encoder hub reads; the decoder too when the file has one
+        sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
+        enc_keys = [k for k in model.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
+        enc, rep = hub.convert_state_dict(sd, enc_keys)
+        dec = {k: v for k, v in sd.items() if k.startswith("decoder") or k == "mask_token"}
+        missing = model.load_state_dict({**enc, **dec}, strict=False).missing_keys
+        log.info(f"[mae] init {cfg.init}: {'; '.join(rep['notes'])}" + (f"; fresh decoder ({len(missing)} tensors)" if missing else ""))
     micro = per_rank(s.batch_size, di.world, "mae.batch_size", s.accum_steps)
     loader = make_loader(cfg, di, data, s, s.num_views, False, micro)
     ddp = DDP(model) if di.world > 1 else model
     lr = s.blr * s.batch_size / 256
     opt, opt_name = build_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr,
                                     fused=cfg.fused_optimizer, device=di.device)
+    resume = stage_resume(cfg, ckpts)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
     spe = len(loader) // s.accum_steps
     total, warm = max(1, round(s.epochs * spe)), round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
              f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
-    meter = Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main)
-    L, step, epoch, run_loss = model.patch_embed.num_patches, 0, 0, torch.zeros((), device=di.device)
+    L = model.patch_embed.num_patches
     model.train()
-    while step < total:
-        loader.set_epoch(epoch)
-        for i, b in enumerate(loader):
-            micro_i = i % s.accum_steps
-            x = torch.cat(b["views"])
-            g = step_generator(cfg, "mae", step * s.accum_steps + micro_i)
-            sel = slice(di.rank * micro, (di.rank + 1) * micro)
-            noise = torch.cat([torch.rand(micro * di.world, L, generator=g)[sel] for _ in b["views"]]).to(di.device)
-            sync = micro_i == s.accum_steps - 1
-            with (contextlib.nullcontext() if sync or di.world == 1 else ddp.no_sync()), autocast(cfg, di.device):
-                loss, _, _ = ddp(x, s.mask_ratio, s.norm_pix_loss, noise)
-            (loss / s.accum_steps).backward()
-            run_loss += loss.detach() / s.accum_steps
-            if not sync:
-                continue
-            set_lr(opt, lr, lr_factor(step, total, warm))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                val = float(dist.all_reduce_mean(run_loss)) / (cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every)
-                check_finite(val, "mae", step, out)  # host sync only at log steps
-                meter.step(step, epoch, {"loss": val, "lr": opt.param_groups[0]["lr"]})
-                run_loss.zero_()
-            if step >= total:
-                break
-        epoch += 1
-        save(di, os.path.join(out, "checkpoint-latest.pth"), mae_ckpt(cfg, model, opt, epoch, step))
-    path = os.path.join(out, "checkpoint-final.pth")
-    save(di, path, mae_ckpt(cfg, model, opt, epoch, step))
-    meter.close()
-    return path
 
+    def step_fn(b, step, micro_i, sync, poison):
+        x = torch.cat(b["views"])
+        g = step_generator(cfg, "mae", step * s.accum_steps + micro_i)
+        sel = slice(di.rank * micro, (di.rank + 1) * micro)  # this rank's rows of the global batch's noise
+        noise = torch.cat([torch.rand(micro * di.world, L, generator=g)[sel] for _ in b["views"]]).to(di.device)
+        with (contextlib.nullcontext() if sync or di.world == 1 else ddp.no_sync()), autocast(cfg, di.device):
+            loss, _, _ = ddp(x, s.mask_ratio, s.norm_pix_loss, noise)
+        if poison:
+            loss = loss * float("nan")
+        (loss / s.accum_steps).backward()
+        return loss.detach(), None
 
-def mae_ckpt(cfg, model, opt, epoch, step):
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "scaler": None,
-            "args": C.to_dict(cfg), "stage": "mae", "version": _version()}
+    def state_fn():
+        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
 
-
-def _version() -> str:
-    from maect import __version__
-    return __version__
+    meter = Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main)
+    return train_loop(cfg, di, "mae", loader, total=total, warm=warm, accum=s.accum_steps, opt=opt, lrs=lr,
+                      step_fn=step_fn, post_fn=lambda b, e: None, state_fn=state_fn, ckpts=ckpts, meter=meter,
+                      resume=resume)
 
 
 # ------------------------------------------------------------------------------------------------ stages 2, 3
@@ -219,19 +283,22 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
         raise C.ConfigError("stage head/ct needs init=CHECKPOINT (an MAE, official MAE/timm or head checkpoint)")
     ck = hub.load_checkpoint(init)
     encoder, info = hub.load_encoder(ck)
-    if info["config"] is None:   # an outside checkpoint: the run's model config must agree with its weights
+    if info["config"] is None:
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
-    D = encoder.embed_dim
     n = cfg.nnclr
-    head = NNCLRHead(D, n.proj_hidden, n.proj_dim, n.pred_hidden)
+    head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
     queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed))
     if "head" in ck:
-        if any(k.startswith("target_projector.") for k in ck["head"]):
-            head.add_target()
-        head.load_state_dict(ck["head"])
+        load_head(head, ck["head"])
         if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
             queue.load_state_dict(ck["queue"])
     return encoder.to(di.device), head.to(di.device), queue.to(di.device)
+
+
+def load_head(head: NNCLRHead, sd: dict) -> None:
+    if head.target_projector is None and any(k.startswith("target_projector.") for k in sd):
+        head.add_target()
+    head.load_state_dict(sd)
 
 
 class NNCLRNet(nn.Module):
@@ -252,9 +319,17 @@ class NNCLRNet(nn.Module):
         return p0, p1, z0, z1
 
 
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, m: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        if p.requires_grad:
+            e.lerp_(p.detach(), 1.0 - m)
+
+
 def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None) -> str:
-    """Stage 2 (stage='head') or stage 3 (stage='ct'): same step, different trainable set and hyperparameters."""
+    """Stage 2 (stage='head') or stage 3 (stage='ct'): the same step, different trainable sets and settings."""
     s, out, ct = (cfg.head if stage == "head" else cfg.ct), stage_dir(cfg, stage), stage == "ct"
+    ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
     encoder, head, queue = load_for_nnclr(cfg, di, init)
     depth = encoder.depth
     t = (cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else depth // 2) if ct else depth
@@ -270,7 +345,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     if di.world > 1:
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=not ct)
-    ddp = DDP(net, find_unused_parameters=False) if di.world > 1 else net
+    ddp = DDP(net) if di.world > 1 else net
 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
     data = load_data(cfg.data.name, cfg.data.root, "train")
@@ -282,6 +357,14 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         groups += param_groups(encoder.named_parameters(), s.weight_decay,
                                lambda n: llrd_scale(n, depth, cfg.ct.llrd), tag="enc")
     opt, opt_name = build_optimizer(groups, 1.0, fused=cfg.fused_optimizer, device=di.device)
+    resume = stage_resume(cfg, ckpts)
+    if resume is not None:
+        encoder.load_state_dict(resume["model"])
+        load_head(head, resume["head"])
+        queue.load_state_dict(resume["queue"])
+        opt.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(resume["model_ema"])
     total = max(1, round(s.epochs * len(loader)))
     warm = round(s.warmup_frac * total)
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
@@ -290,66 +373,48 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
              f"top-k {s.topk}, queue {queue.size}, {total} steps, optimizer {opt_name}, loader {loader.backend}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
-    meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
-    step, epoch = 0, 0
     head.train()
-    stats = torch.zeros(3, device=di.device)  # loss sum, nn-acc sum, count
-    while step < total:
-        loader.set_epoch(epoch)
-        for b in loader:
-            x0, x1 = b["views"]
-            with autocast(cfg, di.device):
-                p0, p1, z0, z1 = ddp(x0, x1)
-            z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-            g = step_generator(cfg, stage, step)
-            nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
-            nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
-            loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            set_lr(opt, lrs, lr_factor(step, total, warm))
-            opt.step()
-            nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
-            queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]))
-            if ct:
-                head.update_target(cfg.ct.target_ema)
-                ema_update(ema, encoder, cfg.ct.encoder_ema)
-            stats += torch.stack([loss.detach(), nn_acc, torch.ones((), device=di.device)])
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                st = dist.all_reduce_mean(stats)
-                check_finite(float(st[0]), stage, step, out)
-                meter.step(step, epoch, {"loss": float(st[0] / st[2]), "nn_acc": float(st[1] / st[2]),
-                                         "lr": opt.param_groups[0]["lr"]})
-                stats.zero_()
-            if step >= total:
-                break
-        epoch += 1
-        if monitor is not None and di.is_main and (ct or epoch == 1):
+
+    def step_fn(b, step, micro, sync, poison):
+        x0, x1 = b["views"]
+        with autocast(cfg, di.device):
+            p0, p1, z0, z1 = ddp(x0, x1)
+        z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
+        g = step_generator(cfg, stage, step)
+        nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
+        nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
+        nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
+        loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
+        if poison:
+            loss = loss * float("nan")
+        loss.backward()
+        return loss.detach(), (z0, nn_acc)
+
+    def post_fn(b, extras):
+        z0, nn_acc = extras
+        queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]))
+        if ct:
+            head.update_target(cfg.ct.target_ema)
+            ema_update(ema, encoder, cfg.ct.encoder_ema)
+        return nn_acc
+
+    def state_fn():
+        st = {"model": encoder.state_dict(), "head": head.state_dict(), "queue": queue.state_dict(),
+              "optimizer": opt.state_dict()}
+        if ema is not None:
+            st["model_ema"] = ema.state_dict()
+        return st
+
+    def after_epoch(epoch, step, meter):
+        if monitor is not None and (ct or epoch == 1):
             acc = monitor(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
             log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}%")
             meter.write({"step": step, "epoch": epoch, "knn_acc": acc})
-        save(di, os.path.join(out, "checkpoint-latest.pth"), nnclr_ckpt(cfg, stage, encoder, ema, head, queue, opt, epoch, step))
-    path = os.path.join(out, "checkpoint-final.pth")
-    save(di, path, nnclr_ckpt(cfg, stage, encoder, ema, head, queue, opt, epoch, step))
-    meter.close()
-    return path
 
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, m: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if p.requires_grad:
-            e.lerp_(p.detach(), 1.0 - m)
-
-
-def nnclr_ckpt(cfg, stage, encoder, ema, head, queue, opt, epoch, step):
-    ck = {"model": encoder.state_dict(), "head": head.state_dict(), "queue": queue.state_dict(),
-          "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "scaler": None, "args": C.to_dict(cfg),
-          "stage": stage, "version": _version()}
-    if ema is not None:
-        ck["model_ema"] = ema.state_dict()
-    return ck
+    meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
+    return train_loop(cfg, di, stage, loader, total=total, warm=warm, accum=1, opt=opt, lrs=lrs, step_fn=step_fn,
+                      post_fn=post_fn, state_fn=state_fn, ckpts=ckpts, meter=meter, resume=resume,
+                      after_epoch=after_epoch)
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -368,7 +433,7 @@ def run(cfg: C.Config) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     if di.is_main:
         C.dump(cfg, os.path.join(cfg.out_dir, "config.yaml"))
-    log.info(f"maect {_version()} | stage {cfg.stage} | device {di.device} x {di.world} ranks | torch {torch.__version__} "
+    log.info(f"maect {code_version()} | stage {cfg.stage} | device {di.device} x {di.world} ranks | torch {torch.__version__} "
              f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
     results, times = {}, {}
     need_monitor = cfg.stage in ("head", "ct", "pipeline", "ct_pipeline")
@@ -376,7 +441,11 @@ def run(cfg: C.Config) -> dict:
     init = cfg.init
     for stage in {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,)):
         t0 = time.time()
-        if stage == "mae":
+        done = os.path.join(cfg.out_dir, stage, "checkpoint-final.pth")
+        if cfg.resume == "auto" and os.path.exists(done):
+            log.info(f"[{stage}] already finished ({done}); resume=auto skips it")
+            init = done
+        elif stage == "mae":
             init = run_mae(cfg, di)
         else:
             init = run_nnclr(cfg, di, stage, init, monitor)
@@ -405,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"maect.train: {e}")
     try:
         run(cfg)
-    except (C.ConfigError, FileNotFoundError) as e:
+    except (C.ConfigError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"maect.train: {e}")
     finally:
         if dist.is_dist():

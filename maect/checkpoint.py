@@ -1,0 +1,152 @@
+"""Checkpoints of a running stage: keep-last-k + latest, exact resume, config checks, fault injection for tests.
+
+Layout in a stage directory:
+    checkpoint-0000120.pth   every ckpt_every steps and at each epoch end (the last keep_last are kept)
+    checkpoint-latest.pth    a hard link to the newest complete one (replaced atomically)
+    checkpoint-final.pth     written when the stage completes
+Every file is written to a temporary name, fsynced and renamed (hub.save_checkpoint): a crash or kill during a
+write leaves the previous files intact. On resume, an unreadable (e.g. truncated) file is skipped with a warning
+and the next older one is used.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import subprocess
+
+import numpy as np
+import torch
+
+from maect import config as C
+from maect import hub
+
+log = logging.getLogger("maect")
+
+# keys that may differ between a checkpoint's config and the resuming run's
+RESUME_FREE = ("out_dir", "resume", "init", "log_every", "threads", "device", "stage", "ckpt_every", "keep_last",
+               "max_skips", "eval.", "data.root", "data.num_workers", "data.loader", "fused_optimizer", "preset")
+
+
+def code_version() -> str:
+    from maect import __version__
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__),
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # as tensors/ints: loadable with weights_only=True
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_mismatches(saved: dict, cfg: C.Config) -> list[str]:
+    a, b = flat(saved), flat(C.to_dict(cfg))
+    return [f"{k}: checkpoint {a.get(k)!r} vs run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if not k.startswith(RESUME_FREE) and a.get(k) != b.get(k)]
+
+
+class Checkpoints:
+    def __init__(self, stage_dir: str, keep_last: int, is_main: bool):
+        self.dir, self.keep, self.main = stage_dir, max(1, keep_last), is_main
+
+    def save(self, state: dict, step: int) -> None:
+        """Write checkpoint-<step>.pth, point checkpoint-latest.pth at it, prune old ones. Rank 0 only."""
+        if not self.main:
+            return
+        state = {**state, "rng": rng_state(), "version": code_version()}
+        path = os.path.join(self.dir, f"checkpoint-{step:07d}.pth")
+        if fault("ckpt_write", state.get("stage", ""), step):
+            with open(os.path.join(self.dir, f".{os.path.basename(path)}.tmp{os.getpid()}"), "wb") as f:
+                f.write(b"PK\x03\x04partial")  # what a kill in the middle of torch.save leaves behind
+            raise OSError(f"injected fault while writing {path}")
+        hub.save_checkpoint(state, path)
+        tmp = os.path.join(self.dir, f".latest.tmp{os.getpid()}")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:  # file systems without hard links: a second atomic copy
+            hub.save_checkpoint(state, tmp)
+        os.replace(tmp, os.path.join(self.dir, "checkpoint-latest.pth"))
+        for old in sorted(glob.glob(os.path.join(self.dir, "checkpoint-[0-9]*.pth")))[:-self.keep]:
+            os.remove(old)
+
+    def save_final(self, state: dict) -> str:
+        path = os.path.join(self.dir, "checkpoint-final.pth")
+        if self.main:
+            hub.save_checkpoint({**state, "rng": rng_state(), "version": code_version()}, path)
+        return path
+
+    def load_latest(self) -> dict | None:
+        """The newest readable checkpoint of this stage, or None. Unreadable files are skipped with a warning."""
+        cands = [os.path.join(self.dir, "checkpoint-latest.pth")]
+        cands += sorted(glob.glob(os.path.join(self.dir, "checkpoint-[0-9]*.pth")), reverse=True)
+        for p in cands:
+            if not os.path.exists(p):
+                continue
+            try:
+                ck = hub.load_checkpoint(p)
+                log.info(f"resuming from {p} (step {ck.get('step')})")
+                return ck
+            except ValueError as e:
+                log.warning(f"skipping unreadable checkpoint: {e}")
+        return None
+
+
+def check_resume_config(ck: dict, cfg: C.Config, path: str) -> None:
+    bad = config_mismatches(ck.get("args", {}), cfg)
+    if bad:
+        raise C.ConfigError(f"refusing to resume from {path}: it was written with another config:\n  " + "\n  ".join(bad))
+
+
+# ------------------------------------------------------------------------------------------------ fault injection
+def fault(kind: str, stage: str, step: int, rank: int = 0) -> bool:
+    """MAECT_FAULT='kind@stage:step[:rank]' (tests only). kinds: nan (returns True: poison the loss), crash (the
+    process exits with code 17, once: a marker file in MAECT_FAULT_DIR remembers), ckpt_write (returns True: the
+    writer leaves a partial temporary file and raises)."""
+    spec = os.environ.get("MAECT_FAULT", "")
+    if not spec:
+        return False
+    for item in spec.split(","):
+        k, _, where = item.partition("@")
+        parts = where.split(":")
+        if k != kind or parts[0] != stage or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
+            continue
+        marker = os.path.join(os.environ.get("MAECT_FAULT_DIR", "/tmp"), f"maect-fault-{item.replace('/', '_')}")
+        if kind == "crash":
+            if os.path.exists(marker):
+                return False
+            open(marker, "w").close()
+            log.warning(f"injected crash at {stage} step {step} rank {rank}")
+            os._exit(17)
+        return True
+    return False
