@@ -5,6 +5,7 @@ gradient is a sum of M = N * (L - K) rows: in fp32 the two summation orders diff
 (u = 2^-24); in bf16/fp16 the reference rounds the sum to the low precision while the kernel sums in fp32, so
 against the float64 sum the kernel's error must be at most 2 x the reference's own error + the fp32 bound.
 """
+import json
 import os
 import subprocess
 import sys
@@ -199,3 +200,17 @@ def test_kernels_compile_for_sm90():
                        capture_output=True, text=True, timeout=170)
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    """bench/gpu_suite.py --dry-run exercises every step's code path on CPU with tiny shapes (it lives here to balance
+    the run time of the two kernel test files)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "suite.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    r = subprocess.run([sys.executable, str(root / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=170)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0
+    res = json.loads(out.read_text())
+    assert res["steps"] and all(s["ok"] for s in res["steps"]), [s for s in res["steps"] if not s["ok"]]

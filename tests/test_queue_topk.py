@@ -223,20 +223,6 @@ def test_gpu_split_heuristic(B):
     check_topk(q, e, 20, ex, qi, False, v, i)
 
 
-def test_gpu_suite_dry_run(tmp_path):
-    """bench/gpu_suite.py --dry-run exercises every step's code path on CPU with tiny shapes."""
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "suite.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
-    r = subprocess.run([sys.executable, str(root / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=170)
-    print(r.stdout[-3000:], r.stderr[-3000:])
-    assert r.returncode == 0
-    import json
-    res = json.loads(out.read_text())
-    assert res["steps"] and all(s["ok"] for s in res["steps"]), [s for s in res["steps"] if not s["ok"]]
-
-
 AOT_SCRIPT = r"""
 import sys
 import triton
