@@ -151,7 +151,7 @@ def _unpack_key(key):
 
 
 @_device_fn
-def _sorted_keys(keys, slots, K: tl.constexpr, KP: tl.constexpr):
+def _sorted_keys(keys, slots, K, KP: tl.constexpr):
     """The K largest of keys [R, C] in descending order, as [R, KP] (slots >= K: _EMPTY_KEY). Keys are unique
     except empty ones, which are all equal and sort last."""
     out = tl.full([keys.shape[0], KP], _EMPTY_KEY, tl.int64)
@@ -173,7 +173,8 @@ def _queue_topk_split_kernel(
     cand_ptr,   # not FINAL: candidate keys [B, SPLITS * KP] int64, this program writes columns pid_s*KP ...+KP
     B, Q, D,
     stride_qb, stride_qd, stride_eq, stride_ed,
-    K: tl.constexpr, KP: tl.constexpr, SPLITS: tl.constexpr, FINAL: tl.constexpr,
+    K, SPLITS,   # runtime ints (fewer compiled variants): k, and the number of programs along the queue
+    KP: tl.constexpr, FINAL: tl.constexpr,
     HAS_IDS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -263,8 +264,8 @@ def _queue_topk_merge_kernel(
     cand_ptr,   # candidate keys [B, C] int64, C = SPLITS * KP, contiguous; empty slots hold _EMPTY_KEY
     out_v_ptr,  # values [B, K] fp32, contiguous
     out_i_ptr,  # indices [B, K] int64, contiguous
-    B,
-    C: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr,
+    B, K,
+    C: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -309,7 +310,7 @@ def _split_kernel():
                        for b, q, d, w, st in _GPU_CONFIGS]
             if os.environ.get("MAECT_AUTOTUNE", "1") == "0":
                 configs = configs[1:2]
-            kern = triton.autotune(configs, key=["B", "Q", "D", "K", "SPLITS", "HAS_IDS", "NORMALIZE"],
+            kern = triton.autotune(configs, key=["B", "Q", "D", "KP", "SPLITS", "HAS_IDS", "NORMALIZE"],
                                    prune_configs_by={"early_config_prune": _prune_configs})(_queue_topk_split_kernel)
         _kernel_cache["split"] = kern
     return _kernel_cache["split"]
@@ -358,8 +359,8 @@ def queue_topk_triton(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor 
     final = S == 1
     cand = out_i if final else torch.empty(B, S * KP, device=dev, dtype=torch.int64)
     args = (query, queue, ex, qid, out_v, out_i, cand, B, Q, D, query.stride(0), query.stride(1), queue.stride(0),
-            queue.stride(1))
-    meta = dict(K=k, KP=KP, SPLITS=S, FINAL=final, HAS_IDS=has_ids, NORMALIZE=not normalized,
+            queue.stride(1), k, S)
+    meta = dict(KP=KP, FINAL=final, HAS_IDS=has_ids, NORMALIZE=not normalized,
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 DOT_F32=_interpreting() and query.dtype == torch.bfloat16)
     kern = _split_kernel()
@@ -373,6 +374,6 @@ def queue_topk_triton(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor 
         if not final:
             C = S * KP
             block_b = 64 if _interpreting() else max(1, min(16, 4096 // C))
-            _queue_topk_merge_kernel[(triton.cdiv(B, block_b),)](cand, out_v, out_i, B, C=C, K=k, KP=KP,
+            _queue_topk_merge_kernel[(triton.cdiv(B, block_b),)](cand, out_v, out_i, B, k, C=C, KP=KP,
                                                                  BLOCK_B=block_b)
     return out_v, out_i

@@ -232,13 +232,13 @@ import kernels
 qt = sys.modules["kernels.queue_topk"]
 sig = dict(q_ptr="*bf16", e_ptr="*bf16", ex_ptr="*i64", qid_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64",
            cand_ptr="*i64", B="i32", Q="i32", D="i32", stride_qb="i32", stride_qd="i32", stride_eq="i32",
-           stride_ed="i32")
-cases = [(qt._queue_topk_split_kernel, sig, dict(K=20, KP=32, SPLITS=1, FINAL=True, HAS_IDS=True, NORMALIZE=True,
+           stride_ed="i32", K="i32", SPLITS="i32")
+cases = [(qt._queue_topk_split_kernel, sig, dict(KP=32, FINAL=True, HAS_IDS=True, NORMALIZE=True,
           PRECISION="tf32", DOT_F32=False, BLOCK_B=64, BLOCK_Q=128, BLOCK_D=64)),
-         (qt._queue_topk_split_kernel, sig, dict(K=64, KP=64, SPLITS=16, FINAL=False, HAS_IDS=False, NORMALIZE=False,
+         (qt._queue_topk_split_kernel, sig, dict(KP=64, FINAL=False, HAS_IDS=False, NORMALIZE=False,
           PRECISION="tf32", DOT_F32=False, BLOCK_B=32, BLOCK_Q=128, BLOCK_D=64)),
-         (qt._queue_topk_merge_kernel, dict(cand_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64", B="i32"),
-          dict(C=512, K=20, KP=32, BLOCK_B=8))]
+         (qt._queue_topk_merge_kernel, dict(cand_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64", B="i32", K="i32"),
+          dict(C=512, KP=32, BLOCK_B=8))]
 for fn, s, c in cases:
     src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
