@@ -5,11 +5,12 @@ load() -> the extension module or None (memoised; thread-safe)
     kernels._maect_C importable      -> that module (ahead-of-time: MAECT_BUILD_EXT=1 pip install
                                         --no-build-isolation -e .), unless csrc/ is newer than it
     otherwise                        -> just-in-time build with torch.utils.cpp_extension.load, cached in the default
-                                        torch extensions dir (~/.cache/torch_extensions/..., or TORCH_EXTENSIONS_DIR):
-                                        the first build takes ~1 min, later loads are instant
+                                        torch extensions dir (~/.cache/torch_extensions/<py>_<cuda>/maect_cpu_avx2_
+                                        <hash>, or under TORCH_EXTENSIONS_DIR), keyed by a hash of csrc/ and the
+                                        flags: the first build takes ~1 min, later loads are instant
     any failure                      -> one log line on logging.getLogger("maect.kernels") saying why, and None
 The flags are -O3 -fopenmp, plus -mavx2 -mfma only when ATen reports an AVX2-capable CPU (the extension name
-records the choice, so builds for different CPUs never share a cache entry).
+records the choice and the hash, so builds for different CPUs or sources never share a cache entry).
 
 Ops (schemas in csrc/ops.cpp; contracts in kernels/queue_topk.py and kernels/masking.py)
     torch.ops.maect.queue_topk(query, queue, k, exclude_ids, queue_ids, normalized) -> (values, indices)
@@ -21,7 +22,9 @@ references), queue_topk's values (recomputed for the k selected pairs only).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -52,16 +55,16 @@ def _build_flags() -> tuple[str, list[str]]:
 
 
 def _aot_module():
-    """kernels._maect_C if it was built ahead of time and is not older than csrc/, else None."""
-    try:
-        mod = importlib.import_module(f"{__package__}._maect_C")
-    except ImportError:
+    """kernels._maect_C if it was built ahead of time and is not older than csrc/, else None. Staleness is checked
+    before importing: a second library registering the maect namespace (the JIT build) would be refused."""
+    spec = importlib.util.find_spec(f"{__package__}._maect_C")
+    if spec is None or spec.origin is None:
         return None
     sources = list(_CSRC.glob("*.cpp")) + list(_CSRC.glob("*.h"))
-    if sources and max(p.stat().st_mtime for p in sources) > Path(mod.__file__).stat().st_mtime:
-        logger.info("maect: kernels/_maect_C is older than csrc/; using the just-in-time build instead")
+    if sources and max(p.stat().st_mtime for p in sources) > Path(spec.origin).stat().st_mtime:
+        logger.info("maect: %s is older than csrc/; using the just-in-time build instead", spec.origin)
         return None
-    return mod
+    return importlib.import_module(spec.name)
 
 
 def _jit_module():
@@ -75,13 +78,19 @@ def _jit_module():
     finally:
         quiet.setLevel(level)
 
-    sources = sorted(str(p) for p in _CSRC.glob("*.cpp"))
+    sources = sorted(_CSRC.glob("*.cpp"))
     if not sources:
         raise FileNotFoundError(f"no C++ sources in {_CSRC}")
     name, flags = _build_flags()
+    # The cache entry is keyed by the sources' content and the flags: two checkouts with different csrc/ never
+    # load (or rebuild over) each other's binary, and an unchanged tree loads instantly.
+    digest = hashlib.sha1(" ".join(flags).encode())
+    for path in sources + sorted(_CSRC.glob("*.h")):
+        digest.update(path.name.encode() + path.read_bytes())
+    name = f"{name}_{digest.hexdigest()[:10]}"
     logger.info("maect: loading C++ CPU ops %s (built just in time on first use, ~1 min; cached under %s)", name,
                 cpp_extension.get_default_build_root())
-    return cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    return cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               is_python_module=True, verbose=os.environ.get("MAECT_CPP_VERBOSE") == "1")
 
 
