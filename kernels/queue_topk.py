@@ -94,8 +94,9 @@ def queue_topk_ref(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | N
 # (fp32 accumulation), applies normalisation and the id mask, then folds the tile into a running "bag" of the k best
 # entries per row, held in registers: take each row's tile maximum (one paired max/argmax reduction, leftmost on
 # ties), let it replace the row's worst bag entry if it ranks above it, mask it out of the tile, repeat until no row
-# improves. That loop runs ~k times on a row block's first tile and ~0-2 times on later ones (the bag's worst value
-# soon exceeds most similarities); it is ~100x faster than tl.sort in the interpreter.
+# improves. The loop runs k times on a program's first tile; on the t-th tile a row gains about k/t entries (random
+# order), and the loop runs for the row block's largest gain. No sort: tl.sort is far slower in the interpreter and
+# needs log^2 passes on GPU. (Unmeasured on GPU so far: bench/gpu_suite.py reports it.)
 #
 # The tie rule lives in one packed int64 key per bag entry:  key = ord(value) << 32 | (2^31 - 1 - index),  where
 # ord() maps fp32 bits to int32 in the same order as the floats (-0.0 folded into +0.0 first). Larger key = ranks
@@ -285,7 +286,7 @@ def _next_pow2(n: int) -> int:
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the register-resident bag (BLOCK_B x KP fp32 + int32) within reach of the register file."""
+    """Keep the register-resident bag (BLOCK_B x KP int64 keys) within reach of the register file."""
     kp = {**named_args, **kwargs}["KP"]
     kept = [c for c in configs if c.kwargs["BLOCK_B"] * kp <= 8192]
     return kept or configs[-1:]
