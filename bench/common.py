@@ -70,8 +70,9 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, bud
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
         if device.type == "cuda":
-            buf = _l2_flush.setdefault(device, torch.empty(256 * MiB, dtype=torch.int8, device=device))
-            buf.zero_()
+            if device not in _l2_flush:
+                _l2_flush[device] = torch.empty(256 * MiB, dtype=torch.int8, device=device)
+            _l2_flush[device].zero_()
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn()
