@@ -69,7 +69,11 @@ def fashion_mnist(root: str | None, split: str) -> ArrayData:
 
 
 class ImageFolder:
-    """root/<class>/<image>. Classes sorted by name; files sorted; index i is the sample id."""
+    """root/<class>/<image>. Classes sorted by name; files sorted; index i is the sample id.
+
+    An empty class folder keeps its class index (so train and val labels agree) and is reported by validate(),
+    like a file that cannot be an image: the loaders raise naming it, or skip it with skip_corrupt=True.
+    """
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
@@ -78,15 +82,18 @@ class ImageFolder:
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.classes:
             raise ValueError(f"image folder {root!r} holds no class folders")
-        self.files, labels = [], []
+        self.files, labels, self.empty_classes = [], [], []
         for ci, c in enumerate(self.classes):
             names = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
             if not names:
-                raise ValueError(f"class folder {os.path.join(root, c)!r} holds no images {IMAGE_EXTENSIONS}")
+                self.empty_classes.append(os.path.join(root, c))
             self.files += [os.path.join(root, c, n) for n in names]
             labels += [ci] * len(names)
+        if not self.files:
+            raise ValueError(f"image folder {root!r}: its class folders hold no images {IMAGE_EXTENSIONS}")
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes, self.mean, self.std = len(self.classes), IMAGENET_MEAN, IMAGENET_STD
+        self._problems: dict[int, str] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -101,6 +108,54 @@ class ImageFolder:
         except Exception as exc:
             raise ValueError(f"cannot decode image {path!r}: {exc}") from exc
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+    def validate(self, workers: int = 16) -> dict[int, str]:
+        """{sample id: reason} for files that cannot be images, found cheaply (size, header, end marker; a full
+        decode only for files whose end marker is missing), plus {-1 - k: reason} for empty class folder k of
+        empty_classes. Deterministic, so every rank finds the same set; computed once and cached."""
+        if self._problems is None:
+            from concurrent.futures import ThreadPoolExecutor
+            chunks = [range(s, min(s + 1024, len(self.files))) for s in range(0, len(self.files), 1024)]
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as ex:
+                found = ex.map(lambda r: [(i, check_image_file(self.files[i])) for i in r], chunks)
+                problems = {i: why for part in found for i, why in part if why}
+            for k, folder in enumerate(self.empty_classes):
+                problems[-1 - k] = f"class folder {folder!r} holds no images {IMAGE_EXTENSIONS}"
+            self._problems = problems
+        return self._problems
+
+
+# file signatures: (offset, bytes); webp is RIFF....WEBP
+_MAGIC = {"jpeg": [(0, b"\xff\xd8\xff")], "png": [(0, b"\x89PNG\r\n\x1a\n")], "bmp": [(0, b"BM")],
+          "webp": [(0, b"RIFF"), (8, b"WEBP")]}
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def check_image_file(path: str) -> str | None:
+    """Why `path` cannot be a decodable image, or None. Reads 16 bytes at the start and 1 KiB at the end: empty,
+    unreadable, unknown signature; a JPEG without its end marker (FF D9) in the last KiB, or a PNG not ending in
+    IEND, is decoded in full (PIL) to tell a truncated file from one with data appended after the image."""
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    kind = next((k for k, sigs in _MAGIC.items() if all(head[o:o + len(m)] == m for o, m in sigs)), None)
+    if kind is None:
+        return f"not an image (unrecognised signature {head[:8].hex()})"
+    if (kind == "jpeg" and b"\xff\xd9" not in tail) or (kind == "png" and not tail.endswith(_PNG_END)):
+        try:
+            from PIL import Image
+            with Image.open(path) as im:
+                im.load()
+        except Exception as exc:
+            return f"truncated or corrupt {kind} ({size} bytes): {exc}"
+    return None
 
 
 def load_data(name: str, root: str | None, split: str):

@@ -7,23 +7,38 @@ n is the per-rank batch. An epoch is a permutation of the dataset drawn from (se
 uses rows [s*G, (s+1)*G) of it (G = global batch) and rank r keeps its slice [r*n, (r+1)*n): so N ranks see
 exactly what one process with the same global batch sees, and a run can resume at any step.
 The last incomplete global batch is dropped.
+
+Bad image files (ImageFolder): every loader first runs data.validate() (cheap, deterministic, so every rank finds the
+same set). Without skip_corrupt the loader raises naming the files; with it they leave the epoch order (identically on
+every rank) and are counted in the log and in loader.skipped. A file that passes the check but fails to decode later
+raises naming it, or with skip_corrupt is replaced in its batch by the next sample of the batch (the batch keeps its
+size, so ranks stay in step) and is counted too.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from dataloading import augment as A
 from dataloading.datasets import ArrayData, ImageFolder
 
+log = logging.getLogger("maect.data")
+
 
 class TrainLoader:
     def __init__(self, data, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, num_views: int = 1, crop_scale=(0.2, 1.0), ctaug: bool = False,
-                 device: str | torch.device = "cpu", num_workers: int = 0):
+                 device: str | torch.device = "cpu", num_workers: int = 0, skip_corrupt: bool = False):
         G = batch_size * world
-        if len(data) < G:
-            raise ValueError(f"dataset has {len(data)} samples, fewer than one global batch ({G} = {batch_size} x {world} ranks)")
-        self.data, self.img_size, self.in_chans = data, img_size, in_chans
+        self.skip_corrupt, self.skipped = skip_corrupt, {}           # skipped: {path: reason}
+        self._drop = None if isinstance(data, ArrayData) else bad_file_mask(data, skip_corrupt, self.skipped)
+        n_valid = len(data) - (0 if self._drop is None else int(self._drop.sum()))
+        if n_valid < G:
+            raise ValueError(f"dataset has {n_valid} samples, fewer than one global batch ({G} = {batch_size} x {world} ranks)")
+        if isinstance(data, ImageFolder) and in_chans != 3:
+            raise ValueError(f"image folders decode to RGB: model.in_chans must be 3, got {in_chans}")
+        self.data, self.img_size, self.in_chans, self.n_valid = data, img_size, in_chans, n_valid
         self.n, self.rank, self.world, self.G, self.seed = batch_size, rank, world, G, seed
         self.num_views, self.crop_scale, self.ctaug = num_views, tuple(crop_scale), ctaug
         self.device, self.num_workers = torch.device(device), num_workers
@@ -31,14 +46,13 @@ class TrainLoader:
         self.backend = "cpu-batched" if isinstance(data, ArrayData) else "cpu-pil"
 
     def __len__(self) -> int:
-        return len(self.data) // self.G
+        return self.n_valid // self.G
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
     def _perm(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(len(self.data), generator=g)
+        return epoch_order(len(self.data), self.seed, self.epoch, self._drop)
 
     def _augment(self, x: torch.Tensor, step: int, sel: slice) -> list[torch.Tensor]:
         """x uint8 [n, C, H, W] (already this rank's rows) -> list of normalised views."""
@@ -64,16 +78,29 @@ class TrainLoader:
             if isinstance(self.data, ArrayData):
                 views = self._augment(self.data.images[idx], step, sel)
             else:
-                views = self._augment_files(idx, step, sel)
+                views, idx = self._augment_files(idx, step, sel)
             yield {"views": views, "idx": idx.to(self.device), "label": self.data.labels[idx].to(self.device)}
         self.start_step = 0
 
-    def _augment_files(self, idx: torch.Tensor, step: int, sel: slice) -> list[torch.Tensor]:
+    def _augment_files(self, idx: torch.Tensor, step: int, sel: slice) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Image files differ in size, so crop and flip run per image (parameters from a generator seeded by
-        (seed, epoch, sample id, view): rank-independent); colour ops then run batch-wise like the array path."""
+        (seed, epoch, sample id, view): rank-independent); colour ops then run batch-wise like the array path.
+        Returns (views, idx): idx differs from the input only where skip_corrupt replaced an undecodable file."""
+        images = {}
+        for i in idx.tolist():
+            path = self.data.files[i]
+            if path in self.skipped:
+                continue
+            try:
+                images[i] = self.data.load(i)
+            except ValueError as exc:                          # load() names the file
+                if not self.skip_corrupt:
+                    raise
+                note_skipped(self.skipped, path, str(exc.__cause__ or exc))
+        idx = torch.tensor(substitute(idx.tolist(), images.keys(), self.data.files), dtype=torch.long)
         per_view = [[] for _ in range(self.num_views)]
         for i in idx.tolist():
-            img = self.data.load(i).float().div_(255).unsqueeze(0)
+            img = images[i].float().div_(255).unsqueeze(0)
             for v in range(self.num_views):
                 gi = torch.Generator().manual_seed(((self.seed * 1000003 + self.epoch) * 10000019 + i) * 8 + v)
                 per_view[v].append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1)))
@@ -84,7 +111,55 @@ class TrainLoader:
             if self.ctaug:
                 y = A.ctaug_view(y, v, A.Draw(g, self.G, sel))
             views.append(A.normalize(y, self.data.mean, self.data.std))
-        return views
+        return views, idx
+
+
+# ------------------------------------------------------------------------------------ shared by every backend
+def epoch_order(n: int, seed: int, epoch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The epoch's sample order: a permutation of range(n) from (seed, epoch), without the ids where drop [n] is
+    True. The same on every rank and for every backend."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm if drop is None else perm[~drop[perm]]
+
+
+def bad_file_mask(data: ImageFolder, skip_corrupt: bool, skipped: dict) -> torch.Tensor:
+    """data.validate() as a bool mask [len(data)] of files to leave out; raises naming them unless skip_corrupt."""
+    problems = data.validate()
+    names = {i: (data.files[i] if i >= 0 else data.empty_classes[-1 - i]) for i in problems}
+    if problems and not skip_corrupt:
+        shown = "; ".join(f"{names[i]}: {why}" for i, why in list(problems.items())[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(f"{len(problems)} bad image file(s) or empty class folder(s) under {data.root!r}: "
+                         f"{shown}{more}. Fix or remove them, or set data.skip_corrupt=true to skip them")
+    drop = torch.zeros(len(data), dtype=torch.bool)
+    for i, why in problems.items():
+        if i >= 0:
+            drop[i] = True
+        skipped[names[i]] = why
+    if problems:
+        log.warning(f"data: skip_corrupt: leaving out {int(drop.sum())} of {len(data)} files and "
+                    f"{len(problems) - int(drop.sum())} empty class folder(s) under {data.root}; first: "
+                    + "; ".join(f"{names[i]} ({why})" for i, why in list(problems.items())[:3]))
+    return drop
+
+
+def note_skipped(skipped: dict, path: str, why: str) -> None:
+    skipped[path] = why
+    log.warning(f"data: skip_corrupt: {path} cannot be decoded ({why}); replaced in its batch "
+                f"({len(skipped)} skipped so far)")
+
+
+def substitute(ids: list[int], good, files: list[str]) -> list[int]:
+    """ids with every id not in `good` replaced by the next good id of the batch (cyclically): the batch keeps its
+    size and order, so all ranks stay in step. Raises if no sample of the batch can be decoded."""
+    good = set(good)
+    if len(good) == len(set(ids)):
+        return ids
+    ok = [k for k, i in enumerate(ids) if i in good]
+    if not ok:
+        raise ValueError(f"no image of a batch can be decoded (first: {files[ids[0]]!r})")
+    return [i if i in good else ids[next((k for k in ok if k > j), ok[0])] for j, i in enumerate(ids)]
 
 
 def eval_batches(data, *, img_size: int, in_chans: int, batch_size: int = 512, device="cpu", limit: int | None = None):
@@ -116,13 +191,30 @@ def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: int, rank: int, world: int, seed: int,
-                 num_views: int, crop_scale, ctaug: bool, device) -> TrainLoader:
-    """The training loader selected by data.loader (cpu|dali|auto). DALI pipelines come with the DALI work; until
-    then 'auto' means the CPU/torch loader and an explicit 'dali' is an error that says so."""
-    if cfg_data.loader == "dali":
-        raise ValueError("data.loader=dali is not available in this build; use data.loader=cpu or auto")
+                 num_views: int, crop_scale, ctaug: bool, device):
+    """The training loader selected by data.loader: 'cpu' (TrainLoader, the torch twin), 'dali' (DaliLoader: GPU
+    decode with nvJPEG on a CUDA device, DALI's CPU operators otherwise), or 'auto' = DALI when it is installed, the
+    device is CUDA and the data is an image folder, else cpu. Logs which one runs and why the other does not.
+    Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
+    data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
     if not isinstance(data, (ArrayData, ImageFolder)):
         raise TypeError(f"unsupported dataset type {type(data).__name__}")
-    return TrainLoader(data, img_size=img_size, in_chans=in_chans, batch_size=batch_size, rank=rank, world=world,
-                       seed=seed, num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device,
-                       num_workers=cfg_data.num_workers)
+    choice = cfg_data.loader
+    if choice not in ("auto", "cpu", "dali"):
+        raise ValueError(f"data.loader must be auto, cpu or dali, got {choice!r}")
+    device = torch.device(device)
+    skip_corrupt = bool(getattr(cfg_data, "skip_corrupt", False))
+    from dataloading import dali
+    why_not = dali.why_not(data, device)
+    if choice == "dali" and why_not and not why_not.startswith("device"):
+        raise ValueError(f"data.loader=dali: {why_not}")
+    kw = dict(img_size=img_size, in_chans=in_chans, batch_size=batch_size, rank=rank, world=world, seed=seed,
+              num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt)
+    if choice == "dali" or (choice == "auto" and why_not is None):
+        loader = dali.DaliLoader(data, num_threads=cfg_data.num_workers,
+                                 hw_decoder_load=float(getattr(cfg_data, "dali_hw_decoder_load", 0.65)), **kw)
+        log.info(f"data: loader {loader.backend} (data.loader={choice})")
+    else:
+        loader = TrainLoader(data, num_workers=cfg_data.num_workers, **kw)
+        log.info(f"data: loader {loader.backend} (data.loader={choice}" + (f"; not dali: {why_not})" if why_not else ")"))
+    return loader
