@@ -34,12 +34,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=str, default=None, help="also write the results as JSON to this path")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed reps per provider")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     return p
 
 
-def setup(device: str) -> torch.device:
-    """Torch threads = cores (the CPU baselines use all of them); TF32 off so fp32 means fp32 on GPU too."""
-    torch.set_num_threads(os.cpu_count() or 1)
+def setup(device: str, threads: int | None = None) -> torch.device:
+    """Torch threads = cores unless told (the CPU baselines use all of them); TF32 off so fp32 means fp32 on GPU."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     if device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device visible")

@@ -86,7 +86,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (GPU)")
     p.add_argument("--no-mem", action="store_true")
     args = p.parse_args()
-    device = setup(args.device)
+    device = setup(args.device, args.threads)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     budget = args.budget if args.budget is not None else (0.5 if device.type == "cuda" else 1.0)
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES

@@ -139,7 +139,7 @@ def main() -> int:
     if args.mem_child:
         mem_child(args)
         return 0
-    device = setup(args.device)
+    device = setup(args.device, args.threads)
     budget = args.budget if args.budget is not None else (0.5 if device.type == "cuda" else 2.0)
     results, failed = [], False
     for B, Q, D, k, dt, allow_compile in configs(args, device):
