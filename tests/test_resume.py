@@ -1,0 +1,137 @@
+"""Reliability: exact resume, atomic checkpoints, elastic restarts, NaN skipping (issue 8). CPU, gloo."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from maect.checkpoint import Checkpoints
+from maect.hub import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from test_nnclr import TINY  # noqa: E402  (the tiny-model overrides shared by the end-to-end tests)
+
+MAE6 = TINY + ["stage=mae", "mae.epochs=0.0064"]            # 6 steps of 64 on 60000 images
+pytestmark = pytest.mark.slow
+
+
+def train(args, nproc=1, env=None, ok=True, torchrun_args=()):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args]
+           if nproc > 1 else [sys.executable]) + ["-m", "maect.train"] + args
+    e = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MAECT_FAULT": "", **(env or {})}
+    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def assert_same(a: str, b: str, keys=("model", "optimizer")):
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    for key in keys:
+        fa, fb = flat(ca[key]), flat(cb[key])
+        assert fa.keys() == fb.keys(), key
+        for k in fa:
+            if isinstance(fa[k], torch.Tensor):
+                assert torch.equal(fa[k], fb[k]), f"{key}.{k} differs"
+            else:
+                assert fa[k] == fb[k], f"{key}.{k} differs"
+
+
+def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, list):
+            out.update(flat(dict(enumerate(v)), f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_mae_resume_is_bitwise_exact(tmp_path, nproc):
+    straight = train(MAE6 + [f"out_dir={tmp_path}/a"], nproc)
+    env = {"MAECT_FAULT": "crash@mae:3", "MAECT_FAULT_DIR": str(tmp_path)}
+    r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3"], nproc, env=env, ok=False)
+    assert r.returncode != 0 and not os.path.exists(tmp_path / "b/mae/checkpoint-final.pth")
+    train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], nproc, env=env)
+    assert straight.returncode == 0
+    assert_same(f"{tmp_path}/a/mae/checkpoint-final.pth", f"{tmp_path}/b/mae/checkpoint-final.pth")
+
+
+@pytest.fixture(scope="module")
+def head_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    train(TINY + ["stage=pipeline", f"out_dir={d}", "ct.epochs=0.0011"])
+    return str(d / "head/checkpoint-final.pth")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ct_resume_is_bitwise_exact(tmp_path, head_ckpt, nproc):
+    ct = TINY + ["stage=ct", f"init={head_ckpt}", "ct.epochs=0.0064"]
+    train(ct + [f"out_dir={tmp_path}/a"], nproc)
+    env = {"MAECT_FAULT": "crash@ct:4", "MAECT_FAULT_DIR": str(tmp_path)}
+    train(ct + [f"out_dir={tmp_path}/b", "ckpt_every=2"], nproc, env=env, ok=False)
+    train(ct + [f"out_dir={tmp_path}/b", "ckpt_every=2", "resume=auto"], nproc, env=env)
+    assert_same(f"{tmp_path}/a/ct/checkpoint-final.pth", f"{tmp_path}/b/ct/checkpoint-final.pth",
+                keys=("model", "model_ema", "head", "queue", "optimizer"))
+
+
+def test_elastic_restart_after_a_rank_dies(tmp_path):
+    """torchrun --max-restarts=1, rank 1 killed once at step 4: the restarted workers resume from the step-3
+    checkpoint and end with the weights of an uninterrupted run."""
+    train(MAE6 + [f"out_dir={tmp_path}/a"], 2)
+    env = {"MAECT_FAULT": "crash@mae:4:1", "MAECT_FAULT_DIR": str(tmp_path)}
+    r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], 2, env=env,
+              torchrun_args=("--max-restarts=1",))
+    assert "resuming from" in r.stdout
+    assert_same(f"{tmp_path}/a/mae/checkpoint-final.pth", f"{tmp_path}/b/mae/checkpoint-final.pth")
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
+    env = {"MAECT_FAULT": "ckpt_write@mae:4"}
+    r = train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=2"], env=env, ok=False)
+    assert r.returncode != 0 and "injected fault while writing" in r.stderr
+    d = tmp_path / "mae"
+    assert any(p.name.startswith(".checkpoint-0000004") for p in d.iterdir()), "the partial file is left behind"
+    ck = Checkpoints(str(d), 2, True).load_latest()
+    assert ck["step"] == 2
+    train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=2", "resume=auto"])   # and the run can go on from there
+    assert load_checkpoint(str(d / "checkpoint-final.pth"))["step"] == 6
+
+
+def test_truncated_latest_falls_back_to_previous(tmp_path):
+    train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=2", "keep_last=3"])
+    d = tmp_path / "mae"
+    newest = sorted(d.glob("checkpoint-0*.pth"))[-1]
+    size = newest.stat().st_size
+    with open(newest, "r+b") as f:      # latest is a hard link to the newest: both are truncated
+        f.truncate(size // 2)
+    ck = Checkpoints(str(d), 3, True).load_latest()
+    assert ck is not None and ck["step"] == 2
+
+
+def test_nan_step_is_skipped_and_logged(tmp_path):
+    r = train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=1", "keep_last=10"], env={"MAECT_FAULT": "nan@mae:2"})
+    assert "step 2: non-finite loss/gradient" in r.stdout + r.stderr
+    d = tmp_path / "mae"
+    before, after = str(d / "checkpoint-0000002.pth"), str(d / "checkpoint-0000003.pth")
+    assert_same(before, after)                                  # parameters and optimizer state unchanged
+    assert load_checkpoint(after)["step"] == 3
+
+
+def test_repeated_nan_stops_with_pointer_to_last_good(tmp_path):
+    faults = ",".join(f"nan@mae:{i}" for i in range(2, 6))
+    r = train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=1", "max_skips=3"], env={"MAECT_FAULT": faults}, ok=False)
+    assert r.returncode != 0 and "non-finite steps in a row" in r.stderr and "checkpoint-latest.pth" in r.stderr
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2"],
+          env={"MAECT_FAULT": "crash@mae:2", "MAECT_FAULT_DIR": str(tmp_path)}, ok=False)
+    r = train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2", "resume=auto", "mae.blr=0.01"],
+              ok=False)
+    assert r.returncode != 0 and "mae.blr" in r.stderr and "another config" in r.stderr
