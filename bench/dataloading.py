@@ -101,17 +101,17 @@ def main(argv=None) -> dict:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=None, help="per-loader batch (default 256 on CUDA, 32 on CPU)")
     p.add_argument("--batches", type=int, default=None, help="timed batches per loader and row (default 20 / 4)")
-    p.add_argument("--threads", type=int, default=None, help="DALI threads (default: CPU cores, at most 8)")
-    p.add_argument("--twin-threads", type=int, default=1,
-                   help="torch threads while the twin runs (default 1: its per-image ops are too small to split, and "
-                        "on a busy machine more threads made it >10x slower in our runs)")
+    p.add_argument("--dali-threads", type=int, default=None, help="DALI threads (default: CPU cores, at most 8)")
+    p.set_defaults(threads=1)          # torch threads, used by the twin only (DALI has its own)
+    next(x for x in p._actions if x.dest == "threads").help = (
+        "torch threads, i.e. the twin's (default 1 here: its per-image ops are too small to split, and on a busy "
+        "machine 2 threads made it >10x slower in our runs)")
     p.add_argument("--rows", default=",".join(r[0] for r in ROWS), help="comma-separated row names to run")
     a = p.parse_args(argv)
-    device = setup(a.device)
-    torch.set_num_threads(a.twin_threads)                 # DALI's own threads are set by --threads
+    device = setup(a.device, a.threads)
     cuda = device.type == "cuda"
     n, batches = a.batch or (256 if cuda else 32), a.batches or (20 if cuda else 4)
-    threads = a.threads or min(8, os.cpu_count() or 1)
+    threads = a.dali_threads or min(8, os.cpu_count() or 1)
     tmp = None
     if a.synthetic:
         tmp = tempfile.TemporaryDirectory()
@@ -124,10 +124,10 @@ def main(argv=None) -> dict:
     data = ImageFolder(root)
     reason = D.why_not(data, "cuda")
     env = environment(device)
-    env.update(twin_torch_threads=a.twin_threads, dali=None if reason else __import__("nvidia.dali").dali.__version__, dali_threads=threads,
-               data=root, images=len(data))
+    env.update(twin_torch_threads=a.threads, dali_threads=threads, data=root, images=len(data),
+               dali=None if reason else __import__("nvidia.dali").dali.__version__)
     print(f"loaders on {root} ({len(data)} images), {device}, batch {n}, S {a.img_size}, DALI threads {threads}, "
-          f"twin torch threads {a.twin_threads}"
+          f"twin torch threads {a.threads}"
           + (f"; DALI skipped: {reason}" if reason else ""))
     rows = []
     for name, views, ctaug, scale in ROWS:
