@@ -35,7 +35,9 @@ class DataCfg:
     name: str = "fashion_mnist"      # fashion_mnist | imagefolder
     root: str = ""                   # '' -> /usr/share/datasets/fashion-mnist for fashion_mnist
     loader: str = "auto"             # auto | cpu | dali
-    num_workers: int = 0
+    num_workers: int = 0             # DALI threads (0: 4) / decode workers
+    skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
+    dali_hw_decoder_load: float = 0.65  # share of JPEG decoding on the hardware decoder (A100/H100 nvJPEG)
 
 
 @dataclass
