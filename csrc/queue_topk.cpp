@@ -106,11 +106,12 @@ at::Tensor inverse_row_norms(const at::Tensor& queue) {
   const int64_t Q = queue.size(0), D = queue.size(1);
   at::Tensor inv = at::empty({Q}, queue.options().dtype(at::kFloat));
   float* out = inv.data_ptr<float>();
-  at::parallel_for(0, Q, 1024, [&](int64_t begin, int64_t end) {
-    at::Tensor rows = queue.slice(0, begin, end).to(at::kFloat).contiguous();  // <= grain x D fp32
-    const float* r = rows.data_ptr<float>();
+  constexpr int64_t kRows = 256;  // rows converted to fp32 at a time: 256 x D per thread, never a copy of the queue
+  at::parallel_for(0, Q, kRows, [&](int64_t begin, int64_t end) {
+    at::Tensor rows;
     for (int64_t j = begin; j < end; ++j) {
-      const float* x = r + (j - begin) * D;
+      if ((j - begin) % kRows == 0) rows = queue.slice(0, j, std::min(j + kRows, end)).to(at::kFloat).contiguous();
+      const float* x = rows.data_ptr<float>() + ((j - begin) % kRows) * D;
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent partial sums: vectorisable, no reassociation
       int64_t d = 0;
       for (; d + 8 <= D; d += 8)
