@@ -203,6 +203,21 @@ def preset_path(name: str) -> str:
     return path
 
 
+def apply_preset(cfg: Config, name: str, _seen: tuple = ()) -> None:
+    """Apply a preset file; its optional `inherit: OTHER` key applies OTHER first (variants stay short)."""
+    path = preset_path(name)
+    if path in _seen:
+        raise ConfigError(f"preset {name!r} inherits from itself ({' -> '.join(_seen + (path,))})")
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"preset file {path} must hold a mapping of keys")
+    parent = d.pop("inherit", None)
+    if parent:
+        apply_preset(cfg, parent, _seen + (path,))
+    _apply_dict(cfg, d, source=path)
+
+
 def load_config(args: list[str]) -> Config:
     """args: ['preset=tiny', 'ct.epochs=3', ...]. The preset (if any) applies first, then the rest in order."""
     pairs = []
@@ -214,12 +229,7 @@ def load_config(args: list[str]) -> Config:
     cfg = Config()
     for k, v in pairs:
         if k == "preset":
-            path = preset_path(v)
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-            if not isinstance(d, dict):
-                raise ConfigError(f"preset file {path} must hold a mapping of keys")
-            _apply_dict(cfg, d, source=path)
+            apply_preset(cfg, v)
             cfg.preset = v
     for k, v in pairs:
         if k != "preset":

@@ -1,0 +1,145 @@
+"""The paper's table at small scale: MAE, then MAE-CT and MAE-CTaug (stages 2+3 from the same MAE checkpoint and the
+same stage-2 head), then every evaluation protocol on each encoder, measured by the same code.
+
+    python bench/paper_table.py                         # Fashion-MNIST, preset tiny / tiny_aug, 2 CPU cores
+    python bench/paper_table.py --preset small_gpu --aug-preset small_gpu_aug --data-root DIR   # a GPU run
+
+Prints a table shaped like the paper's (rows MAE / MAE-CT / MAE-CTaug; columns probe, k-NN, 1-shot, 5-shot, 1%,
+cluster ACC, NMI) with wall time per stage, and writes OUT/paper_table.json and OUT/paper_table.png.
+Every training choice comes from the preset files (maect/presets/); nothing here is tuned per metric.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from maect import train  # noqa: E402
+from maect.config import load_config  # noqa: E402
+from maect.eval import __main__ as ev  # noqa: E402
+
+COLUMNS = [("probe", "probe"), ("knn", "k-NN"), ("1shot", "1-shot"), ("5shot", "5-shot"), ("1pct", "1%"),
+           ("cluster_acc", "cluster ACC"), ("nmi", "NMI")]
+
+
+def stage(preset: str, out: str, name: str, extra: list[str]) -> tuple[str, float]:
+    cfg = load_config([f"preset={preset}", f"stage={name}", f"out_dir={out}", *extra])
+    t = time.perf_counter()
+    res = train.run(cfg)
+    return res[f"{name}_checkpoint"], time.perf_counter() - t
+
+
+def evaluate(ckpt: str, args) -> tuple[dict, float]:
+    a = SimpleNamespace(ckpt=ckpt, protocols=args.protocols.split(","), data=None, data_root=args.data_root,
+                        pool=None, device=args.device, export_features=os.path.join(os.path.dirname(ckpt), "features"),
+                        use_ema=False, batch_size=500, train_limit=None, test_limit=None, knn_k=args.knn_k, knn_T=0.07,
+                        knn_standardize=False, probe_epochs=args.probe_epochs, probe_batch=1024, lowshot_max_iter=1000,
+                        kmeans_restarts=10, cluster_split="test", seed=0)
+    t = time.perf_counter()
+    res = ev.run(a)
+    print(ev.table(res), flush=True)
+    return res, time.perf_counter() - t
+
+
+def row(res: dict, k: int) -> dict:
+    P = res["protocols"]
+    out = {"knn": P["knn"][f"k{k}"]} if "knn" in P else {}
+    if "probe" in P:
+        out["probe"] = P["probe"]["test_acc"]
+    if "lowshot" in P:
+        L = P["lowshot"]
+        out.update({"1shot": L["1-shot"]["mean"], "5shot": L["5-shot"]["mean"], "1pct": L["1%"]["mean"]})
+    if "cluster" in P:
+        out.update(cluster_acc=P["cluster"]["acc"], nmi=P["cluster"]["nmi"])
+    return out
+
+
+def render(rows: dict, times: dict) -> str:
+    head = f"{'model':<10}" + "".join(f"{t:>13}" for _, t in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(f"{name:<10}" + "".join(f"{r[c]:>13.2f}" if c in r else f"{'-':>13}" for c, _ in COLUMNS))
+    lines.append("")
+    lines.append("wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
+    return "\n".join(lines)
+
+
+def bar_chart(rows: dict, path: str, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)")
+        return False
+    cols = [c for c in COLUMNS if all(c[0] in r for r in rows.values())]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    w = 0.8 / len(rows)
+    for i, (name, r) in enumerate(rows.items()):
+        xs = [j + i * w for j in range(len(cols))]
+        bars = ax.bar(xs, [r[c] for c, _ in cols], w, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks([j + w * (len(rows) - 1) / 2 for j in range(len(cols))], [t for _, t in cols])
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--aug-preset", default="tiny_aug", help="preset for the MAE-CTaug row ('' to skip it)")
+    p.add_argument("--out", default="runs/paper_table")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--protocols", default="knn,probe,lowshot,cluster")
+    p.add_argument("--knn-k", type=int, default=20)
+    p.add_argument("--probe-epochs", type=int, default=50)
+    p.add_argument("--mae-ckpt", default="", help="skip stage 1 and start from this MAE checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every stage (e.g. threads=2)")
+    args = p.parse_args(argv)
+    extra = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    times, t_all = {}, time.perf_counter()
+    if args.mae_ckpt:
+        mae = args.mae_ckpt
+    else:
+        mae, times["MAE"] = stage(args.preset, args.out, "mae", extra)
+    head, times["head"] = stage(args.preset, args.out, "head", extra + [f"init={mae}"])
+    models = {"MAE": mae}
+    ct, times["CT"] = stage(args.preset, args.out, "ct", extra + [f"init={head}"])
+    models["MAE-CT"] = ct
+    if args.aug_preset:
+        ctaug, times["CTaug"] = stage(args.aug_preset, os.path.join(args.out, "aug"), "ct", extra + [f"init={head}"])
+        models["MAE-CTaug"] = ctaug
+    rows, evals = {}, {}
+    for name, ck in models.items():
+        res, times[f"eval {name}"] = evaluate(ck, args)
+        rows[name], evals[name] = row(res, args.knn_k), res
+    times["total"] = time.perf_counter() - t_all
+    text = render(rows, times)
+    print("\n" + text)
+    os.makedirs(args.out, exist_ok=True)
+    out = {"rows": rows, "seconds": times, "checkpoints": models, "evals": evals, "knn_k": args.knn_k,
+           "preset": args.preset, "aug_preset": args.aug_preset}
+    with open(os.path.join(args.out, "paper_table.json"), "w") as f:
+        json.dump(out, f, indent=1, default=float)
+    png = os.path.join(args.out, "paper_table.png")
+    if bar_chart(rows, png, f"maect {args.preset}: MAE vs MAE-CT vs MAE-CTaug (k-NN k={args.knn_k})"):
+        print(f"wrote {png}")
+    print(f"wrote {os.path.join(args.out, 'paper_table.json')}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
