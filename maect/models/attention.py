@@ -1,24 +1,58 @@
-"""One attention function for every block. Backends: torch SDPA (default, the CPU path) and the explicit math
-reference. xFormers and a measured `auto` table come with the attention-backends work.
+"""One attention function for every block, with backends picked by name (xFormers-dispatch style: each backend says
+why it cannot run given inputs, and asking for one that cannot lists every backend's reason).
 
-q, k, v: [N, H, T, Dh] -> [N, H, T, Dh]. No mask, no dropout (MAE-CT uses neither).
+attention(q, k, v): q, k, v [N, H, T, Dh] -> [N, H, T, Dh] = softmax(q kᵀ / sqrt(Dh)) v. No mask, no dropout
+(MAE-CT uses neither). Any strides: the ViT passes views into its packed qkv tensor.
+
+Backends (set_backend(name), the config key model.attention, or env MAECT_ATTENTION):
+  xformers        xformers.ops.memory_efficient_attention on [N, T, H, Dh] views (no copy). CUDA only: xFormers has
+                  no CPU operators. Beside a torch other than the one its wheel was built for (0.0.35: torch 2.10)
+                  only its PyTorch-backed (cutlassF-pt, fa2F-pt) and Triton operators load.
+  sdpa            torch.nn.functional.scaled_dot_product_attention, torch picking the kernel per call.
+  sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
+                  SDPA with one kernel forced through torch.nn.attention.sdpa_kernel (on CPU only flash and math
+                  exist: torch's CPU flash kernel and the composite math path).
+  math            attention_ref: the explicit fp32 reference (fp64 inputs stay fp64).
+  auto            per (device type, dtype, head dim, sequence-length bucket, train/infer) from a table measured by
+                  `python bench/attention.py --write-table maect/models/attention_table.json` on the GPU in use;
+                  'sdpa' where the table has no entry or its pick cannot run. On CPU always 'sdpa'.
+The backend chosen for each (backend asked, device, dtype, Dh, T, grad) is logged once (logger 'maect') and
+cached, so the per-call cost is one dict lookup; under torch.compile that lookup traces without a graph break once
+the shape has run eagerly (a cache miss runs the resolver outside the graph).
 """
 from __future__ import annotations
 
+import importlib.util
+import json
+import logging
 import math
 import os
+from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("sdpa", "math")
+log = logging.getLogger("maect")
+
+CONCRETE = ("xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "math")
+BACKENDS = CONCRETE + ("auto",)
+AUTO_CANDIDATES = ("xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")   # what --write-table may pick
+TABLE_PATH = os.environ.get("MAECT_ATTENTION_TABLE", os.path.join(os.path.dirname(__file__), "attention_table.json"))
+
 _backend = os.environ.get("MAECT_ATTENTION", "sdpa")
+_chosen: dict[tuple, Callable] = {}       # resolution key -> function; filled once per key by _resolve
+_table: dict | None = None
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot run the given inputs; the message lists every backend's reason."""
 
 
 def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available; choose one of {BACKENDS}")
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     _backend = name
 
 
@@ -26,13 +60,263 @@ def get_backend() -> str:
     return _backend
 
 
+# ------------------------------------------------------------------------------------------------ implementations
 def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(Dh)) v computed in fp32 (the math reference)."""
-    s = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    return (s.softmax(dim=-1) @ v.float()).to(q.dtype)
+    """softmax(q kᵀ / sqrt(Dh)) v computed in fp32 (fp64 for fp64 inputs): the math reference."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return (s.softmax(dim=-1) @ v.to(acc)).to(q.dtype)
+
+
+def attention_naive(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The same math in the input dtype (scores, softmax and product all low precision): the unfused low-precision
+    path whose own error sets the tolerance of the bf16/fp16 checks (rule: err <= 2 x its error + atol)."""
+    return ((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(dim=-1) @ v
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _sdpa_forced(kernel_name: str) -> Callable:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kernel = getattr(SDPBackend, kernel_name)
+
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        with sdpa_kernel(kernel):   # the backward runs the same kernel's backward op; only the forward needs it
+            return F.scaled_dot_product_attention(q, k, v)
+    return fn
+
+
+def _xformers(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    import xformers.ops as xops
+    # [N, H, T, Dh] -> [N, T, H, Dh]: transposed views (the ViT's packed qkv is already in this order: no copy)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _impl(name: str) -> Callable:
+    return {"xformers": _xformers, "sdpa": _sdpa, "math": attention_ref}.get(name) or _sdpa_forced(
+        {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+         "sdpa_math": "MATH"}[name])
+
+
+# ------------------------------------------------------------------------------------------------ availability
+_xformers_state: dict = {}
+
+
+def _import_xformers() -> str | None:
+    """Import xformers.ops once; None if it works, else why not. Its 'cannot load C++/CUDA extensions' warning (a
+    wheel built for another torch) is captured into one log line instead of a traceback."""
+    if "reason" in _xformers_state:
+        return _xformers_state["reason"]
+    reason, notes = None, []
+    if importlib.util.find_spec("xformers") is None:
+        reason = f"not installed (pip install xformers==0.0.35 torch=={torch.__version__.split('+')[0]})"
+    else:
+        xlog = logging.getLogger("xformers")
+
+        class Capture(logging.Filter):
+            def filter(self, record):
+                notes.append(record.getMessage().splitlines()[0])
+                return False
+        cap = Capture()
+        xlog.addFilter(cap)
+        try:
+            import xformers
+            import xformers.ops  # noqa: F401
+            _xformers_state["version"] = xformers.__version__
+        except Exception as e:  # a broken install must not break the other backends
+            reason = f"import failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        finally:
+            xlog.removeFilter(cap)
+        if notes:
+            log.info(f"attention: xformers {_xformers_state.get('version', '?')} loaded with a warning: {notes[0][:200]}"
+                     " (only its PyTorch-backed and Triton operators run; `python -m xformers.info` lists them)")
+    _xformers_state["reason"] = reason
+    return reason
+
+
+def _xformers_reason(q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str | None:
+    if q.device.type != "cuda":
+        if importlib.util.find_spec("xformers") is None:
+            return f"not installed (and no {q.device.type.upper()} operators in xFormers)"
+        return f"no {q.device.type.upper()} operators (every xFormers attention operator is CUDA-only)"
+    reason = _import_xformers()
+    if reason:
+        return reason
+    from xformers.ops import fmha
+    inp = fmha.Inputs(query=q.transpose(1, 2), key=k.transpose(1, 2), value=v.transpose(1, 2))
+    out = []
+    for kind, ops in (("forward", fmha.ALL_FW_OPS),) + ((("backward", fmha.ALL_BW_OPS),) if grad else ()):
+        why = {op.NAME: op.not_supported_reasons(inp) for op in ops}
+        if all(why.values()):
+            out.append(f"no {kind} operator: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items()))
+    return " | ".join(out) or None
+
+
+def _cuda_sdpa_reason(name: str, q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Documented limits first (clear reasons), then torch's own verdict for anything else."""
+    cc = torch.cuda.get_device_capability(q.device)
+    dt, Dh = q.dtype, q.shape[-1]
+    half = dt in (torch.float16, torch.bfloat16)
+    if name == "sdpa_flash":
+        if cc < (8, 0):
+            return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
+        if not half:
+            return f"dtype {dt} unsupported (flash: fp16/bf16)"
+        if Dh % 8 or Dh > 256:
+            return f"head dim {Dh} unsupported (flash: a multiple of 8, <= 256)"
+        enabled, can = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.can_use_flash_attention
+    elif name == "sdpa_efficient":
+        if dt == torch.bfloat16 and cc < (8, 0):
+            return f"bf16 needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
+        if dt not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"dtype {dt} unsupported (mem-efficient: fp32/fp16/bf16)"
+        if Dh % (8 if half else 4):
+            return f"head dim {Dh} unsupported (mem-efficient: a multiple of {8 if half else 4} for {dt})"
+        enabled, can = torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.can_use_efficient_attention
+    else:  # sdpa_cudnn
+        if cc < (8, 0):
+            return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
+        if not half:
+            return f"dtype {dt} unsupported (cuDNN attention: fp16/bf16)"
+        if Dh % 8 or Dh > 128:
+            return f"head dim {Dh} unsupported (cuDNN attention: a multiple of 8, <= 128)"
+        enabled, can = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.can_use_cudnn_attention
+    if not enabled:
+        return f"disabled globally (torch.backends.cuda.enable_{name[5:]}_sdp(False) or equivalent)"
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+    if not can(params, False):
+        return f"torch refuses these inputs (torch.backends.cuda.can_use_{name[5:]}_attention(params, debug=True) says why)"
+    return None
+
+
+def why_not(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None) -> str | None:
+    """None if backend `name` can run attention(q, k, v) (with a backward when grad), else the reason."""
+    grad = _needs_grad(q, k, v) if grad is None else grad
+    if not q.dtype.is_floating_point:
+        return f"dtype {q.dtype} is not a floating-point type"
+    if name in ("sdpa", "sdpa_math", "math"):
+        return None
+    if name == "xformers":
+        return _xformers_reason(q, k, v, grad)
+    if name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
+        if q.device.type == "cpu":
+            if name == "sdpa_flash":
+                return None if q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else \
+                    f"dtype {q.dtype} unsupported (CPU flash: fp32/fp64/bf16/fp16)"
+            return f"no CPU kernel ({'mem-efficient' if name == 'sdpa_efficient' else 'cuDNN'} attention is CUDA-only)"
+        if q.device.type == "cuda":
+            return _cuda_sdpa_reason(name, q, k, v)
+        return f"no {q.device.type} kernel"
+    if name == "auto":
+        return None
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+
+
+def reasons(q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None) -> dict[str, str | None]:
+    """Every concrete backend -> None (can run) or why not."""
+    return {n: why_not(n, q, k, v, grad) for n in CONCRETE}
+
+
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _describe(q: Tensor, grad: bool) -> str:
+    return f"q {list(q.shape)} {str(q.dtype).replace('torch.', '')} on {q.device.type}, {'with' if grad else 'no'} grad"
+
+
+def unavailable_message(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str:
+    why = reasons(q, k, v, grad)
+    w = max(map(len, why))
+    lines = [f"  {n:<{w}}  {'can run' if r is None else 'no: ' + r}" for n, r in why.items()]
+    return (f"attention backend {name!r} cannot run {_describe(q, grad)}: {why[name]}\nEvery backend for these inputs:\n"
+            + "\n".join(lines) + "\nSet model.attention (or env MAECT_ATTENTION) to one that can run, or to 'auto'.")
+
+
+# ------------------------------------------------------------------------------------------------ the auto table
+def seq_bucket(T: int) -> int:
+    """Sequence-length bucket: the next power of two >= T, at least 64 (ViT: 50 -> 64, 65 -> 128, 197 -> 256,
+    257 -> 512), so MAE-visible and full-sequence shapes of every ViT size land in different buckets."""
+    return max(64, 1 << (max(T, 1) - 1).bit_length())
+
+
+def table_key(device_type: str, dtype: torch.dtype, Dh: int, T: int) -> str:
+    return f"{device_type}|{str(dtype).replace('torch.', '')}|{Dh}|{seq_bucket(T)}"
+
+
+def load_table(path: str | None = None) -> dict:
+    """The measured table ({'entries': {key: {'train': name, 'infer': name}}, 'measured_on': ...}); {} if absent."""
+    global _table
+    if path is None and _table is not None:
+        return _table
+    p = path or TABLE_PATH
+    try:
+        with open(p) as f:
+            t = json.load(f)
+    except FileNotFoundError:
+        t = {}
+    except (OSError, ValueError) as e:
+        log.warning(f"attention: cannot read the auto table {p} ({e}); auto uses sdpa")
+        t = {}
+    if path is None:
+        _table = t
+    return t
+
+
+def pick_from_table(table: dict, device_type: str, dtype: torch.dtype, Dh: int, T: int, grad: bool) -> str | None:
+    """The measured pick for these inputs, or None if the table has no entry."""
+    entry = table.get("entries", {}).get(table_key(device_type, dtype, Dh, T))
+    return None if entry is None else entry.get("train" if grad else "infer")
+
+
+def resolve(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None) -> tuple[str, str]:
+    """(concrete backend that runs, why) for backend `name`; raises BackendUnavailable for a named backend that
+    cannot run these inputs."""
+    grad = _needs_grad(q, k, v) if grad is None else grad
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if name != "auto":
+        if why_not(name, q, k, v, grad) is not None:
+            raise BackendUnavailable(unavailable_message(name, q, k, v, grad))
+        return name, "asked by name"
+    if q.device.type != "cuda":
+        return "sdpa", f"auto on {q.device.type}: SDPA (it picks its own {q.device.type} kernel)"
+    table = load_table()
+    key = table_key(q.device.type, q.dtype, q.shape[-1], q.shape[-2])
+    pick = pick_from_table(table, q.device.type, q.dtype, q.shape[-1], q.shape[-2], grad)
+    if pick is None:
+        return "sdpa", f"auto: no measured entry {key} in {TABLE_PATH} (run bench/attention.py --write-table)"
+    why = why_not(pick, q, k, v, grad) if pick in CONCRETE else f"unknown backend {pick!r} in the table"
+    if why is not None:
+        return "sdpa", f"auto: table pick {pick} for {key} cannot run ({why})"
+    dev = table.get("measured_on", {}).get("device", "?")
+    return pick, f"auto: table entry {key} ({'train' if grad else 'infer'}), measured on {dev}"
+
+
+@torch.compiler.disable
+def _resolve(key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Callable:
+    name, why = resolve(key[0], q, k, v, key[5])
+    fn = _impl(name)
+    _chosen[key] = fn
+    log.info(f"attention: {name} runs [*, *, T={key[4]}, Dh={key[3]}] {str(key[2]).replace('torch.', '')} on "
+             f"{key[1]} ({'train' if key[5] else 'infer'}) - {why}")
+    return fn
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    if _backend == "math":
-        return attention_ref(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    """softmax(q kᵀ / sqrt(Dh)) v for q, k, v [N, H, T, Dh] with the configured backend."""
+    key = (_backend, q.device.type, q.dtype, q.shape[-1], q.shape[-2], _needs_grad(q, k, v))
+    fn = _chosen.get(key)
+    if fn is None:
+        fn = _resolve(key, q, k, v)
+    return fn(q, k, v)
+
+
+def clear_cache() -> None:
+    """Forget resolved choices and the loaded table (tests; after writing a new table)."""
+    global _table
+    _chosen.clear()
+    _table = None

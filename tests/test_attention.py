@@ -1,0 +1,197 @@
+"""Attention backends vs the exact reference, forward and backward; dispatch errors, the auto table, logging.
+
+Tolerance rule (flash-attention's): max |backend - exact| <= 2 x max |low-precision reference - exact| + atol, for
+the output and each of dq, dk, dv; exact = fp64 math of the same inputs. Low-precision reference: fp32 inputs ->
+attention_ref (fp32 math); bf16 -> attention_naive (every step in bf16).
+atol fp32 = 2e-6: about 30 fp32 ulps at |x| ~ 1 (outputs and gradients here are O(1)); a blocked online softmax sums
+in another order than the reference, and on some draws the fp32 reference is unusually exact, so 2x alone is too
+tight (measured: backends 4e-7..1.6e-6, the fp32 reference 4e-7..1.3e-6). atol bf16 = 2e-3: a quarter bf16 ulp at 1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from maect.models import attention as A
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ATOL = {torch.float32: 2e-6, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    prev = A.get_backend()
+    A.clear_cache()
+    yield
+    A.set_backend(prev)
+    A.clear_cache()
+
+
+def make_qkv(N, H, T, Dh, dtype=torch.float32, device="cpu", layout="packed", seed=0):
+    """'packed': views into one [N, T, 3, H, Dh] tensor, as the ViT passes them; 'contiguous': three tensors."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    qkv = torch.randn(N, T, 3, H, Dh, generator=g, device=device).to(dtype)
+    dout = torch.randn(N, H, T, Dh, generator=g, device=device).to(dtype)
+    if layout == "packed":
+        return (*qkv.permute(2, 0, 3, 1, 4), dout)
+    return (*(t.contiguous() for t in qkv.permute(2, 0, 3, 1, 4)), dout)
+
+
+def exact(q, k, v, dout):
+    q, k, v = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    o = ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+    o.backward(dout.double())
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o = fn(q, k, v)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    o.backward(dout)
+    return o.detach(), q.grad, k.grad, v.grad
+
+
+def assert_matches_reference(name, q, k, v, dout):
+    before = [t.clone() for t in (q, k, v)]
+    ref = exact(q, k, v, dout)
+    low_fn = A.attention_ref if q.dtype == torch.float32 else A.attention_naive
+    low = [(a.double() - b).abs().max().item() for a, b in zip(fwd_bwd(low_fn, q, k, v, dout), ref)]
+    A.set_backend(name)
+    got = fwd_bwd(A.attention, q, k, v, dout)
+    err = [(a.double() - b).abs().max().item() for a, b in zip(got, ref)]
+    tol = [2 * lo + ATOL[q.dtype] for lo in low]
+    print(f"{name} {list(q.shape)} {q.dtype}: err out/dq/dk/dv {['%.2g' % e for e in err]}, "
+          f"tol {['%.2g' % t for t in tol]}")
+    for what, e, t in zip(("out", "dq", "dk", "dv"), err, tol):
+        assert e <= t, f"{name}: {what} error {e:.3g} > tolerance {t:.3g}"
+    for a, b in zip(before, (q, k, v)):
+        assert torch.equal(a, b), "inputs modified"
+
+
+def skip_unless_available(name, q, k, v):
+    why = A.why_not(name, q, k, v, grad=True)
+    if why is not None:
+        pytest.skip(f"{name}: {why}")
+
+
+@pytest.mark.parametrize("Dh", [32, 64, 80])
+@pytest.mark.parametrize("T", [50, 65, 257])
+@pytest.mark.parametrize("name", A.BACKENDS)
+def test_backend_fp32_cpu(name, T, Dh):
+    q, k, v, dout = make_qkv(2, 3, T, Dh)
+    skip_unless_available(name, q, k, v)
+    assert_matches_reference(name, q, k, v, dout)
+
+
+@pytest.mark.parametrize("layout", ["packed", "contiguous"])
+@pytest.mark.parametrize("name", ["sdpa", "sdpa_flash", "sdpa_math", "math"])
+def test_layouts_and_single_token(name, layout):
+    for T in (1, 197):  # T=1: softmax over one key is exactly 1
+        q, k, v, dout = make_qkv(3, 2, T, 64, layout=layout)
+        assert_matches_reference(name, q, k, v, dout)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[gpu, needs_cuda])])
+@pytest.mark.parametrize("T,Dh", [(50, 64), (65, 80), (257, 80), (197, 32)])
+@pytest.mark.parametrize("name", A.BACKENDS)
+def test_backend_bf16(name, T, Dh, device):
+    """bf16 on CUDA (every available backend, xformers included); the same rule on CPU for the CPU backends."""
+    q, k, v, dout = make_qkv(2, 4, T, Dh, torch.bfloat16, device)
+    skip_unless_available(name, q, k, v)
+    assert_matches_reference(name, q, k, v, dout)
+
+
+@pytest.mark.parametrize("name", ["xformers", "sdpa_efficient", "sdpa_cudnn"])
+def test_unavailable_by_name_lists_every_reason(name):
+    q, k, v, _ = make_qkv(2, 3, 50, 32)
+    why = A.why_not(name, q, k, v, grad=True)
+    if why is None:
+        pytest.skip(f"{name} can run on this machine")
+    A.set_backend(name)
+    with pytest.raises(A.BackendUnavailable) as e:
+        A.attention(q, k, v)
+    msg = str(e.value)
+    print(msg)
+    assert f"attention backend {name!r} cannot run" in msg and why in msg
+    for other in A.CONCRETE:                     # every backend is listed with its verdict
+        assert f"  {other} " in msg
+    assert "can run" in msg and "auto" in msg
+
+
+def test_xformers_reason_on_cpu():
+    q, k, v, _ = make_qkv(1, 1, 8, 32)
+    why = A.why_not("xformers", q, k, v)
+    assert why is not None and ("not installed" in why or "no CPU operators" in why)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown attention backend 'flash3'.*auto"):
+        A.set_backend("flash3")
+
+
+def test_non_float_dtype_refused():
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.int32)
+    assert "not a floating-point type" in A.why_not("sdpa", q, q, q)
+
+
+def test_auto_on_cpu_is_sdpa(monkeypatch):
+    q, k, v, _ = make_qkv(2, 3, 65, 80)
+    # even a table entry for this very key does not change the CPU rule
+    monkeypatch.setattr(A, "_table", {"entries": {A.table_key("cpu", q.dtype, 80, 65): {"train": "math", "infer": "math"}}})
+    for grad in (True, False):
+        assert A.resolve("auto", q, k, v, grad)[0] == "sdpa"
+    A.set_backend("auto")
+    torch.testing.assert_close(A.attention(q, k, v), A.attention_ref(q, k, v), rtol=0, atol=1e-5)
+
+
+def test_table_lookup_and_buckets():
+    assert [A.seq_bucket(t) for t in (1, 50, 64, 65, 197, 257, 1025)] == [64, 64, 64, 128, 256, 512, 2048]
+    table = {"entries": {"cuda|bfloat16|80|128": {"train": "sdpa_flash", "infer": "xformers"},
+                         "cuda|bfloat16|32|256": {"train": "sdpa_cudnn", "infer": "sdpa_cudnn"}}}
+    assert A.pick_from_table(table, "cuda", torch.bfloat16, 80, 65, grad=True) == "sdpa_flash"
+    assert A.pick_from_table(table, "cuda", torch.bfloat16, 80, 65, grad=False) == "xformers"
+    assert A.pick_from_table(table, "cuda", torch.bfloat16, 32, 197, grad=True) == "sdpa_cudnn"
+    assert A.pick_from_table(table, "cuda", torch.bfloat16, 80, 50, grad=True) is None      # other bucket
+    assert A.pick_from_table(table, "cuda", torch.float16, 80, 65, grad=True) is None       # other dtype
+    assert A.pick_from_table({}, "cuda", torch.bfloat16, 80, 65, grad=True) is None
+
+
+def test_shipped_table_is_valid():
+    t = A.load_table(A.TABLE_PATH)
+    assert t.get("format") == 1 and isinstance(t.get("entries"), dict)
+    for key, e in t["entries"].items():
+        dev, dtype, Dh, bucket = key.split("|")
+        assert dev == "cuda" and hasattr(torch, dtype) and int(Dh) > 0 and int(bucket) >= 64
+        assert e["train"] in A.AUTO_CANDIDATES and e["infer"] in A.AUTO_CANDIDATES
+
+
+def test_logs_once_per_shape(caplog):
+    A.set_backend("sdpa")
+    q, k, v, _ = make_qkv(2, 3, 50, 32)
+    with caplog.at_level(logging.INFO, logger="maect"):
+        for _ in range(3):
+            A.attention(q, k, v)
+        A.attention(*make_qkv(2, 3, 65, 32)[:3])
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")]
+    print(msgs)
+    assert len(msgs) == 2 and "sdpa runs" in msgs[0] and "T=50" in msgs[0] and "T=65" in msgs[1]
+
+
+@pytest.mark.parametrize("name", ["sdpa", "sdpa_flash", "auto"])
+def test_dispatch_traces_without_graph_break(name):
+    """Once a shape has run eagerly, the dispatch is one dict lookup that torch.compile traces (fullgraph)."""
+    A.set_backend(name)
+    q = torch.randn(2, 3, 50, 32, requires_grad=True)
+    A.attention(q, q, q)
+    f = torch.compile(lambda x: A.attention(x, x, x), backend="eager", fullgraph=True)
+    try:
+        out = f(q)
+        out.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, A.attention_ref(q, q, q), rtol=0, atol=1e-5)
