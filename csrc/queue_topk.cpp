@@ -5,14 +5,14 @@
 //   -> values [B, k] fp32 (descending), indices [B, k] int64; ties -> lower queue index first; excluded entries
 //      never returned; rows with fewer than k admissible entries padded with (-inf, -1).
 //
-// Work split: the B query rows are cut into `nr` row chunks and the Q queue rows into `nq` queue chunks, and the
-// nr * nq (row chunk, queue chunk) pairs run in parallel (at::parallel_for, one pair per thread when nr * nq ==
-// threads). Large B -> nr = threads, nq = 1; small B -> queue chunks, merged at the end. Inside a pair:
+// Work split: the B query rows are cut into row tiles of R <= kRowTile rows and, only when there are fewer tiles
+// than threads (small B), the queue into nq chunks whose per-row results are merged at the end. The (tile, chunk)
+// work items are handed out dynamically (an atomic counter), so a thread slowed by a busy core takes fewer items.
+// Inside an item:
 //   for each queue block of kQueueBlock rows (fp32 view of the queue, or a converted copy for bf16/fp16/strided):
-//     for each tile of kRowTile query rows:
-//       C[tile, block] = q_tile @ e_block^T          (single-threaded ATen GEMM: nested parallel regions run inline)
-//       scan C row by row against the row's current k-th value (8 floats per AVX2 compare); the few survivors
-//       are pushed into a bounded heap of size k.
+//     C[tile, block] = q_tile @ e_block^T          (single-threaded ATen GEMM: nested parallel regions run inline)
+//     scan C row by row against the row's current k-th value (8 floats per AVX2 compare); the few survivors are
+//     pushed into the row's bounded heap of size k.
 // Extra memory: C (kRowTile x kQueueBlock fp32) and an fp32 block copy per thread, the heaps (nq x B x k),
 // an fp32 copy of the query when it is not fp32-contiguous or normalized=False, and [Q] inverse norms when
 // normalized=False. Never O(B * Q).
@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -32,11 +33,12 @@
 namespace maect {
 namespace {
 
-// Block sizes: at B=2048, Q=65536, D=256 on one Zen 4 core the op costs 1.03x the CPU time of the bare blocked
-// GEMM (selection ~3%); 256..1024 for either size changes that by under 4%. The smaller tiles keep C in L2.
+// Block sizes: at B=2048, Q=65536, D=256 the op costs ~1.05x the CPU time of the bare blocked GEMMs [B, D] x [D, 512]
+// (measured on one Zen 4 core; the top-k adds ~3%); row tiles 256..1024 and queue blocks 256..1024 were within 4%.
+// 512-row tiles still give 2 work items per thread at B=2048 on 2 threads, for the dynamic balance.
 constexpr int64_t kQueueBlock = 512;  // queue rows per GEMM block (512 x D fp32 = 512 KiB at D=256)
-constexpr int64_t kRowTile = 256;     // query rows per GEMM: C tile of 256 x 512 fp32 = 512 KiB
-constexpr int64_t kMinRowsPerChunk = 64;  // below this a row chunk makes the GEMM inefficient -> split the queue
+constexpr int64_t kRowTile = 512;     // max query rows per GEMM / work item: C tile of 512 x 512 fp32 = 1 MiB
+constexpr int64_t kMinRowTile = 64;   // below this the GEMM gets inefficient -> split the queue instead
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -159,24 +161,28 @@ std::tuple<at::Tensor, at::Tensor> queue_topk_cpu(const at::Tensor& query, const
   const float* queue_ptr = direct ? queue.data_ptr<float>() : nullptr;
   const int64_t queue_ld = direct ? queue.stride(0) : D;
 
-  // Work split: row chunks first (bigger GEMMs, no merge); queue chunks only when B is too small to feed threads.
+  // Work split (see the top of the file): row tiles of R rows; queue chunks only when tiles < threads.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t n_blocks = (Q + kQueueBlock - 1) / kQueueBlock;
-  const int64_t nr = std::clamp<int64_t>(B / kMinRowsPerChunk, 1, threads);
-  const int64_t nq = std::clamp<int64_t>(threads / nr, 1, n_blocks);
+  const int64_t R = std::clamp<int64_t>((B + threads - 1) / threads, kMinRowTile, kRowTile);
+  const int64_t n_tiles = (B + R - 1) / R;
+  const int64_t nq = std::clamp<int64_t>(threads / n_tiles, 1, n_blocks);
+  const int64_t n_items = n_tiles * nq;
   // Heaps: [nq, B, k]; every entry starts as padding (-inf, -1), which any admissible finite value displaces.
   std::vector<float> heap_v(static_cast<size_t>(nq * B * k), kNegInf);
   std::vector<int64_t> heap_i(static_cast<size_t>(nq * B * k), -1);
 
-  at::parallel_for(0, nr * nq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> cbuf(static_cast<size_t>(kRowTile * kQueueBlock));
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
+    std::vector<float> cbuf(static_cast<size_t>(R * kQueueBlock));
     std::vector<float> ebuf(direct ? 0 : static_cast<size_t>(kQueueBlock * D));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t rc = item / nq, qc = item % nq;
-      const int64_t r0 = B * rc / nr, r1 = B * (rc + 1) / nr;
+    for (int64_t item = next_item++; item < n_items; item = next_item++) {
+      const int64_t tile = item / nq, qc = item % nq;
+      const int64_t r0 = tile * R, bt = std::min(R, B - r0);
       const int64_t b0 = n_blocks * qc / nq, b1 = n_blocks * (qc + 1) / nq;  // this chunk's queue blocks
-      float* hv = heap_v.data() + (qc * B) * k;
-      int64_t* hi = heap_i.data() + (qc * B) * k;
+      float* hv = heap_v.data() + (qc * B + r0) * k;
+      int64_t* hi = heap_i.data() + (qc * B + r0) * k;
+      const at::Tensor q_tile = qf.slice(0, r0, r0 + bt);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t j0 = blk * kQueueBlock, qb = std::min(kQueueBlock, Q - j0);
         at::Tensor e_blk;
@@ -187,15 +193,12 @@ std::tuple<at::Tensor, at::Tensor> queue_topk_cpu(const at::Tensor& query, const
           e_blk = at::from_blob(ebuf.data(), {qb, D}, qf.options());
           e_blk.copy_(queue.slice(0, j0, j0 + qb));  // dtype conversion / gather of strided rows
         }
+        at::Tensor c = at::from_blob(cbuf.data(), {bt, qb}, qf.options());
+        at::mm_out(c, q_tile, e_blk.t());
         const float* scale = inv_ptr != nullptr ? inv_ptr + j0 : nullptr;
-        for (int64_t t0 = r0; t0 < r1; t0 += kRowTile) {
-          const int64_t bt = std::min(kRowTile, r1 - t0);
-          at::Tensor c = at::from_blob(cbuf.data(), {bt, qb}, qf.options());
-          at::mm_out(c, qf.slice(0, t0, t0 + bt), e_blk.t());
-          for (int64_t b = t0; b < t0 + bt; ++b)
-            select_row(cbuf.data() + (b - t0) * qb, scale, qb, j0, hv + b * k, hi + b * k, k, qid_ptr,
-                       ex_ptr != nullptr ? ex_ptr[b] : 0);
-        }
+        for (int64_t b = 0; b < bt; ++b)
+          select_row(cbuf.data() + b * qb, scale, qb, j0, hv + b * k, hi + b * k, k, qid_ptr,
+                     ex_ptr != nullptr ? ex_ptr[r0 + b] : 0);
       }
     }
   });

@@ -107,6 +107,21 @@ def test_queue_topk_matches_reference(ext, B, Q, D, k, normalized, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_queue_topk_work_splits(ext, threads):
+    """Row tiles handed out dynamically (B=1100 -> 3 tiles of 512) and queue chunks merged (B=1, 60 with 3-4 threads)
+    give the same answer as the reference whatever the thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B in (1, 60, 130, 1100):
+            q, e, ids = _inputs(B, 2049, 24, torch.float32, True, seed=B, n_ids=300)
+            _check_topk(q, e, 11, *ids)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_ext
 @pytest.mark.parametrize("B,Q,D,k", [(64, 1100, 16, 10), (1, 700, 8, 1), (9, 260, 4, 260), (130, 513, 8, 33)])
 def test_queue_topk_ties_exact(ext, B, Q, D, k):
     """Entries in {-1, 0, 1}: every similarity is an exact small integer -> massive ties, duplicated queue rows;
