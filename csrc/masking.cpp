@@ -16,7 +16,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/util/irange.h>
 
 #include <algorithm>
 #include <cmath>
