@@ -183,11 +183,11 @@ def test_logs_once_per_shape(caplog):
 
 
 @pytest.mark.parametrize("name", ["sdpa", "sdpa_flash", "auto"])
-def test_dispatch_traces_without_graph_break(name):
-    """Once a shape has run eagerly, the dispatch is one dict lookup that torch.compile traces (fullgraph)."""
+def test_dispatch_compiles_without_graph_break(name):
+    """The backend choice is a trace-time constant: torch.compile traces the dispatch in one graph (fullgraph), even
+    on a cold cache, forward and backward."""
     A.set_backend(name)
     q = torch.randn(2, 3, 50, 32, requires_grad=True)
-    A.attention(q, q, q)
     f = torch.compile(lambda x: A.attention(x, x, x), backend="eager", fullgraph=True)
     try:
         out = f(q)
@@ -195,3 +195,27 @@ def test_dispatch_traces_without_graph_break(name):
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(out, A.attention_ref(q, q, q), rtol=0, atol=1e-5)
+
+
+def test_unavailable_under_compile_keeps_the_message():
+    A.set_backend("sdpa_cudnn")
+    q = torch.randn(1, 2, 7, 16)
+    if A.why_not("sdpa_cudnn", q, q, q) is None:
+        pytest.skip("sdpa_cudnn can run here")
+    f = torch.compile(lambda x: A.attention(x, x, x), backend="eager")
+    try:
+        with pytest.raises(Exception, match="attention backend 'sdpa_cudnn' cannot run"):
+            f(q)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_math_under_autocast_is_timm_attention():
+    """Inside autocast the reference follows autocast (bf16 GEMMs, fp32 softmax): the explicit attention of timm /
+    official MAE, which the reference-style training step stands for. Outside autocast it stays fp32."""
+    q, k, v, _ = make_qkv(2, 3, 50, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = A.attention_ref(q, k, v)
+        timm = ((q @ k.transpose(-2, -1)) * 32 ** -0.5).softmax(dim=-1) @ v
+    assert got.dtype == timm.dtype and torch.equal(got, timm)
+    assert A.attention_ref(q, k, v).dtype == torch.float32

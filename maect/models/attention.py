@@ -12,13 +12,14 @@ Backends (set_backend(name), the config key model.attention, or env MAECT_ATTENT
   sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
                   SDPA with one kernel forced through torch.nn.attention.sdpa_kernel (on CPU only flash and math
                   exist: torch's CPU flash kernel and the composite math path).
-  math            attention_ref: the explicit fp32 reference (fp64 inputs stay fp64).
+  math            attention_ref: the explicit fp32 reference (fp64 inputs stay fp64; under autocast, timm's math).
   auto            per (device type, dtype, head dim, sequence-length bucket, train/infer) from a table measured by
                   `python bench/attention.py --write-table maect/models/attention_table.json` on the GPU in use;
                   'sdpa' where the table has no entry or its pick cannot run. On CPU always 'sdpa'.
 The backend chosen for each (backend asked, device, dtype, Dh, T, grad) is logged once (logger 'maect') and
-cached, so the per-call cost is one dict lookup; under torch.compile that lookup traces without a graph break once
-the shape has run eagerly (a cache miss runs the resolver outside the graph).
+cached, so the per-call cost is one dict lookup; under torch.compile the choice is a trace-time constant (no graph
+break, no recompile). A named backend that cannot run raises BackendUnavailable at the first call (eager) or at
+trace time (compiled).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ AUTO_CANDIDATES = ("xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cud
 TABLE_PATH = os.environ.get("MAECT_ATTENTION_TABLE", os.path.join(os.path.dirname(__file__), "attention_table.json"))
 
 _backend = os.environ.get("MAECT_ATTENTION", "sdpa")
-_chosen: dict[tuple, Callable] = {}       # resolution key -> function; filled once per key by _resolve
+_chosen: dict[tuple, str] = {}            # resolution key -> concrete backend; filled once per key by _choose
 _table: dict | None = None
 
 
@@ -62,7 +63,11 @@ def get_backend() -> str:
 
 # ------------------------------------------------------------------------------------------------ implementations
 def attention_ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / sqrt(Dh)) v computed in fp32 (fp64 for fp64 inputs): the math reference."""
+    """softmax(q kᵀ / sqrt(Dh)) v computed in fp32 (fp64 for fp64 inputs): the math reference. Inside an autocast
+    region the products follow autocast instead (low-precision GEMMs, fp32 softmax): exactly the explicit attention
+    of timm / official MAE, which is what the reference-style training step measures."""
+    if torch.is_autocast_enabled(q.device.type):
+        return ((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)).softmax(dim=-1) @ v
     acc = torch.promote_types(q.dtype, torch.float32)
     s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return (s.softmax(dim=-1) @ v.to(acc)).to(q.dtype)
@@ -225,7 +230,8 @@ def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 
 def _describe(q: Tensor, grad: bool) -> str:
-    return f"q {list(q.shape)} {str(q.dtype).replace('torch.', '')} on {q.device.type}, {'with' if grad else 'no'} grad"
+    T, Dh = q.shape[-2:]
+    return f"q [*, *, T={T}, Dh={Dh}] {str(q.dtype).replace('torch.', '')} on {q.device.type}, {'with' if grad else 'no'} grad"
 
 
 def unavailable_message(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str:
@@ -292,27 +298,34 @@ def resolve(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None
     why = why_not(pick, q, k, v, grad) if pick in CONCRETE else f"unknown backend {pick!r} in the table"
     if why is not None:
         return "sdpa", f"auto: table pick {pick} for {key} cannot run ({why})"
-    dev = table.get("measured_on", {}).get("device", "?")
+    dev = (table.get("measured_on") or {}).get("device", "?")
     return pick, f"auto: table entry {key} ({'train' if grad else 'infer'}), measured on {dev}"
 
 
-@torch.compiler.disable
-def _resolve(key: tuple, q: Tensor, k: Tensor, v: Tensor) -> Callable:
-    name, why = resolve(key[0], q, k, v, key[5])
-    fn = _impl(name)
-    _chosen[key] = fn
-    log.info(f"attention: {name} runs [*, *, T={key[4]}, Dh={key[3]}] {str(key[2]).replace('torch.', '')} on "
-             f"{key[1]} ({'train' if key[5] else 'infer'}) - {why}")
-    return fn
+_IMPLS = {n: _impl(n) for n in CONCRETE}
+
+
+@torch.compiler.assume_constant_result
+def _choose(backend: str, device_type: str, device_index: int | None, dtype: torch.dtype, T: int, Dh: int,
+            grad: bool) -> str:
+    """The concrete backend for these inputs: cached per key, logged once. Metadata in, a string out, so under
+    torch.compile it runs once at trace time and its result is a constant (no graph break, no guard on the cache).
+    The availability checks see representative [1, 1, T, Dh] contiguous tensors (allocated only on a cache miss)."""
+    key = (backend, device_type, dtype, Dh, T, grad)
+    name = _chosen.get(key)
+    if name is None:
+        r = torch.empty(1, 1, T, Dh, dtype=dtype, device=torch.device(device_type, device_index))
+        name, why = resolve(backend, r, r, r, grad)
+        _chosen[key] = name
+        log.info(f"attention: {name} runs [*, *, T={T}, Dh={Dh}] {str(dtype).replace('torch.', '')} on {device_type} "
+                 f"({'train' if grad else 'infer'}) - {why}")
+    return name
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(Dh)) v for q, k, v [N, H, T, Dh] with the configured backend."""
-    key = (_backend, q.device.type, q.dtype, q.shape[-1], q.shape[-2], _needs_grad(q, k, v))
-    fn = _chosen.get(key)
-    if fn is None:
-        fn = _resolve(key, q, k, v)
-    return fn(q, k, v)
+    name = _choose(_backend, q.device.type, q.device.index, q.dtype, q.shape[-2], q.shape[-1], _needs_grad(q, k, v))
+    return _IMPLS[name](q, k, v)
 
 
 def clear_cache() -> None:
