@@ -43,7 +43,8 @@ setup(
     install_requires=["torch>=2.10", "numpy", "pyyaml", "triton; platform_system=='Linux'"],
     extras_require={
         "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib"],
-        "gpu": ["xformers", "nvidia-dali-cuda130"],
+        # pin torch in the same pip command as xformers (pip install -e .[gpu] torch==X), or pip swaps torch
+        "gpu": ["xformers==0.0.35; platform_system=='Linux'", "nvidia-dali-cuda130"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

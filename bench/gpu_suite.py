@@ -1,4 +1,5 @@
-"""One command for a CUDA machine: kernel correctness on CUDA, then the kernel benchmarks at their headline shapes.
+"""One command for a CUDA machine: kernel correctness on CUDA, the kernel, attention, train-step and data-loading
+benchmarks at their headline shapes.
 
 Each step is (name, function, time budget in s). A step runs in a subprocess with its budget as timeout, inside
 try/except, so one failure or hang does not stop the rest; the whole suite stays under TOTAL_BUDGET_S. Results of
@@ -91,11 +92,40 @@ def step_masked_gather(ctx) -> dict:
                   ["--device", "cpu", "--shape", "8,49,32", "--budget", "0.05"])
 
 
-STEPS = [  # (name, function, budget in seconds); append new steps here
-    ("env", step_env, 30),
-    ("kernel tests (cuda)", step_kernel_tests, 200),
-    ("bench queue_lookup", step_queue_lookup, 150),
-    ("bench masked_gather", step_masked_gather, 90),
+def _suite_fn(ctx, script: str, budget_frac: float = 0.85) -> dict:
+    """Run bench/<script>'s gpu_suite_step(out, budget_s) in a subprocess (loaded by path: bench/dataloading.py
+    would shadow the dataloading package if imported by name) and return its `out` dict."""
+    out = Path(ctx["scratch"]) / (Path(script).stem + "_step.json")
+    code = ("import importlib.util, json, sys; sys.path.insert(0, '.'); sys.path.append('bench'); "
+            f"spec = importlib.util.spec_from_file_location('suite_step', {script!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); out = {}; "
+            f"m.gpu_suite_step(out, {ctx['timeout'] * budget_frac:.0f}); "
+            f"json.dump(out, open({str(out)!r}, 'w'), default=str)")
+    res = run_step_process([sys.executable, "-c", code], ctx["timeout"])
+    res["results"] = json.loads(out.read_text())
+    return res
+
+
+def step_attention(ctx) -> dict:
+    return _suite_fn(ctx, "bench/attention.py")
+
+
+def step_train_step(ctx) -> dict:
+    return _suite_fn(ctx, "bench/train_step.py")
+
+
+def step_dataloading(ctx) -> dict:
+    return _suite_fn(ctx, "bench/dataloading.py")
+
+
+STEPS = [  # (name, function, budget in seconds); append new steps here. Sum = TOTAL_BUDGET_S.
+    ("env", step_env, 15),
+    ("kernel tests (cuda)", step_kernel_tests, 110),
+    ("bench queue_lookup", step_queue_lookup, 80),
+    ("bench masked_gather", step_masked_gather, 45),
+    ("bench attention", step_attention, 70),
+    ("bench train_step", step_train_step, 110),
+    ("bench dataloading", step_dataloading, 40),
 ]
 
 
