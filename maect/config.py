@@ -27,7 +27,8 @@ class ModelCfg:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     pool: str = "mean"               # head / probe input: 'mean' of patch tokens (B/16, tiny) or 'cls' (L, H)
-    attention: str = "sdpa"          # sdpa | math
+    attention: str = "auto"          # auto | xformers | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
+    compile: bool = False            # torch.compile the transformer blocks
 
 
 @dataclass
@@ -248,6 +249,9 @@ def validate(cfg: Config) -> None:
     """Impossible combinations, caught before any work starts."""
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r}: choose one of {STAGES}")
+    from maect.models.attention import BACKENDS
+    if cfg.model.attention not in BACKENDS:
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: choose one of {BACKENDS}")
     if cfg.model.pool not in ("mean", "cls"):
         raise ConfigError(f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
     if cfg.data.loader not in ("auto", "cpu", "dali"):

@@ -77,6 +77,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._host_ptr = 0
 
     @property
     def size(self) -> int:
@@ -85,15 +86,25 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def lookup(self, z: Tensor, ids: Tensor, k: int, generator: torch.Generator | None = None):
         """Nearest neighbour of each normalised query z [B, D] among entries with a different sample id:
-        top-1 when k == 1, else one of the top-k picked uniformly at random. Returns (nn [B, D], index [B])."""
+        top-1 when k == 1, else one of the top-k picked uniformly at random. Returns (nn [B, D], index [B]).
+        No host sync: the pick is drawn on the CPU and copied asynchronously. An admissible neighbour always
+        exists when queue size - (entries one sample can hold) >= k, which check_admissible verifies up front."""
         values, idx = kernels.queue_topk(z.to(self.features.dtype), self.features, k, exclude_ids=ids, queue_ids=self.ids)
         if k > 1:
-            pick = torch.randint(0, k, (z.shape[0], 1), generator=generator, device="cpu").to(idx.device)
-            idx = idx.gather(1, pick)
+            pick = torch.randint(0, k, (z.shape[0], 1), generator=generator)
+            if idx.is_cuda:
+                pick = pick.pin_memory()
+            idx = idx.gather(1, pick.to(idx.device, non_blocking=True))
         idx = idx[:, 0]
-        if bool((idx < 0).any()):  # only when nearly every entry is excluded: a queue far smaller than the dataset
-            raise RuntimeError("queue lookup found no admissible neighbour (every queue entry is the query itself)")
         return self.features[idx], idx
+
+    def check_admissible(self, k: int, dataset_size: int) -> None:
+        """Each sample id occupies at most ceil(Q / N) entries (FIFO of whole epochs' worth), so Q - ceil(Q/N) >= k
+        guarantees k admissible neighbours for every query."""
+        per_id = -(-self.size // dataset_size)
+        if self.size - per_id < k:
+            raise ValueError(f"queue of {self.size} entries over a data set of {dataset_size} samples cannot always "
+                             f"offer top-k={k} neighbours that are not the query itself; enlarge nnclr.queue_size")
 
     @torch.no_grad()
     def enqueue(self, z: Tensor, ids: Tensor, labels: Tensor) -> None:
@@ -101,8 +112,13 @@ class FeatureQueue(nn.Module):
         n = z.shape[0]
         if self.size % n:
             raise ValueError(f"queue size {self.size} is not divisible by the global batch {n}")
-        p = int(self.ptr)  # host read of a scalar; once per step
+        p = self._host_ptr  # a host mirror of the ptr buffer: no device sync per step
         self.features[p:p + n] = z.to(self.features.dtype)
         self.ids[p:p + n] = ids
         self.labels[p:p + n] = labels
-        self.ptr.fill_((p + n) % self.size)
+        self._host_ptr = (p + n) % self.size
+        self.ptr.fill_(self._host_ptr)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_ptr = int(self.ptr)

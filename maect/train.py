@@ -123,6 +123,14 @@ class KNNMonitor:
                             num_classes=self.num_classes)
 
 
+def maybe_compile(cfg: C.Config, model: nn.Module) -> None:
+    """model.compile=true: torch.compile each transformer block in place (state_dict names unchanged)."""
+    if cfg.model.compile:
+        for blk in [*model.blocks, *getattr(model, "decoder_blocks", [])]:
+            blk.compile()
+        log.info("torch.compile: transformer blocks compiled")
+
+
 def make_loader(cfg, di, data, s, num_views, ctaug, batch_per_rank):
     return build_loader(data, cfg.data, img_size=cfg.model.img_size, in_chans=cfg.model.in_chans,
                         batch_size=batch_per_rank, rank=di.rank, world=di.world, seed=cfg.seed, num_views=num_views,
@@ -239,7 +247,8 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
         log.info(f"[mae] init {cfg.init}: {'; '.join(rep['notes'])}" + (f"; fresh decoder ({len(missing)} tensors)" if missing else ""))
     micro = per_rank(s.batch_size, di.world, "mae.batch_size", s.accum_steps)
     loader = make_loader(cfg, di, data, s, s.num_views, False, micro)
-    ddp = DDP(model) if di.world > 1 else model
+    maybe_compile(cfg, model)
+    ddp = DDP(model, gradient_as_bucket_view=True) if di.world > 1 else model
     lr = s.blr * s.batch_size / 256
     opt, opt_name = build_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr,
                                     fused=cfg.fused_optimizer, device=di.device)
@@ -319,11 +328,16 @@ class NNCLRNet(nn.Module):
         return p0, p1, z0, z1
 
 
+def ema_pairs(ema: nn.Module, model: nn.Module) -> tuple[list, list]:
+    """The (EMA, online) parameter lists of the trained parameters, built once."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    return [e for e, _ in pairs], [p for _, p in pairs]
+
+
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, m: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        if p.requires_grad:
-            e.lerp_(p.detach(), 1.0 - m)
+def ema_update(pairs: tuple[list, list], m: float) -> None:
+    if pairs[0]:
+        torch._foreach_lerp_(pairs[0], pairs[1], 1.0 - m)  # one fused launch instead of one per tensor
 
 
 def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None) -> str:
@@ -342,13 +356,16 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
             head.add_target()
     encoder.eval()  # frozen part in eval mode; no dropout/drop-path anywhere, so the trained part is unaffected
     ema = copy.deepcopy(encoder).requires_grad_(False) if ct else None
+    ema_params = ema_pairs(ema, encoder) if ct else None
     if di.world > 1:
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=not ct)
-    ddp = DDP(net) if di.world > 1 else net
+    maybe_compile(cfg, encoder)
+    ddp = DDP(net, gradient_as_bucket_view=True) if di.world > 1 else net
 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
     data = load_data(cfg.data.name, cfg.data.root, "train")
+    queue.check_admissible(s.topk, len(data))
     loader = make_loader(cfg, di, data, s, 2, ct and cfg.ct.aug, n_rank)
     scale = 2 * s.batch_size / 256
     lrs = {"enc": s.blr * scale, "head": (cfg.ct.head_blr if ct else s.blr) * scale}
@@ -395,7 +412,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]))
         if ct:
             head.update_target(cfg.ct.target_ema)
-            ema_update(ema, encoder, cfg.ct.encoder_ema)
+            ema_update(ema_params, cfg.ct.encoder_ema)
         return nn_acc
 
     def state_fn():
