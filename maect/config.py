@@ -138,6 +138,11 @@ def _coerce(key: str, value, default, ftype: str = ""):
     """Convert value to the field's declared type (ftype) or the type of default; ConfigError names the key."""
     if ftype == "float":
         default = float(default)
+        if isinstance(value, str):  # YAML 1.1 reads '3e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
