@@ -10,8 +10,11 @@ from maect.config import ConfigError, load_config
 
 
 def test_presets_load_and_overrides_are_typed():
-    cfg = load_config(["preset=tiny", "ct.epochs=3", "ct.crop_scale=0.3,1.0", "ct.aug=true"])
+    cfg = load_config(["preset=tiny", "ct.epochs=3", "ct.crop_scale=0.3,1.0", "ct.aug=true", "ct.blr=3e-3"])
     assert cfg.ct.epochs == 3.0 and cfg.ct.crop_scale == (0.3, 1.0) and cfg.ct.aug is True
+    assert isinstance(cfg.ct.epochs, float) and cfg.ct.blr == 0.003
+    aug = load_config(["preset=tiny_aug"])       # 'inherit: tiny' then its own keys
+    assert aug.ct.aug and aug.model.embed_dim == cfg.model.embed_dim
     for name in ["vit_b16", "vit_l16", "vit_h16", "vit_h14", "vit_b16_aug", "small_gpu"]:
         load_config([f"preset={name}"])
 
