@@ -23,7 +23,8 @@ TORCH_LIBRARY(maect, m) {
         " -> (Tensor values, Tensor indices)");
   m.def("random_masking(Tensor x, Tensor noise, int len_keep) -> (Tensor x_visible, Tensor mask, Tensor ids_restore)");
   m.def("unshuffle(Tensor x, Tensor mask_token, Tensor ids_restore) -> Tensor");
-  m.def("unshuffle_backward(Tensor grad_out, Tensor ids_restore, int len_keep) -> (Tensor grad_x, Tensor grad_mask_token)");
+  m.def("unshuffle_backward(Tensor grad_out, Tensor ids_restore, int len_keep)"
+        " -> (Tensor grad_x, Tensor grad_mask_token)");
 }
 
 TORCH_LIBRARY_IMPL(maect, CPU, m) {

@@ -90,8 +90,9 @@ def _jit_module():
     name = f"{name}_{digest.hexdigest()[:10]}"
     logger.info("maect: loading C++ CPU ops %s (built just in time on first use, ~1 min; cached under %s)", name,
                 cpp_extension.get_default_build_root())
-    return cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                              is_python_module=True, verbose=os.environ.get("MAECT_CPP_VERBOSE") == "1")
+    return cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=flags,
+                              extra_ldflags=["-fopenmp"], is_python_module=True,
+                              verbose=os.environ.get("MAECT_CPP_VERBOSE") == "1")
 
 
 def load():

@@ -30,7 +30,7 @@ needs_ext = pytest.mark.skipif(os.environ.get("MAECT_CPP") == "0", reason="MAECT
 def ext():
     mod = _cpp.load()
     assert mod is not None, ("the maect C++ extension did not build/load (see the 'maect.kernels' warning; "
-                             "MAECT_CPP_VERBOSE=1 shows the build log). Set MAECT_CPP=0 to skip these tests on purpose.")
+                             "MAECT_CPP_VERBOSE=1 shows the build log). MAECT_CPP=0 skips these tests on purpose.")
     return mod
 
 
@@ -228,7 +228,8 @@ def test_masking_and_unshuffle_exact(ext, N, L, D, mask_ratio, dtype):
         w = torch.randn(full.shape, generator=g).to(dtype)
         ga = torch.autograd.grad((full.float() * w.float()).sum(), (xa, token_a))
         gb = torch.autograd.grad((full_ref.float() * w.float()).sum(), (xb, token_b))
-        print(f"max |dx| {(ga[0] - gb[0]).abs().max().item():.3g}, max |dtoken| {(ga[1] - gb[1]).abs().max().item():.3g}")
+        print(f"max |dx| {(ga[0] - gb[0]).abs().max().item():.3g}, "
+              f"max |dtoken| {(ga[1] - gb[1]).abs().max().item():.3g}")
         assert torch.equal(ga[0], gb[0])
         # d token = a sum over the N*(L-K) masked rows, summed in another order than torch.sum: both must sit within
         # the recursive-summation bound n * 2^-24 * sum|terms| of the exact (fp64) sum, plus one rounding to dtype.
@@ -308,7 +309,8 @@ def test_fallback_when_extension_unavailable(monkeypatch, caplog):
     got, want = kernels.queue_topk(q, e, 3, ex, qid), queue_topk_ref(q, e, 3, ex, qid)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     x, noise = torch.randn(2, 8, 4), torch.rand(2, 8)
-    assert all(torch.equal(a, b) for a, b in zip(kernels.random_masking(x, 0.5, noise), random_masking_ref(x, 0.5, noise)))
+    got, want = kernels.random_masking(x, 0.5, noise), random_masking_ref(x, 0.5, noise)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_disabled_by_env(monkeypatch):
