@@ -217,6 +217,8 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 save_state()
             continue
         break
+    if in_epoch and after_epoch is not None:  # the schedule ended inside an epoch: monitor the final weights too
+        after_epoch(round(epoch + in_epoch / max(len(loader), 1), 2), step, meter)
     path = save_state(final=True)
     meter.close()
     return path
