@@ -28,6 +28,7 @@ import importlib.util
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _UNSET = object()
 _loaded = _UNSET
 _lock = threading.Lock()
+STALE_LOCK_S = 600  # a build lock older than this is left over from a killed build
 
 
 def _build_flags() -> tuple[str, list[str]]:
@@ -88,6 +90,23 @@ def _jit_module():
     for path in sources + sorted(_CSRC.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
     name = f"{name}_{digest.hexdigest()[:10]}"
+    build_dir = cpp_extension._get_build_directory(name, verbose=False)  # <root>/py311_cu130/<name>, as load() uses
+    so = os.path.join(build_dir, f"{name}.so")
+    if os.path.exists(so):  # built before: import it directly (no build lock, no ninja check)
+        try:
+            spec = importlib.util.spec_from_file_location(name, so)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        except ImportError as exc:  # e.g. a half-written file from a killed link step: rebuild below
+            logger.warning("maect: cached C++ ops %s do not import (%s); rebuilding", so, exc)
+    lock = os.path.join(build_dir, "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+        # torch's build lock is a plain file: a build killed half-way leaves it behind and every later load would
+        # wait on it forever. No build of these sources takes anywhere near STALE_LOCK_S.
+        logger.warning("maect: removing a stale C++ build lock %s (%.0f min old)", lock,
+                       (time.time() - os.path.getmtime(lock)) / 60)
+        os.remove(lock)
     logger.info("maect: loading C++ CPU ops %s (built just in time on first use, ~1 min; cached under %s)", name,
                 cpp_extension.get_default_build_root())
     return cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=flags,

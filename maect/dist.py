@@ -81,3 +81,55 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics span the global batch over all ranks, for CPU/gloo runs (torch's
+    SyncBatchNorm is CUDA-only). Sums and sums of squares are all-reduced with autograd (torch.distributed.nn), so
+    gradients flow through the global statistics exactly as in one process on the global batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_dist()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce as all_reduce_grad
+        xf = x.float()
+        n = torch.tensor([float(x.shape[0])], device=x.device)
+        stats = all_reduce_grad(torch.cat([xf.sum(0), (xf * xf).sum(0), n]))
+        C = x.shape[1]
+        N = stats[-1]
+        mean = stats[:C] / N
+        var = (stats[C:2 * C] / N - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * N / (N - 1).clamp_min(1)).to(self.running_var.dtype), m)
+                self.num_batches_tracked += 1
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """BatchNorm over the global batch under DDP: torch's SyncBatchNorm on CUDA, GlobalBatchNorm1d on CPU."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is torch.nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            if child.affine:  # the same Parameter objects: requires_grad (frozen target projector) carries over
+                new.weight, new.bias = child.weight, child.bias
+            if child.track_running_stats:
+                new.running_mean, new.running_var = child.running_mean, child.running_var
+                new.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return module

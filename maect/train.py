@@ -163,7 +163,9 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
         st = {**state_fn(), "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "skips": skips,
               "stats": stats.cpu(), "args": C.to_dict(cfg), "stage": stage, "scaler": None}
         if final:
-            return ckpts.save_final(st)
+            path = ckpts.save_final(st)
+            dist.barrier()  # rank 0 writes; the next stage on every rank reads it
+            return path
         ckpts.save(st, step)
         return ""
 
@@ -360,7 +362,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     ema = copy.deepcopy(encoder).requires_grad_(False) if ct else None
     ema_params = ema_pairs(ema, encoder) if ct else None
     if di.world > 1:
-        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+        head = dist.sync_batchnorm(head, di.device)
     net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=not ct)
     maybe_compile(cfg, encoder)
     ddp = DDP(net, gradient_as_bucket_view=True) if di.world > 1 else net
