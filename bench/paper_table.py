@@ -11,7 +11,6 @@ Every training choice comes from the preset files (maect/presets/); nothing here
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from maect import train  # noqa: E402
+from maect.atomic import write_json  # noqa: E402
 from maect.config import load_config  # noqa: E402
 from maect.eval import __main__ as ev  # noqa: E402
 
@@ -132,8 +132,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     out = {"rows": rows, "seconds": times, "checkpoints": models, "evals": evals, "knn_k": args.knn_k,
            "preset": args.preset, "aug_preset": args.aug_preset}
-    with open(os.path.join(args.out, "paper_table.json"), "w") as f:
-        json.dump(out, f, indent=1, default=float)
+    write_json(os.path.join(args.out, "paper_table.json"), out, default=float)
     png = os.path.join(args.out, "paper_table.png")
     if bar_chart(rows, png, f"maect {args.preset}: MAE vs MAE-CT vs MAE-CTaug (k-NN k={args.knn_k})"):
         print(f"wrote {png}")

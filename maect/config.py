@@ -296,8 +296,6 @@ def dump(cfg: Config, path: str) -> None:
 
     def fix(x):  # tuples -> lists for plain YAML
         return {k: fix(v) for k, v in x.items()} if isinstance(x, dict) else list(x) if isinstance(x, tuple) else x
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(fix(d), f, sort_keys=False)
-    os.replace(tmp, path)
+    from maect.atomic import atomic_write
+    atomic_write(path, lambda f: yaml.safe_dump(fix(d), f, sort_keys=False))
 

@@ -20,11 +20,11 @@ pos_embed[:, 0] to the cls token, gets the same input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from maect import hub
+from maect.atomic import write_json
 
 # timm model name -> (img_size, patch_size, embed_dim, depth, num_heads); the names our sizes start from
 TIMM_MODELS = {
@@ -75,10 +75,7 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
                              else ".load_state_dict(torch.load(OUT)['model'], strict=True)"),
             "notes": info["notes"]}
     hub.save_checkpoint(sd if fmt == "timm" else {"model": sd}, out)
-    tmp = f"{meta_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta)
     return meta
 
 

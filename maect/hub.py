@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from maect.atomic import atomic_write
 from maect.config import ModelCfg, from_dict
 from maect.models.vit import ARCHS, MaskedAutoencoderViT, build_model, sincos_pos_embed_2d
 
@@ -40,19 +41,7 @@ CLASSIFIER = ("head.", "pre_logits.", "head_dist.")  # after the pooled feature:
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(d, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -27,6 +27,7 @@ import kernels
 from dataloading import build_loader, eval_batches, load_data
 from maect import config as C
 from maect import dist, hub
+from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
 from maect.heads import FeatureQueue, NNCLRHead
 from maect.losses import nnclr_loss
@@ -482,8 +483,7 @@ def run(cfg: C.Config) -> dict:
         results.update(knn_mae=acc0, knn_maect=acc1)
         log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
                  f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
-        with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 
 

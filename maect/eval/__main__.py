@@ -9,13 +9,13 @@ the JSON. The checkpoint records the pooling, image size and data set; flags ove
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 
+from maect.atomic import write_json
 from maect.eval.cluster import cluster_eval
 from maect.eval.features import cache_features, extract_features, feature_meta, load_cached
 from maect.eval.knn import knn_accuracy
@@ -154,11 +154,7 @@ def main(argv=None) -> dict:
     print(table(res))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                    f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=1, default=float)   # default=float: numpy scalars
-    os.replace(tmp, out)
+    write_json(out, res, default=float)   # default=float: numpy scalars
     print(f"wrote {out}")
     return res
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maect.atomic import atomic_write, write_json
 from maect.models.vit import pool as pool_tokens
 
 
@@ -75,12 +76,6 @@ def feature_meta(ckpt: str | None, *, pool: str, split: str, img_size: int, in_c
     return meta
 
 
-def _atomic_save(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def cache_features(prefix: str, features: Tensor, labels: Tensor, meta: dict) -> None:
     """Write P.features.npy (float32 [N, D]), P.labels.npy (int64 [N]) and P.json (meta) atomically; the JSON is
     written last, so a run killed half-way leaves no metadata that would vouch for a partial cache."""
@@ -90,19 +85,10 @@ def cache_features(prefix: str, features: Tensor, labels: Tensor, meta: dict) ->
     f = features.detach().float().cpu().numpy()
     y = labels.detach().long().cpu().numpy()
 
-    def save_npy(arr):
-        def w(tmp):
-            with open(tmp, "wb") as fh:   # np.save on a path would append '.npy' to the temporary name
-                np.save(fh, arr)
-        return w
-    _atomic_save(prefix + ".features.npy", save_npy(f))
-    _atomic_save(prefix + ".labels.npy", save_npy(y))
-    full = dict(meta, num_samples=int(f.shape[0]), dim=int(f.shape[1]))
-
-    def save_json(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(full, fh, indent=1)
-    _atomic_save(prefix + ".json", save_json)
+    # a file object, not a path: np.save on a path would append '.npy' to the temporary name
+    atomic_write(prefix + ".features.npy", lambda fh: np.save(fh, f), binary=True)
+    atomic_write(prefix + ".labels.npy", lambda fh: np.save(fh, y), binary=True)
+    write_json(prefix + ".json", dict(meta, num_samples=int(f.shape[0]), dim=int(f.shape[1])))
 
 
 def load_cached(prefix: str, expect: dict | None = None) -> tuple[Tensor, Tensor, dict] | None:
