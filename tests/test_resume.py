@@ -85,8 +85,10 @@ def test_elastic_restart_after_a_rank_dies(tmp_path):
     checkpoint and end with the weights of an uninterrupted run."""
     train(MAE6 + [f"out_dir={tmp_path}/a"], 2)
     env = {"MAECT_FAULT": "crash@mae:4:1", "MAECT_FAULT_DIR": str(tmp_path)}
+    # one injected death; extra restarts only absorb torch elastic's gloo re-rendezvous race seen here after a
+    # restart ("connectFullMesh ... Connection refused"): every restart resumes from the latest checkpoint alike
     r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], 2, env=env,
-              torchrun_args=("--max-restarts=1",))
+              torchrun_args=("--max-restarts=3",))
     assert "resuming from" in r.stdout
     assert_same(f"{tmp_path}/a/mae/checkpoint-final.pth", f"{tmp_path}/b/mae/checkpoint-final.pth")
 
