@@ -1,8 +1,10 @@
 """Distributed helpers: init from torchrun's environment, all_gather that keeps gradients."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,8 +33,38 @@ def init(device: str = "auto") -> DistInfo:
     if want_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        backend = "nccl" if want_cuda else "gloo"
+        store = _restart_safe_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _restart_safe_store(world: int):
+    """A per-attempt namespace in torchrun's shared store, or None to let torch build its own.
+
+    Since torch 2.5 the c10d rendezvous lends its agent-hosted TCPStore to the workers
+    (TORCHELASTIC_USE_AGENT_STORE=True) and keeps that one store across restarts, but the workers'
+    init_process_group writes the same keys in every attempt. A restarted worker can then read a dead
+    worker's gloo address or NCCL id from the previous attempt: "connectFullMesh ... Connection refused",
+    or a hang (pytorch/pytorch#135712). On one node TORCHELASTIC_RESTART_COUNT is the same for every worker
+    of an attempt, so it names a fresh namespace. Across nodes it is not (each agent counts its own
+    restarts), so there we only warn: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which gives every
+    attempt a new store."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None
+    if int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+        logging.getLogger("maect").warning(
+            "torchrun --max-restarts=%s on %s nodes with the shared rendezvous store: a restarted attempt can read "
+            "the previous attempt's addresses and hang (pytorch/pytorch#135712); launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", env["TORCHELASTIC_MAX_RESTARTS"], env["GROUP_WORLD_SIZE"])
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"maect/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_dist() -> bool:

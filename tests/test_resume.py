@@ -85,10 +85,10 @@ def test_elastic_restart_after_a_rank_dies(tmp_path):
     checkpoint and end with the weights of an uninterrupted run."""
     train(MAE6 + [f"out_dir={tmp_path}/a"], 2)
     env = {"MAECT_FAULT": "crash@mae:4:1", "MAECT_FAULT_DIR": str(tmp_path)}
-    # one injected death; extra restarts only absorb torch elastic's gloo re-rendezvous race seen here after a
-    # restart ("connectFullMesh ... Connection refused"): every restart resumes from the latest checkpoint alike
+    # exactly one restart allowed: the restarted attempt must find a fresh rendezvous namespace (maect.dist,
+    # pytorch/pytorch#135712), not the dead attempt's gloo addresses
     r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], 2, env=env,
-              torchrun_args=("--max-restarts=3",))
+              torchrun_args=("--max-restarts=1",))
     assert "resuming from" in r.stdout
     assert_same(f"{tmp_path}/a/mae/checkpoint-final.pth", f"{tmp_path}/b/mae/checkpoint-final.pth")
 
@@ -137,3 +137,31 @@ def test_resume_refuses_another_config(tmp_path):
     r = train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2", "resume=auto", "mae.blr=0.01"],
               ok=False)
     assert r.returncode != 0 and "mae.blr" in r.stderr and "another config" in r.stderr
+
+
+def test_restart_store_namespace(monkeypatch, caplog):
+    """The per-attempt namespace is used only under torchrun's shared store with restarts, on one node; several
+    nodes get a warning naming the launcher setting instead (their restart counts differ)."""
+    from maect import dist as mdist
+    for k in ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_MAX_RESTARTS", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert mdist._restart_safe_store(2) is None                      # plain torchrun / env://
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert mdist._restart_safe_store(2) is None                      # no restarts: nothing to isolate
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
+    with caplog.at_level("WARNING", logger="maect"):
+        assert mdist._restart_safe_store(2) is None
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    server = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        s = mdist._restart_safe_store(2)
+        assert isinstance(s, torch.distributed.PrefixStore)
+        s.set("k", f"from attempt {attempt}")
+    assert server.get("maect/attempt_0/k") == b"from attempt 0"
+    assert server.get("maect/attempt_1/k") == b"from attempt 1"
