@@ -15,9 +15,11 @@ Paths (same weights, data, noise and queue; each in its own fresh model):
              the published NNCLR lookup (re-normalise the whole queue, materialise B x Q similarities and a B x Q
              self-id mask, torch.topk; --ref-lookup queue_topk_ref for maect's exact-ties reference instead, which
              adds a host sync through nonzero()), unfused AdamW (foreach=False).
-Both paths run the same sync-free copies of FeatureQueue.lookup / enqueue (see lookup(), enqueue()): the library's
-versions hold one host sync each. No host sync inside a timed step: bench/common.measure records CUDA events around
-each step and synchronises after it (one step per window).
+maect's path is the training loop's step (maect.train.train_loop), sync-free: the library's FeatureQueue.lookup and
+enqueue, the non-finite guard on the device (gradient norm -> fused AdamW found_inf, queue and EMAs gated by it). The
+reference path has no guard, a host-side queue pointer and the same random neighbour picks (one CPU generator per
+path, same seed). No host sync inside a timed step: bench/common.measure records CUDA events around each step and
+synchronises after it (one step per window).
 Correctness first: the first step's loss of both paths must agree (fp32: 1e-4 relative; bf16 autocast: 5e-2).
 
 Model FLOPs (matmuls only, 2 FLOPs per multiply-add; LayerNorm, softmax, GELU, the loss and the queue lookup not
@@ -59,8 +61,9 @@ from maect import hub  # noqa: E402
 from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
 from maect.models import attention as A  # noqa: E402
-from maect.optim import build_optimizer, freeze, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
-from maect.train import NNCLRNet, ema_update  # noqa: E402
+from dataloading.augment import h2d  # noqa: E402
+from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
+from maect.train import NNCLRNet, ema_pairs, ema_update  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (first match wins)
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989), ("B200", 2250),
@@ -98,25 +101,24 @@ def default_peak(device: torch.device, bf16: bool) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ queue, sync-free
-def lookup(queue: FeatureQueue, z, ids, k: int, gen, official: bool, use_ref: bool):
-    """FeatureQueue.lookup without its host sync (the `idx < 0` check; here every query has admissible entries) and
-    with the random pick drawn on the device. official: the published NNCLR path instead of kernels.queue_topk."""
+def ref_lookup(queue: FeatureQueue, z, ids, k: int, gen, official: bool):
+    """The reference path's lookup. official: the published NNCLR path (re-normalise the whole queue, B x Q
+    similarities and self-mask, torch.topk); else kernels.queue_topk_ref. The top-k pick is drawn like
+    FeatureQueue.lookup's (CPU generator), so both paths pick the same neighbours."""
     if official:
         e = F.normalize(queue.features, dim=1)                  # the whole queue, every step
         sim = z @ e.t()                                         # [B, Q] materialised
         sim = sim.masked_fill(queue.ids[None, :] == ids[:, None], float("-inf"))   # [B, Q] bool self-mask
         idx = sim.topk(k, dim=1).indices
-    elif use_ref:
-        idx = kernels.queue_topk_ref(z.to(queue.features.dtype), queue.features, k, ids, queue.ids)[1]
     else:
-        idx = kernels.queue_topk(z.to(queue.features.dtype), queue.features, k, exclude_ids=ids, queue_ids=queue.ids)[1]
+        idx = kernels.queue_topk_ref(z.to(queue.features.dtype), queue.features, k, ids, queue.ids)[1]
     if k > 1:
-        idx = idx.gather(1, torch.randint(0, k, (z.shape[0], 1), generator=gen, device=z.device))
+        idx = idx.gather(1, torch.randint(0, k, (z.shape[0], 1), generator=gen).to(z.device))
     return queue.features[idx[:, 0]]
 
 
-def enqueue(queue: FeatureQueue, z, ids, labels, ptr: int) -> int:
-    """FeatureQueue.enqueue with the pointer mirrored on the host (its version reads queue.ptr back each step)."""
+def ref_enqueue(queue: FeatureQueue, z, ids, labels, ptr: int) -> int:
+    """The reference path's FIFO write: slices at a host-side pointer."""
     n = z.shape[0]
     queue.features[ptr:ptr + n] = z.to(queue.features.dtype)
     queue.ids[ptr:ptr + n] = ids
@@ -124,6 +126,20 @@ def enqueue(queue: FeatureQueue, z, ids, labels, ptr: int) -> int:
     ptr = (ptr + n) % queue.size
     queue.ptr.fill_(ptr)
     return ptr
+
+
+def guarded_step(opt, params, ref: bool):
+    """The optimizer step. maect: the train loop's device-side non-finite guard; returns the 'taken' flag."""
+    if ref:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return None
+    bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if can_skip_on_device(opt):
+        opt.found_inf = bad.float()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ~bad
 
 
 # ------------------------------------------------------------------------------------------------ the two paths
@@ -166,7 +182,7 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, ref: bool, device, t
     """(step() -> detached loss, info). Fresh model from seed 0, so both paths start identical."""
     torch.manual_seed(0)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
-    gen = torch.Generator(device=device).manual_seed(1)
+    gen = torch.Generator().manual_seed(1)             # the neighbour picks, drawn on the CPU as FeatureQueue.lookup does
     state = {"step": 0, "ptr": 0}
     x = data["x"]
     if args.channels_last and not ref:
@@ -181,15 +197,15 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, ref: bool, device, t
         L = model.patch_embed.num_patches
 
         def step():
-            noise = torch.rand(x.shape[0], L, device=device, generator=gen)
+            noise = h2d(torch.rand(x.shape[0], L, generator=gen), device)
             with autocast:
                 loss, _, _ = model(x, s.mask_ratio, s.norm_pix_loss, noise)
             loss.backward()
             set_lr(opt, lr, lr_factor(state["step"], total, 1))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            guarded_step(opt, params, ref)
             state["step"] += 1
             return loss.detach()
+        params = [p for g in opt.param_groups for p in g["params"]]
         return step, {"model": model, "opt": opt_name, "t": model.depth}
 
     s, n = cfg.ct, cfg.nnclr
@@ -219,20 +235,29 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, ref: bool, device, t
     ids, labels = data["ids"], data["labels"]
     official = ref and args.ref_lookup == "official"
 
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ema_params = ema_pairs(ema, encoder)
+
     def step():
         with autocast:
             p0, p1, z0, z1 = net(x0, x1)
         z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-        nn0 = lookup(queue, z0, ids, s.topk, gen, official, ref)
-        nn1 = lookup(queue, z1, ids, s.topk, gen, official, ref)
+        if ref:
+            nn0 = ref_lookup(queue, z0, ids, s.topk, gen, official)
+            nn1 = ref_lookup(queue, z1, ids, s.topk, gen, official)
+        else:
+            nn0 = queue.lookup(z0, ids, s.topk, generator=gen)[0]
+            nn1 = queue.lookup(z1, ids, s.topk, generator=gen)[0]
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         loss.backward()
         set_lr(opt, lrs, lr_factor(state["step"], total, 1))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["ptr"] = enqueue(queue, z0, ids, labels, state["ptr"])
-        head.update_target(s.target_ema)
-        ema_update(ema, encoder, s.encoder_ema)
+        taken = guarded_step(opt, params, ref)
+        if ref:
+            state["ptr"] = ref_enqueue(queue, z0, ids, labels, state["ptr"])
+        else:
+            queue.enqueue(z0, ids, labels, taken)
+        head.update_target(s.target_ema, taken)
+        ema_update(ema_params, s.encoder_ema, taken)
         state["step"] += 1
         return loss.detach()
     return step, {"model": encoder, "opt": opt_name, "t": t}

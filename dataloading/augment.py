@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def h2d(t: Tensor, device) -> Tensor:
+    """A CPU tensor onto `device` without a host sync: pinned, then an asynchronous copy (a pageable copy to a
+    GPU waits for the stream). On the CPU, the tensor itself."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.is_cuda:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Draw:
     """Random numbers for a global batch of n_global samples; returns the rows [sel] of this rank."""
 
@@ -75,7 +84,7 @@ def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None 
         sx = torch.where(flip, -sx, sx)
     theta = torch.zeros(N, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sy, cy
-    grid = F.affine_grid(theta.to(x.device), [N, x.shape[1], out_size, out_size], align_corners=False)
+    grid = F.affine_grid(h2d(theta, x.device), [N, x.shape[1], out_size, out_size], align_corners=False)
     out = F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode="border", align_corners=False)
     return out.clamp_(0, 1)
 
@@ -83,7 +92,7 @@ def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None 
 def random_resized_crop_flip(x: Tensor, out_size: int, scale, d: Draw, flip_p: float = 0.5) -> Tensor:
     boxes = rrc_boxes(d, x.shape[2], x.shape[3], scale=scale)
     flip = d.rand() < flip_p
-    return resample_boxes(x, boxes, out_size, flip.to(x.device))
+    return resample_boxes(x, boxes, out_size, h2d(flip, x.device))
 
 
 def resize(x: Tensor, out_size: int) -> Tensor:
@@ -133,11 +142,11 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
                  d: Draw) -> Tensor:
     """torchvision ColorJitter semantics per sample (factors ~ U(1-a, 1+a), hue shift ~ U(-h, h), random op
     order per sample), applied to a random subset with probability p."""
-    apply = (d.rand() < p).to(x.device)
+    apply = h2d(d.rand() < p, x.device)
     fb, fc, fs = (d.uniform(max(0, 1 - a), 1 + a) for a in (brightness, contrast, saturation))
     fh = d.uniform(-hue, hue)
-    order = torch.argsort(d.rand(4), dim=1).to(x.device)
-    fb, fc, fs, fh = fb.to(x.device), fc.to(x.device), fs.to(x.device), fh.to(x.device)
+    order = h2d(torch.argsort(d.rand(4), dim=1), x.device)
+    fb, fc, fs, fh = (h2d(t, x.device) for t in (fb, fc, fs, fh))
     out = x
     for slot in range(4):
         op = order[:, slot]
@@ -155,7 +164,7 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
 
 
 def random_grayscale(x: Tensor, p: float, d: Draw) -> Tensor:
-    apply = (d.rand() < p).to(x.device).view(-1, 1, 1, 1)
+    apply = h2d(d.rand() < p, x.device).view(-1, 1, 1, 1)
     return torch.where(apply, _gray(x).expand_as(x), x)
 
 
@@ -167,8 +176,8 @@ def blur_kernel_size(img_size: int) -> int:
 def gaussian_blur(x: Tensor, p: float, d: Draw, sigma=(0.1, 2.0)) -> Tensor:
     """Separable Gaussian blur with a per-sample sigma ~ U(sigma), applied with probability p (reflect padding)."""
     N, C, H, W = x.shape
-    apply = (d.rand() < p).to(x.device).view(-1, 1, 1, 1)
-    s = d.uniform(sigma[0], sigma[1]).to(x.device)
+    apply = h2d(d.rand() < p, x.device).view(-1, 1, 1, 1)
+    s = h2d(d.uniform(sigma[0], sigma[1]), x.device)
     k = blur_kernel_size(H)
     r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
     w = torch.exp(-(r.view(1, -1) ** 2) / (2 * s.view(-1, 1) ** 2))
@@ -180,7 +189,7 @@ def gaussian_blur(x: Tensor, p: float, d: Draw, sigma=(0.1, 2.0)) -> Tensor:
 
 
 def solarize(x: Tensor, p: float, d: Draw, threshold: float = 128 / 255) -> Tensor:
-    apply = (d.rand() < p).to(x.device).view(-1, 1, 1, 1)
+    apply = h2d(d.rand() < p, x.device).view(-1, 1, 1, 1)
     return torch.where(apply & (x >= threshold), 1.0 - x, x)
 
 

@@ -57,7 +57,7 @@ class TrainLoader:
     def _augment(self, x: torch.Tensor, step: int, sel: slice) -> list[torch.Tensor]:
         """x uint8 [n, C, H, W] (already this rank's rows) -> list of normalised views."""
         g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) * 1000003 + step)
-        x = x.to(self.device, non_blocking=True).float().div_(255)
+        x = A.h2d(x, self.device).float().div_(255)
         if x.shape[1] == 1 and self.in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
         views = []
@@ -79,7 +79,7 @@ class TrainLoader:
                 views = self._augment(self.data.images[idx], step, sel)
             else:
                 views, idx = self._augment_files(idx, step, sel)
-            yield {"views": views, "idx": idx.to(self.device), "label": self.data.labels[idx].to(self.device)}
+            yield {"views": views, "idx": A.h2d(idx, self.device), "label": A.h2d(self.data.labels[idx], self.device)}
         self.start_step = 0
 
     def _augment_files(self, idx: torch.Tensor, step: int, sel: slice) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -107,7 +107,7 @@ class TrainLoader:
         g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) * 1000003 + step)
         views = []
         for v in range(self.num_views):
-            y = torch.cat(per_view[v]).to(self.device)
+            y = A.h2d(torch.cat(per_view[v]), self.device)
             if self.ctaug:
                 y = A.ctaug_view(y, v, A.Draw(g, self.G, sel))
             views.append(A.normalize(y, self.data.mean, self.data.std))

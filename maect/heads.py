@@ -9,6 +9,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
+from dataloading.augment import h2d
+
+
+def lerp_weighted(targets: list[Tensor], sources: list[Tensor], weight: float, taken: Tensor | None = None) -> None:
+    """targets += weight * (sources - targets) in one foreach launch; with taken (a device bool) the weight is
+    weight * taken, a device tensor, so a skipped step leaves the targets bitwise unchanged with no host sync
+    (a 0-dim tensor passed as the Scalar weight would be read back with .item(): a sync)."""
+    if not targets:
+        return
+    if taken is None:
+        torch._foreach_lerp_(targets, sources, weight)
+    else:
+        w = taken.to(targets[0].dtype) * weight
+        torch._foreach_lerp_(targets, sources, [w] * len(targets))
 
 
 def projector(d: int, hidden: int = 2048, out: int = 256) -> nn.Sequential:
@@ -56,15 +70,22 @@ class NNCLRHead(nn.Module):
             return p, self.target_projector(f)
 
     @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """target = m * target + (1 - m) * online for parameters; BatchNorm running stats copied likewise (EMA)."""
-        for t, o in zip(self.target_projector.parameters(), self.projector.parameters()):
-            t.lerp_(o.detach(), 1.0 - momentum)
-        for t, o in zip(self.target_projector.buffers(), self.projector.buffers()):
+    def update_target(self, momentum: float, taken: Tensor | None = None) -> None:
+        """target = m * target + (1 - m) * online for parameters; BatchNorm running stats likewise (EMA), the
+        batch counter copied. taken: a device bool; where False (a skipped step) the target stays bitwise as it
+        was, decided on the device without a host sync."""
+        t_f, o_f, t_i, o_i = [], [], [], []
+        for t, o in zip([*self.target_projector.parameters(), *self.target_projector.buffers()],
+                        [*self.projector.parameters(), *self.projector.buffers()]):
             if t.dtype.is_floating_point:
-                t.lerp_(o, 1.0 - momentum)
+                t_f.append(t)
+                o_f.append(o.detach())
             else:
-                t.copy_(o)
+                t_i.append(t)
+                o_i.append(o)
+        lerp_weighted(t_f, o_f, 1.0 - momentum, taken)
+        for t, o in zip(t_i, o_i):
+            t.copy_(o if taken is None else torch.where(taken, o, t))
 
 
 class FeatureQueue(nn.Module):
@@ -77,7 +98,6 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self._host_ptr = 0
 
     @property
     def size(self) -> int:
@@ -91,10 +111,7 @@ class FeatureQueue(nn.Module):
         exists when queue size - (entries one sample can hold) >= k, which check_admissible verifies up front."""
         values, idx = kernels.queue_topk(z.to(self.features.dtype), self.features, k, exclude_ids=ids, queue_ids=self.ids)
         if k > 1:
-            pick = torch.randint(0, k, (z.shape[0], 1), generator=generator)
-            if idx.is_cuda:
-                pick = pick.pin_memory()
-            idx = idx.gather(1, pick.to(idx.device, non_blocking=True))
+            idx = idx.gather(1, h2d(torch.randint(0, k, (z.shape[0], 1), generator=generator), idx.device))
         idx = idx[:, 0]
         return self.features[idx], idx
 
@@ -107,18 +124,24 @@ class FeatureQueue(nn.Module):
                              f"offer top-k={k} neighbours that are not the query itself; enlarge nnclr.queue_size")
 
     @torch.no_grad()
-    def enqueue(self, z: Tensor, ids: Tensor, labels: Tensor) -> None:
-        """Write a global batch (identical on every rank) at the pointer; advance it modulo the queue size."""
+    def enqueue(self, z: Tensor, ids: Tensor, labels: Tensor, taken: Tensor | None = None) -> None:
+        """Write a global batch (identical on every rank) at the pointer; advance it modulo the queue size.
+        The pointer stays on the device (no host sync). taken: a device bool; where False (a skipped step) the
+        queue, ids, labels and pointer stay bitwise as they were."""
         n = z.shape[0]
         if self.size % n:
             raise ValueError(f"queue size {self.size} is not divisible by the global batch {n}")
-        p = self._host_ptr  # a host mirror of the ptr buffer: no device sync per step
-        self.features[p:p + n] = z.to(self.features.dtype)
-        self.ids[p:p + n] = ids
-        self.labels[p:p + n] = labels
-        self._host_ptr = (p + n) % self.size
-        self.ptr.fill_(self._host_ptr)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._host_ptr = int(self.ptr)
+        if ids.shape[0] != n or labels.shape[0] != n:
+            raise ValueError(f"enqueue: {n} features but {ids.shape[0]} ids and {labels.shape[0]} labels")
+        # size % n == 0 and the pointer moves by n: the n slots never wrap
+        pos = self.ptr + torch.arange(n, device=self.features.device)
+        z, ids, labels = z.to(self.features.dtype), ids.to(self.ids.dtype), labels.to(self.labels.dtype)
+        if taken is not None:
+            z = torch.where(taken, z, self.features[pos])
+            ids = torch.where(taken, ids, self.ids[pos])
+            labels = torch.where(taken, labels, self.labels[pos])
+        self.features.index_copy_(0, pos, z)
+        self.ids.index_copy_(0, pos, ids)
+        self.labels.index_copy_(0, pos, labels)
+        step = n if taken is None else taken.long() * n
+        self.ptr.copy_((self.ptr + step) % self.size)

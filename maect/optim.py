@@ -43,7 +43,8 @@ def llrd_scale(name: str, depth: int, decay: float) -> float:
 
 
 def build_optimizer(groups: list[dict], lr: float, betas=(0.9, 0.95), fused: str = "auto", device=None):
-    """AdamW. fused: 'apex' (FusedAdam if installed), 'torch' (torch's fused AdamW on CUDA), 'auto', 'off'.
+    """AdamW. fused: 'apex' (FusedAdam if installed, CUDA), 'torch' (torch's fused AdamW), 'auto' (apex on CUDA when
+    installed, else torch's fused), 'off' (foreach on CUDA, single-tensor on CPU).
     Returns (optimizer, backend name for the log)."""
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
@@ -55,9 +56,15 @@ def build_optimizer(groups: list[dict], lr: float, betas=(0.9, 0.95), fused: str
         except ImportError:
             if fused == "apex":
                 raise RuntimeError("fused_optimizer=apex but NVIDIA apex is not installed") from None
-    if fused in ("torch", "auto") and on_cuda:
+    if fused in ("torch", "auto"):   # torch's fused AdamW runs on CUDA and (torch >= 2.4) on the CPU
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True), "torch.AdamW(fused)"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=on_cuda), "torch.AdamW"
+
+
+def can_skip_on_device(opt: torch.optim.Optimizer) -> bool:
+    """torch's fused Adam/AdamW honour opt.found_inf (a device tensor; 1 = leave parameters, moments and the step
+    count unchanged), the hook GradScaler uses: a non-finite step can be skipped without a host sync."""
+    return isinstance(opt, torch.optim.Adam) and bool(opt.defaults.get("fused"))
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -25,15 +25,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
 from dataloading import build_loader, eval_batches, load_data
+from dataloading.augment import h2d
 from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
-from maect.heads import FeatureQueue, NNCLRHead
+from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
-from maect.optim import build_optimizer, freeze, llrd_scale, lr_factor, param_groups, set_lr
+from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr
 
 log = logging.getLogger("maect")
 
@@ -147,20 +148,61 @@ def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
 # ------------------------------------------------------------------------------------------------ the loop
 def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: int, warm: int, accum: int, opt,
                lrs, step_fn, post_fn, state_fn, ckpts: Checkpoints, meter: Meter, resume: dict | None,
-               after_epoch=None) -> str:
+               after_epoch=None, running_stats: list[torch.Tensor] = ()) -> str:
     """Shared by every stage. step_fn(batch, step, micro, sync, poison) runs forward + backward of one micro-batch
     and returns (loss [detached], extras); after the last micro-batch of a step, the optimizer steps unless the
     gradient is non-finite (then the step is skipped and logged; after cfg.max_skips skips in a row the run stops);
-    post_fn(batch, extras) runs after a taken step (queue, EMAs) and returns nn-accuracy (or None).
-    state_fn() -> the stage's checkpoint dict (model, optimizer, ...); the loop adds its own position."""
+    post_fn(batch, extras, taken) runs after the optimizer (queue, EMAs) and returns nn-accuracy (or None); taken is
+    a device bool (False: the step was skipped, leave everything as it was) or None (the step was taken).
+    state_fn() -> the stage's checkpoint dict (model, optimizer, ...); the loop adds its own position.
+    running_stats: buffers the forward pass updates (BatchNorm running statistics); a skipped step restores them.
+
+    Non-finite guard. With torch's fused AdamW the whole decision stays on the device: the gradient norm's
+    finiteness becomes the optimizer's found_inf (its kernel then leaves parameters and moments untouched, as under
+    GradScaler), and the queue and EMAs are gated by the same flag, so a step has no host sync. The flags are read
+    back where the loop syncs anyway (log lines, checkpoints), which log each skipped step and stop the run after
+    cfg.max_skips in a row. Other optimizers (apex, fused_optimizer=off) check on the host every step."""
     step, epoch, in_epoch, skips = 0, 0, 0, 0
     stats = torch.zeros(3, device=di.device)  # loss sum, nn-acc sum, count (summed between log lines)
     if resume is not None:
         step, epoch, in_epoch, skips = resume["step"], resume["epoch"], resume["step_in_epoch"], resume["skips"]
         stats = resume["stats"].to(di.device)
     params = [p for g in opt.param_groups for p in g["params"]]
+    on_device = can_skip_on_device(opt)
+    log.info(f"[{stage}] non-finite guard: " + ("on the device (fused AdamW found_inf; no host sync per step), "
+                                                 f"read back every {cfg.log_every} steps and at checkpoints"
+                                                 if on_device else f"host check every step ({type(opt).__name__} "
+                                                 "cannot skip on the device)"))
+    pending: list[tuple[int, int, torch.Tensor]] = []   # (step, epoch, [bad, loss, |g|]) not yet read back
+    saved: list[torch.Tensor] = []                       # running_stats as they were before this step
+
+    def check_skips() -> None:
+        """Read the pending skip flags (one sync), log each skipped step, stop after cfg.max_skips in a row."""
+        nonlocal skips
+        if not pending:
+            return
+        vals = torch.stack([v for _, _, v in pending]).tolist()
+        for (st, ep, _), (bad, lv, gv) in zip(pending, vals):
+            if not bad:
+                skips = 0
+                continue
+            note_skip(st, ep, lv, gv)
+        pending.clear()
+
+    def note_skip(st: int, ep: int, lv: float, gv: float) -> None:
+        nonlocal skips
+        skips += 1
+        log.warning(f"[{stage}] step {st}: non-finite loss/gradient ({lv:.4g}, |g| {gv:.4g}): "
+                    f"step skipped ({skips} in a row)")
+        meter.write({"step": st, "epoch": ep, "skipped": 1})
+        if skips >= cfg.max_skips:
+            pending.clear()
+            raise FloatingPointError(
+                f"[{stage}] {skips} non-finite steps in a row at step {st}; stopping. Last good checkpoint: "
+                f"{os.path.join(ckpts.dir, 'checkpoint-latest.pth')} (lower the lr or check the data)")
 
     def save_state(final: bool = False) -> str:
+        check_skips()
         st = {**state_fn(), "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "skips": skips,
               "stats": stats.cpu(), "args": C.to_dict(cfg), "stage": stage, "scaler": None}
         if final:
@@ -177,31 +219,42 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
             in_epoch += 1
             sync = micro == accum - 1
             poison = fault("nan", stage, step, di.rank)
+            if micro == 0 and running_stats:
+                saved = [t.clone() for t in running_stats]   # a skipped step puts them back
             loss, extras = step_fn(b, step, micro, sync, poison)
             if not sync:
                 continue
             fault("crash", stage, step, di.rank)
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if not torch.isfinite(gnorm):  # one host sync per step: the gradient is all-reduced, so every rank agrees
-                opt.zero_grad(set_to_none=True)
-                skips += 1
-                log.warning(f"[{stage}] step {step}: non-finite loss/gradient ({float(loss):.4g}, |g| {float(gnorm):.4g}): "
-                            f"step skipped ({skips} in a row)")
-                meter.write({"step": step, "epoch": epoch, "skipped": 1})
-                if skips >= cfg.max_skips:
-                    raise FloatingPointError(
-                        f"[{stage}] {skips} non-finite steps in a row at step {step}; stopping. Last good checkpoint: "
-                        f"{os.path.join(ckpts.dir, 'checkpoint-latest.pth')} (lower the lr or check the data)")
-            else:
-                skips = 0
-                set_lr(opt, lrs, lr_factor(step, total, warm))
+            set_lr(opt, lrs, lr_factor(step, total, warm))
+            if on_device:
+                # the gradient is all-reduced, so every rank computes the same flag
+                bad = ~torch.isfinite(gnorm)
+                opt.found_inf = bad.float()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                nn_acc = post_fn(b, extras)
+                nn_acc = post_fn(b, extras, ~bad)
+                for t, t0 in zip(running_stats, saved):
+                    t.copy_(torch.where(bad, t0, t))
+                row = torch.stack([loss.float(), torch.as_tensor(nn_acc if nn_acc is not None else 0.0,
+                                                                 device=di.device).float(), stats.new_ones(())])
+                stats += torch.where(bad, 0.0, row)
+                pending.append((step, epoch, torch.stack([bad.float(), loss.float(), gnorm.float()])))
+            elif not torch.isfinite(gnorm):  # host check: one sync per step
+                opt.zero_grad(set_to_none=True)
+                for t, t0 in zip(running_stats, saved):
+                    t.copy_(t0)
+                note_skip(step, epoch, float(loss), float(gnorm))
+            else:
+                skips = 0
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                nn_acc = post_fn(b, extras, None)
                 stats += torch.stack([loss.float(), torch.as_tensor(nn_acc if nn_acc is not None else 0.0,
                                                                    device=di.device).float(), stats.new_ones(())])
             step += 1
             if step % cfg.log_every == 0 or step == total:
+                check_skips()
                 st = dist.all_reduce_mean(stats)
                 vals = {"loss": float(st[0] / st[2].clamp_min(1))}
                 if stage != "mae":
@@ -214,6 +267,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 break
         else:  # the epoch ran to its end
             epoch, in_epoch = epoch + 1, 0
+            check_skips()
             if after_epoch is not None:
                 after_epoch(epoch, step, meter)
             if step < total:
@@ -273,7 +327,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
         x = torch.cat(b["views"])
         g = step_generator(cfg, "mae", step * s.accum_steps + micro_i)
         sel = slice(di.rank * micro, (di.rank + 1) * micro)  # this rank's rows of the global batch's noise
-        noise = torch.cat([torch.rand(micro * di.world, L, generator=g)[sel] for _ in b["views"]]).to(di.device)
+        noise = h2d(torch.cat([torch.rand(micro * di.world, L, generator=g)[sel] for _ in b["views"]]), di.device)
         with (contextlib.nullcontext() if sync or di.world == 1 else ddp.no_sync()), autocast(cfg, di.device):
             loss, _, _ = ddp(x, s.mask_ratio, s.norm_pix_loss, noise)
         if poison:
@@ -286,7 +340,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
 
     meter = Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main)
     return train_loop(cfg, di, "mae", loader, total=total, warm=warm, accum=s.accum_steps, opt=opt, lrs=lr,
-                      step_fn=step_fn, post_fn=lambda b, e: None, state_fn=state_fn, ckpts=ckpts, meter=meter,
+                      step_fn=step_fn, post_fn=lambda b, e, taken: None, state_fn=state_fn, ckpts=ckpts, meter=meter,
                       resume=resume)
 
 
@@ -333,6 +387,12 @@ class NNCLRNet(nn.Module):
         return p0, p1, z0, z1
 
 
+def running_stats(module: nn.Module) -> list[torch.Tensor]:
+    """The BatchNorm running mean / var / batch counters a forward pass updates (restored on a skipped step)."""
+    return [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
+
+
 def ema_pairs(ema: nn.Module, model: nn.Module) -> tuple[list, list]:
     """The (EMA, online) parameter lists of the trained parameters, built once."""
     pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
@@ -340,9 +400,9 @@ def ema_pairs(ema: nn.Module, model: nn.Module) -> tuple[list, list]:
 
 
 @torch.no_grad()
-def ema_update(pairs: tuple[list, list], m: float) -> None:
-    if pairs[0]:
-        torch._foreach_lerp_(pairs[0], pairs[1], 1.0 - m)  # one fused launch instead of one per tensor
+def ema_update(pairs: tuple[list, list], m: float, taken: torch.Tensor | None = None) -> None:
+    """EMA of the trained parameters in one foreach launch; taken (device bool) False leaves it unchanged."""
+    lerp_weighted(pairs[0], pairs[1], 1.0 - m, taken)
 
 
 def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None) -> str:
@@ -412,12 +472,12 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         loss.backward()
         return loss.detach(), (z0, nn_acc)
 
-    def post_fn(b, extras):
+    def post_fn(b, extras, taken):
         z0, nn_acc = extras
-        queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]))
+        queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]), taken)
         if ct:
-            head.update_target(cfg.ct.target_ema)
-            ema_update(ema_params, cfg.ct.encoder_ema)
+            head.update_target(cfg.ct.target_ema, taken)
+            ema_update(ema_params, cfg.ct.encoder_ema, taken)
         return nn_acc
 
     def state_fn():
@@ -436,7 +496,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
     return train_loop(cfg, di, stage, loader, total=total, warm=warm, accum=1, opt=opt, lrs=lrs, step_fn=step_fn,
                       post_fn=post_fn, state_fn=state_fn, ckpts=ckpts, meter=meter, resume=resume,
-                      after_epoch=after_epoch)
+                      after_epoch=after_epoch, running_stats=running_stats(head))
 
 
 # ------------------------------------------------------------------------------------------------ entry

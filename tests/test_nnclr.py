@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import os
@@ -169,3 +170,49 @@ def test_queue_identical_on_both_ranks(tmp_path):
     grad0 = torch.cat([s0["grad_p0"], s1["grad_p0"]]) / 2      # DDP averages the ranks' gradients
     assert torch.allclose(grad0, p0.grad, atol=1e-6)
     assert abs((s0["loss"] + s1["loss"]) / 2 - loss.item()) < 1e-5
+
+
+def test_skipped_step_gates_queue_and_emas_on_device():
+    """taken=False (a skipped step, decided on the device) leaves queue, pointer, target projector and encoder EMA
+    bitwise as they were; taken=True gives exactly the ungated update."""
+    from maect.optim import can_skip_on_device
+    from maect.train import ema_pairs, ema_update
+    torch.manual_seed(0)
+    z, ids = F.normalize(torch.randn(16, 8), dim=1), torch.arange(16)
+    gated, plain = FeatureQueue(64, 8), FeatureQueue(64, 8)
+    plain.load_state_dict(gated.state_dict())
+    gated.enqueue(z, ids, ids % 3, torch.tensor(False))
+    assert int(gated.ptr) == 0 and torch.equal(gated.features, plain.features) and bool((gated.ids == -1).all())
+    gated.enqueue(z, ids, ids % 3, torch.tensor(True))
+    plain.enqueue(z, ids, ids % 3)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(gated.state_dict()[k], v), k
+
+    h = NNCLRHead(12, 32, 8, 16)
+    h.add_target()
+    h(torch.randn(10, 12))                                 # moves the online BatchNorm statistics
+    with torch.no_grad():
+        for p in h.projector.parameters():
+            p.add_(0.1)
+    before = {k: v.clone() for k, v in h.target_projector.state_dict().items()}
+    h.update_target(0.99, torch.tensor(False))
+    for k, v in h.target_projector.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ref = copy.deepcopy(h)
+    h.update_target(0.99, torch.tensor(True))
+    ref.update_target(0.99)
+    for k, v in h.target_projector.state_dict().items():
+        assert torch.equal(v, ref.target_projector.state_dict()[k]), k
+    assert not torch.equal(h.target_projector[0].weight, before["0.weight"])
+
+    enc, ema = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    pairs = ema_pairs(ema, enc)
+    w0 = ema.weight.clone()
+    ema_update(pairs, 0.9, torch.tensor(False))
+    assert torch.equal(ema.weight, w0)
+    ema_update(pairs, 0.9, torch.tensor(True))
+    assert torch.equal(ema.weight, w0.lerp(enc.weight, 0.1))
+
+    p = [torch.nn.Parameter(torch.randn(3))]
+    assert can_skip_on_device(torch.optim.AdamW(p, fused=True))
+    assert not can_skip_on_device(torch.optim.AdamW(p, foreach=False))
