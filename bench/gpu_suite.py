@@ -118,6 +118,21 @@ def step_dataloading(ctx) -> dict:
     return _suite_fn(ctx, "bench/dataloading.py")
 
 
+def nested_errors(obj, path: str = "") -> list[str]:
+    """Every 'error' entry inside a step's result (the per-config runs record their failures there)."""
+    found = []
+    if isinstance(obj, dict):
+        if isinstance(obj.get("error"), str):
+            found.append(f"{path or 'result'}: {obj['error']}")
+        for k, v in obj.items():
+            if k != "error":
+                found += nested_errors(v, f"{path}/{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found += nested_errors(v, f"{path}[{i}]")
+    return found
+
+
 STEPS = [  # (name, function, budget in seconds); append new steps here. Sum = TOTAL_BUDGET_S.
     ("env", step_env, 15),
     ("kernel tests (cuda)", step_kernel_tests, 110),
@@ -152,7 +167,11 @@ def main() -> int:
             t0 = time.perf_counter()
             try:
                 rec["result"] = fn({"dry_run": args.dry_run, "timeout": min(budget, left), "scratch": scratch})
-                rec["ok"] = True
+                inner = nested_errors(rec["result"])     # a config that failed inside a step fails the step
+                rec["ok"] = not inner
+                if inner:
+                    rec["error"] = "; ".join(inner)[:3000]
+                    print(f"step '{name}' failed: {rec['error'][:500]}", file=sys.stderr)
             except Exception as e:  # one failing step must not stop the others
                 rec["ok"] = False
                 rec["error"] = f"{type(e).__name__}: {e}"[:3000]

@@ -215,3 +215,17 @@ def test_gpu_suite_dry_run(tmp_path):
     assert r.returncode == 0
     res = json.loads(out.read_text())
     assert res["steps"] and all(s["ok"] for s in res["steps"]), [s for s in res["steps"] if not s["ok"]]
+
+
+def test_gpu_suite_counts_a_failed_config_as_a_failed_step():
+    """A per-config failure recorded inside a step's result (how train_step / attention record them) must fail the
+    step: the dry run above cannot pass over a broken benchmark."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        from gpu_suite import nested_errors
+    finally:
+        sys.path.remove(str(root / "bench"))
+    assert nested_errors({"results": {"a": {"median_ms": 1.0}}, "rc": 0}) == []
+    err = nested_errors({"results": {"--stage ct": {"error": "TypeError: boom"}, "rows": [{"x": 1}, {"error": "e2"}]}})
+    assert err == ["results/--stage ct: TypeError: boom", "results/rows[1]: e2"]
