@@ -49,6 +49,7 @@ import gc
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +264,24 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, ref: bool, device, t
     return step, {"model": encoder, "opt": opt_name, "t": t}
 
 
+def count_host_syncs(step, device, n: int = 2) -> dict:
+    """Host syncs per step, counted by torch.cuda.set_sync_debug_mode('warn') over n untimed steps (it flags
+    cudaStreamSynchronize, blocking copies, .item() and the like). CPU: not applicable (None)."""
+    if device.type != "cuda":
+        return {"host_syncs_per_step": None}
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sites = sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught})   # where the syncing op was called
+    return {"host_syncs_per_step": len(caught) / n, "host_sync_sites": sites[:5]}
+
+
 def run_path(stage, cfg, args, data, ref: bool, device) -> dict:
     name = "reference" if ref else "maect"
     if device.type == "cuda":
@@ -276,11 +295,12 @@ def run_path(stage, cfg, args, data, ref: bool, device) -> dict:
         first = float(first)                  # host sync: outside the timed steps
         first_s = time.perf_counter() - t0
         res = measure(step, device, warmup=args.warmup, budget_s=0.0, min_reps=args.steps, max_reps=args.steps)
+        syncs = count_host_syncs(step, device)
     flops = model_flops(stage, info["model"], cfg.nnclr, info["t"], cfg.mae.mask_ratio, data["batch"], data["views"])
     row = {"provider": name, "flops": flops, "first_loss": first, "first_step_s": first_s, "optimizer": info["opt"], **res,
            "attention": "math" if ref else args.attention,
            "kernels": "ref" if ref else kernels.backend_for(data["x"]),
-           "lookup": (args.ref_lookup if ref else "kernels.queue_topk") if stage == "ct" else "-"}
+           "lookup": (args.ref_lookup if ref else "kernels.queue_topk") if stage == "ct" else "-", **syncs}
     if device.type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     del step, info
@@ -339,6 +359,10 @@ def run(args) -> dict:
                        ("first_step_s", "1st step s", ".1f"), ("peak_gib", "peak GiB", ".1f"),
                        ("attention", "attention", ""), ("kernels", "kernels", ""), ("lookup", "lookup", ""),
                        ("optimizer", "optimizer", "")])
+    for r in rows:
+        if r.get("host_syncs_per_step") is not None:
+            print(f"host syncs per step ({r['provider']}): {r['host_syncs_per_step']:g}"
+                  + (f"  at {', '.join(r['host_sync_sites'])}" if r["host_sync_sites"] else ""))
     return {"bench": "train_step", "stage": args.stage, "preset": cfg.preset, "batch": batch, "views": views,
             "bf16": args.bf16, "compile": args.compile, "channels_last": args.channels_last,
             "model_tflop_per_step": flops / 1e12, "peak_tflops": peak, "check": check, "rows": rows, "env": env}

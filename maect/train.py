@@ -176,6 +176,9 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
     pending: list[tuple[int, int, torch.Tensor]] = []   # (step, epoch, [bad, loss, |g|]) not yet read back
     saved: list[torch.Tensor] = []                       # running_stats as they were before this step
 
+    def acc_or_zero(nn_acc) -> torch.Tensor:   # a device zero, not a host scalar copied over (a sync on CUDA)
+        return stats.new_zeros(()) if nn_acc is None else nn_acc.float()
+
     def check_skips() -> None:
         """Read the pending skip flags (one sync), log each skipped step, stop after cfg.max_skips in a row."""
         nonlocal skips
@@ -236,8 +239,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 nn_acc = post_fn(b, extras, ~bad)
                 for t, t0 in zip(running_stats, saved):
                     t.copy_(torch.where(bad, t0, t))
-                row = torch.stack([loss.float(), torch.as_tensor(nn_acc if nn_acc is not None else 0.0,
-                                                                 device=di.device).float(), stats.new_ones(())])
+                row = torch.stack([loss.float(), acc_or_zero(nn_acc), stats.new_ones(())])
                 stats += torch.where(bad, 0.0, row)
                 pending.append((step, epoch, torch.stack([bad.float(), loss.float(), gnorm.float()])))
             elif not torch.isfinite(gnorm):  # host check: one sync per step
@@ -250,8 +252,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 nn_acc = post_fn(b, extras, None)
-                stats += torch.stack([loss.float(), torch.as_tensor(nn_acc if nn_acc is not None else 0.0,
-                                                                   device=di.device).float(), stats.new_ones(())])
+                stats += torch.stack([loss.float(), acc_or_zero(nn_acc), stats.new_ones(())])
             step += 1
             if step % cfg.log_every == 0 or step == total:
                 check_skips()
