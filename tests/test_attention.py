@@ -219,3 +219,35 @@ def test_math_under_autocast_is_timm_attention():
         timm = ((q @ k.transpose(-2, -1)) * 32 ** -0.5).softmax(dim=-1) @ v
     assert got.dtype == timm.dtype and torch.equal(got, timm)
     assert A.attention_ref(q, k, v).dtype == torch.float32
+
+
+def test_cuda_sdpa_reasons_without_a_gpu(monkeypatch):
+    """The documented CUDA limits of each forced SDPA kernel, with the GPU's capability and torch's switches faked:
+    each reason names the kernel, the limit and the exact torch.backends.cuda function."""
+    q16 = torch.empty(1, 1, 8, 64, dtype=torch.float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert A._cuda_sdpa_reason("sdpa_flash", q16, q16, q16) == "needs sm80+ (this GPU is sm75)"
+    assert A._cuda_sdpa_reason("sdpa_cudnn", q16, q16, q16) == "needs sm80+ (this GPU is sm75)"
+    b16 = q16.bfloat16()
+    assert A._cuda_sdpa_reason("sdpa_efficient", b16, b16, b16) == "bf16 needs sm80+ (this GPU is sm75)"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    f32 = q16.float()
+    assert A._cuda_sdpa_reason("sdpa_flash", f32, f32, f32) == "dtype torch.float32 unsupported (flash: fp16/bf16)"
+    assert A._cuda_sdpa_reason("sdpa_cudnn", f32, f32, f32) == \
+        "dtype torch.float32 unsupported (cuDNN attention: fp16/bf16)"
+    h160 = torch.empty(1, 1, 8, 160, dtype=torch.float16)
+    assert A._cuda_sdpa_reason("sdpa_cudnn", h160, h160, h160) == \
+        "head dim 160 unsupported (cuDNN attention: a multiple of 8, <= 128)"
+    h264 = torch.empty(1, 1, 8, 264, dtype=torch.float16)
+    assert A._cuda_sdpa_reason("sdpa_flash", h264, h264, h264) == \
+        "head dim 264 unsupported (flash: a multiple of 8, <= 256)"
+    h6 = torch.empty(1, 1, 8, 6, dtype=torch.float32)
+    assert A._cuda_sdpa_reason("sdpa_efficient", h6, h6, h6) == \
+        "head dim 6 unsupported (mem-efficient: a multiple of 4 for torch.float32)"
+    for name, query, switch in (("sdpa_flash", "flash_sdp_enabled", "enable_flash_sdp"),
+                                ("sdpa_efficient", "mem_efficient_sdp_enabled", "enable_mem_efficient_sdp"),
+                                ("sdpa_cudnn", "cudnn_sdp_enabled", "enable_cudnn_sdp")):
+        monkeypatch.setattr(torch.backends.cuda, query, lambda: False)
+        assert A._cuda_sdpa_reason(name, q16, q16, q16) == \
+            f"disabled globally (torch.backends.cuda.{switch}(False) or equivalent)"
+        assert callable(getattr(torch.backends.cuda, switch))

@@ -160,40 +160,40 @@ def _xformers_reason(q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str | None:
     return " | ".join(out) or None
 
 
+# SDPA kernel -> (label in reasons, torch.backends.cuda names: is-enabled query, switch, can_use_* check)
+_SDPA_CUDA = {"sdpa_flash": ("flash", "flash_sdp_enabled", "enable_flash_sdp", "can_use_flash_attention"),
+              "sdpa_efficient": ("mem-efficient", "mem_efficient_sdp_enabled", "enable_mem_efficient_sdp",
+                                 "can_use_efficient_attention"),
+              "sdpa_cudnn": ("cuDNN attention", "cudnn_sdp_enabled", "enable_cudnn_sdp", "can_use_cudnn_attention")}
+_HALF_ONLY_MAX_DH = {"sdpa_flash": 256, "sdpa_cudnn": 128}   # sm80+, fp16/bf16, head dim a multiple of 8 up to this
+
+
 def _cuda_sdpa_reason(name: str, q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """Documented limits first (clear reasons), then torch's own verdict for anything else."""
     cc = torch.cuda.get_device_capability(q.device)
     dt, Dh = q.dtype, q.shape[-1]
     half = dt in (torch.float16, torch.bfloat16)
-    if name == "sdpa_flash":
+    label, enabled_fn, switch, can_fn = _SDPA_CUDA[name]
+    if name in _HALF_ONLY_MAX_DH:
+        max_dh = _HALF_ONLY_MAX_DH[name]
         if cc < (8, 0):
             return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
         if not half:
-            return f"dtype {dt} unsupported (flash: fp16/bf16)"
-        if Dh % 8 or Dh > 256:
-            return f"head dim {Dh} unsupported (flash: a multiple of 8, <= 256)"
-        enabled, can = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.can_use_flash_attention
-    elif name == "sdpa_efficient":
+            return f"dtype {dt} unsupported ({label}: fp16/bf16)"
+        if Dh % 8 or Dh > max_dh:
+            return f"head dim {Dh} unsupported ({label}: a multiple of 8, <= {max_dh})"
+    else:  # sdpa_efficient
         if dt == torch.bfloat16 and cc < (8, 0):
             return f"bf16 needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
         if dt not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"dtype {dt} unsupported (mem-efficient: fp32/fp16/bf16)"
+            return f"dtype {dt} unsupported ({label}: fp32/fp16/bf16)"
         if Dh % (8 if half else 4):
-            return f"head dim {Dh} unsupported (mem-efficient: a multiple of {8 if half else 4} for {dt})"
-        enabled, can = torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.can_use_efficient_attention
-    else:  # sdpa_cudnn
-        if cc < (8, 0):
-            return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
-        if not half:
-            return f"dtype {dt} unsupported (cuDNN attention: fp16/bf16)"
-        if Dh % 8 or Dh > 128:
-            return f"head dim {Dh} unsupported (cuDNN attention: a multiple of 8, <= 128)"
-        enabled, can = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.can_use_cudnn_attention
-    if not enabled:
-        return f"disabled globally (torch.backends.cuda.enable_{name[5:]}_sdp(False) or equivalent)"
+            return f"head dim {Dh} unsupported ({label}: a multiple of {8 if half else 4} for {dt})"
+    if not getattr(torch.backends.cuda, enabled_fn)():
+        return f"disabled globally (torch.backends.cuda.{switch}(False) or equivalent)"
     params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
-    if not can(params, False):
-        return f"torch refuses these inputs (torch.backends.cuda.can_use_{name[5:]}_attention(params, debug=True) says why)"
+    if not getattr(torch.backends.cuda, can_fn)(params, False):
+        return f"torch refuses these inputs (torch.backends.cuda.{can_fn}(params, debug=True) says why)"
     return None
 
 
