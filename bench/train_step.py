@@ -64,7 +64,7 @@ from maect.losses import nnclr_loss  # noqa: E402
 from maect.models import attention as A  # noqa: E402
 from dataloading.augment import h2d  # noqa: E402
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
-from maect.train import NNCLRNet, ema_pairs, ema_update  # noqa: E402
+from maect.train import NNCLRNet, ema_pairs, ema_update, optimizer_step  # noqa: E402
 
 # dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name (first match wins)
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989), ("B200", 2250),
@@ -130,17 +130,12 @@ def ref_enqueue(queue: FeatureQueue, z, ids, labels, ptr: int) -> int:
 
 
 def guarded_step(opt, params, ref: bool):
-    """The optimizer step. maect: the train loop's device-side non-finite guard; returns the 'taken' flag."""
+    """The optimizer step. maect: the train loop's (optimizer_step, non-finite guard); returns the 'taken' flag."""
     if ref:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return None
-    bad = ~torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-    if can_skip_on_device(opt):
-        opt.found_inf = bad.float()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return ~bad
+    return ~optimizer_step(opt, params, can_skip_on_device(opt))[1]
 
 
 # ------------------------------------------------------------------------------------------------ the two paths

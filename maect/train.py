@@ -146,6 +146,22 @@ def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+def optimizer_step(opt, params: list, on_device: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The optimizer step behind the non-finite guard: (gradient norm, bad: a device bool, whether opt.step ran).
+    on_device (torch's fused AdamW, optim.can_skip_on_device): bad becomes the optimizer's found_inf and its kernel
+    leaves parameters and moments as they were (GradScaler's hook), with no host sync. Otherwise bad is read on the
+    host (one sync) and opt.step is not called when it is set. Gradients are zeroed either way."""
+    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    bad = ~torch.isfinite(gnorm)    # under DDP the gradient is all-reduced: every rank computes the same flag
+    if on_device:
+        opt.found_inf = bad.float()
+    ran = on_device or not bool(bad)
+    if ran:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm, bad, ran
+
+
 def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: int, warm: int, accum: int, opt,
                lrs, step_fn, post_fn, state_fn, ckpts: Checkpoints, meter: Meter, resume: dict | None,
                after_epoch=None, running_stats: list[torch.Tensor] = ()) -> str:
@@ -153,15 +169,15 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
     and returns (loss [detached], extras); after the last micro-batch of a step, the optimizer steps unless the
     gradient is non-finite (then the step is skipped and logged; after cfg.max_skips skips in a row the run stops);
     post_fn(batch, extras, taken) runs after the optimizer (queue, EMAs) and returns nn-accuracy (or None); taken is
-    a device bool (False: the step was skipped, leave everything as it was) or None (the step was taken).
+    a device bool (False: the step was skipped, leave everything as it was).
     state_fn() -> the stage's checkpoint dict (model, optimizer, ...); the loop adds its own position.
     running_stats: buffers the forward pass updates (BatchNorm running statistics); a skipped step restores them.
 
-    Non-finite guard. With torch's fused AdamW the whole decision stays on the device: the gradient norm's
-    finiteness becomes the optimizer's found_inf (its kernel then leaves parameters and moments untouched, as under
-    GradScaler), and the queue and EMAs are gated by the same flag, so a step has no host sync. The flags are read
-    back where the loop syncs anyway (log lines, checkpoints), which log each skipped step and stop the run after
-    cfg.max_skips in a row. Other optimizers (apex, fused_optimizer=off) check on the host every step."""
+    Non-finite guard (optimizer_step). With torch's fused AdamW the decision stays on the device: the queue, EMAs
+    and running statistics are gated by the same flag, so a step has no host sync, and the flags are read back where
+    the loop syncs anyway (log lines, checkpoints), which log each skipped step and stop the run after
+    cfg.max_skips in a row. Other optimizers (apex, fused_optimizer=off) read the flag on the host every step and
+    log a skip at once."""
     step, epoch, in_epoch, skips = 0, 0, 0, 0
     stats = torch.zeros(3, device=di.device)  # loss sum, nn-acc sum, count (summed between log lines)
     if resume is not None:
@@ -185,24 +201,20 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
         if not pending:
             return
         vals = torch.stack([v for _, _, v in pending]).tolist()
-        for (st, ep, _), (bad, lv, gv) in zip(pending, vals):
+        steps = [(st, ep) for st, ep, _ in pending]
+        pending.clear()
+        for (st, ep), (bad, lv, gv) in zip(steps, vals):
             if not bad:
                 skips = 0
                 continue
-            note_skip(st, ep, lv, gv)
-        pending.clear()
-
-    def note_skip(st: int, ep: int, lv: float, gv: float) -> None:
-        nonlocal skips
-        skips += 1
-        log.warning(f"[{stage}] step {st}: non-finite loss/gradient ({lv:.4g}, |g| {gv:.4g}): "
-                    f"step skipped ({skips} in a row)")
-        meter.write({"step": st, "epoch": ep, "skipped": 1})
-        if skips >= cfg.max_skips:
-            pending.clear()
-            raise FloatingPointError(
-                f"[{stage}] {skips} non-finite steps in a row at step {st}; stopping. Last good checkpoint: "
-                f"{os.path.join(ckpts.dir, 'checkpoint-latest.pth')} (lower the lr or check the data)")
+            skips += 1
+            log.warning(f"[{stage}] step {st}: non-finite loss/gradient ({lv:.4g}, |g| {gv:.4g}): "
+                        f"step skipped ({skips} in a row)")
+            meter.write({"step": st, "epoch": ep, "skipped": 1})
+            if skips >= cfg.max_skips:
+                raise FloatingPointError(
+                    f"[{stage}] {skips} non-finite steps in a row at step {st}; stopping. Last good checkpoint: "
+                    f"{os.path.join(ckpts.dir, 'checkpoint-latest.pth')} (lower the lr or check the data)")
 
     def save_state(final: bool = False) -> str:
         check_skips()
@@ -228,31 +240,15 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
             if not sync:
                 continue
             fault("crash", stage, step, di.rank)
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             set_lr(opt, lrs, lr_factor(step, total, warm))
-            if on_device:
-                # the gradient is all-reduced, so every rank computes the same flag
-                bad = ~torch.isfinite(gnorm)
-                opt.found_inf = bad.float()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                nn_acc = post_fn(b, extras, ~bad)
-                for t, t0 in zip(running_stats, saved):
-                    t.copy_(torch.where(bad, t0, t))
-                row = torch.stack([loss.float(), acc_or_zero(nn_acc), stats.new_ones(())])
-                stats += torch.where(bad, 0.0, row)
-                pending.append((step, epoch, torch.stack([bad.float(), loss.float(), gnorm.float()])))
-            elif not torch.isfinite(gnorm):  # host check: one sync per step
-                opt.zero_grad(set_to_none=True)
-                for t, t0 in zip(running_stats, saved):
-                    t.copy_(t0)
-                note_skip(step, epoch, float(loss), float(gnorm))
-            else:
-                skips = 0
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                nn_acc = post_fn(b, extras, None)
-                stats += torch.stack([loss.float(), acc_or_zero(nn_acc), stats.new_ones(())])
+            gnorm, bad, ran = optimizer_step(opt, params, on_device)
+            pending.append((step, epoch, torch.stack([bad.float(), loss.float(), gnorm.float()])))
+            if not ran:
+                check_skips()   # the host guard logs the skip at once (and stops after max_skips in a row)
+            nn_acc = post_fn(b, extras, ~bad)
+            for t, t0 in zip(running_stats, saved):
+                t.copy_(torch.where(bad, t0, t))
+            stats += torch.where(bad, 0.0, torch.stack([loss.float(), acc_or_zero(nn_acc), stats.new_ones(())]))
             step += 1
             if step % cfg.log_every == 0 or step == total:
                 check_skips()
@@ -268,7 +264,6 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 break
         else:  # the epoch ran to its end
             epoch, in_epoch = epoch + 1, 0
-            check_skips()
             if after_epoch is not None:
                 after_epoch(epoch, step, meter)
             if step < total:
