@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from common import add_ratio, base_parser, environment, measure, print_table, setup, write_json
+from queue_lookup import official_nnclr
 
 import kernels  # noqa: E402  (common puts the repo root on sys.path)
 from maect import config as C  # noqa: E402
@@ -107,10 +108,7 @@ def ref_lookup(queue: FeatureQueue, z, ids, k: int, gen, official: bool):
     similarities and self-mask, torch.topk); else kernels.queue_topk_ref. The top-k pick is drawn like
     FeatureQueue.lookup's (CPU generator), so both paths pick the same neighbours."""
     if official:
-        e = F.normalize(queue.features, dim=1)                  # the whole queue, every step
-        sim = z @ e.t()                                         # [B, Q] materialised
-        sim = sim.masked_fill(queue.ids[None, :] == ids[:, None], float("-inf"))   # [B, Q] bool self-mask
-        idx = sim.topk(k, dim=1).indices
+        idx = official_nnclr(z, queue.features, ids, queue.ids, k).indices   # bench/queue_lookup.py's baseline
     else:
         idx = kernels.queue_topk_ref(z.to(queue.features.dtype), queue.features, k, ids, queue.ids)[1]
     if k > 1:
