@@ -129,10 +129,7 @@ def bench_shape(label, N, H, T, Dh, dtype, device, budget, providers) -> list[di
         sync(device)
     A.set_backend(prev)
     # ratio to sdpa: > 1 = faster than sdpa
-    base = next((r for r in rows if r["provider"] == "sdpa" and r.get("fwd_ms")), None)
-    for r in rows:
-        if base and r.get("fwd_ms"):
-            r["x_sdpa_fwd"] = base["fwd_ms"] / r["fwd_ms"]
+    add_ratio(rows, "sdpa", col="x_sdpa_fwd", time_key="fwd_ms")
     add_ratio(rows, "sdpa", col="x_sdpa_fwdbwd")
     return rows
 

@@ -143,11 +143,12 @@ def fmt(v, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def add_ratio(rows: list[dict], baseline: str, key: str = "provider", col: str = "speedup") -> None:
-    """rows[col] = baseline median / row median (> 1: faster than the baseline), per group of rows."""
-    base = next((r for r in rows if r[key] == baseline and r.get("median_ms")), None)
+def add_ratio(rows: list[dict], baseline: str, key: str = "provider", col: str = "speedup",
+              time_key: str = "median_ms") -> None:
+    """rows[col] = baseline time / row time (> 1: faster than the baseline), per group of rows."""
+    base = next((r for r in rows if r[key] == baseline and r.get(time_key)), None)
     for r in rows:
-        r[col] = base["median_ms"] / r["median_ms"] if base and r.get("median_ms") else None
+        r[col] = base[time_key] / r[time_key] if base and r.get(time_key) else None
 
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
