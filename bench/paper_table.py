@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,11 +35,11 @@ def stage(preset: str, out: str, name: str, extra: list[str]) -> tuple[str, floa
 
 
 def evaluate(ckpt: str, args) -> tuple[dict, float]:
-    a = SimpleNamespace(ckpt=ckpt, protocols=args.protocols.split(","), data=None, data_root=args.data_root,
-                        pool=None, device=args.device, export_features=os.path.join(os.path.dirname(ckpt), "features"),
-                        use_ema=False, batch_size=500, train_limit=None, test_limit=None, knn_k=args.knn_k, knn_T=0.07,
-                        knn_standardize=False, probe_epochs=args.probe_epochs, probe_batch=1024, lowshot_max_iter=1000,
-                        kmeans_restarts=10, cluster_split="test", seed=0)
+    # the evaluation CLI's own arguments and defaults (python -m maect.eval)
+    a = ev.parse_args(["--ckpt", ckpt, "--protocols", args.protocols, "--device", args.device,
+                       "--export-features", os.path.join(os.path.dirname(ckpt), "features"), "--batch-size", "500",
+                       "--knn-k", str(args.knn_k), "--probe-epochs", str(args.probe_epochs)]
+                      + (["--data-root", args.data_root] if args.data_root else []))
     t = time.perf_counter()
     res = ev.run(a)
     print(ev.table(res), flush=True)
