@@ -1,7 +1,6 @@
 """Reliability: exact resume, atomic checkpoints, elastic restarts, NaN skipping (issue 8). CPU, gloo."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,19 +12,10 @@ from maect.hub import load_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_nnclr import TINY  # noqa: E402  (the tiny-model overrides shared by the end-to-end tests)
+from test_nnclr import run_train as train  # noqa: E402
 
 MAE6 = TINY + ["stage=mae", "mae.epochs=0.0064"]            # 6 steps of 64 on 60000 images
 pytestmark = pytest.mark.slow
-
-
-def train(args, nproc=1, env=None, ok=True, torchrun_args=()):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args]
-           if nproc > 1 else [sys.executable]) + ["-m", "maect.train"] + args
-    e = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MAECT_FAULT": "", **(env or {})}
-    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
-    if ok:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def assert_same(a: str, b: str, keys=("model", "optimizer"), ignore: tuple[str, ...] = ()):
