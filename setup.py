@@ -1,6 +1,9 @@
 """maect: MAE-CT (Masked Autoencoder Contrastive Tuning), fast and faithful.
 
-Installs the packages `maect`, `kernels` and `dataloading`. The C++ extension in csrc/ is NOT built here by
+Installs one top-level package, `maect`. The repository keeps the design's layout (kernels/, dataloading/, csrc/ beside
+maect/); the wheel installs them as `maect.kernels`, `maect.dataloading` and `maect/_csrc` (the C++ sources, package
+data for the just-in-time build), so nothing clashes with other distributions' top-level names (`kernels` is one on
+the index). The C++ extension in csrc/ is NOT built here by
 default: pip's isolated build environment would pull a second torch. It is built just in time on first use
 (torch.utils.cpp_extension, cached) by kernels/_cpp.py. To build it ahead of time against the installed torch:
     MAECT_BUILD_EXT=1 pip install --no-build-isolation -e .
@@ -26,7 +29,7 @@ if os.environ.get("MAECT_BUILD_EXT") == "1":
         import torch
 
         simd = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-        ext_modules = [Ext("kernels._maect_C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"] + simd},
+        ext_modules = [Ext("maect.kernels._maect_C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"] + simd},
                            extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": cpp_extension.BuildExtension}
     except Exception as exc:  # the package must still install; dispatch falls back and logs why
@@ -37,8 +40,9 @@ setup(
     version="0.1.0",
     description="MAE-CT: contrastive tuning of masked autoencoders (fast kernels, faithful recipe)",
     python_requires=">=3.10",
-    packages=find_packages(include=["maect", "maect.*", "kernels", "kernels.*", "dataloading", "dataloading.*"]),
-    package_data={"maect": ["presets/*.yaml"], "kernels": ["../csrc/*.cpp", "../csrc/*.h"]},
+    packages=find_packages(include=["maect", "maect.*"]) + ["maect.kernels", "maect.dataloading", "maect._csrc"],
+    package_dir={"maect.kernels": "kernels", "maect.dataloading": "dataloading", "maect._csrc": "csrc"},
+    package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
     include_package_data=True,
     install_requires=["torch>=2.10", "numpy", "pyyaml", "triton; platform_system=='Linux'"],
     extras_require={

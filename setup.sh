@@ -22,4 +22,4 @@ $PY -m pip install -q --disable-pip-version-check -e ".$EXTRA" 2>&1 | grep -v "R
 if [ -n "$EXTRA" ]; then  # the DALI tests run its CPU-only pipelines; DALI is a 'gpu' extra for users, installed here
   $PY -m pip install -q --disable-pip-version-check nvidia-dali-cuda130 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
-$PY -c "import maect, kernels, dataloading, torch; print(f'setup: maect ready (torch {torch.__version__}, cuda {torch.cuda.is_available()})')"
+$PY -c "import maect, maect.kernels, maect.dataloading, torch; print(f'setup: maect ready (torch {torch.__version__}, cuda {torch.cuda.is_available()})')"

@@ -10,7 +10,7 @@ ratio = DALI images/s / twin images/s.
 
   python bench/dataloading.py --data DIR                      # DIR: an ImageFolder root (or one holding train/)
   python bench/dataloading.py --synthetic 512 --device cuda  # ImageNet-like JPEGs (500 x 375) written to a temp dir
-  python -m dataloading.export --out /tmp/fm --limit 100 && python bench/dataloading.py --data /tmp/fm --img-size 28
+  python -m maect.dataloading.export --out /tmp/fm --limit 100 && python bench/dataloading.py --data /tmp/fm --img-size 28
 gpu_suite_step(out, budget_s): the DALI GPU measurement for bench/gpu_suite.py (skips with a reason without DALI/CUDA).
 Load this file by path (importlib.util.spec_from_file_location) or run it as a script: under bench/ its module name
 would shadow the dataloading package.
@@ -32,8 +32,8 @@ if __name__ == "dataloading":     # `import dataloading` with bench/ first on sy
 
 from common import ROOT, base_parser, environment, print_table, quantiles, setup, sync, write_json
 
-from dataloading import ImageFolder, TrainLoader  # noqa: E402  (common puts the repo root on sys.path)
-from dataloading import dali as D  # noqa: E402
+from maect.dataloading import ImageFolder, TrainLoader  # noqa: E402  (common puts the repo root on sys.path)
+from maect.dataloading import dali as D  # noqa: E402
 
 ROWS = [  # (name, views, ctaug, crop scale): stage 1 (MAE), stages 2-3 (MAE-CT), MAE-CTaug
     ("mae 1 view", 1, False, (0.2, 1.0)),
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     elif a.data:
         root = os.path.join(a.data, "train") if os.path.isdir(os.path.join(a.data, "train")) else a.data
     else:
-        sys.exit("give --data DIR (an ImageFolder tree, e.g. from `python -m dataloading.export --out DIR`) "
+        sys.exit("give --data DIR (an ImageFolder tree, e.g. from `python -m maect.dataloading.export --out DIR`) "
                  "or --synthetic N")
     data = ImageFolder(root)
     reason = D.why_not(data, "cuda")

@@ -21,7 +21,7 @@ import torch
 
 from common import add_ratio, base_parser, environment, gpu_peak_extra_mb, measure, print_table, setup, write_json
 
-import kernels  # noqa: E402  (common puts the repo root on sys.path)
+from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
 
 GPU_SHAPES = [("ViT-B/16", 256, 196, 768), ("ViT-L/16", 256, 196, 1024), ("ViT-H/14", 256, 256, 1280)]
 CPU_SHAPES = [("tiny", 64, 49, 96), ("small", 32, 196, 192)]

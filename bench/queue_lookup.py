@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from common import (add_ratio, base_parser, environment, gpu_peak_extra_mb, measure, print_table,
                     rss_peak_extra_mb, run_child, setup, sync, write_json)
 
-import kernels  # noqa: E402  (common puts the repo root on sys.path)
+from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ["matmul (floor)", "mm + topk", "official NNCLR", "official compiled", "maect"]

@@ -57,13 +57,13 @@ import torch.nn.functional as F
 from common import add_ratio, base_parser, environment, measure, print_table, setup, write_json
 from queue_lookup import official_nnclr
 
-import kernels  # noqa: E402  (common puts the repo root on sys.path)
+from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
 from maect import config as C  # noqa: E402
 from maect import hub  # noqa: E402
 from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
 from maect.models import attention as A  # noqa: E402
-from dataloading.augment import h2d  # noqa: E402
+from maect.dataloading.augment import h2d  # noqa: E402
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
 from maect.train import NNCLRNet, ema_pairs, ema_update, optimizer_step  # noqa: E402
 

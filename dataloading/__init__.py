@@ -1,3 +1,3 @@
 """Data loading for maect: datasets (Fashion-MNIST arrays, image folders), batched augmentations, loaders."""
-from dataloading.datasets import ArrayData, ImageFolder, fashion_mnist, load_data  # noqa: F401
-from dataloading.loader import TrainLoader, build_loader, eval_batches  # noqa: F401
+from maect.dataloading.datasets import ArrayData, ImageFolder, fashion_mnist, load_data  # noqa: F401
+from maect.dataloading.loader import TrainLoader, build_loader, eval_batches  # noqa: F401

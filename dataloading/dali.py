@@ -43,9 +43,9 @@ import logging
 
 import torch
 
-from dataloading import augment as A
-from dataloading.datasets import ArrayData, ImageFolder
-from dataloading.loader import bad_file_mask, epoch_order, note_skipped, substitute
+from maect.dataloading import augment as A
+from maect.dataloading.datasets import ArrayData, ImageFolder
+from maect.dataloading.loader import bad_file_mask, epoch_order, note_skipped, substitute
 
 log = logging.getLogger("maect.data")
 READER = "reader"
@@ -71,7 +71,7 @@ def why_not(data, device) -> str | None:
         return reason
     if isinstance(data, ArrayData):
         return ("the data are in-memory arrays (the torch loader augments them on the device); for DALI export them "
-                "with `python -m dataloading.export --out DIR` and use data.name=imagefolder data.root=DIR")
+                "with `python -m maect.dataloading.export --out DIR` and use data.name=imagefolder data.root=DIR")
     if not isinstance(data, ImageFolder):
         return f"unsupported dataset type {type(data).__name__}"
     if torch.device(device).type != "cuda":

@@ -1,6 +1,6 @@
 """Export an in-memory array data set (Fashion-MNIST, any ArrayData) to an ImageFolder tree of image files.
 
-    python -m dataloading.export --out DIR [--data fashion_mnist] [--root SRC] [--limit N] [--format jpg|png]
+    python -m maect.dataloading.export --out DIR [--data fashion_mnist] [--root SRC] [--limit N] [--format jpg|png]
 
 writes DIR/train/<class>/<idx>.<ext> (the train split) and DIR/val/<class>/<idx>.<ext> (the test split), the tree
 `data.name=imagefolder data.root=DIR` reads. Class folders are the zero-padded class index ("0".."9") and file
@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from dataloading.datasets import ArrayData, load_data
+from maect.dataloading.datasets import ArrayData, load_data
 
 SPLITS = {"train": "train", "val": "test"}       # folder name -> source split
 

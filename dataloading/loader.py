@@ -20,8 +20,8 @@ import logging
 
 import torch
 
-from dataloading import augment as A
-from dataloading.datasets import ArrayData, ImageFolder
+from maect.dataloading import augment as A
+from maect.dataloading.datasets import ArrayData, ImageFolder
 
 log = logging.getLogger("maect.data")
 
@@ -204,7 +204,7 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
         raise ValueError(f"data.loader must be auto, cpu or dali, got {choice!r}")
     device = torch.device(device)
     skip_corrupt = bool(getattr(cfg_data, "skip_corrupt", False))
-    from dataloading import dali
+    from maect.dataloading import dali
     why_not = dali.why_not(data, device)
     if choice == "dali" and why_not and not why_not.startswith("device"):
         raise ValueError(f"data.loader=dali: {why_not}")

@@ -1,4 +1,5 @@
-"""maect kernels: drop-in ops for SSL code. Importing this package imports nothing from maect.
+"""maect kernels: drop-in ops for SSL code (`from maect.kernels import queue_topk, random_masking, unshuffle`).
+Importing this package imports nothing else of maect (only maect/__init__.py, which is a few lines).
 
 Public ops
     queue_topk(query, queue, k, exclude_ids=None, queue_ids=None, normalized=True) -> (values, indices)

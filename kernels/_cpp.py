@@ -2,7 +2,7 @@
 
 load() -> the extension module or None (memoised; thread-safe)
     MAECT_CPP=0                      -> None (disabled on purpose)
-    kernels._maect_C importable      -> that module (ahead-of-time: MAECT_BUILD_EXT=1 pip install
+    maect.kernels._maect_C importable      -> that module (ahead-of-time: MAECT_BUILD_EXT=1 pip install
                                         --no-build-isolation -e .), unless csrc/ is newer than it
     otherwise                        -> just-in-time build with torch.utils.cpp_extension.load, cached in the default
                                         torch extensions dir (~/.cache/torch_extensions/<py>_<cuda>/maect_cpu_avx2_
@@ -41,7 +41,9 @@ from .queue_topk import check_inputs
 __all__ = ["load", "queue_topk", "random_masking", "unshuffle"]
 
 logger = logging.getLogger("maect.kernels")
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# C++ sources: csrc/ beside kernels/ in a source checkout; maect/_csrc (package data) in an installed wheel
+_CSRC = next((p for p in (Path(__file__).resolve().parent.parent / d for d in ("csrc", "_csrc")) if p.is_dir()),
+             Path(__file__).resolve().parent.parent / "csrc")
 _UNSET = object()
 _loaded = _UNSET
 _lock = threading.Lock()
@@ -57,7 +59,7 @@ def _build_flags() -> tuple[str, list[str]]:
 
 
 def _aot_module():
-    """kernels._maect_C if it was built ahead of time and is not older than csrc/, else None. Staleness is checked
+    """maect.kernels._maect_C if it was built ahead of time and is not older than csrc/, else None. Staleness is checked
     before importing: a second library registering the maect namespace (the JIT build) would be refused."""
     spec = importlib.util.find_spec(f"{__package__}._maect_C")
     if spec is None or spec.origin is None:

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from dataloading.augment import h2d
+from maect import kernels
+from maect.dataloading.augment import h2d
 
 
 def lerp_weighted(targets: list[Tensor], sources: list[Tensor], weight: float, taken: Tensor | None = None) -> None:

@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import kernels
-from dataloading import build_loader, eval_batches, load_data
-from dataloading.augment import h2d
+from maect import kernels
+from maect.dataloading import build_loader, eval_batches, load_data
+from maect.dataloading.augment import h2d
 from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json

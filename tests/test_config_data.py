@@ -3,9 +3,9 @@ import os
 import pytest
 import torch
 
-from dataloading import TrainLoader, fashion_mnist
-from dataloading import augment as A
-from dataloading.datasets import read_idx
+from maect.dataloading import TrainLoader, fashion_mnist
+from maect.dataloading import augment as A
+from maect.dataloading.datasets import read_idx
 from maect.config import ConfigError, load_config
 
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import _cpp
-from kernels.masking import random_masking_ref, unshuffle_ref
-from kernels.queue_topk import queue_topk_ref, similarity_ref
+from maect import kernels
+from maect.kernels import _cpp
+from maect.kernels.masking import random_masking_ref, unshuffle_ref
+from maect.kernels.queue_topk import queue_topk_ref, similarity_ref
 
 needs_ext = pytest.mark.skipif(os.environ.get("MAECT_CPP") == "0", reason="MAECT_CPP=0: compiled CPU ops disabled")
 

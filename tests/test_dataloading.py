@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dataloading import ImageFolder, TrainLoader, build_loader, fashion_mnist
-from dataloading import dali as D
-from dataloading.export import export_split, main as export_main
+from maect.dataloading import ImageFolder, TrainLoader, build_loader, fashion_mnist
+from maect.dataloading import dali as D
+from maect.dataloading.export import export_split, main as export_main
 
 DALI_MISSING = D.import_error()                  # CI installs it: D.PIP
 needs_dali = pytest.mark.skipif(DALI_MISSING is not None, reason=DALI_MISSING or "")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.masking import random_masking_ref, random_masking_triton, unshuffle_ref, unshuffle_triton
+from maect.kernels.masking import random_masking_ref, random_masking_triton, unshuffle_ref, unshuffle_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -158,7 +158,7 @@ def test_empty_batch_falls_back():
 @pytest.mark.parametrize("shape", [(256, 196, 768), (256, 196, 1024), (256, 256, 1280)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_gpu_vit_shapes_through_dispatch(shape, dtype):
-    import kernels
+    from maect import kernels
     x, noise = inputs(*shape, dtype)
     assert kernels.backend_for(x) == "triton"
     for a, b in zip(kernels.random_masking(x, 0.75, noise), random_masking_ref(x, 0.75, noise)):
@@ -174,8 +174,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
-mk = sys.modules["kernels.masking"]
+from maect import kernels
+mk = sys.modules["maect.kernels.masking"]
 dims = dict(L="i32", K="i32", D="i32")
 for xd in ("bf16", "fp32"):
     cases = [(mk._random_masking_fwd_kernel, dict(noise_ptr="*fp32", x_ptr=f"*{xd}", xv_ptr=f"*{xd}", mask_ptr=f"*{xd}",

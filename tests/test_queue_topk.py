@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.queue_topk import queue_topk_ref, queue_topk_triton, similarity_ref
+from maect.kernels.queue_topk import queue_topk_ref, queue_topk_triton, similarity_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -207,7 +207,7 @@ def test_noncontiguous_inputs_unchanged(dtype):
 @pytest.mark.parametrize("k", [1, 20, 64])
 def test_gpu_headline_shape(dtype, k):
     """B=2048, Q=65536, D=256 on CUDA through the public dispatch (autotuned unless MAECT_AUTOTUNE=0)."""
-    import kernels
+    from maect import kernels
     q, e, ex, qi, q32, e32 = make(2048, 65536, 256, dtype, n_ids=50000)
     assert kernels.backend_for(q) == "triton"
     v, i = kernels.queue_topk(q, e, k, ex, qi, True)
@@ -228,8 +228,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels
-qt = sys.modules["kernels.queue_topk"]
+from maect import kernels
+qt = sys.modules["maect.kernels.queue_topk"]
 sig = dict(q_ptr="*bf16", e_ptr="*bf16", ex_ptr="*i64", qid_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64",
            cand_ptr="*i64", B="i32", Q="i32", D="i32", stride_qb="i32", stride_qd="i32", stride_eq="i32",
            stride_ed="i32", K="i32", SPLITS="i32")

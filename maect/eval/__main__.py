@@ -69,7 +69,7 @@ def resolve_device(name: str) -> torch.device:
 def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device):
     """(features [N, D] on device, labels [N] on device, num_classes, source) for one split, from the cache when
     its metadata matches, else from the encoder (then written to the cache)."""
-    from dataloading import eval_batches, load_data
+    from maect.dataloading import eval_batches, load_data
     limit = args.train_limit if split == "train" else args.test_limit
     meta = feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
                         data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema)

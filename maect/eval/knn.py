@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
+from maect import kernels
 
 SIM_BUDGET = 1 << 26    # similarities per chunk (256 MiB fp32 in the reference path's [chunk, N_train] matrix)
 

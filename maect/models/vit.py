@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-import kernels
+from maect import kernels
 from maect.models.attention import attention
 
 
