@@ -33,25 +33,23 @@ def projector(d: int, hidden: int = 2048, out: int = 256) -> nn.Sequential:
 
 
 def predictor(d: int = 256, hidden: int = 4096) -> nn.Sequential:
-    """Linear(d->h, no bias)-BN-ReLU-Linear(h->d)."""
+    """Linear(d->h, no bias)-BN-ReLU-Linear(h->d, no bias): the published MAE-CT predictor (its comment: "here should
+    be a bias but it also works well without")."""
     return nn.Sequential(nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, d))
+                         nn.Linear(hidden, d, bias=False))
 
 
 class NNCLRHead(nn.Module):
     """Online projector + predictor, and (stage 3) an EMA target projector used for queue lookups/enqueues.
-    Each view goes through separately so BatchNorm statistics are per view."""
+    Each view goes through separately so BatchNorm statistics are per view. Every Linear keeps PyTorch's default
+    initialisation (kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(fan_in))), as the published head does: no
+    xavier here (xavier-uniform would start the predictor's last layer ~2.3x larger for 4096 -> 256)."""
 
     def __init__(self, in_dim: int, proj_hidden: int = 2048, proj_dim: int = 256, pred_hidden: int = 4096):
         super().__init__()
         self.projector = projector(in_dim, proj_hidden, proj_dim)
         self.predictor = predictor(proj_dim, pred_hidden)
         self.target_projector: nn.Module | None = None
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     def add_target(self) -> None:
         """Create the EMA target projector as a copy of the (stage-2 trained) projector."""
@@ -71,20 +69,13 @@ class NNCLRHead(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float, taken: Tensor | None = None) -> None:
-        """target = m * target + (1 - m) * online for parameters; BatchNorm running stats likewise (EMA), the
-        batch counter copied. taken: a device bool; where False (a skipped step) the target stays bitwise as it
-        was, decided on the device without a host sync."""
-        t_f, o_f, t_i, o_i = [], [], [], []
-        for t, o in zip([*self.target_projector.parameters(), *self.target_projector.buffers()],
-                        [*self.projector.parameters(), *self.projector.buffers()]):
-            if t.dtype.is_floating_point:
-                t_f.append(t)
-                o_f.append(o.detach())
-            else:
-                t_i.append(t)
-                o_i.append(o)
-        lerp_weighted(t_f, o_f, 1.0 - momentum, taken)
-        for t, o in zip(t_i, o_i):
+        """target = m * target + (1 - m) * online for the parameters; the BatchNorm buffers (running statistics,
+        batch counter) are copied from the online projector, as the published code does (update_ema copies buffers).
+        taken: a device bool; where False (a skipped step) the target stays bitwise as it was, decided on the
+        device without a host sync."""
+        lerp_weighted(list(self.target_projector.parameters()), [p.detach() for p in self.projector.parameters()],
+                      1.0 - momentum, taken)
+        for t, o in zip(self.target_projector.buffers(), self.projector.buffers()):
             t.copy_(o if taken is None else torch.where(taken, o, t))
 
 

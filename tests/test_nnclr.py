@@ -24,7 +24,7 @@ def test_head_shapes_follow_spec():
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert all(m.bias is None for m in h.projector if isinstance(m, torch.nn.Linear))
     assert [type(m).__name__ for m in h.predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert h.predictor[0].bias is None and h.predictor[3].bias is not None
+    assert h.predictor[0].bias is None and h.predictor[3].bias is None   # the published predictor: no bias
     p, z = h(torch.randn(8, 96))
     assert p.shape == z.shape == (8, 32) and not z.requires_grad
 
