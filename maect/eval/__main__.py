@@ -9,6 +9,7 @@ the JSON. The checkpoint records the pooling, image size and data set; flags ove
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from maect.eval.knn import knn_accuracy
 from maect.eval.lowshot import lowshot
 from maect.eval.probe import linear_probe
 
+log = logging.getLogger("maect")
 PROTOCOLS = ("knn", "probe", "lowshot", "cluster")
 
 
@@ -46,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--probe-epochs", type=int, default=50)
     p.add_argument("--probe-batch", type=int, default=1024)
     p.add_argument("--lowshot-max-iter", type=int, default=1000)
+    p.add_argument("--lowshot-preprocess", default="row", choices=("row", "row_train_only", "column"),
+                   help="row: centre and L2-normalise every row on its own, train and test (MSN's protocol, which the "
+                        "MAE-CT code follows for the train rows); row_train_only: the published MAE-CT code exactly "
+                        "(test features raw); column: centre with the train split's mean, then L2-normalise")
     p.add_argument("--kmeans-restarts", type=int, default=10)
     p.add_argument("--cluster-split", default="test", choices=("train", "test"), help="which features k-means clusters")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +87,8 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
     data = load_data(data_name, data_root, split)
     batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"], batch_size=args.batch_size,
                            device=device, limit=limit)
-    f, y = extract_features(model, batches, pool=pool, device=device)
+    n = len(data) if limit is None else min(limit, len(data))
+    f, y = extract_features(model, batches, pool=pool, device=device, progress=f"features {split}", total=n)
     if prefix:
         cache_features(prefix, f, y, dict(meta, num_classes=int(data.num_classes)))
     return f, y, int(data.num_classes), "encoder"
@@ -98,6 +105,7 @@ def run(args) -> dict:
     data_root = args.data_root if args.data_root is not None else (recorded.get("root") or None)
     res = {"ckpt": os.path.abspath(args.ckpt), "pool": pool, "data": data_name, "data_root": data_root,
            "img_size": info["img_size"], "device": str(device), "use_ema": args.use_ema, "seed": args.seed,
+           "lowshot_preprocess": args.lowshot_preprocess,
            "protocols": {}, "seconds": {}}
     t0 = time.perf_counter()
     tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device)
@@ -108,6 +116,7 @@ def run(args) -> dict:
     P = res["protocols"]
     for name in args.protocols:
         t = time.perf_counter()
+        log.info(f"[eval] {name} on {tr_f.shape[0]} train / {te_f.shape[0]} test features (D={tr_f.shape[1]}, {device})")
         if name == "knn":
             ks = sorted({10, args.knn_k})
             acc = knn_accuracy(tr_f, tr_y, te_f, te_y, k=ks, T=args.knn_T, num_classes=C,
@@ -115,14 +124,16 @@ def run(args) -> dict:
             P["knn"] = {"T": args.knn_T, "standardize": args.knn_standardize, **{f"k{k}": a for k, a in acc.items()}}
         elif name == "probe":
             P["probe"] = linear_probe(tr_f, tr_y, te_f, te_y, num_classes=C, epochs=args.probe_epochs,
-                                      batch_size=args.probe_batch, seed=args.seed)
+                                      batch_size=args.probe_batch, seed=args.seed, progress="probe")
         elif name == "lowshot":
-            P["lowshot"] = lowshot(tr_f, tr_y, te_f, te_y, seed=args.seed, max_iter=args.lowshot_max_iter)
+            P["lowshot"] = lowshot(tr_f, tr_y, te_f, te_y, seed=args.seed, max_iter=args.lowshot_max_iter,
+                                   preprocessing=args.lowshot_preprocess, progress="low-shot")
         elif name == "cluster":
             f, y = (tr_f, tr_y) if args.cluster_split == "train" else (te_f, te_y)
-            P["cluster"] = dict(cluster_eval(f, y, num_classes=C, restarts=args.kmeans_restarts, seed=args.seed),
-                                split=args.cluster_split)
+            P["cluster"] = dict(cluster_eval(f, y, num_classes=C, restarts=args.kmeans_restarts, seed=args.seed,
+                                             progress="k-means"), split=args.cluster_split)
         res["seconds"][name] = time.perf_counter() - t
+        log.info(f"[eval] {name} done in {res['seconds'][name]:.1f} s")
     return res
 
 
@@ -150,6 +161,8 @@ def table(res: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not logging.getLogger().handlers:   # progress lines (maect.progress) on stdout, like maect.train's
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     res = run(args)
     print(table(res))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),

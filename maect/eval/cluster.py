@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maect.progress import Progress
+
 DIST_BUDGET = 1 << 24     # distances per block
 
 
@@ -77,8 +79,10 @@ def lloyd(x: Tensor, c: Tensor, x_sq: Tensor, max_iter: int, tol: float) -> tupl
     return lab, c, float(dist.double().sum()), it
 
 
-def kmeans(x: Tensor, k: int, restarts: int = 10, max_iter: int = 300, tol: float = 1e-4, seed: int = 0) -> dict:
-    """k-means of x [N, D] (any float dtype, computed in fp32 on x's device), best of `restarts` by inertia.
+def kmeans(x: Tensor, k: int, restarts: int = 10, max_iter: int = 300, tol: float = 1e-4, seed: int = 0,
+           progress: str = "") -> dict:
+    """k-means of x [N, D] (any float dtype, computed in fp32 on x's device), best of `restarts` by inertia;
+    progress: a name for progress lines (restarts done, ETA).
     Returns {'labels': int64 [N], 'centres': [k, D], 'inertia': float, 'inertias': [restarts], 'iters': [...]}."""
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"kmeans: k={k} must lie in [1, N={x.shape[0]}]")
@@ -86,12 +90,15 @@ def kmeans(x: Tensor, k: int, restarts: int = 10, max_iter: int = 300, tol: floa
     x_sq = (x * x).sum(1)
     g = torch.Generator(device=x.device).manual_seed(seed)
     best, inertias, iters = None, [], []
+    prog = Progress(progress, restarts, unit="restarts")
     for _ in range(restarts):
         lab, c, inertia, it = lloyd(x, kmeans_pp(x, k, x_sq, g), x_sq, max_iter, tol)
         inertias.append(inertia)
         iters.append(it)
         if best is None or inertia < best[2]:
             best = (lab, c, inertia)
+        prog.update()
+    prog.done(f"({x.shape[0]} points, k={k})")
     return {"labels": best[0], "centres": best[1], "inertia": best[2], "inertias": inertias, "iters": iters}
 
 
@@ -108,13 +115,13 @@ def hungarian_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def cluster_eval(features: Tensor, labels: Tensor, num_classes: int | None = None, restarts: int = 10,
-                 seed: int = 0, max_iter: int = 300, normalize: bool = True) -> dict:
+                 seed: int = 0, max_iter: int = 300, normalize: bool = True, progress: str = "") -> dict:
     """k-means with k = num_classes (default: max label + 1) on the L2-normalised features [N, D].
     Returns {'acc' (%), 'nmi' (%), 'inertia', 'k', 'restarts'}."""
     from sklearn.metrics import normalized_mutual_info_score
     k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     x = F.normalize(features.float(), dim=1, eps=1e-12) if normalize else features.float()
-    res = kmeans(x, k, restarts=restarts, max_iter=max_iter, seed=seed)
+    res = kmeans(x, k, restarts=restarts, max_iter=max_iter, seed=seed, progress=progress)
     pred, y = res["labels"].cpu().numpy(), labels.cpu().numpy()
     return {"acc": hungarian_accuracy(pred, y), "nmi": 100.0 * float(normalized_mutual_info_score(y, pred)),
             "inertia": res["inertia"], "k": k, "restarts": restarts}

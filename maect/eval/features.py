@@ -23,16 +23,20 @@ from torch import Tensor
 
 from maect.atomic import atomic_write, write_json
 from maect.models.vit import pool as pool_tokens
+from maect.progress import Progress
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device=None) -> tuple[Tensor, Tensor]:
+def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device=None, progress: str = "",
+                     total: int | None = None) -> tuple[Tensor, Tensor]:
     """Pooled encoder features of every batch.
 
     model:   MaskedAutoencoderViT (or a DDP/compile wrapper exposing .module); only forward_features is used.
     batches: iterable of (x [n, C, S, S] float normalised, y [n] int64), e.g. dataloading.eval_batches(...).
     pool:    'cls' | 'mean'.
     device:  where the encoder runs and the features live (default: the model's parameters' device).
+    progress: a name for progress lines (images done, images/s, ETA; every 10 s and at the end); '' = silent.
+    total:   the number of images expected (for the ETA).
     Returns (features float32 [N, D], labels int64 [N]) on `device`.
 
     The model is put in eval mode for the pass, and every module's own training flag is restored afterwards
@@ -49,12 +53,15 @@ def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device
     # bf16 autocast on CUDA as in training; fp32 on CPU (CPU autocast would only slow the small eval models down)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     feats, labels = [], []
+    prog = Progress(progress, total)
     try:
         for x, y in batches:
             with amp:
                 tokens = net.forward_features(x.to(device, non_blocking=True))   # [n, 1 + L, D]
             feats.append(pool_tokens(tokens, pool).float())                      # [n, D] fp32
             labels.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
+            prog.update(x.shape[0])
+        prog.done(f"on {device}")
     finally:
         for m, t in flags.items():
             m.training = t

@@ -14,9 +14,18 @@ Dividing the first objective by lam (same minimiser) gives (1/(lam*n)) * sum CE 
 solution.) With two classes sklearn fits a single binary-logistic vector instead of a softmax; all our data sets
 have more classes.
 
-Features: centred with the mean of the FULL train split's features (unlabelled data: a legitimate semi-supervised
-statistic, and far less noisy than the mean of 10 labelled images), then each row L2-normalised: centre first,
-normalise second, applied identically to the labelled subset and the test set.
+Features (`preprocessing`): the published MAE-CT code calls cyanure's preprocess(X, normalize=True, columns=False,
+centering=True) on the TRAINING features only: every row is centred on its own mean (over its D entries) and then
+L2-normalised; the test features go to the classifier raw. MSN's logistic_eval.py, which that code cites, applies
+the same row-wise preprocessing to the test features too. The omission looks like a bug but changes no prediction:
+every centred training row is orthogonal to the all-ones vector, so the gradient of the loss is too, and a solver
+started at W = 0 ends with every class vector w_c orthogonal to it; then w_c . (x - m 1) = w_c . x for any test
+row x, and normalising divides all logits of a row by the same positive number (tests/test_repro.py checks the
+predictions agree). The default follows MSN so that the scores do not rest on that identity.
+    'row'             every row centred on its own mean, then L2-normalised; train and test (default; MSN)
+    'row_train_only'  the same on the training rows, test rows raw (the published MAE-CT code)
+    'column'          rows centred with the mean of the FULL train split's features, then L2-normalised, train and
+                      test (maect before the audit)
 """
 from __future__ import annotations
 
@@ -26,13 +35,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maect.progress import Progress
+
 LAMBDA = 0.00025          # lam * n, i.e. lam = LAMBDA / n_train
 SHOTS = (1, 2, 5)
+PREPROCESSING = ("row", "row_train_only", "column")
 
 
-def preprocess(f: Tensor, mean: Tensor) -> np.ndarray:
-    """Centre with `mean` [D], then L2-normalise rows: f [N, D] -> float64 numpy [N, D] (sklearn's native dtype)."""
-    x = f.double().cpu() - mean.double().cpu()
+def preprocess(f: Tensor, mean: Tensor | None = None) -> np.ndarray:
+    """Centre, then L2-normalise rows: f [N, D] -> float64 numpy [N, D] (sklearn's native dtype).
+    mean None: every row centred on its own mean over its D entries (cyanure's columns=False); else `mean` [D]
+    subtracted from every row."""
+    x = f.double().cpu()
+    x = x - (x.mean(1, keepdim=True) if mean is None else mean.double().cpu())
     return torch.nn.functional.normalize(x, dim=1, eps=1e-12).numpy()
 
 
@@ -70,21 +85,26 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, lam_n: float = LAMBDA, max_iter: in
 
 
 def lowshot(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, shots=SHOTS, n_splits: int = 3,
-            percent: float | None = 1.0, seed: int = 0, lam_n: float = LAMBDA, max_iter: int = 1000) -> dict:
+            percent: float | None = 1.0, seed: int = 0, lam_n: float = LAMBDA, max_iter: int = 1000,
+            preprocessing: str = "row", progress: str = "") -> dict:
     """Low-shot accuracies (%) on features train_f [N, D] / test_f [M, D] with labels train_y [N] / test_y [M].
+    preprocessing: 'row' | 'row_train_only' | 'column' (module docstring). progress: a name for a log line per fit.
 
     Returns {'{s}-shot': {'mean', 'std', 'accs', 'n_train', 'converged'} for s in shots,
              '{p}%': {... one split ...}}. std is the population std over the splits (0 for one split).
     Split j of setting s uses seed  seed * 1000 + 100 * s + j  (different settings draw different images).
     """
-    mean = train_f.double().mean(0)            # full train split, before any subsetting
-    x_test = preprocess(test_f, mean)          # train rows are preprocessed per split: only the labelled ones
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"lowshot: preprocessing={preprocessing!r}: choose one of {PREPROCESSING}")
+    mean = train_f.double().mean(0) if preprocessing == "column" else None   # full train split, before subsetting
+    x_test = test_f.double().cpu().numpy() if preprocessing == "row_train_only" else preprocess(test_f, mean)
     y_all, y_test = train_y.cpu().numpy(), test_y.cpu().numpy()
     settings = [(f"{s}-shot", [shot_split(y_all, s, seed * 1000 + 100 * s + j) for j in range(n_splits)])
                 for s in shots]
     if percent:
         settings.append((f"{percent:g}%", [percent_split(y_all, percent / 100.0, seed * 1000 + 999)]))
     out = {}
+    prog = Progress(progress, sum(len(sp) for _, sp in settings), unit="fits", every=0.0)
     for name, splits in settings:
         accs, conv = [], []
         for idx in splits:
@@ -92,6 +112,8 @@ def lowshot(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, sh
             clf = fit_logreg(preprocess(train_f[sel], mean), y_all[idx], lam_n, max_iter)
             accs.append(100.0 * float((clf.predict(x_test) == y_test).mean()))
             conv.append(clf.converged_)
+            prog.update()
         out[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "accs": accs,
                      "n_train": [int(len(i)) for i in splits], "converged": all(conv)}
+    prog.done()
     return out

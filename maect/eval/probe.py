@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from maect.progress import Progress
+
 LRS = (0.1, 0.05, 0.03, 0.02, 0.01)   # base lrs; the actual lr is base * batch / 256
 
 
@@ -44,9 +46,9 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int = 50, batch_size: int = 1024,
-                momentum: float = 0.9, warmup_frac: float = 0.1, seed: int = 0):
+                momentum: float = 0.9, warmup_frac: float = 0.1, seed: int = 0, progress: str = ""):
     """Train n_lr heads on f [N, D] float32 / y [N] int64 with per-head lrs [n_lr] (already scaled).
-    Returns (bn in eval mode, W [n_lr, D, C], b [n_lr, C])."""
+    progress: a name for progress lines (epochs done, ETA). Returns (bn in eval mode, W [n_lr, D, C], b [n_lr, C])."""
     N, D = f.shape
     L, dev = lrs.numel(), f.device
     g = torch.Generator().manual_seed(seed)
@@ -62,6 +64,7 @@ def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int
     warmup = max(1, int(round(warmup_frac * total)))
     step = 0
     bn.train()
+    prog = Progress(progress, epochs, unit="epochs")
     for _ in range(epochs):
         perm = torch.randperm(N, generator=g).to(dev)
         for s in range(steps_per_epoch):
@@ -77,6 +80,8 @@ def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int
                     buf.mul_(momentum).add_(gp)                              # torch SGD: buf = m * buf + g (wd 0)
                     p.sub_(lr.view(shape) * buf)
             step += 1
+        prog.update()
+    prog.done(f"({L} lrs in one pass, {N} features)")
     bn.eval()
     return bn, W.detach(), b.detach()
 
@@ -93,7 +98,7 @@ def head_accuracy(bn: nn.BatchNorm1d, W: Tensor, b: Tensor, f: Tensor, y: Tensor
 
 def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int | None = None,
                  epochs: int = 50, batch_size: int = 1024, base_lrs=LRS, val_frac: float = 0.1, seed: int = 0,
-                 device=None) -> dict:
+                 device=None, progress: str = "") -> dict:
     """Linear probe with lr selection on a held-out validation split.
 
     train_f [N, D], train_y [N], test_f [M, D], test_y [M]; runs on `device` (default train_f's device).
@@ -107,7 +112,8 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     tr, va = tr.to(dev), va.to(dev)
     lrs = torch.tensor([bl * batch_size / 256 for bl in base_lrs], dtype=torch.float32)
     with torch.enable_grad():
-        bn, W, b = train_heads(f[tr], y[tr], C, lrs, epochs=epochs, batch_size=batch_size, seed=seed)
+        bn, W, b = train_heads(f[tr], y[tr], C, lrs, epochs=epochs, batch_size=batch_size, seed=seed,
+                               progress=progress)
     val = head_accuracy(bn, W, b, f[va], y[va])
     best = int(val.argmax())                # ties: the first (largest) lr
     test = head_accuracy(bn, W[best:best + 1], b[best:best + 1], test_f.to(dev).float(), test_y.to(dev).long())
