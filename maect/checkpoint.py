@@ -25,8 +25,8 @@ from maect import hub
 log = logging.getLogger("maect")
 
 # keys that may differ between a checkpoint's config and the resuming run's
-RESUME_FREE = ("out_dir", "resume", "init", "log_every", "threads", "device", "stage", "ckpt_every", "keep_last",
-               "max_skips", "eval.", "data.root", "data.num_workers", "data.loader", "fused_optimizer", "preset")
+RESUME_FREE = ("out_dir", "resume", "init", "log_every", "threads", "device", "stage", "ckpt_every", "ckpt_epochs",
+               "keep_last", "max_skips", "eval.", "data.root", "data.num_workers", "data.loader", "fused_optimizer", "preset")
 
 
 def code_version() -> str:

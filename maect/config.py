@@ -47,7 +47,7 @@ class MAECfg:                        # stage 1
     warmup_epochs: float = 40
     batch_size: int = 4096
     accum_steps: int = 1
-    blr: float = 1.5e-4              # lr = blr * batch_size / 256
+    blr: float = 1.5e-4              # lr = blr * num_views * batch_size / 256 (the published code counts views)
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
@@ -90,7 +90,7 @@ class CTCfg:                         # stage 3: contrastive tuning
     encoder_ema: float = 0.9999
     llrd: float = 0.65
     tuned_from_block: int = -1       # first trained block; -1: depth // 2 (the upper half)
-    aug: bool = False                # MAE-CTaug: SPEC's asymmetric colour augmentations
+    aug: bool = False                # MAE-CTaug: SPEC's asymmetric colour augmentations, in stage 2 too (published)
     crop_scale: tuple = (0.08, 1.0)
 
 
@@ -118,9 +118,11 @@ class Config:
     log_every: int = 20
     fused_optimizer: str = "auto"    # auto | apex | torch | off
     resume: str = ""                 # '' (start fresh) | auto (continue from each stage's latest checkpoint)
-    ckpt_every: int = 0              # steps between checkpoints (0: at each epoch end only)
+    ckpt_every: int = 0              # steps between checkpoints (0: at epoch ends only)
+    ckpt_epochs: int = 1             # epochs between end-of-epoch checkpoints (0: none; the final one is always written)
     keep_last: int = 2               # numbered checkpoints kept besides latest/final
     max_skips: int = 5               # consecutive non-finite steps tolerated before the run stops
+    smoke: int = 0                   # > 0: a CPU check of any preset: this many steps per stage (apply_smoke)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     mae: MAECfg = field(default_factory=MAECfg)
@@ -240,8 +242,28 @@ def load_config(args: list[str]) -> Config:
     for k, v in pairs:
         if k != "preset":
             set_key(cfg, k, yaml.safe_load(v) if v != "" else "")
+    apply_smoke(cfg)
     validate(cfg)
     return cfg
+
+
+SMOKE_BATCH = 16
+
+
+def apply_smoke(cfg: Config) -> None:
+    """smoke=N (N > 0): the preset's model, stages and settings, but N optimizer steps per stage on global batches
+    of SMOKE_BATCH, a queue of 4 batches and small monitor / evaluation subsets (100 train, 50 test images): checks
+    on a CPU that a preset (a GPU one, say) runs end to end. The keys it sets override the preset and the command
+    line; the step count itself is applied in maect.train."""
+    if cfg.smoke <= 0:
+        return
+    for s in (cfg.mae, cfg.head, cfg.ct):
+        s.batch_size = SMOKE_BATCH
+    cfg.mae.accum_steps = 1
+    cfg.nnclr.queue_size = 4 * SMOKE_BATCH
+    e = cfg.eval
+    e.monitor_train, e.monitor_test, e.final_train, e.final_test = 100, 50, 100, 50
+    cfg.log_every = 1
 
 
 def from_dict(d: dict) -> Config:

@@ -114,15 +114,39 @@ class KNNMonitor:
         self.num_classes = train.num_classes
 
     @torch.no_grad()
-    def __call__(self, encoder: nn.Module, pool_mode: str) -> float:
+    def features(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> tuple:
+        """(bank features, bank labels, query features, query labels); progress: a name for progress lines."""
         from maect.eval.features import extract_features
-        from maect.eval.knn import knn_accuracy
         m = self.cfg.model
         kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device)
-        ftr, ytr = extract_features(encoder, eval_batches(self.train, **kw), pool=pool_mode, device=self.device)
-        fte, yte = extract_features(encoder, eval_batches(self.test, **kw), pool=pool_mode, device=self.device)
+        out = []
+        for split, data in (("train", self.train), ("test", self.test)):
+            out += extract_features(encoder, eval_batches(data, **kw), pool=pool_mode, device=self.device,
+                                    progress=f"{progress} {split}" if progress else "", total=len(data))
+        return tuple(out)
+
+    def knn(self, ftr, ytr, fte, yte) -> float:
+        from maect.eval.knn import knn_accuracy
         return knn_accuracy(ftr, ytr, fte, yte, k=self.cfg.eval.knn_k, T=self.cfg.eval.knn_T,
                             num_classes=self.num_classes)
+
+    def __call__(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> float:
+        return self.knn(*self.features(encoder, pool_mode, progress))
+
+
+@torch.no_grad()
+def projected(projector: nn.Module, feats: tuple) -> tuple:
+    """The monitor's (bank, labels, queries, labels) with the features passed through `projector` in eval mode
+    (BatchNorm running statistics) and L2-normalised: what the queue would store for these images."""
+    flags = {m: m.training for m in projector.modules()}
+    projector.eval()
+    try:
+        ftr, ytr, fte, yte = feats
+        dt = next(projector.parameters()).dtype
+        return F.normalize(projector(ftr.to(dt)).float(), dim=1), ytr, F.normalize(projector(fte.to(dt)).float(), dim=1), yte
+    finally:
+        for m, t in flags.items():
+            m.training = t
 
 
 def maybe_compile(cfg: C.Config, model: nn.Module) -> None:
@@ -266,7 +290,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
             epoch, in_epoch = epoch + 1, 0
             if after_epoch is not None:
                 after_epoch(epoch, step, meter)
-            if step < total:
+            if step < total and cfg.ckpt_epochs and epoch % cfg.ckpt_epochs == 0:
                 save_state()
             continue
         break
@@ -288,6 +312,12 @@ def stage_resume(cfg: C.Config, ckpts: Checkpoints) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ stage 1
+def mae_lr(s: C.MAECfg) -> float:
+    """SPEC: blr x views x global batch / 256. The published code scales every stage's lr by the number of views
+    (lr_scaler_factor = n_views x effective batch), so two views per image double the lr of one."""
+    return s.blr * s.num_views * s.batch_size / 256
+
+
 def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     s, out = cfg.mae, stage_dir(cfg, "mae")
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
@@ -304,7 +334,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     loader = make_loader(cfg, di, data, s, s.num_views, False, micro)
     maybe_compile(cfg, model)
     ddp = DDP(model, gradient_as_bucket_view=True) if di.world > 1 else model
-    lr = s.blr * s.batch_size / 256
+    lr = mae_lr(s)
     opt, opt_name = build_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr,
                                     fused=cfg.fused_optimizer, device=di.device)
     resume = stage_resume(cfg, ckpts)
@@ -312,9 +342,10 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
     spe = len(loader) // s.accum_steps
-    total, warm = max(1, round(s.epochs * spe)), round(s.warmup_epochs * spe)
+    total = cfg.smoke or max(1, round(s.epochs * spe))   # smoke=N: N steps (config.apply_smoke)
+    warm = round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
-             f"{di.world} ranks x {s.accum_steps} accum), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
+             f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
              f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
     L = model.patch_embed.num_patches
     model.train()
@@ -360,6 +391,10 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
 
 
 def load_head(head: NNCLRHead, sd: dict) -> None:
+    extra = sorted(set(sd) - set(head.state_dict()) - {k for k in sd if k.startswith("target_projector.")})
+    if extra:   # e.g. predictor.3.bias: heads written before the predictor lost its bias (the published layout)
+        raise C.ConfigError(f"the checkpoint's NNCLR head has parameters this head does not ({', '.join(extra)}): it "
+                            f"was written by an older maect; re-run stage 2 (stage=head) from its MAE checkpoint")
     if head.target_projector is None and any(k.startswith("target_projector.") for k in sd):
         head.add_target()
     head.load_state_dict(sd)
@@ -427,7 +462,8 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
     data = load_data(cfg.data.name, cfg.data.root, "train")
     queue.check_admissible(s.topk, len(data))
-    loader = make_loader(cfg, di, data, s, 2, ct and cfg.ct.aug, n_rank)
+    # MAE-CTaug (ct.aug) augments stage 2's views too: the published recipe trains the head on them
+    loader = make_loader(cfg, di, data, s, 2, cfg.ct.aug, n_rank)
     scale = 2 * s.batch_size / 256
     lrs = {"enc": s.blr * scale, "head": (cfg.ct.head_blr if ct else s.blr) * scale}
     groups = param_groups(head.named_parameters(), cfg.ct.head_weight_decay if ct else s.weight_decay, tag="head")
@@ -443,13 +479,14 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         opt.load_state_dict(resume["optimizer"])
         if ema is not None:
             ema.load_state_dict(resume["model_ema"])
-    total = max(1, round(s.epochs * len(loader)))
+    total = cfg.smoke or max(1, round(s.epochs * len(loader)))   # smoke=N: N steps (config.apply_smoke)
     warm = round(s.warmup_frac * total)
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     log.info(f"[{stage}] trainable: head {num_params(head, True) / 1e6:.2f}M, encoder {n_enc / 1e6:.2f}M "
              f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
-             f"top-k {s.topk}, queue {queue.size}, {total} steps, optimizer {opt_name}, loader {loader.backend}, "
+             f"top-k {s.topk}, queue {queue.size}, {total} steps, views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
+             f"optimizer {opt_name}, loader {loader.backend}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
 
@@ -461,15 +498,20 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         g = step_generator(cfg, stage, step)
         nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
         nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
-        nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
+        nn_acc = (queue.labels[i0] == b["label"]).float().mean()   # view 0's picked neighbour, as the published metric
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         if poison:
             loss = loss * float("nan")
         loss.backward()
         return loss.detach(), (z0, nn_acc)
 
+    nn_epoch = torch.zeros(2, device=di.device)   # (sum of nn_acc, steps) since the last monitor: neighbour quality
+    if resume is not None and "nn_epoch" in resume:
+        nn_epoch.copy_(resume["nn_epoch"])
+
     def post_fn(b, extras, taken):
         z0, nn_acc = extras
+        nn_epoch.add_(torch.where(taken, torch.stack([nn_acc, torch.ones_like(nn_acc)]), 0.0))
         queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]), taken)
         if ct:
             head.update_target(cfg.ct.target_ema, taken)
@@ -478,16 +520,27 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
 
     def state_fn():
         st = {"model": encoder.state_dict(), "head": head.state_dict(), "queue": queue.state_dict(),
-              "optimizer": opt.state_dict()}
+              "optimizer": opt.state_dict(), "nn_epoch": nn_epoch.cpu()}
         if ema is not None:
             st["model_ema"] = ema.state_dict()
         return st
 
     def after_epoch(epoch, step, meter):
+        """Quick k-NN of the encoder, and neighbour quality: how often view 0's picked neighbour has the query's
+        label (nn_acc, mean over the steps since the last monitor) and the k-NN accuracy of the (target)
+        projector's normalised output, the space the queue lookups run in."""
+        tot = dist.all_reduce_mean(nn_epoch)   # every rank's share of the global batch (collective: all ranks)
+        nn_mean = float(tot[0] / tot[1].clamp_min(1))
+        nn_epoch.zero_()
         if monitor is not None and (ct or epoch == 1):
-            acc = monitor(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
-            log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}%")
-            meter.write({"step": step, "epoch": epoch, "knn_acc": acc})
+            feats = monitor.features(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
+            acc = monitor.knn(*feats)
+            proj = head.target_projector if head.target_projector is not None else head.projector
+            zacc = monitor.knn(*projected(proj, feats))
+            log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}% | neighbour quality: "
+                     f"nn_acc {nn_mean:.3f} (view 0's picked neighbour shares the query's label), "
+                     f"{'target ' if ct else ''}projector k-NN {zacc:.2f}%")
+            meter.write({"step": step, "epoch": epoch, "knn_acc": acc, "nn_acc_epoch": nn_mean, "proj_knn_acc": zacc})
 
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
     return train_loop(cfg, di, stage, loader, total=total, warm=warm, accum=1, opt=opt, lrs=lrs, step_fn=step_fn,
@@ -519,6 +572,9 @@ def run(cfg: C.Config) -> dict:
     init = cfg.init
     for stage in {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,)):
         t0 = time.time()
+        # every stage starts from the same global RNG state (the head's initialisation draws from it), so a
+        # pipeline gives exactly what its stages run one by one with init= give
+        torch.manual_seed(cfg.seed)
         done = os.path.join(cfg.out_dir, stage, "checkpoint-final.pth")
         if cfg.resume == "auto" and os.path.exists(done):
             log.info(f"[{stage}] already finished ({done}); resume=auto skips it")
@@ -534,8 +590,9 @@ def run(cfg: C.Config) -> dict:
     if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
         final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test)
         before = results.get("mae_checkpoint") or cfg.init
-        acc0 = final(hub.load_encoder(before)[0].to(di.device), cfg.model.pool)
-        acc1 = final(hub.load_encoder(init, use_ema=cfg.eval.use_ema)[0].to(di.device), cfg.model.pool)
+        acc0 = final(hub.load_encoder(before)[0].to(di.device), cfg.model.pool, progress="final k-NN: MAE")
+        acc1 = final(hub.load_encoder(init, use_ema=cfg.eval.use_ema)[0].to(di.device), cfg.model.pool,
+                     progress="final k-NN: MAE-CT")
         results.update(knn_mae=acc0, knn_maect=acc1)
         log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
                  f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
