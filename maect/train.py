@@ -143,7 +143,8 @@ def projected(projector: nn.Module, feats: tuple) -> tuple:
     try:
         ftr, ytr, fte, yte = feats
         dt = next(projector.parameters()).dtype
-        return F.normalize(projector(ftr.to(dt)).float(), dim=1), ytr, F.normalize(projector(fte.to(dt)).float(), dim=1), yte
+        z = [F.normalize(projector(f.to(dt)).float(), dim=1) for f in (ftr, fte)]
+        return z[0], ytr, z[1], yte
     finally:
         for m, t in flags.items():
             m.training = t
@@ -345,7 +346,8 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     total = cfg.smoke or max(1, round(s.epochs * spe))   # smoke=N: N steps (config.apply_smoke)
     warm = round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
-             f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
+             f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, "
+             f"optimizer {opt_name}, "
              f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
     L = model.patch_embed.num_patches
     model.train()
@@ -485,7 +487,8 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     log.info(f"[{stage}] trainable: head {num_params(head, True) / 1e6:.2f}M, encoder {n_enc / 1e6:.2f}M "
              f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
-             f"top-k {s.topk}, queue {queue.size}, {total} steps, views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
+             f"top-k {s.topk}, queue {queue.size}, {total} steps, "
+             f"views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
              f"optimizer {opt_name}, loader {loader.backend}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()

@@ -116,7 +116,8 @@ def run(args) -> dict:
     P = res["protocols"]
     for name in args.protocols:
         t = time.perf_counter()
-        log.info(f"[eval] {name} on {tr_f.shape[0]} train / {te_f.shape[0]} test features (D={tr_f.shape[1]}, {device})")
+        log.info(f"[eval] {name} on {tr_f.shape[0]} train / {te_f.shape[0]} test features (D={tr_f.shape[1]}, "
+                 f"{device})")
         if name == "knn":
             ks = sorted({10, args.knn_k})
             acc = knn_accuracy(tr_f, tr_y, te_f, te_y, k=ks, T=args.knn_T, num_classes=C,
