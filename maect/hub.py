@@ -272,8 +272,8 @@ def _fix_pos_embed(out: dict) -> tuple[torch.Tensor, list[str]]:
 
 
 def load_encoder(src, use_ema: bool = False, strict: bool = True) -> tuple[MaskedAutoencoderViT, dict]:
-    """An encoder (no decoder), eval mode, from a path or a loaded checkpoint / state dict in any layout of the
-    module docstring. Returns (model, info) with info: pool, img_size, in_chans, model_cfg, data (name/root when
+    """An encoder (no decoder), eval mode, from a path (.pth checkpoint, .safetensors file, or a folder with
+    model.safetensors + config.json) or a loaded checkpoint / state dict in any layout of the module docstring. Returns (model, info) with info: pool, img_size, in_chans, model_cfg, data (name/root when
     recorded), config (maect Config or None), ema (the EMA encoder was loaded), format (maect | mae_pretrain |
     finetune | encoder), missing (our encoder keys absent from the file, e.g. norm.* for fc_norm fine-tunes),
     unexpected (file keys not loaded: decoder, head, ...), notes (each mapping and skipped group in words), source.
