@@ -93,7 +93,7 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
     """Write the encoder (+ JSON) and return the JSON's content."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    meta_path = os.path.join(out, "config.json") if fmt == "safetensors" else os.path.splitext(out)[0] + ".json"
+    meta_path = os.path.splitext(out)[0] + ".json"
     if fmt == "safetensors" and os.path.isfile(out):
         raise ValueError(f"--out {out!r} is a file; --format safetensors writes a folder (model.safetensors + config.json)")
     if fmt != "safetensors" and os.path.abspath(meta_path) == os.path.abspath(out):
@@ -113,8 +113,9 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
                           + (".load_state_dict(torch.load(OUT), strict=True)" if fmt == "timm"
                              else ".load_state_dict(torch.load(OUT)['model'], strict=True)"),
             "notes": info["notes"]}
-    if fmt == "safetensors":
-        meta["timm_usage"] = f"timm.create_model('local-dir:{out}', pretrained=True)"
+    if fmt == "safetensors":   # a folder meant for sharing: no local absolute paths in it
+        meta["source"] = os.path.basename(ckpt)
+        meta["timm_usage"] = "timm.create_model('local-dir:<this folder>', pretrained=True)"
         write_safetensors(sd, out, timm_config(name, kw, sizes, model.in_chans, info["data"], meta))
         return meta
     hub.save_checkpoint(sd if fmt == "timm" else {"model": sd}, out)
