@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,7 +111,7 @@ def reconstruction_png(images: dict[str, Tensor], labels: list[str], mean, std, 
             if c == 0:
                 ax.set_ylabel(labels[r], fontsize=7)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))   # room for the title above the column names
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -146,17 +147,17 @@ def embedding_png(panels: list[tuple[str, Tensor]], labels: Tensor, class_names,
     panels = [(title, z.cpu().numpy()) for title, z in panels]
     classes = sorted(int(c) for c in set(y.tolist()) if c >= 0)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    colour = {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
+    point_colours = [colour.get(int(c), "0.5") for c in y]             # grey: unlabelled
+    order = np.random.default_rng(0).permutation(len(y))              # no class drawn on top of all the others
     for ax, (title, z) in zip(axes[0], panels):
-        if not classes:
-            ax.scatter(z[:, 0], z[:, 1], s=3, c="0.5", linewidths=0)
-        for i, c in enumerate(classes):
-            sel = y == c
-            name = class_names[c] if class_names and c < len(class_names) else str(c)
-            ax.scatter(z[sel, 0], z[sel, 1], s=3, color=cmap(i % cmap.N), label=name, linewidths=0)
+        ax.scatter(z[order, 0], z[order, 1], s=3, c=[point_colours[i] for i in order], linewidths=0)
         ax.set_title(title, fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     if classes and len(classes) <= 20:
-        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3, frameon=False)
+        names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in classes]
+        handles = [plt.Line2D([], [], marker="o", ls="", ms=4, color=colour[c]) for c in classes]
+        axes[0][-1].legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -60,7 +60,7 @@ def test_dry_run_prints_the_sbatch_job(capsys):
     assert re.search(r"^srun .* -m submitit\.core\._submit ", out, re.M)
 
 
-def test_bad_arguments_are_one_line_errors():
+def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match=r"put the training arguments after --"):
         launch.main(["--nodes", "2", "preset=tiny"])
     with pytest.raises(SystemExit, match=r"nope"):
@@ -69,7 +69,7 @@ def test_bad_arguments_are_one_line_errors():
         launch.main(["--nodes", "3", "--gpus-per-node", "8", "--dry-run", "--", "preset=tiny"])
     if subprocess.run(["which", "srun"], capture_output=True).returncode != 0:
         with pytest.raises(SystemExit, match=r"srun.*--cluster local"):
-            launch.main(["--job-dir", "/tmp/unused", "--", "preset=tiny"])
+            launch.main(["--job-dir", str(tmp_path / "jobs"), "--", "preset=tiny"])
 
 
 @pytest.mark.slow
