@@ -42,6 +42,16 @@ except ImportError:  # pure-PyTorch install: the launcher raises, the reference 
     triton = tl = None
     _jit = _constexpr = lambda x: x  # noqa: E731
 
+# Sizes that vary from call to call are not specialised on (value 1 / divisible by 16), so one compiled kernel serves
+# every batch and queue length: no recompiles in evaluation's chunked calls, and a compile done for one B (the
+# tuner's compile workers) serves all. Strides and D stay specialised (aligned vector loads).
+_VARYING = ["B", "Q", "NT", "TILES", "K"]
+
+
+def _kernel(fn):
+    return triton.jit(do_not_specialize=[a for a in _VARYING if a in fn.__code__.co_varnames])(fn) \
+        if triton is not None else fn
+
 # Device helpers are jit functions on GPU; under the interpreter plain Python (it re-patches triton.language on every
 # jit-to-jit call, ~5 ms, which costs more than the arithmetic the helpers do). For the same reason the reductions
 # go straight to tl.reduce / tl.associative_scan with triton's own combine functions there (the interpreter runs
@@ -102,7 +112,7 @@ def _key_index(key):
     return 2147483647 - (key & 0x7FFFFFFF).to(tl.int32)
 
 
-@_jit
+@_kernel
 def _scan_kernel(
     q_ptr,      # query [B, D] fp32/bf16/fp16, strides (stride_qb, stride_qd); read only
     e_ptr,      # queue [Q, D] same dtype, strides (stride_eq, stride_ed); read only
@@ -228,7 +238,7 @@ def _merge(bag, ck, slot, K, bag_ptr, KP: tl.constexpr, CH: tl.constexpr):
     return tl.load(bag_ptr + slot, mask=live, other=_ABSENT)
 
 
-@_jit
+@_kernel
 def _select_kernel(
     q_ptr,      # query [B, D], strides (stride_qb, stride_qd); read only
     e_ptr,      # queue [Q, D], strides (stride_eq, stride_ed); read only

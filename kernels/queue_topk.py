@@ -220,57 +220,80 @@ def queue_topk_triton(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor 
         raise RuntimeError("queue_topk_triton: triton is not installed")
     if k > MAX_K:
         return queue_topk_ref(query, queue, k, exclude_ids, queue_ids, normalized)
-    B, D = query.shape
-    Q = queue.shape[0]
+    B, Q = query.shape[0], queue.shape[0]
     cfg = {**pick_config(query.dtype, B, Q, k), **(config or {})}
-    BN, M = cfg["BLOCK_N"], cfg["M"]
-    dev = query.device
-    out_v = torch.empty(B, k, device=dev, dtype=torch.float32)
-    out_i = torch.empty(B, k, device=dev, dtype=torch.int64)
-    if B == 0:
-        return out_v, out_i
-    q_slice = (MAX_STORED // M) * BN
-    if Q > q_slice:   # one select program holds at most MAX_STORED keys: cut the queue, merge exactly
+    q_slice = (MAX_STORED // cfg["M"]) * cfg["BLOCK_N"]
+    if B > 0 and Q > q_slice:   # one select program holds at most MAX_STORED keys: cut the queue, merge exactly
         parts = []
         for j0 in range(0, Q, q_slice):
             j1 = min(Q, j0 + q_slice)
-            kk = min(k, j1 - j0)
-            v, i = queue_topk_triton(query, queue[j0:j1], kk, exclude_ids,
+            v, i = queue_topk_triton(query, queue[j0:j1], min(k, j1 - j0), exclude_ids,
                                      None if queue_ids is None else queue_ids[j0:j1], normalized, config=config)
             parts.append((v, torch.where(i >= 0, i + j0, i)))
         return _merge_slices(parts, k)
+    plan = TopkPlan(query, queue, k, exclude_ids, queue_ids, normalized, cfg, splits)
+    plan.scan()
+    plan.select()
+    return plan.out_v, plan.out_i
 
-    NT = -(-Q // BN)
-    NTP = max(2, _next_pow2(NT))
-    KP = max(16, _next_pow2(k))
-    interp = _interpreting()
-    block_d = cfg["BLOCK_D"] or max(16, _next_pow2(D))
-    block_b, ch = cfg["BLOCK_B"], cfg["CH"]
-    if interp:   # big blocks: interpreter cost grows with programs and loop trips, not block size
-        block_b, ch = min(64, max(16, _next_pow2(B))), max(ch, min(BN, 128))
-    has_ids = exclude_ids is not None
-    ex = exclude_ids.contiguous() if has_ids else out_i      # dummy pointer when HAS_IDS is False
-    qid = queue_ids.contiguous() if has_ids else out_i
-    precision = cfg["precision"] if query.dtype == torch.float32 else "tf32"
-    keys = torch.empty(B, NT, M, device=dev, dtype=torch.int64)
-    bag = torch.empty(B, KP, device=dev, dtype=torch.int64)
-    row_blocks = triton.cdiv(B, block_b)
-    S = splits if splits is not None else _num_splits(row_blocks, NT, cfg["per_sm"], dev)
-    if S < 1:
-        raise ValueError(f"queue_topk_triton: splits={S} must be >= 1")
-    tiles = triton.cdiv(NT, S)
-    S = triton.cdiv(NT, tiles)
-    strides = (query.stride(0), query.stride(1), queue.stride(0), queue.stride(1))
-    launch = {} if interp else dict(num_warps=cfg["warps"], num_stages=cfg["stages"])
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():   # launch on the data's GPU
-        _K._scan_kernel[(row_blocks, S)](
-            query, queue, ex, qid, keys, B, Q, D, NT, *strides, tiles,
-            M=M, HAS_IDS=has_ids, NORMALIZE=not normalized, PRECISION=precision,
-            DOT_F32=interp and query.dtype == torch.bfloat16, BLOCK_B=block_b, BLOCK_N=BN, BLOCK_D=block_d, **launch)
-        launch2 = {} if interp else dict(num_warps=cfg["warps2"] if NTP * M < 4096 else 8)
-        _K._select_kernel[(B,)](
-            query, queue, ex, qid, keys, keys.view(torch.int32), bag, out_v, out_i, B, Q, D, NT, k, *strides,
-            delta_for(query.dtype, precision, D, not normalized),
-            M=M, NTP=NTP, KP=KP, CH=ch, BLOCK_N=BN, BLOCK_D=min(block_d, 256), HAS_IDS=has_ids,
-            NORMALIZE=not normalized, **launch2)
-    return out_v, out_i
+
+class TopkPlan:
+    """One queue_topk_triton call, its buffers allocated, the two launches separately callable (the tuner times
+    them apart). Q must fit one select program (queue_topk_triton cuts longer queues first)."""
+
+    def __init__(self, query, queue, k, exclude_ids, queue_ids, normalized, cfg: dict, splits: int | None = None):
+        B, D = query.shape
+        Q = queue.shape[0]
+        dev = query.device
+        self.cfg, self.dev = cfg, dev
+        BN, M = cfg["BLOCK_N"], cfg["M"]
+        self.out_v = torch.empty(B, k, device=dev, dtype=torch.float32)
+        self.out_i = torch.empty(B, k, device=dev, dtype=torch.int64)
+        NT = -(-Q // BN)
+        NTP = max(2, _next_pow2(NT))
+        if NTP * M > MAX_STORED:
+            raise ValueError(f"queue_topk_triton: Q={Q} needs {NTP * M} stored keys per row > MAX_STORED={MAX_STORED}")
+        KP = max(16, _next_pow2(k))
+        interp = _interpreting()
+        block_d = cfg["BLOCK_D"] or max(16, _next_pow2(D))
+        block_b, ch = cfg["BLOCK_B"], cfg["CH"]
+        if interp:   # big blocks: interpreter cost grows with programs and loop trips, not block size
+            block_b, ch = min(64, max(16, _next_pow2(B))), max(ch, min(BN, 128))
+        has_ids = exclude_ids is not None
+        ex = exclude_ids.contiguous() if has_ids else self.out_i     # dummy pointer when HAS_IDS is False
+        qid = queue_ids.contiguous() if has_ids else self.out_i
+        precision = cfg["precision"] if query.dtype == torch.float32 else "tf32"
+        self.keys = torch.empty(B, NT, M, device=dev, dtype=torch.int64)
+        bag = torch.empty(B, KP, device=dev, dtype=torch.int64)
+        row_blocks = triton.cdiv(max(B, 1), block_b)
+        S = splits if splits is not None else _num_splits(row_blocks, NT, cfg["per_sm"], dev)
+        if S < 1:
+            raise ValueError(f"queue_topk_triton: splits={S} must be >= 1")
+        tiles = triton.cdiv(NT, S)
+        S = triton.cdiv(NT, tiles)
+        strides = (query.stride(0), query.stride(1), queue.stride(0), queue.stride(1))
+        self.grid = (row_blocks, S)
+        self.scan_args = (query, queue, ex, qid, self.keys, B, Q, D, NT, *strides, tiles)
+        self.scan_meta = dict(M=M, HAS_IDS=has_ids, NORMALIZE=not normalized, PRECISION=precision,
+                              DOT_F32=interp and query.dtype == torch.bfloat16, BLOCK_B=block_b, BLOCK_N=BN,
+                              BLOCK_D=block_d, **({} if interp else dict(num_warps=cfg["warps"],
+                                                                         num_stages=cfg["stages"])))
+        self.select_args = (query, queue, ex, qid, self.keys, self.keys.view(torch.int32), bag, self.out_v,
+                            self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized))
+        self.select_meta = dict(M=M, NTP=NTP, KP=KP, CH=ch, BLOCK_N=BN, BLOCK_D=min(block_d, 256), HAS_IDS=has_ids,
+                                NORMALIZE=not normalized,
+                                **({} if interp else dict(num_warps=cfg["warps2"] if NTP * M < 4096 else 8)))
+        self.B = B
+
+    def _on_device(self):
+        return torch.cuda.device(self.dev) if self.dev.type == "cuda" else contextlib.nullcontext()
+
+    def scan(self) -> None:
+        if self.B:
+            with self._on_device():   # launch on the data's GPU
+                _K._scan_kernel[self.grid](*self.scan_args, **self.scan_meta)
+
+    def select(self) -> None:
+        if self.B:
+            with self._on_device():
+                _K._select_kernel[(self.B,)](*self.select_args, **self.select_meta)
