@@ -118,6 +118,7 @@ MAX_STORED = 8192      # stored keys per row (next_pow2(ceil(Q / BLOCK_N)) x M) 
 #                        longer queues are cut into slices whose results are merged exactly
 _U = 2.0 ** -24        # fp32 unit roundoff
 UNIT_NORM_SLACK = 1.0 + 2.0 ** -4
+MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (128 x 256 bf16 = 64 KiB of registers per block)
 
 # One entry per (dtype, k bucket): the shipped defaults, overridden per shape class by kernels/queue_topk_configs.json
 # when bench/tune_queue_topk.py --write-configs has measured one on a GPU. Fields: BLOCK_B query rows per scan
@@ -255,7 +256,9 @@ class TopkPlan:
             raise ValueError(f"queue_topk_triton: Q={Q} needs {NTP * M} stored keys per row > MAX_STORED={MAX_STORED}")
         KP = max(16, _next_pow2(k))
         interp = _interpreting()
-        block_d = cfg["BLOCK_D"] or max(16, _next_pow2(D))
+        # BLOCK_D 0: the query block stays resident for the whole scan when D fits (<= MAX_RESIDENT_D, as the
+        # projector's 256); wider features (evaluation's 768-1280) loop over D in chunks of 64
+        block_d = cfg["BLOCK_D"] or (max(16, _next_pow2(D)) if _next_pow2(D) <= MAX_RESIDENT_D else 64)
         block_b, ch = cfg["BLOCK_B"], cfg["CH"]
         if interp:   # big blocks: interpreter cost grows with programs and loop trips, not block size
             block_b, ch = min(64, max(16, _next_pow2(B))), max(ch, min(BN, 128))

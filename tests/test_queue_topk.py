@@ -134,6 +134,16 @@ def test_near_duplicate_rows(dtype):
         check_topk(q, e, k, ex.to(DEVICE), ids.to(DEVICE), True, v, i, truth=(q32.to(DEVICE), e32.to(DEVICE)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_features(dtype):
+    """D=768 (evaluation's k-NN on encoder features): the scan loops over D in chunks instead of keeping the query
+    block resident (MAX_RESIDENT_D); the result is the same."""
+    q, e, ex, qi, q32, e32 = make(2, 300, 768, dtype, seed=3)
+    assert qt.TopkPlan(q, e, 10, ex, qi, True, qt.pick_config(dtype, 2, 300, 10)).scan_meta["BLOCK_D"] == 64
+    v, i = queue_topk_triton(q, e, 10, ex, qi, True, config=dict(BLOCK_N=32))
+    check_topk(q, e, 10, ex, qi, True, v, i, truth=(q32, e32))
+
+
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: "B{}-Q{}-D{}-N{}-S{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_normalizes_on_the_fly(dtype, shape):
