@@ -49,7 +49,7 @@ def head_queue_lookup(res) -> list[str]:
         m, o, g = (_provider(c["rows"], n) for n in ("maect", "official NNCLR", "matmul (floor)"))
         if m and o:
             out.append(f"B={c.get('B')} Q={c.get('Q')} k={c['k']} {c['dtype']}: {o['median_ms'] / m['median_ms']:.2f}x "
-                       f"official" + (f", {m['median_ms'] / g['median_ms']:.1f}x GEMM time" if g else ""))
+                       f"official" + (f", {m['median_ms'] / g['median_ms']:.3g}x GEMM time" if g else ""))
     return out
 
 

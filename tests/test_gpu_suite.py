@@ -165,7 +165,7 @@ def test_headlines_read_the_benchmarks_json():
     ql = {"results": {"results": [{"B": 2048, "Q": 65536, "k": 20, "dtype": "bf16", "rows": [
         {"provider": "matmul (floor)", "median_ms": 0.136}, {"provider": "official NNCLR", "median_ms": 1.83},
         {"provider": "maect", "median_ms": 0.915}]}]}}
-    assert R.head_queue_lookup(ql) == ["B=2048 Q=65536 k=20 bf16: 2.00x official, 6.7x GEMM time"]
+    assert R.head_queue_lookup(ql) == ["B=2048 Q=65536 k=20 bf16: 2.00x official, 6.73x GEMM time"]
     ts = {"--model vit_l16 --stage mae": {"stage": "mae", "model": "vit_l16", "rows": [
         {"provider": "reference", "speedup": 1.0}, {"provider": "maect", "mfu": 0.248, "speedup": 1.6}]}}
     assert R.head_train_step(ts) == ["vit_l16 mae: MFU 24.8%, 1.60x reference"]
