@@ -187,6 +187,12 @@ def run(args) -> dict:
     shapes_b = (16,) if dry else B_LIST
     shapes_q = (512, 256) if dry else Q_LIST
     ks = (5,) if dry else K_LIST
+    dtypes = DTYPES
+    n_grid = None
+    if args.quick:   # the GPU suite's sample: the headline at k=20, the defaults and the first grid configs, no phase B
+        ks, n_grid = ((5,) if dry else (20,)), (1 if dry else 4)
+        dtypes = ("bf16",) if dry else DTYPES
+        workers = 1 if dry else workers
     head = (16, 512) if dry else HEADLINE
     global D
     D = 32 if dry else 256
@@ -194,15 +200,16 @@ def run(args) -> dict:
            "triton_cache": os.environ["TRITON_CACHE_DIR"], "headline": [], "shapes": [], "partial": False}
 
     # A. the headline sweep
-    jobs = [(dt, head[1], k, full_config(dt, k, g), D) for dt in DTYPES for k in ks for g in scan_grid(dt, dry)]
+    grids = {dt: ([{}] if n_grid else []) + scan_grid(dt, dry)[:n_grid] for dt in dtypes}
+    jobs = [(dt, head[1], k, full_config(dt, k, g), D) for dt in dtypes for k in ks for g in grids[dt]]
     t0 = time.perf_counter()
     compiled = compile_all(jobs, workers, deadline)
     out["compile_s"] = {"headline": round(time.perf_counter() - t0, 1)}
-    for dt in DTYPES:
+    for dt in dtypes:
         sh = Shape(dt, head[0], head[1], device)
         for k in ks:
             rec = {"dtype": dt, "B": head[0], "Q": head[1], "k": k, "variants": []}
-            for g in scan_grid(dt, dry):
+            for g in grids[dt]:
                 cfg = full_config(dt, k, g)
                 c = compiled.get(job_key(dt, head[1], k, cfg), {"ok": False, "error": "not compiled"})
                 if not c["ok"]:
@@ -213,7 +220,7 @@ def run(args) -> dict:
                     break
                 rec["variants"].append(time_variant(sh, k, cfg, budget))
             best = best_of(rec["variants"])
-            if best is not None and time.time() < deadline:      # the select kernel's knobs on the best scan config
+            if best is not None and time.time() < deadline and not args.quick:   # the select kernel's knobs
                 for ch, w2 in ((64, 4),) if dry else ((32, 4), (64, 4), (32, 8), (64, 8)):
                     cfg = {**full_config(dt, k, {}), **best["config"], "CH": ch, "warps2": w2}
                     if cfg["CH"] == best["config"].get("CH") and cfg["warps2"] == best["config"].get("warps2"):
@@ -231,16 +238,17 @@ def run(args) -> dict:
     for rec in out["headline"]:
         good = sorted((v for v in rec["variants"] if v.get("check_ok") and "ms" in v), key=lambda v: v["ms"])
         top[(rec["dtype"], rec["k"])] = [full_config(rec["dtype"], rec["k"], v["config"]) for v in good[:3]]
-    points = [(dt, B, Q, k) for dt in DTYPES for Q in shapes_q for B in shapes_b for k in ks if (B, Q) != head]
+    points = [] if args.quick else [(dt, B, Q, k) for dt in dtypes for Q in shapes_q for B in shapes_b for k in ks
+                                    if (B, Q) != head]
     cands = {}
     for dt, B, Q, k in points:
         c = top.get((dt, k), []) + [full_config(dt, k, {})]
         cands[(dt, B, Q, k)] = [dict(t) for t in {json.dumps(x, sort_keys=True): x for x in c}.values()]
     jobs = [(dt, Q, k, cfg, D) for (dt, B, Q, k), cs in cands.items() for cfg in cs]
     t0 = time.perf_counter()
-    compiled = compile_all(jobs, workers, deadline) if time.time() < deadline else {}
+    compiled = compile_all(jobs, workers, deadline) if jobs and time.time() < deadline else {}
     out["compile_s"]["shapes"] = round(time.perf_counter() - t0, 1)
-    for dt in DTYPES:
+    for dt in dtypes if points else ():
         for Q in shapes_q:
             for B in shapes_b:
                 if (B, Q) == head:
@@ -324,18 +332,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--write-configs", nargs="?", const=str(qt.CONFIG_FILE), default=None,
                    help="write the best configs per shape class (default path: kernels/queue_topk_configs.json)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the Triton interpreter")
+    p.add_argument("--quick", action="store_true", help="a sample: headline k=20, defaults + 4 grid configs, no "
+                   "sweep over shapes (bench/gpu_suite.py's step; the full tuning is a call of its own)")
     return p
 
 
 def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """bench/gpu_suite.py's entry: the whole tuning within budget_s (minus a margin), JSON into out."""
-    args = parser().parse_args(["--budget-s", str(max(30.0, budget_s - 20))] +
+    """bench/gpu_suite.py's entry: the --quick sample within budget_s; results stream into out (bench/step_out.py)
+    through write_json. The full sweep (--write-configs) is a device call of its own (< 6 min)."""
+    args = parser().parse_args(["--quick", "--budget-s", str(max(5.0, budget_s - 5))] +
                                (["--dry-run"] if not torch.cuda.is_available() else []))
     if args.dry_run:
         args.device = "cpu"
-    out.update(run(args))
-    if out.get("partial"):
-        out["error"] = f"tuning did not finish within {budget_s:.0f} s (partial results kept)"
+    res = run(args)
+    out["summary"] = res["summary"]
+    out["partial"] = res["partial"]
 
 
 def main() -> int:
