@@ -64,10 +64,8 @@ def scan_grid(dt: str, dry: bool) -> list[dict]:
                 if dt == "bf16":
                     for w, st in ((4, 3), (8, 3), (8, 4)):
                         grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=0, M=m, warps=w, stages=st))
-                else:
-                    for bd in (0, 64):
-                        if bd == 0 and bb == 128:     # 128 x 256 fp32 rows resident: beyond the register file
-                            continue
+                else:   # fp32 loops over D (a resident 256-wide fp32 query block needs 512 KiB of shared memory)
+                    for bd in (32, 64):
                         for w, st in ((4, 3), (8, 3)):
                             grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, M=m, warps=w, stages=st,
                                              precision="tf32"))

@@ -256,9 +256,11 @@ class TopkPlan:
             raise ValueError(f"queue_topk_triton: Q={Q} needs {NTP * M} stored keys per row > MAX_STORED={MAX_STORED}")
         KP = max(16, _next_pow2(k))
         interp = _interpreting()
-        # BLOCK_D 0: the query block stays resident for the whole scan when D fits (<= MAX_RESIDENT_D, as the
-        # projector's 256); wider features (evaluation's 768-1280) loop over D in chunks of 64
-        block_d = cfg["BLOCK_D"] or (max(16, _next_pow2(D)) if _next_pow2(D) <= MAX_RESIDENT_D else 64)
+        # BLOCK_D 0: the query block stays resident for the whole scan when D fits (16-bit rows, D <= MAX_RESIDENT_D,
+        # as the projector's 256: 64-192 KiB of shared memory on sm_90 by ptxas, measured for the tuner's grid);
+        # fp32 rows (512 KiB resident: beyond the SM) and wider features loop over D in chunks of 64
+        resident = _next_pow2(D) <= MAX_RESIDENT_D and query.dtype != torch.float32
+        block_d = cfg["BLOCK_D"] or (max(16, _next_pow2(D)) if resident else 64)
         block_b, ch = cfg["BLOCK_B"], cfg["CH"]
         if interp:   # big blocks: interpreter cost grows with programs and loop trips, not block size
             block_b, ch = min(64, max(16, _next_pow2(B))), max(ch, min(BN, 128))
