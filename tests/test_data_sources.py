@@ -204,6 +204,8 @@ def test_data_config_errors_name_the_key_and_path(tmp_path):
                         (("imagefolder", str(tmp_path)), "has no train/ folder"),
                         (("filelist", str(tmp_path / "f.txt"), str(tmp_path / "x")), "data.labels='.*x': neither")]:
         assert re.search(match, check_source(*args)), args
+    with pytest.raises(SystemExit, match="maect.eval: --data-root='.*nope': no such folder"):
+        evaluate(tiny_ckpt(tmp_path / "t.pth"), str(tmp_path / "nope"), tmp_path)
     r = run_train(["stage=mae", "data.name=folder", f"data.root={tmp_path}/nope", f"out_dir={tmp_path}/o"], ok=False)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "data.root=" in lines[0] and "no such folder" in lines[0]

@@ -77,7 +77,12 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
     its metadata matches, else from the encoder (then written to the cache). The metadata holds the class names,
     so a cache written under another class-to-index mapping is not reused. Data errors exit with one line."""
     from maect.dataloading import DataError, eval_batches, load_eval_data
+    from maect.dataloading.datasets import check_source
     limit = args.train_limit if split == "train" else args.test_limit
+    why = None if data_name == "fashion_mnist" else check_source(data_name, data_root or "", labels,
+                                                                 keys=("--data", "--data-root", "--labels"))
+    if why:
+        raise SystemExit(f"maect.eval: {why} (defaults: the checkpoint's data.*)")
     try:
         data = load_eval_data(data_name, data_root, split, labels)
     except (ValueError, FileNotFoundError) as exc:
