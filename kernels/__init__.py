@@ -16,7 +16,7 @@ The one dispatch rule, choose(op, tensor, L, D, backend):
        or unset: no request)                                                  -> it, or a ValueError saying why not
     3. masking ops: the measured table kernels/masking_table.json (MAECT_MASKING_TABLE overrides the path), entry
        "<device>|<op>|L<l>-D<d>" (l, d: the next powers of two of the token count L and the width D), else
-       "<device>|<op>|*"                                                      -> its pick if it can run here, else "ref"
+       "<device>|<op>|*"                             -> its pick if it can run here (not via the interpreter), else "ref"
     4. queue_topk, and a masking op without any entry (backend_for): CUDA tensor and Triton importable -> "triton";
        CPU tensor and the compiled csrc extension loads -> "cpp"; otherwise -> "ref"
 Backends of the masking ops (MASKING_BACKENDS):
@@ -45,7 +45,7 @@ from . import queue_topk as _queue_topk
 
 __all__ = ["queue_topk", "random_masking", "unshuffle", "masked_patch_embed", "decoder_input", "backend_for", "choose",
            "queue_topk_ref", "random_masking_ref", "unshuffle_ref", "masked_patch_embed_ref", "decoder_input_ref",
-           "MASKING_BACKENDS"]
+           "MASKING_BACKENDS", "mae_backends"]
 
 queue_topk_ref = _queue_topk.queue_topk_ref
 random_masking_ref = _masking.random_masking_ref
@@ -109,8 +109,9 @@ def load_table(path: str | None = None) -> dict:
         return {"entries": {}}
 
 
-def why_not(op: str, backend: str, device: str) -> str | None:
-    """None if `backend` of `op` can run on `device`, else the reason."""
+def why_not(op: str, backend: str, device: str, interpreter: bool = True) -> str | None:
+    """None if `backend` of `op` can run on `device`, else the reason. interpreter=False: Triton on a CPU tensor
+    (the interpreter, TRITON_INTERPRET=1) does not count (the table's picks were timed compiled)."""
     if backend in ("ref", "gather"):
         return None
     if backend == "fused" and op == "decoder_input" and device == "cpu" and _cpp_available():
@@ -121,8 +122,9 @@ def why_not(op: str, backend: str, device: str) -> str | None:
         return None if _cpp_available() else "the csrc extension did not load (its log line says why)"
     if not _triton_available():
         return "triton is not importable"
-    if device != "cuda" and not _masking._interpreting():
-        return f"the Triton kernels run on CUDA (or in the interpreter, TRITON_INTERPRET=1), not on {device}"
+    if device != "cuda" and not (interpreter and _masking._interpreting()):
+        return (f"the Triton kernels run on CUDA (or, asked by name, in the interpreter: TRITON_INTERPRET=1), not on "
+                f"{device}")
     return None
 
 
@@ -146,10 +148,10 @@ def _resolve(op: str, device: str, cls: str, asked: str | None, env: str) -> tup
     key = next((k for k in (f"{device}|{op}|{cls}", f"{device}|{op}|*") if k in entries), None)
     if key is None:
         fallback = {"cuda": "triton", "cpu": "cpp"}.get(device, "ref")
-        name = fallback if why_not(op, fallback, device) is None else "ref"
+        name = fallback if why_not(op, fallback, device, interpreter=False) is None else "ref"
         return name, f"no entry for {device}|{op} in {TABLE_PATH.name}: the default rule"
     pick = entries[key].get("pick")
-    if pick not in valid or (why := why_not(op, pick, device)) is not None:
+    if pick not in valid or (why := why_not(op, pick, device, interpreter=False)) is not None:
         return "ref", f"table pick {pick!r} for {key} cannot run here ({why if pick in valid else 'unknown backend'})"
     return pick, f"table entry {key}: {entries[key].get('why', '')}".rstrip(": ")
 
@@ -173,6 +175,15 @@ def choose(op: str, t: Tensor, L: int, D: int, backend: str | None = None) -> st
         return "ref"
     return _choose(op, t.device.type, shape_class(L, D), backend, os.environ.get("MAECT_MASKING", "auto") or "auto",
                    _masking._interpreting())
+
+
+def mae_backends(model, device) -> str:
+    """'encoder <backend>, decoder <backend>' for an MAE model (maect.models.vit or the same attribute names) on
+    device: what its forward_encoder / forward_decoder run (for log lines)."""
+    t, L = torch.empty(0, device=device), model.patch_embed.num_patches
+    enc = choose("masked_patch_embed", t, L, model.patch_embed.proj.out_channels)
+    dec = choose("decoder_input", t, L, model.decoder_embed.out_features) if hasattr(model, "decoder_embed") else "-"
+    return f"encoder {enc}, decoder {dec}"
 
 
 def clear_cache() -> None:

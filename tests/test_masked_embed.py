@@ -217,13 +217,17 @@ def test_dispatch_rules(fresh_dispatch, tmp_path):
     x = torch.zeros(1, device=DEVICE)
     table = {"entries": {f"{DEVICE}|masked_patch_embed|L64-D32": {"pick": "gather", "why": "test"},
                          f"{DEVICE}|masked_patch_embed|*": {"pick": "ref", "why": "test"},
-                         f"{DEVICE}|decoder_input|*": {"pick": "no_such_backend"}}}
+                         f"{DEVICE}|decoder_input|*": {"pick": "no_such_backend"},
+                         f"{DEVICE}|unshuffle|*": {"pick": "triton"}}}
     (tmp_path / "t.json").write_text(json.dumps(table))
     mp.setattr(kernels, "TABLE_PATH", tmp_path / "t.json")
     kernels.clear_cache()
     assert kernels.choose("masked_patch_embed", x, 49, 32) == "gather"           # the shape class's entry
     assert kernels.choose("masked_patch_embed", x, 196, 32) == "ref"             # the device default
     assert kernels.choose("decoder_input", x, 49, 32) == "ref"                   # a pick that cannot run -> ref
+    # a table pick never runs through the Triton interpreter (on CPU); asked by name it may
+    assert kernels.choose("unshuffle", x, 49, 32) == ("triton" if DEVICE == "cuda" else "ref")
+    assert kernels.choose("unshuffle", x, 49, 32, backend="triton") == "triton"
     assert kernels.choose("masked_patch_embed", x, 49, 32, backend="fused") == "fused"   # asked by argument
     mp.setenv("MAECT_MASKING", "fused")                                          # asked by the environment
     assert kernels.choose("masked_patch_embed", x, 49, 32) == "fused"
