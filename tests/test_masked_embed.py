@@ -31,6 +31,15 @@ SHAPES = [  # (N, C, H, W, p, D): B/16-, L/16- (non-square) and H/14-like patch 
 RATIOS = [0.0, 0.5, 0.75, 0.9, 1.0]
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 means fp32: cuDNN's convolution (the reference) would otherwise run in TF32 on a GPU."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def make(N, C, H, W, p, D, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     L = (H // p) * (W // p)
