@@ -61,6 +61,7 @@ class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
     proj_dim: int = 256
     pred_hidden: int = 4096
     queue_size: int = 65536
+    queue_dtype: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16: storage of the queue's features
 
 
 @dataclass
@@ -283,6 +284,8 @@ def validate(cfg: Config) -> None:
         if cfg.nnclr.queue_size % s.batch_size:
             raise ConfigError(f"nnclr.queue_size={cfg.nnclr.queue_size} must be divisible by the global batch "
                               f"{name}.batch_size={s.batch_size} (FIFO enqueue of whole global batches)")
+    if cfg.nnclr.queue_dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"nnclr.queue_dtype={cfg.nnclr.queue_dtype!r}: choose auto, fp32 or bf16")
     if cfg.mae.batch_size % cfg.mae.accum_steps:
         raise ConfigError(f"mae.batch_size={cfg.mae.batch_size} must be divisible by mae.accum_steps={cfg.mae.accum_steps}")
 

@@ -30,7 +30,7 @@ from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
-from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted
+from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
@@ -351,7 +351,8 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
     n = cfg.nnclr
     head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed),
+                         dtype=queue_dtype(n.queue_dtype, di.device))
     if "head" in ck:
         load_head(head, ck["head"])
         if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
@@ -450,7 +451,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
              f"top-k {s.topk}, queue {queue.size}, {total} steps, optimizer {opt_name}, loader {loader.backend}, "
-             f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
+             f"queue {queue.features.dtype}, queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
 
     def step_fn(b, step, micro, sync, poison):
@@ -459,9 +460,11 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
             p0, p1, z0, z1 = ddp(x0, x1)
         z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
         g = step_generator(cfg, stage, step)
-        nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
-        nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
-        nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
+        n = z0.shape[0]   # both views in one lookup: the queue is read once (same picks as two calls: one CPU stream)
+        nn, i = queue.lookup(torch.cat([z0, z1]), torch.cat([b["idx"], b["idx"]]), s.topk, generator=g)
+        nn0, nn1, i0, i1 = nn[:n], nn[n:], i[:n], i[n:]
+        nn_acc = (((queue.labels[i0.clamp(min=0)] == b["label"]) & (i0 >= 0)).float().mean()
+                  + ((queue.labels[i1.clamp(min=0)] == b["label"]) & (i1 >= 0)).float().mean()) / 2
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         if poison:
             loss = loss * float("nan")
