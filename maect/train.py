@@ -320,7 +320,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     total, warm = max(1, round(s.epochs * spe)), round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
-             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
+             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.mae_backends(model, di.device)}")
     L = model.patch_embed.num_patches
     model.train()
 
