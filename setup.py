@@ -45,7 +45,7 @@ setup(
     package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect.kernels": ["*.json"],
                   "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
     include_package_data=True,
-    install_requires=["torch>=2.10", "numpy", "pyyaml", "safetensors", "triton; platform_system=='Linux'"],
+    install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={
         "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit"],
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)

@@ -39,6 +39,8 @@ def export_split(data: ArrayData, out_dir: str, limit: int | None = None, fmt: s
         sel = np.flatnonzero(labels == c)
         if limit is not None:
             sel = sel[:limit]
+        if not len(sel):              # no empty class folder (the file check reports those); labels stay the index
+            continue
         folder = os.path.join(out_dir, f"{c:0{cw}d}")
         os.makedirs(folder, exist_ok=True)
         for i in sel.tolist():

@@ -164,23 +164,15 @@ def embedding_png(panels: list[tuple[str, Tensor]], labels: Tensor, class_names,
 
 
 # ------------------------------------------------------------------------------------------------ data
-class _Rows:
-    """Rows `idx` of an image-file data set, in the shape eval_batches reads (load(i), labels, mean, std)."""
-
-    def __init__(self, data, idx: Tensor):
-        self.data, self.idx = data, idx
-        self.labels, self.mean, self.std = data.labels[idx], data.mean, data.std
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def load(self, i: int) -> Tensor:
-        return self.data.load(int(self.idx[i]))
-
-
-def rows(data, idx: Tensor):
-    from maect.dataloading import ArrayData
-    return data.subset(idx) if isinstance(data, ArrayData) else _Rows(data, idx)
+def load_viz_data(name: str, root, labels: str):
+    """(test images, whether they carry labels): the labelled test split evaluation reads; for an unlabelled
+    folder / file list (no data.labels) its training images, drawn uncoloured."""
+    from maect.dataloading import NoLabels, load_data, load_eval_data
+    try:
+        return load_eval_data(name, root, "test", labels), True
+    except NoLabels as exc:
+        print(f"maect.viz: {exc}: the embedding is drawn without label colours", file=sys.stderr)
+        return load_data(name, root, "train"), False
 
 
 def one_per_class(labels: Tensor, n: int) -> Tensor:
@@ -203,8 +195,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-before", default=None, help="the checkpoint before CT (the MAE stage's): its decoder "
                                                        "draws the reconstructions, its encoder the left embedding")
     p.add_argument("--out", required=True, help="folder for reconstruction.png and embedding.png")
-    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder (default: the checkpoint's)")
-    p.add_argument("--data-root", default=None, help="data directory (default: the checkpoint's)")
+    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist (default: the "
+                                                "checkpoint's)")
+    p.add_argument("--data-root", default=None, help="data directory or file list (default: the checkpoint's)")
+    p.add_argument("--labels", default=None, help="folder / filelist: their labels (default: the checkpoint's "
+                                                  "data.labels; none: uncoloured embedding)")
     p.add_argument("--n", type=int, default=10, help="images in the reconstruction grid")
     p.add_argument("--mask-ratio", type=float, default=0.75)
     p.add_argument("--norm-pix", default="auto", choices=("auto", "on", "off"))
@@ -222,15 +217,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(a: argparse.Namespace) -> dict[str, str]:
-    from maect.dataloading import eval_batches, load_data
+    from maect.dataloading import eval_batches
     from maect.eval.features import extract_features
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           "cpu" if a.device == "auto" else a.device)
     after, info = hub.load_encoder(a.ckpt, use_ema=a.use_ema)
     recorded = info.get("data") or {}
     name = a.data or recorded.get("name") or "fashion_mnist"
-    data = load_data(name, a.data_root if a.data_root is not None else (recorded.get("root") or None), "test")
-    class_names = FASHION_MNIST_CLASSES if name == "fashion_mnist" else getattr(data, "classes", None)
+    cfg = info.get("config")
+    labels = a.labels if a.labels is not None else (getattr(cfg.data, "labels", "") if cfg is not None else "")
+    data, labelled = load_viz_data(name, a.data_root if a.data_root is not None else (recorded.get("root") or None),
+                                   labels)
+    class_names = FASHION_MNIST_CLASSES if name == "fashion_mnist" else (list(data.classes) or None)
     batch = dict(img_size=info["img_size"], in_chans=info["in_chans"], device=device)
     os.makedirs(a.out, exist_ok=True)
     written = {}
@@ -244,9 +242,10 @@ def run(a: argparse.Namespace) -> dict[str, str]:
         norm_pix = {"on": True, "off": False}.get(a.norm_pix, True if norm_pix is None else bool(norm_pix))
         cand = torch.randperm(len(data), generator=torch.Generator().manual_seed(a.seed))[: max(2000, a.n)]
         idx = cand[one_per_class(data.labels[cand], a.n)]
-        x, y = next(iter(eval_batches(rows(data, idx), batch_size=len(idx), **batch)))
+        x, y = next(iter(eval_batches(data.subset(idx), batch_size=len(idx), **batch)))
         imgs = reconstruct(mae.to(device), x, a.mask_ratio, norm_pix, a.seed)
-        names = [class_names[c] if class_names else str(c) for c in y.tolist()]
+        names = [class_names[c] if class_names and 0 <= c < len(class_names) else "" if c < 0 else str(c)
+                 for c in y.tolist()]
         title = (f"{_short(src)}, mask "
                  f"{a.mask_ratio:.0%}" + (", norm-pix: patches un-normalised with the original patch's mean/var"
                                           if norm_pix else ", raw-pixel targets"))
@@ -255,17 +254,17 @@ def run(a: argparse.Namespace) -> dict[str, str]:
 
     g = torch.Generator().manual_seed(a.seed)
     idx = torch.randperm(len(data), generator=g)[: a.embed_n].sort().values   # a seeded sample over all classes
-    panels, labels = [], None
+    panels, y = [], None
     for path, use_ema in ((a.ckpt_before, False), (a.ckpt, a.use_ema)):
         if not path:
             continue
         enc, inf = (after, info) if path == a.ckpt else hub.load_encoder(path)
-        f, labels = extract_features(enc.to(device), eval_batches(rows(data, idx), batch_size=256, **batch),
+        f, y = extract_features(enc.to(device), eval_batches(data.subset(idx), batch_size=256, **batch),
                                      pool=inf["pool"], device=device)
         z, how = embed_2d(f, a.method, a.seed)
         panels.append((f"{_short(path)}{' (EMA encoder)' if use_ema else ''}\n{inf['pool']}-pooled features, {how}", z))
     written["embedding"] = os.path.join(a.out, "embedding.png")
-    embedding_png(panels, labels, class_names, written["embedding"])
+    embedding_png(panels, y if labelled else torch.full_like(y, -1), class_names, written["embedding"])
     return written
 
 

@@ -31,7 +31,8 @@ def test_wheel_has_one_top_level_name(wheel):
     print(sorted(top))
     assert top == {"maect"}
     for must in ("maect/kernels/__init__.py", "maect/kernels/queue_topk.py", "maect/dataloading/__init__.py",
-                 "maect/_csrc/ops.cpp", "maect/presets/tiny.yaml", "maect/models/attention_table.json"):
+                 "maect/_csrc/ops.cpp", "maect/presets/tiny.yaml", "maect/models/attention_table.json",
+                 "maect/kernels/masking_table.json"):
         assert must in names, must
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["maect"]
