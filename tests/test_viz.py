@@ -13,11 +13,11 @@ TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_he
             decoder_depth=1, decoder_num_heads=2)
 
 
-def tiny_ckpts(tmp_path):
+def tiny_ckpts(tmp_path, extra=()):
     """runs/mae/checkpoint-final.pth (encoder + decoder) and runs/ct/checkpoint-final.pth (encoder only, EMA), with
-    the tiny preset's config (Fashion-MNIST, mean pooling)."""
+    the tiny preset's config (Fashion-MNIST unless `extra` says otherwise, mean pooling)."""
     cfg = C.load_config(["preset=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=4",
-                         "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"])
+                         "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2", *extra])
     torch.manual_seed(0)
     mae = hub.model_from_cfg(cfg.model, decoder=True)
     paths = {}
@@ -103,3 +103,19 @@ def test_viz_command_writes_pngs(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"nope\.pth"):
         viz.main(["--ckpt", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x")])
     assert sorted(os.listdir(out)) == ["embedding.png", "reconstruction.png"]
+
+
+def test_viz_on_an_unlabelled_folder(tmp_path, capsys):
+    """data.name=folder without labels: reconstructions as usual, the embedding uncoloured, and a line saying why."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)).save(root / f"im{i:02d}.png")
+    p = tiny_ckpts(tmp_path, ["data.name=folder", f"data.root={root}"])
+    written = viz.main(["--ckpt", p["ct"], "--ckpt-before", p["mae"], "--out", str(tmp_path / "viz"), "--n", "3",
+                        "--embed-n", "12", "--method", "pca"])
+    assert set(written) == {"reconstruction", "embedding"}
+    assert "without label colours" in capsys.readouterr().err
