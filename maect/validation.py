@@ -68,6 +68,10 @@ def _check_choices(cfg: Config) -> None:
 
 
 def _check_run(cfg: Config) -> None:
+    # the per-step generators are seeded with seed x ~8e13 + ... (dataloading.loader's per-image crops, the largest
+    # factor), which torch.Generator.manual_seed must take as a 64-bit integer: seed < 2^17 keeps every one in range
+    _need(0 <= cfg.seed < 2 ** 17, f"seed={cfg.seed} must lie in [0, {2 ** 17}): the per-step generator seeds derived "
+                                   f"from it must fit in 64 bits")
     _need(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1 (steps between progress lines)")
     _need(cfg.max_skips >= 0, f"max_skips={cfg.max_skips} must be >= 0 (non-finite steps tolerated in a row)")
     for key in ("ckpt_every", "keep_last", "threads"):

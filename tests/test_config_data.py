@@ -81,6 +81,7 @@ MONITOR_BELOW_K = "eval.monitor_train=10 is smaller than eval.knn_k=20: the moni
     (["mae.num_views=0"], "mae.num_views=0 must be >= 1"),
     (["nnclr.proj_dim=0"], "nnclr.proj_dim=0 must be >= 1"),
     (["log_every=0"], "log_every=0 must be >= 1"),
+    (["seed=123456789"], "seed=123456789 must lie in \\[0, 131072\\)"),      # was an overflow at step 1
     (["stage=ct"], "stage=ct needs init=CHECKPOINT"),
     (["data.dali_hw_decoder_load=2"], "data.dali_hw_decoder_load=2.0 must be in \\[0, 1\\]"),
 ])
