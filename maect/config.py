@@ -33,8 +33,9 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    name: str = "fashion_mnist"      # fashion_mnist | imagefolder
-    root: str = ""                   # '' -> /usr/share/datasets/fashion-mnist for fashion_mnist
+    name: str = "fashion_mnist"      # fashion_mnist | imagefolder | folder (unlabelled, any depth) | filelist
+    root: str = ""                   # the folder (filelist: the list file); '' -> /usr/share/datasets/fashion-mnist
+    labels: str = ""                 # folder/filelist: '' | DIR (train/, val/ class folders) | CSV path,label[,split]
     loader: str = "auto"             # auto | cpu | dali
     num_workers: int = 0             # DALI threads (0: 4) / decode workers
     skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
@@ -61,6 +62,7 @@ class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
     proj_dim: int = 256
     pred_hidden: int = 4096
     queue_size: int = 65536
+    queue_dtype: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16: storage of the queue's features
 
 
 @dataclass

@@ -25,14 +25,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maect import kernels
-from maect.dataloading import build_loader, eval_batches, load_data
+from maect.dataloading import DataError, NoLabels, build_loader, eval_batches, load_data, load_eval_data
+from maect.dataloading.datasets import check_source
 from maect.dataloading.augment import h2d
 from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
 from maect.eval.features import NonFiniteFeatures
-from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted
+from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
@@ -105,8 +106,10 @@ def stage_dir(cfg: C.Config, stage: str) -> str:
 
 
 class KNNMonitor:
-    """Quick k-NN accuracy: bank = a fixed subset of the train split, queries = a subset of the test split, both
-    with the deterministic eval transform. The same code gives the pipeline's before/after numbers.
+    """Quick k-NN accuracy: bank = a fixed subset of the labelled train split, queries = a subset of the labelled
+    test split (load_eval_data: for folder / filelist sources, data.labels), both with the deterministic eval
+    transform and the training loader's file checks. The same code gives the pipeline's before/after numbers.
+    NoLabels when the source has no labels. train / test: those splits already opened (run opens them once).
 
     Non-finite features (an encoder that produces NaN/inf): strict=False (the per-epoch monitor) returns NaN and
     keeps the error in self.error, so that the stage logs the count of bad rows and records knn_acc null in
@@ -116,8 +119,9 @@ class KNNMonitor:
 
     def __init__(self, cfg: C.Config, device, n_train: int, n_test: int, train=None, test=None, strict: bool = False):
         self.cfg, self.device, self.strict, self.error = cfg, device, strict, None
-        train = train if train is not None else load_data(cfg.data.name, cfg.data.root, "train")
-        test = test if test is not None else load_data(cfg.data.name, cfg.data.root, "test")
+        d = cfg.data
+        train = train if train is not None else load_eval_data(d.name, d.root, "train", d.labels)
+        test = test if test is not None else load_eval_data(d.name, d.root, "test", d.labels)
         g = torch.Generator().manual_seed(1234)
         self.train = train.subset(torch.randperm(len(train), generator=g)[:n_train]) if 0 < n_train < len(train) else train
         self.test = test.subset(torch.arange(min(n_test, len(test)))) if 0 < n_test < len(test) else test
@@ -128,7 +132,8 @@ class KNNMonitor:
         from maect.eval.features import extract_features
         from maect.eval.knn import knn_accuracy
         m = self.cfg.model
-        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device)
+        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
+                  skip_corrupt=self.cfg.data.skip_corrupt)
         self.error = None
         try:
             ftr, ytr = extract_features(encoder, eval_batches(self.train, **kw), pool=pool_mode, device=self.device,
@@ -274,7 +279,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 check_skips()
                 st = dist.all_reduce_mean(stats)
                 vals = {"loss": float(st[0] / st[2].clamp_min(1))}
-                if stage != "mae":
+                if stage != "mae" and loader.data.has_labels:
                     vals["nn_acc"] = float(st[1] / st[2].clamp_min(1))
                 meter.step(step, epoch, {**vals, "lr": opt.param_groups[0]["lr"]})
                 stats.zero_()
@@ -335,7 +340,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     total, warm = max(1, round(s.epochs * spe)), round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
-             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
+             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.mae_backends(model, di.device)}")
     L = model.patch_embed.num_patches
     model.train()
 
@@ -371,7 +376,8 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
     n = cfg.nnclr
     head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed),
+                         dtype=queue_dtype(n.queue_dtype, di.device))
     if "head" in ck:
         load_head(head, ck["head"])
         if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
@@ -460,6 +466,11 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     ddp = DDP(net, gradient_as_bucket_view=True) if di.world > 1 else net
 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
+    labelled = data.has_labels      # nn_acc compares a sample's label with its queue neighbour's
+    if not labelled and di.is_main:
+        log_once(f"nn_acc monitor off: {int((data.labels < 0).sum())} of {len(data)} training files have no label "
+                 f"(data.name={cfg.data.name}" + (f", data.labels={cfg.data.labels})" if cfg.data.labels else
+                                                  "; set data.labels=DIR|CSV to turn it on)"))
     queue.check_admissible(s.topk, len(data))
     loader = make_loader(cfg, di, data, s, 2, ct and cfg.ct.aug, n_rank)
     scale = 2 * s.batch_size / 256
@@ -484,7 +495,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
              f"top-k {s.topk}, queue {queue.size}, {total} steps, optimizer {opt_name}, loader {loader.backend}, "
-             f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
+             f"queue {queue.features.dtype}, queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
 
     def step_fn(b, step, micro, sync, poison):
@@ -493,9 +504,12 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
             p0, p1, z0, z1 = ddp(x0, x1)
         z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
         g = step_generator(cfg, stage, step)
-        nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
-        nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
-        nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
+        n = z0.shape[0]   # both views in one lookup: the queue is read once (same picks as two calls: one CPU stream)
+        nn, i = queue.lookup(torch.cat([z0, z1]), torch.cat([b["idx"], b["idx"]]), s.topk, generator=g)
+        nn0, nn1, i0, i1 = nn[:n], nn[n:], i[:n], i[n:]
+        nn_acc = None if not labelled else \
+            (((queue.labels[i0.clamp(min=0)] == b["label"]) & (i0 >= 0)).float().mean()
+             + ((queue.labels[i1.clamp(min=0)] == b["label"]) & (i1 >= 0)).float().mean()) / 2
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         if poison:
             loss = loss * float("nan")
@@ -535,6 +549,16 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
 
 
 # ------------------------------------------------------------------------------------------------ entry
+_said: set[str] = set()
+
+
+def log_once(msg: str) -> None:
+    """Log msg the first time only (a pipeline runs head and ct with the same data)."""
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
 def setup_logging(main: bool) -> None:
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
@@ -543,6 +567,9 @@ def setup_logging(main: bool) -> None:
 def run(cfg: C.Config) -> dict:
     di = dist.init(cfg.device)
     setup_logging(di.is_main)
+    why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
+    if why:
+        raise C.ConfigError(why)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -554,12 +581,19 @@ def run(cfg: C.Config) -> dict:
              f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
     results, times = {}, {}
     need_monitor = cfg.stage in ("head", "ct", "pipeline", "ct_pipeline")
-    # open the data once, and check everything that depends on its size before any model is built or step runs
-    train = load_data(cfg.data.name, cfg.data.root, "train")
-    test = load_data(cfg.data.name, cfg.data.root, "test") if need_monitor else None
-    validate_data(cfg, di.world, len(train), None if test is None else len(test))
-    monitor = (KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test, train, test)
-               if need_monitor and di.is_main else None)
+    # open the data once (the training split with data.labels: nn_acc reads them; the k-NN splits on every rank, so
+    # that every rank runs the same checks), and check all that depends on its size before any model or step
+    d = cfg.data
+    train, bank, queries, no_labels = load_data(d.name, d.root, "train", d.labels), None, None, None
+    if need_monitor:
+        try:
+            bank, queries = (load_eval_data(d.name, d.root, split, d.labels) for split in ("train", "test"))
+        except NoLabels as e:
+            no_labels = str(e)
+            log_once(f"k-NN monitor and final k-NN off: {e}")
+    validate_data(cfg, di.world, len(train), *((len(queries), len(bank)) if bank is not None else ()))
+    monitor = (KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test, bank, queries)
+               if bank is not None and di.is_main else None)
     init = cfg.init
     for stage in C.stages(cfg):
         t0 = time.time()
@@ -575,14 +609,16 @@ def run(cfg: C.Config) -> dict:
         results[f"{stage}_checkpoint"] = init
         log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
     results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
-    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
-        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, train, test, strict=True)
+    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main and no_labels is None:
+        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
         before = results.get("mae_checkpoint") or cfg.init
         acc0 = final_knn(final, cfg, di, before, False)
         acc1 = final_knn(final, cfg, di, init, cfg.eval.use_ema)
         results.update(knn_mae=acc0, knn_maect=acc1)
         log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
                  f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    elif cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:     # no labels: checkpoints and times only
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 
@@ -604,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"maect.train: {e}")
     try:
         run(cfg)
-    except (C.ConfigError, FileNotFoundError, FloatingPointError, NonFiniteFeatures) as e:
+    except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError, NonFiniteFeatures) as e:
         sys.exit(f"maect.train: {e}")
     finally:
         if dist.is_dist():

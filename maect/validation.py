@@ -59,6 +59,10 @@ def _check_choices(cfg: Config) -> None:
     _need(cfg.model.attention in BACKENDS, f"model.attention={cfg.model.attention!r}: choose one of {BACKENDS}")
     _need(cfg.model.pool in ("mean", "cls"), f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
     _need(cfg.data.loader in ("auto", "cpu", "dali"), f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
+    from maect.dataloading.datasets import SOURCES     # paths are checked when a run starts (datasets.check_source)
+    _need(cfg.data.name in SOURCES, f"data.name={cfg.data.name!r}: choose one of {', '.join(SOURCES)}")
+    _need(not cfg.data.labels or cfg.data.name in ("folder", "filelist"),
+          f"data.labels={cfg.data.labels!r} is for data.name=folder|filelist ({cfg.data.name} has its own labels)")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
     _need(cfg.precision in ("auto", "bf16", "fp32"), f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
     _need(cfg.resume in ("", "auto"),
@@ -133,6 +137,7 @@ def _check_nnclr_stage(cfg: Config, name: str) -> None:
     s, n = getattr(cfg, name), cfg.nnclr
     for k in ("proj_hidden", "proj_dim", "pred_hidden", "queue_size"):
         _need(getattr(n, k) >= 1, f"nnclr.{k}={getattr(n, k)} must be >= 1")
+    _need(n.queue_dtype in ("auto", "fp32", "bf16"), f"nnclr.queue_dtype={n.queue_dtype!r}: choose auto, fp32 or bf16")
     _positive(f"{name}.epochs", s.epochs)
     _need(0 <= s.warmup_frac <= 1, f"{name}.warmup_frac={s.warmup_frac} must lie in [0, 1] (a share of the stage)")
     # the head's BatchNorm normalises each view over the global batch (SyncBatchNorm / GlobalBatchNorm1d across
@@ -179,10 +184,12 @@ def _check_eval(e: EvalCfg, final: bool) -> None:
                                       f"bank needs at least k samples")
 
 
-def validate_data(cfg: Config, world: int, n_train: int, n_test: int | None = None) -> None:
+def validate_data(cfg: Config, world: int, n_train: int, n_test: int | None = None,
+                  n_eval_train: int | None = None) -> None:
     """The checks that need the world size and the size of the data: n_train training samples (before any corrupt
-    file is skipped), n_test test samples (None: not opened). maect.train runs them right after opening the data,
-    before any model is built or any step runs."""
+    file is skipped); n_test test samples and n_eval_train samples in the k-NN bank's split (default n_train; it
+    differs for folder / filelist sources, whose k-NN splits come from data.labels), both None when no k-NN runs.
+    maect.train runs them right after opening the data, before any model is built or any step runs."""
     run = stages(cfg)
     where = f"data.name={cfg.data.name}" + (f" data.root={cfg.data.root}" if cfg.data.root else "")
     for name in run:
@@ -198,11 +205,14 @@ def validate_data(cfg: Config, world: int, n_train: int, n_test: int | None = No
             _need(Q - per_id >= s.topk, f"nnclr.queue_size={Q} over {n_train} training samples holds up to {per_id} "
                                         f"entries of one sample, leaving {Q - per_id} < {name}.topk={s.topk} "
                                         f"neighbours that are not the query itself; enlarge nnclr.queue_size")
+    if n_test is None:          # no k-NN monitor (stage mae, or a source without labels)
+        return
+    n_bank = n_train if n_eval_train is None else n_eval_train
     banks = (("monitor",) if "head" in run or "ct" in run else ()) + \
         (("final",) if cfg.stage in ("pipeline", "ct_pipeline") else ())
     for b in banks:
-        n_tr, n_te = getattr(cfg.eval, f"{b}_train"), getattr(cfg.eval, f"{b}_test")
-        bank = min(n_tr, n_train) if n_tr > 0 else n_train
+        n_tr = getattr(cfg.eval, f"{b}_train")
+        bank = min(n_tr, n_bank) if n_tr > 0 else n_bank
         _need(bank >= cfg.eval.knn_k, f"eval.knn_k={cfg.eval.knn_k} exceeds the {b} k-NN bank of {bank} samples "
-                                      f"(eval.{b}_train={n_tr}, {n_train} in the train split of {where})")
-        _need(n_test is None or n_test >= 1, f"the test split of {where} is empty: the {b} k-NN has no query")
+                                      f"(eval.{b}_train={n_tr}, {n_bank} in the train split of {where})")
+        _need(n_test >= 1, f"the test split of {where} is empty: the {b} k-NN has no query")
