@@ -252,49 +252,15 @@ def from_dict(d: dict) -> Config:
     return cfg
 
 
+def stages(cfg: Config) -> tuple[str, ...]:
+    """The stages a run executes, in order."""
+    return {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,))
+
+
 def validate(cfg: Config) -> None:
-    """Impossible combinations, caught before any work starts."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage!r}: choose one of {STAGES}")
-    from maect.models.attention import BACKENDS
-    if cfg.model.attention not in BACKENDS:
-        raise ConfigError(f"model.attention={cfg.model.attention!r}: choose one of {BACKENDS}")
-    if cfg.model.pool not in ("mean", "cls"):
-        raise ConfigError(f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
-    if cfg.data.loader not in ("auto", "cpu", "dali"):
-        raise ConfigError(f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
-    from maect.dataloading.datasets import SOURCES     # paths are checked when a run starts (datasets.check_source)
-    if cfg.data.name not in SOURCES:
-        raise ConfigError(f"data.name={cfg.data.name!r}: choose one of {', '.join(SOURCES)}")
-    if cfg.data.labels and cfg.data.name not in ("folder", "filelist"):
-        raise ConfigError(f"data.labels={cfg.data.labels!r} is for data.name=folder|filelist ({cfg.data.name} has "
-                          f"its own labels)")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
-    if cfg.resume not in ("", "auto"):
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (continue from out_dir's latest checkpoints)")
-    if not 0.0 <= cfg.mae.mask_ratio < 1.0:
-        raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
-    for name in ("mae", "head", "ct"):
-        s = getattr(cfg, name)
-        if s.batch_size < 1:
-            raise ConfigError(f"{name}.batch_size={s.batch_size} must be positive")
-        lo, hi = s.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"{name}.crop_scale={s.crop_scale} must satisfy 0 < min <= max <= 1")
-    for name in ("head", "ct"):
-        s = getattr(cfg, name)
-        if s.topk < 1 or s.topk > cfg.nnclr.queue_size:
-            raise ConfigError(f"{name}.topk={s.topk} must be between 1 and nnclr.queue_size={cfg.nnclr.queue_size}")
-        if cfg.nnclr.queue_size % s.batch_size:
-            raise ConfigError(f"nnclr.queue_size={cfg.nnclr.queue_size} must be divisible by the global batch "
-                              f"{name}.batch_size={s.batch_size} (FIFO enqueue of whole global batches)")
-    if cfg.nnclr.queue_dtype not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"nnclr.queue_dtype={cfg.nnclr.queue_dtype!r}: choose auto, fp32 or bf16")
-    if cfg.mae.batch_size % cfg.mae.accum_steps:
-        raise ConfigError(f"mae.batch_size={cfg.mae.batch_size} must be divisible by mae.accum_steps={cfg.mae.accum_steps}")
+    """Impossible or meaningless values and combinations, caught before any work starts (maect.validation)."""
+    from maect.validation import validate_config
+    validate_config(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -31,11 +32,13 @@ from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
+from maect.eval.features import NonFiniteFeatures
 from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr
+from maect.validation import check_tuned_from_block, validate_data
 
 log = logging.getLogger("maect")
 
@@ -106,12 +109,19 @@ class KNNMonitor:
     """Quick k-NN accuracy: bank = a fixed subset of the labelled train split, queries = a subset of the labelled
     test split (load_eval_data: for folder / filelist sources, data.labels), both with the deterministic eval
     transform and the training loader's file checks. The same code gives the pipeline's before/after numbers.
-    NoLabels when the source has no labels."""
+    NoLabels when the source has no labels. train / test: those splits already opened (run opens them once).
 
-    def __init__(self, cfg: C.Config, device, n_train: int, n_test: int):
-        self.cfg, self.device = cfg, device
+    Non-finite features (an encoder that produces NaN/inf): strict=False (the per-epoch monitor) returns NaN and
+    keeps the error in self.error, so that the stage logs the count of bad rows and records knn_acc null in
+    metrics.jsonl and training goes on (the stage's own non-finite guard decides about the run; a monitor must not
+    end hours of training). strict=True (the pipeline's final before/after k-NN, run after every checkpoint is on
+    disk) raises NonFiniteFeatures. Never a chance-level number."""
+
+    def __init__(self, cfg: C.Config, device, n_train: int, n_test: int, train=None, test=None, strict: bool = False):
+        self.cfg, self.device, self.strict, self.error = cfg, device, strict, None
         d = cfg.data
-        train, test = (load_eval_data(d.name, d.root, split, d.labels) for split in ("train", "test"))
+        train = train if train is not None else load_eval_data(d.name, d.root, "train", d.labels)
+        test = test if test is not None else load_eval_data(d.name, d.root, "test", d.labels)
         g = torch.Generator().manual_seed(1234)
         self.train = train.subset(torch.randperm(len(train), generator=g)[:n_train]) if 0 < n_train < len(train) else train
         self.test = test.subset(torch.arange(min(n_test, len(test)))) if 0 < n_test < len(test) else test
@@ -124,8 +134,17 @@ class KNNMonitor:
         m = self.cfg.model
         kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
                   skip_corrupt=self.cfg.data.skip_corrupt)
-        ftr, ytr = extract_features(encoder, eval_batches(self.train, **kw), pool=pool_mode, device=self.device)
-        fte, yte = extract_features(encoder, eval_batches(self.test, **kw), pool=pool_mode, device=self.device)
+        self.error = None
+        try:
+            ftr, ytr = extract_features(encoder, eval_batches(self.train, **kw), pool=pool_mode, device=self.device,
+                                        split="train")
+            fte, yte = extract_features(encoder, eval_batches(self.test, **kw), pool=pool_mode, device=self.device,
+                                        split="test")
+        except NonFiniteFeatures as e:
+            if self.strict:
+                raise
+            self.error = e
+            return math.nan
         return knn_accuracy(ftr, ytr, fte, yte, k=self.cfg.eval.knn_k, T=self.cfg.eval.knn_T,
                             num_classes=self.num_classes)
 
@@ -145,6 +164,7 @@ def make_loader(cfg, di, data, s, num_views, ctaug, batch_per_rank):
 
 
 def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
+    """The per-rank micro-batch (validate_data has checked the divisibility before any work; kept as a guard)."""
     if batch % (world * accum):
         raise C.ConfigError(f"{key}={batch} must be divisible by world size {world}" + (f" x accum {accum}" if accum > 1 else ""))
     return batch // (world * accum)
@@ -269,15 +289,15 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 break
         else:  # the epoch ran to its end
             epoch, in_epoch = epoch + 1, 0
-            if after_epoch is not None:
-                after_epoch(epoch, step, meter)
             if step < total:
-                save_state()
+                save_state()   # before the monitor: a monitor that fails loses no trained work
+                if after_epoch is not None:
+                    after_epoch(epoch, step, meter)
             continue
         break
-    if in_epoch and after_epoch is not None:  # the schedule ended inside an epoch: monitor the final weights too
-        after_epoch(round(epoch + in_epoch / max(len(loader), 1), 2), step, meter)
-    path = save_state(final=True)
+    path = save_state(final=True)   # on disk before the last monitor runs, for the same reason
+    if after_epoch is not None:     # the final weights (an epoch end, or inside an epoch when the schedule ends there)
+        after_epoch(round(epoch + in_epoch / max(len(loader), 1), 2) if in_epoch else epoch, step, meter)
     meter.close()
     return path
 
@@ -293,10 +313,10 @@ def stage_resume(cfg: C.Config, ckpts: Checkpoints) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ stage 1
-def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
+def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
+    """Stage 1 on the train split `data` (opened and checked by run)."""
     s, out = cfg.mae, stage_dir(cfg, "mae")
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
-    data = load_data(cfg.data.name, cfg.data.root, "train")
     model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
     if cfg.init:  # continue MAE pretraining from any encoder hub reads; the decoder too when the file has one
         sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
@@ -407,11 +427,26 @@ def ema_update(pairs: tuple[list, list], m: float, taken: torch.Tensor | None = 
     lerp_weighted(pairs[0], pairs[1], 1.0 - m, taken)
 
 
-def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None) -> str:
-    """Stage 2 (stage='head') or stage 3 (stage='ct'): the same step, different trainable sets and settings."""
+def check_encoder(cfg: C.Config, encoder: nn.Module, init: str) -> None:
+    """The init checkpoint's encoder against the keys that must agree with it, before any step: the loaders make
+    model.img_size / model.in_chans images, and ct.tuned_from_block names one of its blocks (checked already in
+    the head stage of a ct_pipeline, whose encoder is the same)."""
+    pe = encoder.patch_embed
+    for key, want, have in (("model.img_size", cfg.model.img_size, pe.img_size),
+                            ("model.in_chans", cfg.model.in_chans, encoder.in_chans)):
+        if want != have:
+            raise C.ConfigError(f"{key}={want}, but the encoder of init={init} takes {have} (set {key}={have})")
+    if "ct" in C.stages(cfg):
+        check_tuned_from_block(cfg.ct.tuned_from_block, encoder.depth, f"init={init}")
+
+
+def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None, data) -> str:
+    """Stage 2 (stage='head') or stage 3 (stage='ct'): the same step, different trainable sets and settings, on the
+    train split `data` (opened and checked by run)."""
     s, out, ct = (cfg.head if stage == "head" else cfg.ct), stage_dir(cfg, stage), stage == "ct"
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
     encoder, head, queue = load_for_nnclr(cfg, di, init)
+    check_encoder(cfg, encoder, init)
     depth = encoder.depth
     t = (cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else depth // 2) if ct else depth
     freeze(encoder)
@@ -431,7 +466,6 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     ddp = DDP(net, gradient_as_bucket_view=True) if di.world > 1 else net
 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
-    data = load_data(cfg.data.name, cfg.data.root, "train", cfg.data.labels)
     labelled = data.has_labels      # nn_acc compares a sample's label with its queue neighbour's
     if not labelled and di.is_main:
         log_once(f"nn_acc monitor off: {int((data.labels < 0).sum())} of {len(data)} training files have no label "
@@ -500,6 +534,11 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     def after_epoch(epoch, step, meter):
         if monitor is not None and (ct or epoch == 1):
             acc = monitor(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
+            if monitor.error is not None:   # non-finite features: the count in the log, null (not NaN) in the JSONL
+                log.warning(f"[{stage}] epoch {epoch}: quick k-NN not computed: {monitor.error}")
+                meter.write({"step": step, "epoch": epoch, "knn_acc": None,
+                             "knn_nonfinite_rows": {k: list(v) for k, v in monitor.error.counts.items()}})
+                return
             log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}%")
             meter.write({"step": step, "epoch": epoch, "knn_acc": acc})
 
@@ -542,33 +581,39 @@ def run(cfg: C.Config) -> dict:
              f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
     results, times = {}, {}
     need_monitor = cfg.stage in ("head", "ct", "pipeline", "ct_pipeline")
-    monitor, no_labels = None, None
-    if need_monitor and di.is_main:
+    # open the data once (the training split with data.labels: nn_acc reads them; the k-NN splits on every rank, so
+    # that every rank runs the same checks), and check all that depends on its size before any model or step
+    d = cfg.data
+    train, bank, queries, no_labels = load_data(d.name, d.root, "train", d.labels), None, None, None
+    if need_monitor:
         try:
-            monitor = KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test)
+            bank, queries = (load_eval_data(d.name, d.root, split, d.labels) for split in ("train", "test"))
         except NoLabels as e:
             no_labels = str(e)
             log_once(f"k-NN monitor and final k-NN off: {e}")
+    validate_data(cfg, di.world, len(train), *((len(queries), len(bank)) if bank is not None else ()))
+    monitor = (KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test, bank, queries)
+               if bank is not None and di.is_main else None)
     init = cfg.init
-    for stage in {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,)):
+    for stage in C.stages(cfg):
         t0 = time.time()
         done = os.path.join(cfg.out_dir, stage, "checkpoint-final.pth")
         if cfg.resume == "auto" and os.path.exists(done):
             log.info(f"[{stage}] already finished ({done}); resume=auto skips it")
             init = done
         elif stage == "mae":
-            init = run_mae(cfg, di)
+            init = run_mae(cfg, di, train)
         else:
-            init = run_nnclr(cfg, di, stage, init, monitor)
+            init = run_nnclr(cfg, di, stage, init, monitor, train)
         times[stage] = time.time() - t0
         results[f"{stage}_checkpoint"] = init
         log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
     results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
     if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main and no_labels is None:
-        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test)
+        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
         before = results.get("mae_checkpoint") or cfg.init
-        acc0 = final(hub.load_encoder(before)[0].to(di.device), cfg.model.pool)
-        acc1 = final(hub.load_encoder(init, use_ema=cfg.eval.use_ema)[0].to(di.device), cfg.model.pool)
+        acc0 = final_knn(final, cfg, di, before, False)
+        acc1 = final_knn(final, cfg, di, init, cfg.eval.use_ema)
         results.update(knn_mae=acc0, knn_maect=acc1)
         log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
                  f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
@@ -576,6 +621,15 @@ def run(cfg: C.Config) -> dict:
     elif cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:     # no labels: checkpoints and times only
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
+
+
+def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool) -> float:
+    """The pipeline's before/after k-NN of one checkpoint (every checkpoint is on disk by now); non-finite features
+    raise NonFiniteFeatures naming the checkpoint."""
+    try:
+        return final(hub.load_encoder(path, use_ema=use_ema)[0].to(di.device), cfg.model.pool)
+    except NonFiniteFeatures as e:
+        raise NonFiniteFeatures(f"final k-NN of {path}: {e}", e.counts) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -586,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"maect.train: {e}")
     try:
         run(cfg)
-    except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError) as e:
+    except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError, NonFiniteFeatures) as e:
         sys.exit(f"maect.train: {e}")
     finally:
         if dist.is_dist():

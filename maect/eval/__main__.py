@@ -7,6 +7,8 @@ Loads the encoder (maect.hub.load_encoder), extracts train/test features once (o
 the JSON. The checkpoint records the pooling, image size and data set; flags override them. Labels: image folders
 label every split by the training split's class folders; folder / filelist sources are evaluated on their labels
 (--labels, default the checkpoint's data.labels). Image files pass the training loader's file checks first.
+Feature rows with NaN/inf (an encoder that diverged) stop the run with one line counting them per split, before any
+protocol runs and before anything is cached (maect.eval.features.check_finite).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from maect.atomic import write_json
 from maect.eval.cluster import cluster_eval
-from maect.eval.features import cache_features, extract_features, feature_meta, load_cached
+from maect.eval.features import NonFiniteFeatures, cache_features, check_finite, extract_features, feature_meta, load_cached
 from maect.eval.knn import knn_accuracy
 from maect.eval.lowshot import lowshot
 from maect.eval.probe import linear_probe
@@ -60,6 +62,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [s for s in args.protocols if s not in PROTOCOLS]
     if bad or not args.protocols:
         p.error(f"--protocols: unknown {bad}; choose from {PROTOCOLS}")
+    low = {"--batch-size": (args.batch_size, 1), "--knn-k": (args.knn_k, 1), "--probe-epochs": (args.probe_epochs, 1),
+           "--probe-batch": (args.probe_batch, 2), "--lowshot-max-iter": (args.lowshot_max_iter, 1),
+           "--kmeans-restarts": (args.kmeans_restarts, 1), "--train-limit": (args.train_limit, 1),
+           "--test-limit": (args.test_limit, 1)}
+    for flag, (v, lo) in low.items():
+        if v is not None and v < lo:
+            p.error(f"{flag}={v} must be >= {lo}" + (" (the probe's BatchNorm needs 2 samples)" if lo == 2 else ""))
+    from maect.eval.knn import min_temperature
+    if not args.knn_T > min_temperature(max(10, args.knn_k)):
+        p.error(f"--knn-T={args.knn_T} must exceed {min_temperature(max(10, args.knn_k)):.4f} (exp(s / T) overflows "
+                "float32 below it)")
     return args
 
 
@@ -94,11 +107,12 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
     hit = load_cached(prefix, meta) if prefix else None
     if hit is not None:
         f, y, stored = hit
+        check_finite("cached features", **{split: f})   # a cache written before caches refused non-finite rows
         return f.to(device), y.to(device), stored["num_classes"], "cache"
     try:
         batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"],
                                batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt)
-        f, y = extract_features(model, batches, pool=pool, device=device)
+        f, y = extract_features(model, batches, pool=pool, device=device, split=split)  # raises on NaN/inf
     except (DataError, FileNotFoundError) as exc:         # bad files (named), a model that does not take RGB
         raise SystemExit(f"maect.eval: {exc}") from None
     if prefix:
@@ -141,8 +155,8 @@ def run(args) -> dict:
             P["lowshot"] = lowshot(tr_f, tr_y, te_f, te_y, seed=args.seed, max_iter=args.lowshot_max_iter)
         elif name == "cluster":
             f, y = (tr_f, tr_y) if args.cluster_split == "train" else (te_f, te_y)
-            P["cluster"] = dict(cluster_eval(f, y, num_classes=C, restarts=args.kmeans_restarts, seed=args.seed),
-                                split=args.cluster_split)
+            P["cluster"] = dict(cluster_eval(f, y, num_classes=C, restarts=args.kmeans_restarts, seed=args.seed,
+                                             split=args.cluster_split), split=args.cluster_split)
         res["seconds"][name] = time.perf_counter() - t
     return res
 
@@ -171,7 +185,10 @@ def table(res: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    res = run(args)
+    try:
+        res = run(args)
+    except NonFiniteFeatures as e:
+        sys.exit(f"maect.eval: {e}")
     print(table(res))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                    f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")
