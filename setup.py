@@ -45,9 +45,10 @@ setup(
     package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect.kernels": ["*.json"],
                   "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
     include_package_data=True,
-    install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "triton; platform_system=='Linux'"],
+    install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={
-        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib"],
+        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit"],
+        "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
         # pin torch in the same pip command as xformers (pip install -e .[gpu] torch==X), or pip swaps torch
         "gpu": ["xformers==0.0.35; platform_system=='Linux'", "nvidia-dali-cuda130"],
     },
