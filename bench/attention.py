@@ -5,8 +5,9 @@ xformers_flash with one operator pair forced, sdpa, sdpa_flash, sdpa_efficient, 
 ViT's packed-qkv views, plus 'auto' (what the measured table picks), plus the three xFormers providers on contiguous
 [N, T, H, Dh] inputs ("BMHK contiguous", the layout xFormers documents; the model itself passes strided views). A
 provider that cannot run a shape is listed with its reason; the first line says whether xFormers loaded (and the
-CUDA runtime preload, maect.models.xformers_load) or exactly why not. Correctness first: each provider's output and q/k/v gradients are compared with an exact reference
-(fp64 math of the same inputs) before anything is timed, with the rule
+CUDA runtime preload, maect.models.xformers_load) or exactly why not.
+Correctness first: each provider's output and q/k/v gradients, on the layout it is timed on, are compared with an
+exact reference (fp64 math of the same inputs) before anything is timed, with the rule
     max |provider - exact| <= 2 x max |low-precision reference - exact| + atol
 where the low-precision reference is the unfused math in the input dtype (bf16: attention_naive) or in fp32 (fp32
 inputs: attention_ref); atol: fp32 2e-6 (about 30 ulps at |x| ~ 1: a blocked online softmax sums in another order),
@@ -18,6 +19,7 @@ of stage 3 and inference), "fwd+bwd" with gradients for q, k, v (training).
   python bench/attention.py                            # GPU: ViT-B/L/H encoder (full and MAE-visible) + decoder, bf16
   python bench/attention.py --device cpu               # CPU: tiny fp32 shape set only
   python bench/attention.py --write-table maect/models/attention_table.json   # GPU: the 'auto' table
+  python bench/attention.py --shapes "H/14 full,H/14 visible"                  # GPU: ViT-H/14 (head dim 80) only
 --write-table merges: entries for other device types / dtypes / shapes already in the file stay.
 """
 from __future__ import annotations

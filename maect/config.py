@@ -12,6 +12,7 @@ import yaml
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 STAGES = ("mae", "head", "ct", "pipeline", "ct_pipeline")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")   # torch.compile's
 
 
 @dataclass
@@ -27,8 +28,9 @@ class ModelCfg:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     pool: str = "mean"               # head / probe input: 'mean' of patch tokens (B/16, tiny) or 'cls' (L, H)
-    attention: str = "auto"          # auto | xformers | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
+    attention: str = "auto"          # auto | xformers(_cutlass|_flash) | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
     compile: bool = False            # torch.compile the transformer blocks
+    compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | max-autotune
 
 
 @dataclass
@@ -257,6 +259,8 @@ def validate(cfg: Config) -> None:
     from maect.models.attention import BACKENDS
     if cfg.model.attention not in BACKENDS:
         raise ConfigError(f"model.attention={cfg.model.attention!r}: choose one of {BACKENDS}")
+    if cfg.model.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"model.compile_mode={cfg.model.compile_mode!r}: choose one of {COMPILE_MODES}")
     if cfg.model.pool not in ("mean", "cls"):
         raise ConfigError(f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
     if cfg.data.loader not in ("auto", "cpu", "dali"):

@@ -201,16 +201,18 @@ def test_logs_once_per_shape(caplog):
 @pytest.mark.parametrize("name", ["sdpa", "sdpa_flash", "auto"])
 def test_dispatch_compiles_without_graph_break(name):
     """The backend choice is a trace-time constant: torch.compile traces the dispatch in one graph (fullgraph), even
-    on a cold cache, forward and backward."""
+    on a cold cache, forward and backward, also once shapes turn dynamic."""
     A.set_backend(name)
-    q = torch.randn(2, 3, 50, 32, requires_grad=True)
     f = torch.compile(lambda x: A.attention(x, x, x), backend="eager", fullgraph=True)
     try:
-        out = f(q)
-        out.sum().backward()
+        # the second and third shapes recompile with automatic dynamic shapes (symbolic T, Dh): still one graph
+        for T, Dh in ((50, 32), (65, 16), (197, 64)):
+            q = torch.randn(2, 3, T, Dh, requires_grad=True)
+            out = f(q)
+            out.sum().backward()
+            torch.testing.assert_close(out, A.attention_ref(q, q, q), rtol=0, atol=1e-5)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(out, A.attention_ref(q, q, q), rtol=0, atol=1e-5)
 
 
 def test_unavailable_under_compile_keeps_the_message():

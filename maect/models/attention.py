@@ -325,9 +325,27 @@ def _choose(backend: str, device_type: str, device_index: int | None, dtype: tor
     return name
 
 
+def _concrete(n, hi: int = 1 << 24) -> int:
+    """n as a Python int. Under torch.compile's dynamic shapes (automatic after a recompile for a second shape: the
+    decoder's blocks share Block.forward with the encoder's) a size is symbolic and cannot be an argument of _choose;
+    a binary search of comparisons turns it into a constant, each comparison a guard, so the graph is specialised on
+    the size (a recompile per new size, as with static shapes) instead of breaking at _choose."""
+    if not torch.compiler.is_compiling():
+        return n
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(Dh)) v for q, k, v [N, H, T, Dh] with the configured backend."""
-    name = _choose(_backend, q.device.type, q.device.index, q.dtype, q.shape[-2], q.shape[-1], _needs_grad(q, k, v))
+    T, Dh = _concrete(q.shape[-2]), _concrete(q.shape[-1])
+    name = _choose(_backend, q.device.type, q.device.index, q.dtype, T, Dh, _needs_grad(q, k, v))
     return _IMPLS[name](q, k, v)
 
 
