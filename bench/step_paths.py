@@ -154,13 +154,14 @@ def build_bases(stage: str, cfg: C.Config, device) -> dict:
     """The initial weights every variant copies (built once per configuration: ViT-H init takes seconds)."""
     from maect import hub
     torch.manual_seed(0)
-    model = hub.model_from_cfg(cfg.model, decoder=stage == "mae").to(device)
-    if stage == "mae":
-        return {"model": model}
-    n = cfg.nnclr
-    head = NNCLRHead(model.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
-    head.add_target()
-    return {"model": model, "head": head.to(device)}
+    with torch.device(device):             # initialised on the device (ViT-H on the CPU takes seconds)
+        model = hub.model_from_cfg(cfg.model, decoder=stage == "mae")
+        if stage == "mae":
+            return {"model": model}
+        n = cfg.nnclr
+        head = NNCLRHead(model.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
+        head.add_target()
+    return {"model": model, "head": head}
 
 
 def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, device, total: int, bases: dict):
@@ -169,6 +170,8 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(1)     # mask noise and neighbour picks, drawn on the CPU in both paths
     state = {"step": 0, "ptr": 0}
+    # CUDA graphs (cudagraph trees): say where an iteration starts, so no graph output is read after being replayed
+    mark = torch.compiler.cudagraph_mark_step_begin if variant.compile_mode == "reduce-overhead" else lambda: None
     x = data["x"]
     model = copy.deepcopy(bases["model"])
     attn = use_timm_blocks(model, variant.attention == "math") if ref else args.attention
@@ -183,6 +186,7 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
         L = model.patch_embed.num_patches
 
         def step():
+            mark()
             noise = h2d(torch.rand(x.shape[0], L, generator=gen), device)
             with autocast:
                 loss, _, _ = model(x, s.mask_ratio, s.norm_pix_loss, noise)
@@ -221,6 +225,7 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
     ema_params = ema_pairs(ema, encoder)
 
     def step():
+        mark()
         with autocast:
             p0, p1, z0, z1 = net(x0, x1)
             if ref:            # the official path: normalise and look up inside the autocast region

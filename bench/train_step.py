@@ -156,7 +156,7 @@ def run_row(ctx: dict, name: str, profile: bool = False) -> dict:
         first_s = time.perf_counter() - t0
         res = measure(step, device, warmup=args.warmup, budget_s=0.0, min_reps=args.steps, max_reps=args.steps)
         syncs = count_host_syncs(step, device)
-        prof = profile_step(step, device) if profile else None
+        prof = profile_step(step, device, n=3 if device.type == "cuda" else 1) if profile else None
     after = _counters()
     row = {"provider": name, "first_loss": first, "first_step_s": first_s, "optimizer": info["opt"], **res,
            "attention": info["attention"],
@@ -300,12 +300,15 @@ def finish_args(args):
 
 
 # ------------------------------------------------------------------------------------------------ the prepared GPU run
-SUITE_CONFIGS = {True: [["--model", "vit_l16", "--stage", "mae"], ["--model", "vit_h14", "--stage", "mae"],
-                        ["--model", "vit_l16", "--stage", "ct"]],
-                 False: [["--preset", "tiny", "--stage", "mae", "--batch", "8"],
-                         ["--preset", "tiny", "--stage", "ct", "--batch", "8"]]}
-SUITE_EAGER = ["reference", "maect", "reference-math"]          # phase 1, every configuration
-SUITE_COMPILED = ["maect+compile", "reference+compile", "maect+cudagraphs"]   # phase 2, while the budget lasts
+EAGER3, COMPILED3 = ["reference", "maect", "reference-math"], ["maect+compile", "reference+compile", "maect+cudagraphs"]
+SUITE_CONFIGS = {  # (arguments, phase-1 eager rows, phase-2 compiled rows); phase 2 runs row-major over configs
+    True: [(["--model", "vit_l16", "--stage", "mae"], EAGER3, COMPILED3),
+           (["--model", "vit_h14", "--stage", "mae"], EAGER3, COMPILED3),
+           (["--model", "vit_l16", "--stage", "ct"], EAGER3, COMPILED3),
+           (["--model", "vit_l16", "--stage", "mae", "--batch", "256"], EAGER3[:2], ["maect+cudagraphs"])],
+    False: [(["--preset", "tiny", "--stage", "mae", "--batch", "8"], EAGER3, COMPILED3),
+            (["--preset", "tiny", "--stage", "ct", "--batch", "8"], EAGER3, COMPILED3)]}
+FIRST_COMPILE_S = {True: 60.0, False: 20.0}   # scheduling guess before any compiled row has run (not a measurement)
 
 
 def _child_row(cfg_args: list[str], row: str, common: list[str], timeout: float) -> dict:
@@ -324,40 +327,45 @@ def _child_row(cfg_args: list[str], row: str, common: list[str], timeout: float)
 
 
 def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """For bench/gpu_suite.py: MAE ViT-L/16, MAE ViT-H/14, CT ViT-L/16 within budget_s (CPU dry run: the tiny
-    preset, and of phase 2 only the first compiled row of the first configuration). See suite()."""
+    """For bench/gpu_suite.py: MAE ViT-L/16, MAE ViT-H/14, CT ViT-L/16 (+ MAE ViT-L/16 at batch 256) within
+    budget_s (CPU dry run: the tiny preset, reference and maect rows, one compiled row). See suite()."""
     suite(out, budget_s, full=torch.cuda.is_available())
 
 
 def suite(out: dict, budget_s: float, full: bool = True) -> None:
-    """The prepared GPU run (`--suite`; CPU: the tiny preset). Phase 1, every configuration: reference, maect,
-    reference-math (eager), with a torch.profiler table of the maect MAE steps. Phase 2, while budget_s lasts:
-    maect+compile, reference+compile, maect+cudagraphs, each in a child process whose timeout is the budget left (a
-    compilation that runs long costs that row only; CPU: backend aot_eager, tracing only). Fills out[config] with
-    each configuration's result; rows that did not fit are named in out['skipped']."""
+    """The prepared GPU run (`--suite`; CPU: the tiny preset). Phase 1, every configuration of SUITE_CONFIGS: its
+    eager rows (reference, maect, reference-math), with a torch.profiler table of the maect MAE steps. Phase 2, while
+    budget_s lasts: the compiled rows (maect+compile, reference+compile, maect+cudagraphs), each in a child process
+    whose timeout is the budget left (a compilation that runs long costs that row only; CPU: backend aot_eager,
+    tracing only). full=False (the CPU dry run): two eager rows and one compiled row. Fills out[config] with each
+    configuration's result; rows that did not fit the budget are named in out['skipped']."""
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     common = ["--device", "cuda" if cuda else "cpu"]
     common += ["--steps", "5", "--warmup", "2"] if cuda else ["--steps", "1", "--warmup", "0", "--compile-backend",
                                                              "aot_eager"]
-    ctxs, rows = {}, {}
-    for cfg_args in SUITE_CONFIGS[cuda]:
+    ctxs, rows, plan, not_run = {}, {}, [], []
+    for cfg_args, eager, compiled in SUITE_CONFIGS[cuda]:
         key = " ".join(cfg_args)
+        eager = eager if full else eager[:2]
         try:
             args = finish_args(parser().parse_args(cfg_args + common))
             ctxs[key] = prepare(args)
-            rows[key] = [run_row(ctxs[key], r, profile=r == "maect" and args.stage == "mae") for r in SUITE_EAGER]
+            rows[key] = [run_row(ctxs[key], r, profile=r == "maect" and args.stage == "mae") for r in eager]
             out[key] = summarize(ctxs[key], rows[key])
+            plan += [(i, row, key) for i, row in enumerate(compiled)]
         except Exception as e:  # one failing config must not lose the others
             out[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-            ctxs.pop(key, None)
         if cuda:
             torch.cuda.empty_cache()
-    plan = [(row, key) for row in SUITE_COMPILED for key in ctxs]
+    plan = [(row, key) for _, row, key in sorted(plan, key=lambda p: p[0])]    # row-major: every config's first
+    if not full:
+        plan, not_run = plan[:1], [f"{k}: {r}" for r, k in plan[1:]]
     costs: list[float] = []
-    for row, key in plan if full else plan[:1]:
+    added: dict[str, None] = {}
+    for row, key in plan:
         left = budget_s - (time.perf_counter() - t0) - 5
-        need = 1.3 * max(costs) if costs else 0.35 * budget_s
+        need = 1.3 * max(costs) if costs else FIRST_COMPILE_S[cuda]
         if left < need:
             out.setdefault("skipped", []).append(f"{key}: {row} ({left:.0f} s left, needs ~{need:.0f} s)")
             continue
@@ -369,11 +377,11 @@ def suite(out: dict, budget_s: float, full: bool = True) -> None:
             continue
         rows[key].append(r)
         out[key] = summarize(ctxs[key], rows[key], quiet=True)
-    for key in {k for _, k in plan}:       # the final tables, phase 2 rows included
-        if len(rows[key]) > len(SUITE_EAGER):
-            out[key] = summarize(ctxs[key], rows[key])
-    if not full:
-        out["not_run"] = [f"{k}: {r}" for r, k in plan[1:]]
+        added[key] = None
+    for key in added:                                  # the final tables, phase 2 rows included
+        out[key] = summarize(ctxs[key], rows[key])
+    if not_run:
+        out["not_run"] = not_run
     out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
