@@ -145,3 +145,10 @@ def test_ct_reference_and_maect_same_first_loss(monkeypatch, capsys):
     prof = res["rows"][1]["profile"]
     assert "GEMM" in prof["by_category_ms"] and "aten::" in prof["table"]
     assert "profile of 'maect'" in capsys.readouterr().out
+
+
+def test_compile_mode_config():
+    from maect import config as C
+    assert C.load_config(["preset=tiny", "model.compile_mode=reduce-overhead"]).model.compile_mode == "reduce-overhead"
+    with pytest.raises(C.ConfigError, match="model.compile_mode='fast': choose one of"):
+        C.load_config(["preset=tiny", "model.compile_mode=fast"])
