@@ -213,9 +213,9 @@ def gpu_suite_step(out: dict, budget_s: float) -> None:
     t0 = time.perf_counter()
     device = setup("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES[:2]      # CPU dry run: a small and a head-dim-80 shape
     # per measurement: 2 passes x providers x shapes, plus warm-up/check overhead (~40% of the budget)
-    per = max(0.02, 0.6 * budget_s / (2 * len(PROVIDERS) * len(shapes)))
+    per = max(0.02, 0.6 * budget_s / (2 * len(PROVIDERS) * len(shapes))) if cuda else 0.02   # CPU: code paths only
     res = run(device, torch.bfloat16 if cuda else torch.float32, 64 if cuda else 2, per, shapes)
     out.update(res)
     if cuda:   # save with A.save_table(A.TABLE_PATH, out["table"]) after a look, or run --write-table

@@ -152,3 +152,18 @@ def test_compile_mode_config():
     assert C.load_config(["preset=tiny", "model.compile_mode=reduce-overhead"]).model.compile_mode == "reduce-overhead"
     with pytest.raises(C.ConfigError, match="model.compile_mode='fast': choose one of"):
         C.load_config(["preset=tiny", "model.compile_mode=fast"])
+
+
+def test_suite_child_row_matches_in_process(monkeypatch):
+    """The prepared GPU run's phase 2 runs each compiled row in a child process (a long compilation costs that row
+    only): the child's row comes back as JSON and its first-step loss equals the in-process reference's."""
+    pytest.importorskip("timm")
+    monkeypatch.setenv("MAECT_CPP", "0")
+    ts = bench("train_step")
+    cfg_args = ["--preset", "tiny", "--stage", "mae", "--batch", "8"]
+    common = ["--device", "cpu", "--threads", "2", "--steps", "1", "--warmup", "0", "--precision", "fp32",
+              "--compile-backend", "aot_eager"]
+    row = ts._child_row(cfg_args, "maect+compile", common, timeout=600)
+    assert row["provider"] == "maect+compile" and row["compile"] == "default (aot_eager)", row
+    ref = run_rows("mae", "reference")
+    assert abs(row["first_loss"] - ref["rows"][0]["first_loss"]) <= 1e-4 * abs(ref["rows"][0]["first_loss"])
