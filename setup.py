@@ -42,9 +42,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["maect", "maect.*"]) + ["maect.kernels", "maect.dataloading", "maect._csrc"],
     package_dir={"maect.kernels": "kernels", "maect.dataloading": "dataloading", "maect._csrc": "csrc"},
-    package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect.kernels": ["*.json"],
+                  "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
     include_package_data=True,
-    install_requires=["torch>=2.10", "numpy", "pyyaml", "triton; platform_system=='Linux'"],
+    install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "triton; platform_system=='Linux'"],
     extras_require={
         "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib"],
         # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a

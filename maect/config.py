@@ -35,8 +35,9 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    name: str = "fashion_mnist"      # fashion_mnist | imagefolder
-    root: str = ""                   # '' -> /usr/share/datasets/fashion-mnist for fashion_mnist
+    name: str = "fashion_mnist"      # fashion_mnist | imagefolder | folder (unlabelled, any depth) | filelist
+    root: str = ""                   # the folder (filelist: the list file); '' -> /usr/share/datasets/fashion-mnist
+    labels: str = ""                 # folder/filelist: '' | DIR (train/, val/ class folders) | CSV path,label[,split]
     loader: str = "auto"             # auto | cpu | dali
     num_workers: int = 0             # DALI threads (0: 4) / decode workers
     skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
@@ -63,6 +64,7 @@ class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
     proj_dim: int = 256
     pred_hidden: int = 4096
     queue_size: int = 65536
+    queue_dtype: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16: storage of the queue's features
 
 
 @dataclass
@@ -265,6 +267,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
     if cfg.data.loader not in ("auto", "cpu", "dali"):
         raise ConfigError(f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
+    from maect.dataloading.datasets import SOURCES     # paths are checked when a run starts (datasets.check_source)
+    if cfg.data.name not in SOURCES:
+        raise ConfigError(f"data.name={cfg.data.name!r}: choose one of {', '.join(SOURCES)}")
+    if cfg.data.labels and cfg.data.name not in ("folder", "filelist"):
+        raise ConfigError(f"data.labels={cfg.data.labels!r} is for data.name=folder|filelist ({cfg.data.name} has "
+                          f"its own labels)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
     if cfg.precision not in ("auto", "bf16", "fp32"):
@@ -287,6 +295,8 @@ def validate(cfg: Config) -> None:
         if cfg.nnclr.queue_size % s.batch_size:
             raise ConfigError(f"nnclr.queue_size={cfg.nnclr.queue_size} must be divisible by the global batch "
                               f"{name}.batch_size={s.batch_size} (FIFO enqueue of whole global batches)")
+    if cfg.nnclr.queue_dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"nnclr.queue_dtype={cfg.nnclr.queue_dtype!r}: choose auto, fp32 or bf16")
     if cfg.mae.batch_size % cfg.mae.accum_steps:
         raise ConfigError(f"mae.batch_size={cfg.mae.batch_size} must be divisible by mae.accum_steps={cfg.mae.accum_steps}")
 

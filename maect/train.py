@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maect import kernels
-from maect.dataloading import build_loader, eval_batches, load_data
+from maect.dataloading import DataError, NoLabels, build_loader, eval_batches, load_data, load_eval_data
+from maect.dataloading.datasets import check_source
 from maect.dataloading.augment import h2d
 from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
-from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted
+from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
@@ -102,12 +103,15 @@ def stage_dir(cfg: C.Config, stage: str) -> str:
 
 
 class KNNMonitor:
-    """Quick k-NN accuracy: bank = a fixed subset of the train split, queries = a subset of the test split, both
-    with the deterministic eval transform. The same code gives the pipeline's before/after numbers."""
+    """Quick k-NN accuracy: bank = a fixed subset of the labelled train split, queries = a subset of the labelled
+    test split (load_eval_data: for folder / filelist sources, data.labels), both with the deterministic eval
+    transform and the training loader's file checks. The same code gives the pipeline's before/after numbers.
+    NoLabels when the source has no labels."""
 
     def __init__(self, cfg: C.Config, device, n_train: int, n_test: int):
         self.cfg, self.device = cfg, device
-        train, test = load_data(cfg.data.name, cfg.data.root, "train"), load_data(cfg.data.name, cfg.data.root, "test")
+        d = cfg.data
+        train, test = (load_eval_data(d.name, d.root, split, d.labels) for split in ("train", "test"))
         g = torch.Generator().manual_seed(1234)
         self.train = train.subset(torch.randperm(len(train), generator=g)[:n_train]) if 0 < n_train < len(train) else train
         self.test = test.subset(torch.arange(min(n_test, len(test)))) if 0 < n_test < len(test) else test
@@ -118,7 +122,8 @@ class KNNMonitor:
         from maect.eval.features import extract_features
         from maect.eval.knn import knn_accuracy
         m = self.cfg.model
-        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device)
+        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
+                  skip_corrupt=self.cfg.data.skip_corrupt)
         ftr, ytr = extract_features(encoder, eval_batches(self.train, **kw), pool=pool_mode, device=self.device)
         fte, yte = extract_features(encoder, eval_batches(self.test, **kw), pool=pool_mode, device=self.device)
         return knn_accuracy(ftr, ytr, fte, yte, k=self.cfg.eval.knn_k, T=self.cfg.eval.knn_T,
@@ -260,7 +265,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 check_skips()
                 st = dist.all_reduce_mean(stats)
                 vals = {"loss": float(st[0] / st[2].clamp_min(1))}
-                if stage != "mae":
+                if stage != "mae" and loader.data.has_labels:
                     vals["nn_acc"] = float(st[1] / st[2].clamp_min(1))
                 meter.step(step, epoch, {**vals, "lr": opt.param_groups[0]["lr"]})
                 stats.zero_()
@@ -321,7 +326,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     total, warm = max(1, round(s.epochs * spe)), round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), lr {lr:.3g}, {total} steps, optimizer {opt_name}, "
-             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
+             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.mae_backends(model, di.device)}")
     L = model.patch_embed.num_patches
     model.train()
 
@@ -357,7 +362,8 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
     n = cfg.nnclr
     head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed),
+                         dtype=queue_dtype(n.queue_dtype, di.device))
     if "head" in ck:
         load_head(head, ck["head"])
         if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
@@ -431,7 +437,12 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     ddp = DDP(net, gradient_as_bucket_view=True) if di.world > 1 else net
 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
-    data = load_data(cfg.data.name, cfg.data.root, "train")
+    data = load_data(cfg.data.name, cfg.data.root, "train", cfg.data.labels)
+    labelled = data.has_labels      # nn_acc compares a sample's label with its queue neighbour's
+    if not labelled and di.is_main:
+        log_once(f"nn_acc monitor off: {int((data.labels < 0).sum())} of {len(data)} training files have no label "
+                 f"(data.name={cfg.data.name}" + (f", data.labels={cfg.data.labels})" if cfg.data.labels else
+                                                  "; set data.labels=DIR|CSV to turn it on)"))
     queue.check_admissible(s.topk, len(data))
     loader = make_loader(cfg, di, data, s, 2, ct and cfg.ct.aug, n_rank)
     scale = 2 * s.batch_size / 256
@@ -456,7 +467,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
              f"top-k {s.topk}, queue {queue.size}, {total} steps, optimizer {opt_name}, loader {loader.backend}, "
-             f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
+             f"queue {queue.features.dtype}, queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
 
     def step_fn(b, step, micro, sync, poison):
@@ -465,9 +476,12 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
             p0, p1, z0, z1 = ddp(x0, x1)
         z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
         g = step_generator(cfg, stage, step)
-        nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
-        nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
-        nn_acc = ((queue.labels[i0] == b["label"]).float().mean() + (queue.labels[i1] == b["label"]).float().mean()) / 2
+        n = z0.shape[0]   # both views in one lookup: the queue is read once (same picks as two calls: one CPU stream)
+        nn, i = queue.lookup(torch.cat([z0, z1]), torch.cat([b["idx"], b["idx"]]), s.topk, generator=g)
+        nn0, nn1, i0, i1 = nn[:n], nn[n:], i[:n], i[n:]
+        nn_acc = None if not labelled else \
+            (((queue.labels[i0.clamp(min=0)] == b["label"]) & (i0 >= 0)).float().mean()
+             + ((queue.labels[i1.clamp(min=0)] == b["label"]) & (i1 >= 0)).float().mean()) / 2
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         if poison:
             loss = loss * float("nan")
@@ -502,6 +516,16 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
 
 
 # ------------------------------------------------------------------------------------------------ entry
+_said: set[str] = set()
+
+
+def log_once(msg: str) -> None:
+    """Log msg the first time only (a pipeline runs head and ct with the same data)."""
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
 def setup_logging(main: bool) -> None:
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
@@ -510,6 +534,9 @@ def setup_logging(main: bool) -> None:
 def run(cfg: C.Config) -> dict:
     di = dist.init(cfg.device)
     setup_logging(di.is_main)
+    why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
+    if why:
+        raise C.ConfigError(why)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -521,7 +548,13 @@ def run(cfg: C.Config) -> dict:
              f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
     results, times = {}, {}
     need_monitor = cfg.stage in ("head", "ct", "pipeline", "ct_pipeline")
-    monitor = KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test) if need_monitor and di.is_main else None
+    monitor, no_labels = None, None
+    if need_monitor and di.is_main:
+        try:
+            monitor = KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test)
+        except NoLabels as e:
+            no_labels = str(e)
+            log_once(f"k-NN monitor and final k-NN off: {e}")
     init = cfg.init
     for stage in {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,)):
         t0 = time.time()
@@ -537,7 +570,7 @@ def run(cfg: C.Config) -> dict:
         results[f"{stage}_checkpoint"] = init
         log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
     results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
-    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
+    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main and no_labels is None:
         final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test)
         before = results.get("mae_checkpoint") or cfg.init
         acc0 = final(hub.load_encoder(before)[0].to(di.device), cfg.model.pool)
@@ -545,6 +578,8 @@ def run(cfg: C.Config) -> dict:
         results.update(knn_mae=acc0, knn_maect=acc1)
         log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
                  f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    elif cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:     # no labels: checkpoints and times only
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 
@@ -557,7 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"maect.train: {e}")
     try:
         run(cfg)
-    except (C.ConfigError, FileNotFoundError, FloatingPointError) as e:
+    except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError) as e:
         sys.exit(f"maect.train: {e}")
     finally:
         if dist.is_dist():

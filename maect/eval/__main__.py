@@ -1,10 +1,12 @@
-"""python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder]
-       [--data-root DIR] [--pool cls|mean] [--device auto|cpu|cuda] [--out results.json] [--export-features DIR]
-       [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
+"""python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder|folder|
+       filelist] [--data-root DIR] [--labels DIR|CSV] [--skip-corrupt] [--pool cls|mean] [--device auto|cpu|cuda]
+       [--out results.json] [--export-features DIR] [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
 
 Loads the encoder (maect.hub.load_encoder), extracts train/test features once (or reuses the cache in
 --export-features DIR when its metadata matches), runs the protocols on the features, prints a table and writes
-the JSON. The checkpoint records the pooling, image size and data set; flags override them.
+the JSON. The checkpoint records the pooling, image size and data set; flags override them. Labels: image folders
+label every split by the training split's class folders; folder / filelist sources are evaluated on their labels
+(--labels, default the checkpoint's data.labels). Image files pass the training loader's file checks first.
 """
 from __future__ import annotations
 
@@ -29,8 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m maect.eval", description=__doc__.split("\n\n")[1])
     p.add_argument("--ckpt", required=True, help="maect or official MAE checkpoint (.pth)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated subset of {PROTOCOLS}")
-    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder (default: the checkpoint's data set)")
+    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist (default: the "
+                   "checkpoint's data set)")
     p.add_argument("--data-root", default=None, help="data directory (imagefolder: with train/ and val/)")
+    p.add_argument("--labels", default=None, help="folder/filelist: labels, a DIR with train/ and val/ class folders "
+                   "or a CSV of path,label[,split] (default: the checkpoint's data.labels)")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out bad image files (logged) instead of stopping")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's model.pool")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--out", default=None, help="results JSON (default: eval_<ckpt name>.json next to the ckpt)")
@@ -66,22 +72,35 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device):
+def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device, labels=""):
     """(features [N, D] on device, labels [N] on device, num_classes, source) for one split, from the cache when
-    its metadata matches, else from the encoder (then written to the cache)."""
-    from maect.dataloading import eval_batches, load_data
+    its metadata matches, else from the encoder (then written to the cache). The metadata holds the class names,
+    so a cache written under another class-to-index mapping is not reused. Data errors exit with one line."""
+    from maect.dataloading import DataError, eval_batches, load_eval_data
+    from maect.dataloading.datasets import check_source
     limit = args.train_limit if split == "train" else args.test_limit
-    meta = feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
-                        data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema)
+    why = None if data_name == "fashion_mnist" else check_source(data_name, data_root or "", labels,
+                                                                 keys=("--data", "--data-root", "--labels"))
+    if why:
+        raise SystemExit(f"maect.eval: {why} (defaults: the checkpoint's data.*)")
+    try:
+        data = load_eval_data(data_name, data_root, split, labels)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"maect.eval: {exc}") from None
+    meta = dict(feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
+                             data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema),
+                labels=labels or "", classes=list(data.classes))
     prefix = os.path.join(args.export_features, split) if args.export_features else None
     hit = load_cached(prefix, meta) if prefix else None
     if hit is not None:
         f, y, stored = hit
         return f.to(device), y.to(device), stored["num_classes"], "cache"
-    data = load_data(data_name, data_root, split)
-    batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"], batch_size=args.batch_size,
-                           device=device, limit=limit)
-    f, y = extract_features(model, batches, pool=pool, device=device)
+    try:
+        batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"],
+                               batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt)
+        f, y = extract_features(model, batches, pool=pool, device=device)
+    except (DataError, FileNotFoundError) as exc:         # bad files (named), a model that does not take RGB
+        raise SystemExit(f"maect.eval: {exc}") from None
     if prefix:
         cache_features(prefix, f, y, dict(meta, num_classes=int(data.num_classes)))
     return f, y, int(data.num_classes), "encoder"
@@ -96,12 +115,14 @@ def run(args) -> dict:
     recorded = info.get("data") or {}
     data_name = args.data or recorded.get("name") or "fashion_mnist"
     data_root = args.data_root if args.data_root is not None else (recorded.get("root") or None)
+    cfg = info.get("config")
+    labels = args.labels if args.labels is not None else (cfg.data.labels if cfg is not None else "")
     res = {"ckpt": os.path.abspath(args.ckpt), "pool": pool, "data": data_name, "data_root": data_root,
            "img_size": info["img_size"], "device": str(device), "use_ema": args.use_ema, "seed": args.seed,
            "protocols": {}, "seconds": {}}
     t0 = time.perf_counter()
-    tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device)
-    te_f, te_y, _, src_te = split_features(model, info, args, "test", data_name, data_root, pool, device)
+    tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device, labels)
+    te_f, te_y, _, src_te = split_features(model, info, args, "test", data_name, data_root, pool, device, labels)
     res["seconds"]["features"] = time.perf_counter() - t0
     res.update(num_classes=C, n_train=int(tr_f.shape[0]), n_test=int(te_f.shape[0]), dim=int(tr_f.shape[1]),
                feature_source={"train": src_tr, "test": src_te})
