@@ -9,7 +9,9 @@ layers run under no_grad. Recomputation is not counted (none happens: no activat
 
   block(T, D) = 24 T D^2 + 4 T^2 D      one pre-norm ViT block forward, MLP ratio 4: qkv 6 T D^2, proj 2 T D^2,
                                         fc1 + fc2 16 T D^2; q kᵀ 2 T^2 D and attn·v 2 T^2 D (summed over heads)
-  patch(L) = 2 L p^2 C D                the patch embedding over all L = (img / p)^2 patches
+  patch(L) = 2 L p^2 C D                the patch embedding over all L = (img / p)^2 patches (official MAE embeds
+                                        every patch, then masks; maect's 'gather' masked_patch_embed executes only
+                                        the K kept ones: the model FLOPs stay the official count)
 
 MAE, per image (mask ratio r, K = int(L (1 - r)) visible patches: official MAE embeds all patches, then masks):
   2 patch(L)                            forward + weight gradient

@@ -16,7 +16,8 @@ and maect's, each a named variant; every variant starts from the same weights, d
   maect               maect's training step as maect.train runs it: its blocks with attention --attention (default
                       auto), maect.kernels dispatch (Triton on GPU, csrc on CPU), maect.optim.build_optimizer (apex
                       FusedAdam or torch fused AdamW), the sync-free non-finite guard (gradient norm -> found_inf; queue
-                      write and EMAs gated on the device), FeatureQueue.lookup / enqueue.
+                      write and EMAs gated on the device), FeatureQueue.lookup of both views in one call / enqueue,
+                      the queue stored in nnclr.queue_dtype (auto: bf16 on CUDA).
   maect+compile       maect with maect.train.maybe_compile: torch.compile of every block, inductor default mode
                       (LayerNorm, bias, GELU and residual adds fused into Triton kernels around the GEMMs).
   maect+compile-mat   mode max-autotune-no-cudagraphs (GEMM templates autotuned; minutes of compilation).
@@ -40,7 +41,7 @@ from queue_lookup import official_nnclr
 
 from maect import config as C  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 from maect.dataloading.augment import h2d  # noqa: E402
-from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
+from maect.heads import FeatureQueue, NNCLRHead, queue_dtype  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
 from maect.models import attention as A  # noqa: E402
 from maect.optim import (build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor,  # noqa: E402
@@ -199,7 +200,10 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
 
     s, n = cfg.ct, cfg.nnclr
     encoder, head = model, copy.deepcopy(bases["head"])
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(0))
+    # the reference keeps the official fp32 queue; maect stores it as maect.train does (nnclr.queue_dtype: auto = bf16
+    # on CUDA); both from the same random unit rows
+    qdtype = torch.float32 if ref else queue_dtype(n.queue_dtype, device)
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(0), dtype=qdtype)
     queue.ids.copy_(torch.randint(0, data["n_ids"], (n.queue_size,), generator=torch.Generator().manual_seed(2)))
     queue = queue.to(device)
     depth = encoder.depth
@@ -221,6 +225,7 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
     opt, info["opt"] = make_optimizer(groups, 1.0, variant, device)
     x0, x1 = x.chunk(2)
     ids, labels = data["ids"], data["labels"]
+    ids2 = torch.cat([ids, ids])
     params = [p for g in opt.param_groups for p in g["params"]]
     ema_params = ema_pairs(ema, encoder)
 
@@ -231,10 +236,10 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
             if ref:            # the official path: normalise and look up inside the autocast region
                 z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
                 nn0, nn1 = ref_lookup(queue, z0, ids, s.topk, gen), ref_lookup(queue, z1, ids, s.topk, gen)
-        if not ref:            # maect: fp32 normalisation, the library's lookup
+        if not ref:            # maect.train's step: fp32 normalisation, both views in one lookup
             z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-            nn0 = queue.lookup(z0, ids, s.topk, generator=gen)[0]
-            nn1 = queue.lookup(z1, ids, s.topk, generator=gen)[0]
+            nn = queue.lookup(torch.cat([z0, z1]), ids2, s.topk, generator=gen)[0]
+            nn0, nn1 = nn[:z0.shape[0]], nn[z0.shape[0]:]
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         loss.backward()
         set_lr(opt, lrs, lr_factor(state["step"], total, 1))

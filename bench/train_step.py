@@ -326,6 +326,10 @@ def _child_row(cfg_args: list[str], row: str, common: list[str], timeout: float)
         return json.loads(out.read_text())["rows"][0]
 
 
+def _skip(out: dict, what: str) -> None:
+    out["skipped_rows"] = out.get("skipped_rows", []) + [what]     # a top-level assignment: StepOut writes it now
+
+
 def gpu_suite_step(out: dict, budget_s: float) -> None:
     """For bench/gpu_suite.py: MAE ViT-L/16, MAE ViT-H/14, CT ViT-L/16 (+ MAE ViT-L/16 at batch 256) within
     budget_s (CPU dry run: the tiny preset, reference and maect rows only). See suite()."""
@@ -338,16 +342,24 @@ def suite(out: dict, budget_s: float, full: bool = True) -> None:
     budget_s lasts: the compiled rows (maect+compile, reference+compile, maect+cudagraphs), each in a child process
     whose timeout is the budget left (a compilation that runs long costs that row only; CPU: backend aot_eager,
     tracing only). full=False (the CPU dry run): two eager rows per configuration, no phase 2. Fills out[config]
-    with each configuration's result; rows that did not fit the budget are named in out['skipped']."""
+    with each configuration's result as it completes (bench/gpu_suite.py's StepOut writes it at once); rows that did
+    not fit the budget are named in out['skipped_rows'] (out['skipped'], a string, would mark the whole step
+    skipped)."""
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     common = ["--device", "cuda" if cuda else "cpu"]
     common += ["--steps", "5", "--warmup", "2"] if cuda else ["--steps", "1", "--warmup", "0", "--compile-backend",
                                                              "aot_eager"]
     ctxs, rows, plan, not_run = {}, {}, [], []
+    cfg_costs: list[float] = []
     for cfg_args, eager, compiled in SUITE_CONFIGS[cuda]:
         key = " ".join(cfg_args)
         eager = eager if full else eager[:2]
+        left = budget_s - (time.perf_counter() - t0) - 5
+        if full and cfg_costs and left < 1.2 * max(cfg_costs):     # the CPU dry run runs every code path
+            _skip(out, f"{key}: {', '.join(eager + compiled)} ({left:.0f} s left)")
+            continue
+        t1 = time.perf_counter()
         try:
             args = finish_args(parser().parse_args(cfg_args + common))
             ctxs[key] = prepare(args)
@@ -356,6 +368,7 @@ def suite(out: dict, budget_s: float, full: bool = True) -> None:
             plan += [(i, row, key) for i, row in enumerate(compiled)]
         except Exception as e:  # one failing config must not lose the others
             out[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        cfg_costs.append(time.perf_counter() - t1)
         if cuda:
             torch.cuda.empty_cache()
     plan = [(row, key) for _, row, key in sorted(plan, key=lambda p: p[0])]    # row-major: every config's first
@@ -367,13 +380,13 @@ def suite(out: dict, budget_s: float, full: bool = True) -> None:
         left = budget_s - (time.perf_counter() - t0) - 5
         need = 1.3 * max(costs) if costs else FIRST_COMPILE_S[cuda]
         if left < need:
-            out.setdefault("skipped", []).append(f"{key}: {row} ({left:.0f} s left, needs ~{need:.0f} s)")
+            _skip(out, f"{key}: {row} ({left:.0f} s left, needs ~{need:.0f} s)")
             continue
         t1 = time.perf_counter()
         r = _child_row(key.split(), row, common, left)
         costs.append(time.perf_counter() - t1)
         if "skipped" in r:
-            out.setdefault("skipped", []).append(f"{key}: {row}: {r.pop('skipped')}")
+            _skip(out, f"{key}: {row}: {r.pop('skipped')}")
             continue
         rows[key].append(r)
         out[key] = summarize(ctxs[key], rows[key], quiet=True)
@@ -391,7 +404,7 @@ def main() -> int:
         out: dict = {}
         suite(out, args.budget or 300.0)
         write_json(args.json, out)
-        print(f"\nsuite: {out['seconds']} s; skipped: {out.get('skipped', [])}")
+        print(f"\nsuite: {out['seconds']} s; skipped: {out.get('skipped_rows', [])}")
         bad = [k for k, v in out.items() if isinstance(v, dict) and ("error" in v or not v["check"]["ok"])]
         return 1 if bad else 0
     res = run(finish_args(args))

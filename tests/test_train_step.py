@@ -26,8 +26,11 @@ def bench(name: str):
 
 
 @pytest.fixture
-def math_attention():
-    """Explicit attention matmuls, which FlopCounterMode counts (it has no formula for the CPU flash kernel)."""
+def math_attention(monkeypatch):
+    """Explicit attention matmuls, which FlopCounterMode counts (it has no formula for the CPU flash kernel), and the
+    kernels' references: official MAE's patch embedding over all L patches (maect's 'gather' backend embeds only the
+    kept ones: fewer executed FLOPs, the same model FLOPs)."""
+    monkeypatch.setenv("MAECT_KERNELS", "0")
     prev = A.get_backend()
     A.set_backend("math")
     A.clear_cache()
