@@ -49,8 +49,11 @@ setup(
     extras_require={
         "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit"],
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
-        # pin torch in the same pip command as xformers (pip install -e .[gpu] torch==X), or pip swaps torch
-        "gpu": ["xformers==0.0.35; platform_system=='Linux'", "nvidia-dali-cuda130"],
+        # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a
+        # CUDA 13 torch its extension needs libcudart.so.12, which nvidia-cuda-runtime-cu12 installs and
+        # maect.models.xformers_load preloads (README "GPU install").
+        "gpu": ["xformers==0.0.35; platform_system=='Linux'",
+                "nvidia-cuda-runtime-cu12>=12.8,<13; platform_system=='Linux'", "nvidia-dali-cuda130"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -12,6 +12,7 @@ import yaml
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 STAGES = ("mae", "head", "ct", "pipeline", "ct_pipeline")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")   # torch.compile's
 
 
 @dataclass
@@ -27,8 +28,9 @@ class ModelCfg:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     pool: str = "mean"               # head / probe input: 'mean' of patch tokens (B/16, tiny) or 'cls' (L, H)
-    attention: str = "auto"          # auto | xformers | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
+    attention: str = "auto"          # auto | xformers(_cutlass|_flash) | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
     compile: bool = False            # torch.compile the transformer blocks
+    compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | max-autotune
 
 
 @dataclass

@@ -149,12 +149,18 @@ class KNNMonitor:
                             num_classes=self.num_classes)
 
 
-def maybe_compile(cfg: C.Config, model: nn.Module) -> None:
-    """model.compile=true: torch.compile each transformer block in place (state_dict names unchanged)."""
+def maybe_compile(cfg: C.Config, model: nn.Module, backend: str = "inductor") -> None:
+    """model.compile=true: torch.compile each transformer block in place (state_dict names unchanged) with mode
+    model.compile_mode: default (inductor fuses LayerNorm, bias, GELU and residual adds around the GEMMs),
+    reduce-overhead (the same plus CUDA graphs of each block's forward and backward), max-autotune-no-cudagraphs,
+    max-autotune. bench/train_step.py measures each against eager."""
     if cfg.model.compile:
+        mode = cfg.model.compile_mode
         for blk in [*model.blocks, *getattr(model, "decoder_blocks", [])]:
-            blk.compile()
-        log.info("torch.compile: transformer blocks compiled")
+            # dynamic=False: static kernels per shape (encoder, decoder, eval batches: a few recompiles, none dynamic)
+            blk.compile(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode,
+                        dynamic=False)
+        log.info(f"torch.compile: transformer blocks compiled ({backend}, mode {mode})")
 
 
 def make_loader(cfg, di, data, s, num_views, ctaug, batch_per_rank):

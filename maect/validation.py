@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+from maect import config as C
 from maect.config import Config, ConfigError, CTCfg, EvalCfg, MAECfg, ModelCfg, STAGES, stages
 
 
@@ -57,6 +58,8 @@ def _check_choices(cfg: Config) -> None:
     _need(cfg.stage in STAGES, f"stage={cfg.stage!r}: choose one of {STAGES}")
     from maect.models.attention import BACKENDS
     _need(cfg.model.attention in BACKENDS, f"model.attention={cfg.model.attention!r}: choose one of {BACKENDS}")
+    _need(cfg.model.compile_mode in C.COMPILE_MODES,
+          f"model.compile_mode={cfg.model.compile_mode!r}: choose one of {C.COMPILE_MODES}")
     _need(cfg.model.pool in ("mean", "cls"), f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
     _need(cfg.data.loader in ("auto", "cpu", "dali"), f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
     from maect.dataloading.datasets import SOURCES     # paths are checked when a run starts (datasets.check_source)
