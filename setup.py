@@ -42,13 +42,18 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["maect", "maect.*"]) + ["maect.kernels", "maect.dataloading", "maect._csrc"],
     package_dir={"maect.kernels": "kernels", "maect.dataloading": "dataloading", "maect._csrc": "csrc"},
-    package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect.kernels": ["*.json"],
+                  "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
     include_package_data=True,
-    install_requires=["torch>=2.10", "numpy", "pyyaml", "triton; platform_system=='Linux'"],
+    install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={
-        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib"],
-        # pin torch in the same pip command as xformers (pip install -e .[gpu] torch==X), or pip swaps torch
-        "gpu": ["xformers==0.0.35; platform_system=='Linux'", "nvidia-dali-cuda130"],
+        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit"],
+        "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
+        # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a
+        # CUDA 13 torch its extension needs libcudart.so.12, which nvidia-cuda-runtime-cu12 installs and
+        # maect.models.xformers_load preloads (README "GPU install").
+        "gpu": ["xformers==0.0.35; platform_system=='Linux'",
+                "nvidia-cuda-runtime-cu12>=12.8,<13; platform_system=='Linux'", "nvidia-dali-cuda130"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

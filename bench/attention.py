@@ -1,9 +1,13 @@
 """Attention backends side by side: forward and forward+backward time and TFLOP/s at ViT shapes, ratio to sdpa.
 
-Providers: every backend of maect.models.attention (xformers, sdpa, sdpa_flash, sdpa_efficient, sdpa_cudnn,
-sdpa_math, math) plus 'auto' (what the measured table picks). A backend that cannot run a shape is listed with
-its reason. Correctness first: each provider's output and q/k/v gradients are compared with an exact reference
-(fp64 math of the same inputs) before anything is timed, with the rule
+Providers: every backend of maect.models.attention (xformers with its own operator dispatch, xformers_cutlass and
+xformers_flash with one operator pair forced, sdpa, sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math, math) on the
+ViT's packed-qkv views, plus 'auto' (what the measured table picks), plus the three xFormers providers on contiguous
+[N, T, H, Dh] inputs ("BMHK contiguous", the layout xFormers documents; the model itself passes strided views). A
+provider that cannot run a shape is listed with its reason; the first line says whether xFormers loaded (and the
+CUDA runtime preload, maect.models.xformers_load) or exactly why not.
+Correctness first: each provider's output and q/k/v gradients, on the layout it is timed on, are compared with an
+exact reference (fp64 math of the same inputs) before anything is timed, with the rule
     max |provider - exact| <= 2 x max |low-precision reference - exact| + atol
 where the low-precision reference is the unfused math in the input dtype (bf16: attention_naive) or in fp32 (fp32
 inputs: attention_ref); atol: fp32 2e-6 (about 30 ulps at |x| ~ 1: a blocked online softmax sums in another order),
@@ -15,6 +19,8 @@ of stage 3 and inference), "fwd+bwd" with gradients for q, k, v (training).
   python bench/attention.py                            # GPU: ViT-B/L/H encoder (full and MAE-visible) + decoder, bf16
   python bench/attention.py --device cpu               # CPU: tiny fp32 shape set only
   python bench/attention.py --write-table maect/models/attention_table.json   # GPU: the 'auto' table
+  python bench/attention.py --shapes "H/14 full,H/14 visible"                  # GPU: ViT-H/14 (head dim 80) only
+--write-table merges: entries for other device types / dtypes / shapes already in the file stay.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 from common import add_ratio, base_parser, environment, measure, print_table, setup, sync, write_json
 
 from maect.models import attention as A  # noqa: E402  (common puts the repo root on sys.path)
+from maect.models import xformers_load as X  # noqa: E402
 
 # (name, heads, T, Dh): encoder full sequence (1 + L tokens) and MAE-visible (1 + L/4), decoder (512 dim / 16 heads)
 GPU_SHAPES = [("B/16 full", 12, 197, 64), ("B/16 visible", 12, 50, 64),
@@ -35,7 +42,8 @@ GPU_SHAPES = [("B/16 full", 12, 197, 64), ("B/16 visible", 12, 50, 64),
               ("H/14 full", 16, 257, 80), ("H/14 visible", 16, 65, 80),
               ("decoder /16", 16, 197, 32), ("decoder /14", 16, 257, 32)]
 CPU_SHAPES = [("tiny visible", 3, 50, 32), ("tiny H/14-like", 3, 65, 80), ("tiny full", 3, 197, 64)]
-PROVIDERS = list(A.CONCRETE) + ["auto"]
+BMHK = " (BMHK contiguous)"          # provider suffix: inputs are contiguous [N, T, H, Dh] tensors
+PROVIDERS = list(A.CONCRETE) + ["auto"] + [n + BMHK for n in ("xformers", "xformers_cutlass", "xformers_flash")]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 
@@ -49,20 +57,32 @@ def exact(q, k, v, g):
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def run_with_grad(fn, q, k, v, g):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    o = fn(q, k, v)
+def run_with_grad(fn, q, k, v, g, layout: str = "contiguous"):
+    """fn's output and q/k/v gradients, fn called on the given layout: 'contiguous' [N, H, T, Dh] tensors, 'packed'
+    views of one [N, T, 3, H, Dh] tensor (the ViT's qkv), or 'bmhk' views of contiguous [N, T, H, Dh] tensors."""
+    if layout == "packed":
+        leaf = torch.stack([t.detach() for t in (q, k, v)], 2).permute(0, 3, 2, 1, 4).contiguous().requires_grad_(True)
+        args = leaf.permute(2, 0, 3, 1, 4)
+        grads = lambda: leaf.grad.permute(2, 0, 3, 1, 4)   # noqa: E731
+    elif layout == "bmhk":
+        leaves = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
+        args = [t.transpose(1, 2) for t in leaves]
+        grads = lambda: [t.grad.transpose(1, 2) for t in leaves]   # noqa: E731
+    else:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        args, grads = leaves, lambda: [t.grad for t in leaves]   # noqa: E731
+    o = fn(*args)
     o.backward(g)
-    return o.detach(), q.grad, k.grad, v.grad
+    return (o.detach(), *grads())
 
 
 def errors(got, ref) -> list[float]:
     return [(a.double() - b).abs().max().item() for a, b in zip(got, ref)]
 
 
-def check(fn, q, k, v, g, ref, low) -> dict:
+def check(fn, q, k, v, g, ref, low, layout: str) -> dict:
     """Output and gradient errors vs the exact reference, each within 2 x the low-precision reference's + atol."""
-    err = errors(run_with_grad(fn, q, k, v, g), ref)
+    err = errors(run_with_grad(fn, q, k, v, g, layout), ref)
     atol = ATOL[q.dtype]
     ok = all(e <= 2 * lo + atol for e, lo in zip(err, low))
     return {"ok": ok, "err_out": err[0], "err_grad": max(err[1:]),
@@ -82,11 +102,15 @@ def bench_shape(label, N, H, T, Dh, dtype, device, budget, providers) -> list[di
     low = errors(run_with_grad(low_fn, cq, ck, cv, cg), ref)
     fwd_flops = 4 * N * H * T * T * Dh
     rows, prev = [], A.get_backend()
-    for name in providers:
+    packed = (q, k, v)
+    bmhk = tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in packed)   # [N,H,T,Dh] views of BMHK
+    for provider in providers:
+        name = provider.removesuffix(BMHK)
+        q, k, v = bmhk if provider.endswith(BMHK) else packed
         A.set_backend(name)             # the public function is what is timed (its dispatch included)
         fn = A.attention
         row = {"shape": label, "N": N, "H": H, "T": T, "Dh": Dh, "dtype": str(dtype).replace("torch.", ""),
-               "provider": name}
+               "provider": provider}
         grad_ran, why = None, None
         try:
             grad_ran, why = A.resolve(name, q, k, v, grad=True)
@@ -97,7 +121,7 @@ def bench_shape(label, N, H, T, Dh, dtype, device, budget, providers) -> list[di
             continue
         row["ran"] = grad_ran if grad_ran == infer_ran else f"{infer_ran}/{grad_ran}"
         try:
-            row["check"] = check(fn, cq, ck, cv, cg, ref, low)
+            row["check"] = check(fn, cq, ck, cv, cg, ref, low, "bmhk" if provider.endswith(BMHK) else "packed")
         except Exception as e:  # a backend that claims support but crashes: report, keep going
             row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             rows.append(row)
@@ -140,13 +164,15 @@ COLUMNS = [("provider", "provider", ""), ("ran", "runs", ""), ("err_ratio", "err
            ("fwdbwd_tflops", "TFLOP/s", ".2f"), ("x_sdpa_fwdbwd", "x sdpa", ".2f"), ("note", "note", "")]
 
 
-def make_table(rows: list[dict], env: dict) -> dict:
+def make_table(rows: list[dict], env: dict, device_type: str = "cuda") -> dict:
     """The 'auto' table: per (device type, dtype, Dh, T bucket) the fastest correct candidate, summing medians over
-    the shapes in the key; 'train' from fwd+bwd, 'infer' from fwd. Only backends measured on every shape of a key."""
+    the shapes in the key; 'train' from fwd+bwd, 'infer' from fwd. Only backends measured on every shape of a key,
+    on the packed views the model passes (the BMHK-contiguous rows are for reading only)."""
+    measured = {k: env.get(k) for k in ("device", "torch", "commit", "xformers")} | {"date": time.strftime("%Y-%m-%d")}
     groups: dict = {}
     for r in rows:
         if r["provider"] in A.AUTO_CANDIDATES:
-            key = A.table_key("cuda", getattr(torch, r["dtype"]), r["Dh"], r["T"])
+            key = A.table_key(device_type, getattr(torch, r["dtype"]), r["Dh"], r["T"])
             groups.setdefault(key, {}).setdefault(r["provider"], []).append(r)
     entries = {}
     for key, by in groups.items():
@@ -158,21 +184,25 @@ def make_table(rows: list[dict], env: dict) -> dict:
         inf = {p: sum(x["fwd_ms"] for x in v) for p, v in full.items()}
         entries[key] = {"train": min(tr, key=tr.get), "infer": min(inf, key=inf.get),
                         "train_ms": {p: round(t, 4) for p, t in tr.items()},
-                        "infer_ms": {p: round(t, 4) for p, t in inf.items()}}
+                        "infer_ms": {p: round(t, 4) for p, t in inf.items()}, "measured_on": measured}
     return {"format": 1, "note": "written by bench/attention.py --write-table; see maect/models/attention.py",
-            "measured_on": {**env, "date": time.strftime("%Y-%m-%d")}, "entries": entries}
+            "measured_on": measured, "entries": entries}
 
 
 def run(device: torch.device, dtype: torch.dtype, batch: int, budget: float, shapes=None) -> dict:
     shapes = shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     env = environment(device)
+    xf = X.load_xformers()
+    env["xformers"] = xf.version if xf.ok else f"unavailable: {xf.reason}"
+    print(f"xformers: {'loaded ' + str(xf.version) if xf.ok else 'unavailable: ' + str(xf.reason)}"
+          + (f" ({'; '.join(xf.notes)})" if xf.notes else ""))
     rows = []
     for label, H, T, Dh in shapes:
         r = bench_shape(label, batch, H, T, Dh, dtype, device, budget, PROVIDERS)
         print_table(f"{label}: N={batch} H={H} T={T} Dh={Dh} {str(dtype).replace('torch.', '')} on {env['device']} "
                     f"(x sdpa = sdpa time / provider time)", r, COLUMNS)
         rows += r
-    return {"bench": "attention", "env": env, "rows": rows,
+    return {"bench": "attention", "env": env, "rows": rows, "xformers": vars(xf),
             "failed": [f"{r['shape']}/{r['provider']}" for r in rows if r.get("check") and not r["check"]["ok"]]}
 
 
@@ -183,12 +213,12 @@ def gpu_suite_step(out: dict, budget_s: float) -> None:
     t0 = time.perf_counter()
     device = setup("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES[:2]      # CPU dry run: a small and a head-dim-80 shape
     # per measurement: 2 passes x providers x shapes, plus warm-up/check overhead (~40% of the budget)
-    per = max(0.02, 0.6 * budget_s / (2 * len(PROVIDERS) * len(shapes)))
+    per = max(0.02, 0.6 * budget_s / (2 * len(PROVIDERS) * len(shapes))) if cuda else 0.02   # CPU: code paths only
     res = run(device, torch.bfloat16 if cuda else torch.float32, 64 if cuda else 2, per, shapes)
     out.update(res)
-    if cuda:
+    if cuda:   # save with A.save_table(A.TABLE_PATH, out["table"]) after a look, or run --write-table
         out["table"] = make_table(res["rows"], res["env"])
     out["seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -197,20 +227,27 @@ def main() -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="N (default: 64 on GPU, 2 on CPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--write-table", metavar="PATH", help="GPU: write the measured 'auto' table to PATH")
+    p.add_argument("--write-table", metavar="PATH", help="write (merge) the measured 'auto' picks into PATH "
+                                                          "(maect/models/attention_table.json: the one auto reads)")
+    p.add_argument("--shapes", help="comma-separated shape labels to run (default: all of the device's set)")
     args = p.parse_args()
     device = setup(args.device, args.threads)
-    if args.write_table and device.type != "cuda":
-        sys.exit("--write-table needs --device cuda: 'auto' on CPU is always sdpa, so there is nothing to measure")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     batch = args.batch or (64 if device.type == "cuda" else 2)
     budget = args.budget if args.budget is not None else (0.3 if device.type == "cuda" else 0.2)
-    res = run(device, dtype, batch, budget)
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.shapes:
+        want = [w.strip() for w in args.shapes.split(",")]
+        bad = [w for w in want if w not in {s[0] for s in shapes}]
+        if bad:
+            sys.exit(f"--shapes: unknown label(s) {bad}; choose from {[s[0] for s in shapes]}")
+        shapes = [s for s in shapes if s[0] in want]
+    res = run(device, dtype, batch, budget, shapes)
     if args.write_table:
-        table = make_table(res["rows"], res["env"])
-        write_json(args.write_table, table)
+        table = make_table(res["rows"], res["env"], device.type)
+        A.save_table(args.write_table, table)
         A.clear_cache()
-        print(f"auto table: {len(table['entries'])} entries: " +
+        print(f"\nauto table {args.write_table}: wrote {len(table['entries'])} entries: " +
               ", ".join(f"{k} train={e['train']} infer={e['infer']}" for k, e in table["entries"].items()))
     if res["failed"]:
         print(f"\nFAILED correctness: {res['failed']}")

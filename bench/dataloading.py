@@ -2,23 +2,25 @@
 per image, colour ops batched) vs DALI (DaliLoader: nvJPEG + GPU ops on CUDA, DALI's CPU operators otherwise).
 
 Correctness first: one batch of each loader is checked against the output contract (keys, shapes, dtypes, device,
-label = data.labels[idx], finite views, the two views differ) and the two loaders must read the same sample ids
-(same epoch order). Then each row times `--batches` batches per loader after one warm-up batch (which includes
-building DALI's pipeline; reported as "first s"). A batch is timed from the request to its tensors being ready
+label = data.labels[idx], finite views, the two views differ, values inside the normalised range of [0, 1] pixels)
+and the two batches against each other: the same sample ids (same epoch order), the same normalisation (batch mean
+brightness equal within 4 standard errors of the crops' spread) and, for grayscale sources without colour ops, three
+equal channels. Then each row times `--batches` batches per loader after one warm-up batch (which includes building
+DALI's pipeline; reported as "first s"). A batch is timed from the request to its tensors being ready
 (torch.cuda.synchronize on CUDA); images/s = batch / median batch time (source images, each giving `views` crops).
 ratio = DALI images/s / twin images/s.
 
   python bench/dataloading.py --data DIR                      # DIR: an ImageFolder root (or one holding train/)
   python bench/dataloading.py --synthetic 512 --device cuda  # ImageNet-like JPEGs (500 x 375) written to a temp dir
-  python -m maect.dataloading.export --out /tmp/fm --limit 100 && python bench/dataloading.py --data /tmp/fm --img-size 28
-gpu_suite_step(out, budget_s): the DALI GPU measurement for bench/gpu_suite.py (skips with a reason without DALI/CUDA).
+  python -m maect.dataloading.export --out /tmp/fm --limit 256 --size 224 && python bench/dataloading.py --data /tmp/fm
+gpu_suite_step(out, budget_s): the DALI GPU measurement for bench/gpu_suite.py on Fashion-MNIST exported as 224 px
+JPEGs (CPU stand-in: DALI's CPU operators on 64 px images; skips with a reason without DALI).
 Load this file by path (importlib.util.spec_from_file_location) or run it as a script: under bench/ its module name
 would shadow the dataloading package.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +37,13 @@ from common import ROOT, base_parser, environment, print_table, quantiles, setup
 from maect.dataloading import ImageFolder, TrainLoader  # noqa: E402  (common puts the repo root on sys.path)
 from maect.dataloading import dali as D  # noqa: E402
 
-ROWS = [  # (name, views, ctaug, crop scale): stage 1 (MAE), stages 2-3 (MAE-CT), MAE-CTaug
-    ("mae 1 view", 1, False, (0.2, 1.0)),
+ROWS = [  # (name, views, ctaug, crop scale): stages 2-3 (MAE-CT; the headline), stage 1 (MAE), MAE-CTaug
     ("ct 2 views", 2, False, (0.08, 1.0)),
+    ("mae 1 view", 1, False, (0.2, 1.0)),
     ("ctaug 2 views", 2, True, (0.08, 1.0)),
 ]
+# Fashion-MNIST's test split: the system's copy, else the one bench/stage_wheels.py carried to a GPU machine
+FMNIST_ROOTS = ["/usr/share/datasets/fashion-mnist", str(ROOT / ".whl" / "data" / "fashion-mnist")]
 
 
 def synthetic_tree(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
@@ -56,15 +60,57 @@ def synthetic_tree(root: str, n: int, size=(500, 375), classes: int = 4, seed: i
     return root
 
 
+def fmnist_tree(root: str, per_class: int, size: int) -> str | None:
+    """The first per_class test images of every Fashion-MNIST class as size x size JPEGs under root (an ImageFolder);
+    None when no copy of the test split is found."""
+    from maect.dataloading.datasets import fashion_mnist
+    from maect.dataloading.export import export_split
+    src = next((r for r in FMNIST_ROOTS if os.path.exists(os.path.join(r, "t10k-images-idx3-ubyte.gz"))), None)
+    if src is None:
+        return None
+    export_split(fashion_mnist(src, "test"), root, limit=per_class, size=size)
+    return src
+
+
 def check_contract(b: dict, data, n: int, views: int, S: int, device: torch.device) -> None:
     assert set(b) == {"views", "idx", "label"} and len(b["views"]) == views, "keys / number of views"
+    lo, hi = normalised_range(data)
     for v in b["views"]:
         assert v.shape == (n, 3, S, S) and v.dtype == torch.float32, f"view {tuple(v.shape)} {v.dtype}"
         assert v.device.type == device.type and bool(torch.isfinite(v).all()), "view device / finite"
+        vmin, vmax = v.amin(dim=(0, 2, 3)).cpu(), v.amax(dim=(0, 2, 3)).cpu()
+        assert bool((vmin >= lo - 1e-3).all() and (vmax <= hi + 1e-3).all()), \
+            f"values {vmin.tolist()}..{vmax.tolist()} outside the normalised pixel range {lo.tolist()}..{hi.tolist()}"
     assert b["idx"].shape == b["label"].shape == (n,) and b["idx"].dtype == b["label"].dtype == torch.int64
     assert torch.equal(b["label"].cpu(), data.labels[b["idx"].cpu()]), "label != data.labels[idx]"
     if views == 2:
         assert not torch.equal(b["views"][0], b["views"][1]), "the two views are identical"
+
+
+def normalised_range(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, where pixels 0 and 1 land after (x - mean) / std."""
+    m, s = torch.tensor(data.mean), torch.tensor(data.std)
+    return (0 - m) / s, (1 - m) / s
+
+
+def compare(twin: dict, dali: dict, data, gray: bool) -> dict:
+    """The twin's and DALI's batches of the same step agree: same ids, same normalisation, gray stays gray."""
+    assert torch.equal(twin["idx"].cpu(), dali["idx"].cpu()), "DALI and the twin read different samples"
+    m, s = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+    res = {}
+    for v, (a, b) in enumerate(zip(twin["views"], dali["views"])):
+        pa, pb = (x.float().cpu() * s + m for x in (a, b))              # back to pixels in [0, 1]
+        ma, mb = pa.mean(dim=(1, 2, 3)), pb.mean(dim=(1, 2, 3))          # per-image brightness [n]
+        se = ((ma.var() + mb.var()) / len(ma)).sqrt().item()
+        diff, tol = abs(ma.mean().item() - mb.mean().item()), max(0.02, 4 * se)
+        assert diff <= tol, f"view {v}: batch brightness twin {ma.mean():.3f} vs DALI {mb.mean():.3f} (tol {tol:.3f})"
+        res[f"view{v}_brightness"] = {"twin": ma.mean().item(), "dali": mb.mean().item(), "tol": tol}
+        if gray:
+            spread = max((p[:, :1] - p[:, 1:]).abs().max().item() for p in (pa, pb))
+            assert spread < 1e-3, f"view {v}: a grayscale source gave unequal channels (max diff {spread:.2g})"
+            res["gray_channel_spread"] = spread
+    res["ok"] = True
+    return res
 
 
 def time_loader(loader, batches: int, device: torch.device) -> dict:
@@ -94,6 +140,40 @@ def time_loader(loader, batches: int, device: torch.device) -> dict:
     return {"first_s": first, **q, "img_per_s": loader.n / (q["median_ms"] / 1e3)}
 
 
+def bench_row(data, row, *, n: int, img_size: int, device: torch.device, threads: int, batches: int,
+              twin_batches: int | None = None, dali_ok: bool = True, gray: bool = False) -> dict:
+    """One row: contract checks of both loaders' first batch, then each loader timed."""
+    name, views, ctaug, scale = row
+    kw = dict(img_size=img_size, in_chans=3, batch_size=n, num_views=views, crop_scale=scale, ctaug=ctaug, seed=0,
+              device=device)
+    twin = TrainLoader(data, **kw)
+    dali = D.DaliLoader(data, num_threads=threads, **kw) if dali_ok else None
+    b0 = next(iter(twin))                                   # correctness first
+    check_contract(b0, data, n, views, img_size, device)
+    res = {"row": name, "views": views}
+    if dali is not None:
+        b1 = next(iter(dali))
+        check_contract(b1, data, n, views, img_size, device)
+        res["check"] = compare(b0, b1, data, gray and not ctaug)
+        del b1
+    del b0
+    res["twin"] = time_loader(twin, twin_batches or batches, device)
+    res["dali"] = time_loader(dali, batches, device) if dali is not None else None
+    res["ratio"] = res["dali"]["img_per_s"] / res["twin"]["img_per_s"] if dali is not None else None
+    return res
+
+
+def print_rows(rows: list[dict], n: int, img_size: int, backend: str) -> None:
+    fmt = lambda t: t and f"{t['p20_ms']:.0f}/{t['median_ms']:.0f}/{t['p80_ms']:.0f}"   # noqa: E731
+    flat = [{"row": r["row"], "views": r["views"], "twin": r["twin"]["img_per_s"], "twin_p": fmt(r["twin"]),
+             "dali": r["dali"] and r["dali"]["img_per_s"], "dali_p": fmt(r["dali"]),
+             "first": r["dali"] and r["dali"]["first_s"], "ratio": r["ratio"]} for r in rows]
+    print_table(f"images/s (batch {n}, {img_size}px; ms per batch p20/median/p80)", flat,
+                [("row", "row", ""), ("views", "views", "d"), ("twin", "twin cpu-pil img/s", ".0f"),
+                 ("twin_p", "twin ms", ""), ("dali", f"{backend} img/s", ".0f"), ("dali_p", "dali ms", ""),
+                 ("first", "dali first s", ".2f"), ("ratio", "ratio dali/twin", ".2f")])
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/train is used when it exists)")
@@ -119,48 +199,18 @@ def main(argv=None) -> dict:
     elif a.data:
         root = os.path.join(a.data, "train") if os.path.isdir(os.path.join(a.data, "train")) else a.data
     else:
-        sys.exit("give --data DIR (an ImageFolder tree, e.g. from `python -m maect.dataloading.export --out DIR`) "
-                 "or --synthetic N")
+        sys.exit("give --data DIR (an ImageFolder tree, e.g. from `python -m maect.dataloading.export --out DIR "
+                 "--size 224`) or --synthetic N")
     data = ImageFolder(root)
     reason = D.why_not(data, "cuda")
     env = environment(device)
     env.update(twin_torch_threads=a.threads, dali_threads=threads, data=root, images=len(data),
                dali=None if reason else __import__("nvidia.dali").dali.__version__)
     print(f"loaders on {root} ({len(data)} images), {device}, batch {n}, S {a.img_size}, DALI threads {threads}, "
-          f"twin torch threads {a.threads}"
-          + (f"; DALI skipped: {reason}" if reason else ""))
-    rows = []
-    for name, views, ctaug, scale in ROWS:
-        if name not in a.rows.split(","):
-            continue
-        kw = dict(img_size=a.img_size, in_chans=3, batch_size=n, num_views=views, crop_scale=scale, ctaug=ctaug,
-                  seed=0, device=device)
-        twin = TrainLoader(data, **kw)
-        dali = None if reason else D.DaliLoader(data, num_threads=threads, **kw)
-        b0 = next(iter(twin))                                   # correctness first
-        check_contract(b0, data, n, views, a.img_size, device)
-        if dali is not None:
-            b1 = next(iter(dali))
-            check_contract(b1, data, n, views, a.img_size, device)
-            assert torch.equal(b0["idx"].cpu(), b1["idx"].cpu()), "DALI and the twin read different samples"
-            del b1
-        del b0
-        row = {"row": name, "views": views, "twin": time_loader(twin, batches, device)}
-        row["dali"] = time_loader(dali, batches, device) if dali is not None else None
-        row["ratio"] = row["dali"]["img_per_s"] / row["twin"]["img_per_s"] if dali is not None else None
-        rows.append(row)
-        del twin, dali
-    flat = [{"row": r["row"], "views": r["views"],
-             "twin": r["twin"]["img_per_s"], "twin_p": f"{r['twin']['p20_ms']:.0f}/{r['twin']['median_ms']:.0f}/"
-                                                   f"{r['twin']['p80_ms']:.0f}",
-             "dali": r["dali"] and r["dali"]["img_per_s"],
-             "dali_p": r["dali"] and f"{r['dali']['p20_ms']:.0f}/{r['dali']['median_ms']:.0f}/{r['dali']['p80_ms']:.0f}",
-             "first": r["dali"] and r["dali"]["first_s"], "ratio": r["ratio"]} for r in rows]
-    backend = "dali-gpu" if cuda else "dali-cpu"
-    print_table(f"images/s (batch {n}, {a.img_size}px, {batches} timed batches; ms per batch p20/median/p80)", flat,
-                [("row", "row", ""), ("views", "views", "d"), ("twin", "twin cpu-pil img/s", ".0f"),
-                 ("twin_p", "twin ms", ""), ("dali", f"{backend} img/s", ".0f"), ("dali_p", "dali ms", ""),
-                 ("first", "dali first s", ".2f"), ("ratio", "ratio dali/twin", ".2f")])
+          f"twin torch threads {a.threads}" + (f"; DALI skipped: {reason}" if reason else ""))
+    rows = [bench_row(data, row, n=n, img_size=a.img_size, device=device, threads=threads, batches=batches,
+                      dali_ok=reason is None) for row in ROWS if row[0] in a.rows.split(",")]
+    print_rows(rows, n, a.img_size, "dali-gpu" if cuda else "dali-cpu")
     result = {"bench": "dataloading", "env": env, "batch": n, "img_size": a.img_size, "rows": rows,
               "dali_skipped": reason}
     write_json(a.json, result)
@@ -169,33 +219,47 @@ def main(argv=None) -> dict:
     return result
 
 
-def gpu_suite_step(out: dict, budget_s: float) -> dict:
-    """For bench/gpu_suite.py: DALI GPU vs the twin on 1024 synthetic ImageNet-like JPEGs at 224 px, in a
-    subprocess limited to budget_s. Fills out["dataloading"] with the results, or with {"skipped": reason} when
-    DALI or CUDA is missing; returns out."""
+def gpu_suite_step(out: dict, budget_s: float) -> None:
+    """For bench/gpu_suite.py: DALI's pipeline (nvJPEG decode, random-resized crop, flip, normalise) against the
+    CPU twin on real images: Fashion-MNIST's test split exported as 224 px JPEGs (2560 images; synthetic
+    ImageNet-like JPEGs where no copy of Fashion-MNIST is found, and the record says so). Rows in ROWS order, the
+    two-view CT row first; a row that no longer fits budget_s is skipped and named. Without CUDA, the stand-in:
+    the same code on DALI's CPU operators with 64 px images. Fills out["data"], out["row <name>"]; without DALI,
+    out["skipped"] = the reason."""
+    t0 = time.perf_counter()
     reason = D.import_error()
-    if reason is None and not torch.cuda.is_available():
-        reason = "no CUDA device visible"
     if reason:
-        out["dataloading"] = {"skipped": reason}
-        return out
+        out["skipped"] = reason
+        return
+    cuda = torch.cuda.is_available()
+    device = setup("cuda" if cuda else "cpu", 1)
+    size, per_class, n, batches, twin_batches = (224, 256, 256, 12, 4) if cuda else (64, 4, 8, 2, 2)
+    threads = min(8, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
-        js = os.path.join(tmp, "dataloading.json")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--device", "cuda", "--synthetic", "1024",
-               "--batch", "128", "--batches", "12", "--json", js]
-        t0 = time.perf_counter()
-        try:
-            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget_s)
-            print(r.stdout[-4000:])
-            if r.returncode != 0:
-                out["dataloading"] = {"error": f"exit {r.returncode}", "stderr_tail": r.stderr[-3000:]}
-            else:
-                import json
-                out["dataloading"] = json.loads(Path(js).read_text())
-        except subprocess.TimeoutExpired:
-            out["dataloading"] = {"error": f"timed out after {budget_s:.0f} s"}
-        out["dataloading"]["seconds"] = round(time.perf_counter() - t0, 1)
-    return out
+        src = fmnist_tree(tmp, per_class, size)
+        if src is None:
+            synthetic_tree(tmp, per_class * 10, size=(500, 375) if cuda else (80, 60))
+        data = ImageFolder(tmp)
+        out["data"] = {"source": f"Fashion-MNIST test split from {src}, {size} px JPEG" if src else
+                       "synthetic ImageNet-like JPEGs (no Fashion-MNIST found in " + ", ".join(FMNIST_ROOTS) + ")",
+                       "images": len(data), "batch": n, "dali_threads": threads, "twin_torch_threads": 1,
+                       "backend": "dali-gpu" if cuda else "dali-cpu (stand-in: no CUDA)",
+                       "prepare_s": round(time.perf_counter() - t0, 1)}
+        rows, per_row = [], None
+        for row in ROWS:
+            left = budget_s - (time.perf_counter() - t0)
+            if per_row is not None and left < 1.3 * per_row:
+                out.setdefault("skipped_rows", []).append(row[0])
+                out["skipped_rows"] = out["skipped_rows"]
+                continue
+            t1 = time.perf_counter()
+            rows.append(bench_row(data, row, n=n, img_size=size, device=device, threads=threads, batches=batches,
+                                  twin_batches=twin_batches, gray=src is not None))
+            rows[-1]["data"] = "fmnist" if src else "synthetic"
+            out[f"row {row[0]}"] = rows[-1]
+            per_row = max(per_row or 0.0, time.perf_counter() - t1)
+        print_rows(rows, n, size, out["data"]["backend"])
+    out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
 if __name__ == "__main__":

@@ -1,146 +1,316 @@
-"""MAE masking and decoder unshuffle, forward + backward: the argsort + gather path vs maect's kernels.
+"""MAE masking, forward + backward: MAE's torch path vs maect's backends, per op, side by side, and the measured table.
 
-Ops (same noise for both providers, so only the masking itself is timed):
-  random_masking  x [N, L, D] -> x_visible [N, K, D], mask, ids_restore; backward: grad of x_visible -> grad x
-  unshuffle       decoder tokens [N, K, 512] + mask token -> [N, L, 512]; backward: grad x and mask-token grad
-Providers:
-  MAE argsort+gather   kernels.random_masking_ref / unshuffle_ref (rand -> 2 argsorts -> gathers; baseline)
-  MAE compiled         the same under torch.compile (GPU, --compile)
-  maect                kernels.random_masking / kernels.unshuffle (public dispatch; backend printed)
-GB/s counts the minimum bytes each op must move (reads + writes), so the providers are comparable.
-On CPU this runs small shapes; unless a compiled CPU op is built, maect's dispatch runs the reference there too.
+Ops (every provider gets the same inputs and noise; the providers are the op's backends that can run here,
+kernels.MASKING_BACKENDS; 'ref' is MAE's own code and the baseline of the ratio column):
+  encoder         masked_patch_embed: images [N, 3, H, W] -> patch embedding + pos_embed + random masking ->
+                  x_visible [N, K, D]; backward: patch_embed.proj weight and bias gradients.
+                  ref = Conv2d over all L patches, + pos_embed, two argsorts, gather (MAE's forward_encoder).
+  decoder         decoder_input: tokens [N, 1+K, 512] + mask token + decoder_pos_embed -> [N, 1+L, 512];
+                  backward: token and mask-token gradients. ref = cat + gather + cat + add (MAE's forward_decoder).
+  random_masking  the standalone op on x [N, L, D];  unshuffle: the standalone op on [N, K, 512] (issue 14's rows).
+Providers: ref; cpp / triton (the standalone compiled / Triton ops inside MAE's structure); gather (the encoder: embed
+only the kept patches with torch ops); fused (the encoder: index + gather-GEMM Triton kernels; the decoder: one pass,
+Triton on CUDA, the compiled op on CPU); 'MAE compiled' (torch.compile of ref; --compile).
+Regime: GPU: fp32 parameters and images under bf16 autocast, as in the training step (the decoder tokens are bf16,
+the standalone ops' x too); CPU: fp32.
+Correctness first, every provider against ref on the same inputs: mask, ids_restore and every copy exact; the
+embedding within kernels.masked_embed's derived embed_error_bound (a GEMM instead of a convolution: same products,
+another summation order); its weight / bias gradients against the fp64 truth within 2 x the reference's own error +
+their dot_error_bound (the flash-attention rule); the mask-token gradient within dot_error_bound for a sum of
+N (L - K) rows. A provider that fails is reported, not timed, and the run exits 1.
+--write-table PATH: per (device, op, shape class) the fastest correct backend (medians summed over the shapes of a
+class), plus a device default "<device>|<op>|*" (the backend with the best geometric-mean speedup over the classes);
+the entries of other devices in PATH are kept. CPU timings on a shared machine are noisy: say so beside them.
 
-  python bench/masked_gather.py                  # GPU: ViT-B/16, L/16, H/14 shapes, N=256, ratio 0.75, bf16
-  python bench/masked_gather.py --device cpu
+  python bench/masked_gather.py                        # GPU: ViT-B/16, L/16, H/14 at N=256, ratio 0.75
+  python bench/masked_gather.py --device cpu           # CPU (1 thread unless --threads): the tiny preset's shape
+                                                       # (N=256) and ViT-B/16 at N=8
+  python bench/masked_gather.py --dry-run              # CPU, one tiny shape, short timing: exercises every path
+  python bench/masked_gather.py --device cuda --write-table kernels/masking_table.json
+gpu_suite_step(out, budget_s) is bench/gpu_suite.py's entry point (GPU shapes within budget_s; the CPU dry run
+without CUDA); it fills out with the rows and the table the run measured (not written to disk).
 """
 from __future__ import annotations
 
+import json
+import math
 import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from common import add_ratio, base_parser, environment, gpu_peak_extra_mb, measure, print_table, setup, write_json
 
 from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
+from maect.kernels import masked_embed as ME  # noqa: E402
+from maect.kernels import masking as MK  # noqa: E402
 
-GPU_SHAPES = [("ViT-B/16", 256, 196, 768), ("ViT-L/16", 256, 196, 1024), ("ViT-H/14", 256, 256, 1280)]
-CPU_SHAPES = [("tiny", 64, 49, 96), ("small", 32, 196, 192)]
-DEC_DIM = 512
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def masking_step(masking, x, noise, ratio, g):
-    x_visible, mask, ids_restore = masking(x, ratio, noise)
-    (gx,) = torch.autograd.grad(x_visible, x, g)
-    return x_visible, mask, ids_restore, gx
-
-
-def unshuffle_step(unshuffle, y, tok, ids, g):
-    out = unshuffle(y, tok, ids)
-    gy, gt = torch.autograd.grad(out, (y, tok), g)
-    return out, gy, gt
+# (label, N, image side, patch, encoder width D, decoder width)
+GPU_SHAPES = [("ViT-B/16", 256, 224, 16, 768, 512), ("ViT-L/16", 256, 224, 16, 1024, 512),
+              ("ViT-H/14", 256, 224, 14, 1280, 512)]
+CPU_SHAPES = [("tiny preset", 256, 28, 4, 96, 64), ("ViT-B/16", 8, 224, 16, 768, 512)]
+DRY_SHAPES = [("dry", 4, 28, 4, 32, 16)]
+OPS = {"encoder": "masked_patch_embed", "decoder": "decoder_input", "random_masking": "random_masking",
+       "unshuffle": "unshuffle"}
+COMPILED = "MAE compiled"
 
 
-def provider_ops(name, compile_):
-    masking, unshuffle = ((kernels.random_masking_ref, kernels.unshuffle_ref) if name != "maect"
-                          else (kernels.random_masking, kernels.unshuffle))
-    if compile_:
-        masking, unshuffle = torch.compile(masking, dynamic=False), torch.compile(unshuffle, dynamic=False)
-    return masking, unshuffle
+def make_inputs(N, img, p, D, Dd, ratio, device, low):
+    """Everything one shape needs (fp32 parameters; `low`: the activation dtype of the standalone ops / decoder)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    L, K = (img // p) ** 2, int((img // p) ** 2 * (1 - ratio))
+
+    def rnd(*shape, scale=1.0, dtype=torch.float32, grad=False):
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype).requires_grad_(grad)
+    return dict(
+        L=L, K=K, imgs=rnd(N, 3, img, img), w=rnd(D, 3, p, p, scale=(6 / (D + 3 * p * p)) ** 0.5, grad=True),
+        b=rnd(D, scale=0.02, grad=True), pos=rnd(1, L, D, scale=0.5), noise=torch.rand(N, L, generator=g).to(device),
+        g_vis=rnd(N, K, D), dec_x=rnd(N, 1 + K, Dd, dtype=low, grad=True), tok=rnd(1, 1, Dd, scale=0.02, grad=True),
+        dec_pos=rnd(1, 1 + L, Dd, scale=0.5), g_full=rnd(N, 1 + L, Dd), x=rnd(N, L, D, dtype=low, grad=True),
+        g_xv=rnd(N, K, D, dtype=low), y=rnd(N, K, Dd, dtype=low, grad=True), g_y=rnd(N, L, Dd, dtype=low))
 
 
-def inputs(N, L, D, ratio, dtype, device):
-    g = torch.Generator(device=device).manual_seed(0)
-    K = int(L * (1 - ratio))
-    x = torch.randn(N, L, D, device=device, generator=g).to(dtype).requires_grad_()
-    noise = torch.rand(N, L, device=device, generator=g)
-    g_vis = torch.randn(N, K, D, device=device, generator=g).to(dtype)
-    y = torch.randn(N, K, DEC_DIM, device=device, generator=g).to(dtype).requires_grad_()
-    tok = (0.02 * torch.randn(DEC_DIM, device=device, generator=g)).requires_grad_()     # fp32 parameter
-    g_full = torch.randn(N, L, DEC_DIM, device=device, generator=g).to(dtype)
-    return x, noise, g_vis, y, tok, g_full
+def step_fn(op, fn, t, ratio, autocast):
+    """A closure running op's forward + backward with provider fn; returns outputs then gradients."""
+    if op == "encoder":
+        def run():
+            with autocast:
+                x, mask, ids = fn(t["imgs"], t["w"], t["b"], t["pos"], ratio, t["noise"])
+            return (x, mask, ids, *torch.autograd.grad(x, (t["w"], t["b"]), t["g_vis"]))
+    elif op == "decoder":
+        def run():
+            out = fn(t["dec_x"], t["tok"], t["ids"], t["dec_pos"])
+            return (out, *torch.autograd.grad(out, (t["dec_x"], t["tok"]), t["g_full"]))
+    elif op == "random_masking":
+        def run():
+            xv, mask, ids = fn(t["x"], ratio, t["noise"])
+            return (xv, mask, ids, *torch.autograd.grad(xv, t["x"], t["g_xv"]))
+    else:
+        def run():
+            out = fn(t["y"], t["tok"], t["ids"])
+            return (out, *torch.autograd.grad(out, (t["y"], t["tok"]), t["g_y"]))
+    return run
 
 
-def check(x, noise, ratio, g_vis, y, tok, g_full) -> dict:
-    """maect vs the reference: everything but the mask-token grad is a copy and must be bit-identical; the token
-    grad (a sum over N * (L - K) rows) is compared relative to the float64 sum of |g|."""
-    ref_m, ker_m = provider_ops("MAE argsort+gather", False)[0], provider_ops("maect", False)[0]
-    a, b = masking_step(ref_m, x, noise, ratio, g_vis), masking_step(ker_m, x, noise, ratio, g_vis)
-    exact = all(torch.equal(u, v) for u, v in zip(a, b))
-    ids = a[2]
-    ra, ka = provider_ops("MAE argsort+gather", False)[1], provider_ops("maect", False)[1]
-    c, d = unshuffle_step(ra, y, tok, ids, g_full), unshuffle_step(ka, y, tok, ids, g_full)
-    exact = exact and torch.equal(c[0], d[0]) and torch.equal(c[1], d[1])
-    scale = g_full.double().abs().sum((0, 1)).max().item()
-    tok_err = (c[2].double() - d[2].double()).abs().max().item() / max(scale, 1e-30)
-    # bf16 reference rounds the sum to bf16 (relative 2^-8); fp32 summation-order bound is M * 2^-24 relative
-    tol = 2.0 ** -7 if g_full.dtype != torch.float32 else 2 * g_full.shape[0] * g_full.shape[1] * 2.0 ** -24
-    return {"exact_copies": exact, "mask_token_grad_rel_diff": tok_err, "tol": tol, "ok": exact and tok_err <= tol}
+def provider_fn(op, name, device):
+    """The function a provider runs (the public op with backend= forced, or torch.compile of the reference)."""
+    kop = OPS[op]
+    if name == COMPILED:
+        ref = {"masked_patch_embed": kernels.masked_patch_embed_ref, "decoder_input": kernels.decoder_input_ref,
+               "random_masking": kernels.random_masking_ref, "unshuffle": kernels.unshuffle_ref}[kop]
+        return torch.compile(ref, dynamic=False)
+    return lambda *a: getattr(kernels, kop)(*a, backend=name)
+
+
+def bounds(op, t, ref, mm, device):
+    """Per output of op's step: None (must be exact) or the elementwise bound against ref (float64 tensors)."""
+    N, L, K = t["imgs"].shape[0], t["L"], t["K"]
+    if op == "encoder":
+        x = ref[0]
+        ids_keep = torch.argsort(t["noise"], dim=1, stable=True)[:, :K]
+        e_x = ME.embed_error_bound(t["imgs"], t["w"], t["b"], t["pos"], ids_keep, mm, x.dtype)
+        # gradients against the fp64 truth of the same rounded operands: within 2 x the reference's own error + one
+        # side of the bound (the reference's low-precision kernels need not accumulate in fp32 throughout)
+        G = t["g_vis"].reshape(-1, x.shape[-1]).to(mm).double()
+        A = ME.gather_patches(t["imgs"].to(mm), ids_keep, t["w"].shape[-1]).flatten(0, 1).double()
+        tw, tb = (G.t() @ A).reshape(ref[3].shape), G.sum(0)
+        e_w = ME.dot_error_bound((G.abs().t() @ A.abs()).reshape(tw.shape), tw, N * L, torch.float32, mm) / 2
+        e_b = ME.dot_error_bound(G.abs().sum(0), tb, N * L, torch.float32, mm) / 2
+        return [e_x, None, None, (tw, e_w), (tb, e_b)]
+    if op == "random_masking":
+        return [None] * 4
+    g = t["g_full"][:, 1:] if op == "decoder" else t["g_y"]
+    masked = t["mask"].bool().unsqueeze(-1)
+    gm = (g.double() * masked).reshape(-1, g.shape[-1])
+    tok_dtype = t["tok"].dtype if op == "decoder" else g.dtype     # unshuffle rounds the token (and its grad) to x's
+    e_t = ME.dot_error_bound(gm.abs().sum(0), gm.sum(0), N * (L - K), torch.float32, tok_dtype).reshape(t["tok"].shape)
+    return [None, None, e_t]
+
+
+def check(op, got, ref, bnd) -> dict:
+    errs, ok = [], True
+    for a, b, e in zip(got, ref, bnd):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return {"ok": False, "why": f"shape/dtype {tuple(a.shape)} {a.dtype} != {tuple(b.shape)} {b.dtype}"}
+        d = (a.double() - b.double()).abs()
+        if isinstance(e, tuple):                      # (truth, own bound): |a - truth| <= 2 |ref - truth| + bound
+            truth, own = e
+            d, e = (a.double() - truth).abs(), 2 * (b.double() - truth).abs() + own
+        good = torch.equal(a, b) if e is None else bool((d <= e).all())
+        errs.append(0.0 if not d.numel() else (d.max().item() if e is None else (d / e.clamp_min(1e-300)).max().item()))
+        ok = ok and good
+    return {"ok": ok, "err": errs, "note": "err: max |diff| where exact is required, else max |diff| / bound"}
+
+
+def interpreted(op, name, device) -> bool:
+    """Would this provider run Triton kernels through the interpreter (CPU tensors, TRITON_INTERPRET=1)? Those are
+    checked for correctness (the dry run's purpose) but not timed: the interpreter's speed means nothing."""
+    if device.type == "cuda" or not MK._interpreting() or name not in ("triton", "fused"):
+        return False
+    return not (op == "decoder" and name == "fused" and kernels.why_not("decoder_input", "cpp", "cpu") is None)
+
+
+def bench_shape(label, N, img, p, D, Dd, ratio, device, budget, compile_, ops) -> list[dict]:
+    cuda = device.type == "cuda"
+    low = torch.bfloat16 if cuda else torch.float32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    mm = torch.bfloat16 if cuda else torch.float32
+    t = make_inputs(N, img, p, D, Dd, ratio, device, low)
+    _, t["mask"], t["ids"] = kernels.random_masking_ref(t["noise"][..., None], ratio, t["noise"])
+    rows = []
+    for op in ops:
+        kop = OPS[op]
+        L, width = t["L"], (D if op in ("encoder", "random_masking") else Dd)
+        names = [b for b in kernels.MASKING_BACKENDS[kop] if kernels.why_not(kop, b, device.type) is None]
+        names += [COMPILED] if compile_ else []
+        ref = step_fn(op, provider_fn(op, "ref", device), t, ratio, autocast)()
+        bnd = bounds(op, t, ref, mm, device)
+        for name in names:
+            row = {"shape": label, "op": op, "provider": name, "N": N, "L": L, "D": width, "device": device.type,
+                   "class": kernels.shape_class(L, width)}
+            try:
+                fn = step_fn(op, provider_fn(op, name, device), t, ratio, autocast)
+                row["check"] = check(op, fn(), ref, bnd)
+                if not row["check"]["ok"]:
+                    row["error"] = f"WRONG vs ref: {row['check']}"[:300]
+                elif interpreted(op, name, device):
+                    row["note"] = "Triton interpreter: checked, not timed"
+                else:
+                    row.update(measure(fn, device, warmup=3 if cuda else 1, budget_s=budget))
+                    if cuda:
+                        row["peak_extra_mib"] = gpu_peak_extra_mb(fn, device)
+            except Exception as ex:  # a backend that claims support but crashes: report, keep going
+                row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"[:300]
+            rows.append(row)
+        add_ratio([r for r in rows if r["op"] == op], "ref")
+    return rows
+
+
+COLUMNS = [("op", "op", ""), ("provider", "provider", ""), ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"),
+           ("p80_ms", "p80", ".3f"), ("speedup", "x MAE (ref)", ".2f"), ("peak_extra_mib", "peak extra MiB", ".1f"),
+           ("error", "error", ""), ("note", "note", "")]
+
+
+def run(device, shapes, ratio=0.75, budget=0.2, compile_=False, ops=tuple(OPS)) -> dict:
+    env = environment(device)
+    rows = []
+    for label, N, img, p, D, Dd in shapes:
+        r = bench_shape(label, N, img, p, D, Dd, ratio, device, budget, compile_, ops)
+        L = (img // p) ** 2
+        print_table(f"{label}: N={N} L={L} K={int(L * (1 - ratio))} D={D} decoder {Dd}, forward+backward on "
+                    f"{env['device']} ({'bf16 autocast' if device.type == 'cuda' else 'fp32'}; x MAE = ref time / "
+                    f"provider time)", r, COLUMNS)
+        rows += r
+    return {"bench": "masked_gather", "env": env, "ratio": ratio, "rows": rows,
+            "failed": [f"{r['shape']}/{r['op']}/{r['provider']}: {r['error']}" for r in rows if r.get("error")]}
+
+
+def make_table(rows: list[dict], env: dict) -> dict:
+    """Entries for the device measured: per (op, shape class) the fastest backend measured correct on every shape
+    of the class (medians summed), and the device default (best geometric-mean speedup over the classes)."""
+    date = time.strftime("%Y-%m-%d")
+    groups: dict = {}
+    for r in rows:
+        if r["provider"] != COMPILED:
+            groups.setdefault((r["device"], OPS[r["op"]], r["class"]), []).append(r)
+    entries, per_op = {}, {}
+    for (dev, op, cls), rs in groups.items():
+        shapes = {r["shape"] for r in rs}
+        ms = {}
+        for name in {r["provider"] for r in rs}:
+            mine = [r for r in rs if r["provider"] == name and r.get("median_ms")]
+            if len(mine) == len(shapes):
+                ms[name] = round(sum(r["median_ms"] for r in mine), 4)
+        if "ref" not in ms:
+            continue
+        pick = min(ms, key=ms.get)
+        where = env["device"] + ("" if dev == "cuda" else f" ({env['threads']} thread(s))")
+        why = (f"{where}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}, fwd+bwd, {', '.join(sorted(shapes))}"
+               f" (N={'/'.join(str(r['N']) for r in rs if r['provider'] == 'ref')}), {date}: {pick} "
+               f"{ms['ref'] / ms[pick]:.2f}x MAE's path (bench/masked_gather.py)")
+        entries[f"{dev}|{op}|{cls}"] = {"pick": pick, "ms": ms, "why": why}
+        per_op.setdefault((dev, op), []).append(ms)
+    for (dev, op), all_ms in per_op.items():
+        common = set.intersection(*(set(m) for m in all_ms))
+        gm = {n: math.exp(sum(math.log(m["ref"] / m[n]) for m in all_ms) / len(all_ms)) for n in common}
+        pick = max(gm, key=gm.get)
+        entries[f"{dev}|{op}|*"] = {"pick": pick, "speedup_geomean": {n: round(v, 3) for n, v in gm.items()},
+                                    "why": f"{env['device']}, {date}: best geometric-mean speedup over "
+                                           f"{len(all_ms)} measured shape class(es) (bench/masked_gather.py)"}
+    return {"device": env["device"], "entries": entries}
+
+
+def write_table(path: str, measured: dict, device_type: str) -> None:
+    """Replace the entries of device_type in the table at path with the measured ones (other devices kept)."""
+    p = Path(path)
+    table = json.loads(p.read_text()) if p.exists() else {"format": 1, "note": "", "entries": {}}
+    kept = {k: v for k, v in table["entries"].items() if not k.startswith(device_type + "|")}
+    entries = sorted({**kept, **measured["entries"]}.items())
+    lines = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in entries]       # one entry per line: readable diffs
+    head = {k: v for k, v in table.items() if k != "entries"}
+    text = json.dumps(head, indent=2)[:-2] + ',\n  "entries": {\n' + ",\n".join(lines) + "\n  }\n}\n"
+    json.loads(text)
+    Path(path).write_text(text)
+    print(f"\nwrote {path}: {len(measured['entries'])} {device_type} entries: " +
+          ", ".join(f"{k}={v['pick']}" for k, v in measured["entries"].items()))
+
+
+def gpu_suite_step(out: dict, budget_s: float) -> None:
+    """For bench/gpu_suite.py: the GPU shapes within about budget_s (CPU without CUDA: the dry-run shape); fills out
+    with the rows, failures and the table these measurements give (save it with --write-table after a look)."""
+    t0 = time.perf_counter()
+    device = setup("cuda" if torch.cuda.is_available() else "cpu", None if torch.cuda.is_available() else 1)
+    shapes = GPU_SHAPES if device.type == "cuda" else DRY_SHAPES
+    # per measurement: ~13 providers per shape; about half the budget goes to compiles, checks and warm-up
+    per = max(0.02, 0.4 * budget_s / (13 * len(shapes)))
+    res = run(device, shapes, budget=per)
+    out.update(res)
+    if device.type == "cuda":                       # the CPU dry run's timings (interpreter included) decide nothing
+        out["table"] = make_table(res["rows"], res["env"])
+    out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
 def main() -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.75)
-    p.add_argument("--dtype", choices=list(DTYPES))
-    p.add_argument("--shape", type=str, default=None, help="N,L,D to run one custom shape")
-    p.add_argument("--compile", action="store_true", help="add torch.compile of the reference (GPU)")
-    p.add_argument("--no-mem", action="store_true")
+    p.add_argument("--shape", type=str, default=None,
+                   help="N,L,D[,p[,Dd]]: one custom shape (L a square; patch p default 16, decoder width Dd 512)")
+    p.add_argument("--ops", type=str, default=",".join(OPS), help=f"comma list of {list(OPS)}")
+    p.add_argument("--compile", action="store_true", help="add torch.compile of MAE's path")
+    p.add_argument("--dry-run", action="store_true", help="CPU, one tiny shape, short timing (exercises the paths)")
+    p.add_argument("--write-table", metavar="PATH", help="merge the measured picks into PATH (e.g. "
+                   "kernels/masking_table.json)")
     args = p.parse_args()
-    device = setup(args.device, args.threads)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    budget = args.budget if args.budget is not None else (0.5 if device.type == "cuda" else 1.0)
-    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    # CPU: 1 thread unless --threads (the committed CPU picks were measured so; on a shared machine multi-thread
+    # timings of these small ops are dominated by OpenMP threads waiting for a core)
+    dev = "cpu" if args.dry_run else args.device
+    device = setup(dev, args.threads or (1 if dev == "cpu" else None))
+    if args.write_table and (args.dry_run or MK._interpreting()):
+        sys.exit("--write-table: a dry run (or TRITON_INTERPRET=1, which times the interpreter) measures nothing")
+    shapes = DRY_SHAPES if args.dry_run else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.shape:
-        shapes = [("custom", *map(int, args.shape.split(",")))]
-    providers = ["MAE argsort+gather"] + (["MAE compiled"] if args.compile else []) + ["maect"]
-    es = torch.finfo(dtype).bits // 8
-    results, failed = [], False
-    for label, N, L, D in shapes:
-        K = int(L * (1 - args.ratio))
-        x, noise, g_vis, y, tok, g_full = inputs(N, L, D, args.ratio, dtype, device)
-        backend = kernels.backend_for(x)
-        chk = check(x, noise, args.ratio, g_vis, y, tok, g_full)
-        print(f"\n{label} N={N} L={L} D={D} (decoder {DEC_DIM}) ratio={args.ratio} {dtype} on {device.type}: maect "
-              f"backend '{backend}'; check vs reference: {'OK' if chk['ok'] else 'FAILED'} {chk}")
-        if not chk["ok"]:
-            failed = True
-            results.append({"shape": label, "N": N, "L": L, "D": D, "check": chk, "rows": []})
-            continue
-        ids_restore = kernels.random_masking_ref(x.detach(), args.ratio, noise)[2]
-        # minimum traffic: noise, kept rows in and out, mask, ids | grad of kept rows in, full grad out
-        bytes_mask = N * L * 4 + 2 * N * K * D * es + N * L * (es + 8) + N * K * D * es + N * L * D * es
-        # x and ids in, full output | full grad in, grad x out, ids
-        bytes_unsh = N * K * DEC_DIM * es + N * L * 8 + N * L * DEC_DIM * es + N * L * DEC_DIM * es \
-            + N * K * DEC_DIM * es + N * L * 8
-        rows = []
-        for name in providers:
-            masking, unshuffle = provider_ops(name, name == "MAE compiled")
-            ops = [("random_masking", bytes_mask, lambda: masking_step(masking, x, noise, args.ratio, g_vis)),
-                   ("unshuffle", bytes_unsh, lambda: unshuffle_step(unshuffle, y, tok, ids_restore, g_full))]
-            for op, nbytes, fn in ops:
-                row = {"op": op, "provider": name, "backend": backend if name == "maect" else "torch"}
-                try:
-                    row.update(measure(fn, device, warmup=3 if device.type == "cuda" else 1, budget_s=budget))
-                    row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
-                    if device.type == "cuda" and not args.no_mem:
-                        row["peak_extra_mib"] = gpu_peak_extra_mb(fn, device)
-                except Exception as ex:
-                    row["error"] = f"{type(ex).__name__}: {ex}"[:200]
-                rows.append(row)
-        for op in ("random_masking", "unshuffle"):
-            add_ratio([r for r in rows if r["op"] == op], "MAE argsort+gather")
-        rows.sort(key=lambda r: r["op"])
-        print_table(f"{label} N={N} L={L} D={D} ratio={args.ratio} {dtype}, forward+backward "
-                    f"({device.type}; speedup = MAE / provider)", rows,
-                    [("op", "op", ""), ("provider", "provider", ""), ("backend", "backend", ""),
-                     ("median_ms", "median ms", ".3f"), ("p20_ms", "p20", ".3f"), ("p80_ms", "p80", ".3f"),
-                     ("speedup", "speedup", ".2f"), ("gbps", "GB/s", ".1f"),
-                     ("peak_extra_mib", "peak extra MiB", ".1f"),
-                     ("error", "error", "")])
-        results.append({"shape": label, "N": N, "L": L, "D": D, "ratio": args.ratio, "dtype": str(dtype),
-                        "check": chk, "rows": rows})
-    write_json(args.json, {"bench": "masked_gather", "env": environment(device), "results": results})
-    return 1 if failed else 0
+        v = [int(s) for s in args.shape.split(",")]
+        g = math.isqrt(v[1])
+        if g * g != v[1] or len(v) < 3:
+            sys.exit(f"--shape {args.shape}: need N,L,D[,p[,Dd]] with L a square number of patches")
+        pp = v[3] if len(v) > 3 else 16
+        shapes = [("custom", v[0], g * pp, pp, v[2], v[4] if len(v) > 4 else 512)]
+    ops = [o.strip() for o in args.ops.split(",")]
+    if bad := [o for o in ops if o not in OPS]:
+        sys.exit(f"--ops: unknown {bad}; choose from {list(OPS)}")
+    budget = args.budget if args.budget is not None else (0.02 if args.dry_run else 0.1 if device.type == "cuda" else 1.0)
+    if device.type == "cpu":
+        print(f"CPU run ({torch.get_num_threads()} threads): wall-clock times on a shared machine are noisy")
+    res = run(device, shapes, args.ratio, budget, args.compile, ops)
+    if args.write_table:
+        write_table(args.write_table, make_table(res["rows"], res["env"]), device.type)
+        kernels.clear_cache()
+    if res["failed"]:
+        print("\nFAILED:\n  " + "\n  ".join(res["failed"]))
+    write_json(args.json, res)
+    return 1 if res["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> random_masking_cpu(const at::Tens
 at::Tensor unshuffle_cpu(const at::Tensor& x, const at::Tensor& mask_token, const at::Tensor& ids_restore);
 std::tuple<at::Tensor, at::Tensor> unshuffle_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_restore,
                                                           int64_t len_keep);
+at::Tensor decoder_input_cpu(const at::Tensor& x, const at::Tensor& mask_token, const at::Tensor& ids_restore,
+                             const std::optional<at::Tensor>& pos_embed, bool has_cls);
+std::tuple<at::Tensor, at::Tensor> decoder_input_backward_cpu(const at::Tensor& grad_out, const at::Tensor& ids_restore,
+                                                              int64_t len_keep, bool has_cls);
 }  // namespace maect
 
 TORCH_LIBRARY(maect, m) {
@@ -25,6 +29,9 @@ TORCH_LIBRARY(maect, m) {
   m.def("unshuffle(Tensor x, Tensor mask_token, Tensor ids_restore) -> Tensor");
   m.def("unshuffle_backward(Tensor grad_out, Tensor ids_restore, int len_keep)"
         " -> (Tensor grad_x, Tensor grad_mask_token)");
+  m.def("decoder_input(Tensor x, Tensor mask_token, Tensor ids_restore, Tensor? pos_embed, bool has_cls) -> Tensor");
+  m.def("decoder_input_backward(Tensor grad_out, Tensor ids_restore, int len_keep, bool has_cls)"
+        " -> (Tensor grad_x, Tensor grad_mask_token)");
 }
 
 TORCH_LIBRARY_IMPL(maect, CPU, m) {
@@ -32,6 +39,8 @@ TORCH_LIBRARY_IMPL(maect, CPU, m) {
   m.impl("random_masking", &maect::random_masking_cpu);
   m.impl("unshuffle", &maect::unshuffle_cpu);
   m.impl("unshuffle_backward", &maect::unshuffle_backward_cpu);
+  m.impl("decoder_input", &maect::decoder_input_cpu);
+  m.impl("decoder_input_backward", &maect::decoder_input_backward_cpu);
 }
 
 // An importable (empty) Python module, so setup.py's ahead-of-time build `kernels._maect_C` can be imported; the

@@ -2,8 +2,9 @@
 //
 // Contract: kernels/queue_topk.py (the reference is the specification).
 //   query [B, D], queue [Q, D] (fp32 / bf16 / fp16, same dtype, any strides)
-//   -> values [B, k] fp32 (descending), indices [B, k] int64; ties -> lower queue index first; excluded entries
-//      never returned; rows with fewer than k admissible entries padded with (-inf, -1).
+//   -> values [B, k] fp32 (descending), indices [B, k] int64; ties -> lower queue index first; excluded entries and
+//      non-finite similarities (NaN, +inf, -inf) never returned; rows with fewer than k admissible entries padded
+//      with (-inf, -1).
 //
 // Work split: the B query rows are cut into row tiles of R <= kRowTile rows and, only when there are fewer tiles
 // than threads (small B), the queue into nq chunks whose per-row results are merged at the end. The (tile, chunk)
@@ -41,6 +42,7 @@ constexpr int64_t kRowTile = 512;     // max query rows per GEMM / work item: C 
 constexpr int64_t kMinRowTile = 64;   // below this the GEMM gets inefficient -> split the queue instead
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 // Heap order: the root is the *worst* kept entry. An entry is worse when its value is smaller, or equal with a
 // larger queue index (the tie rule: lower index ranks first).
@@ -82,11 +84,13 @@ void select_row(const float* c, const float* scale, int64_t n, int64_t j0, float
   int64_t j = 0;
 #ifdef __AVX2__
   __m256 thr8 = _mm256_set1_ps(thr);
+  const __m256 inf8 = _mm256_set1_ps(kPosInf);
   alignas(32) float tmp[8];
   for (; j + 8 <= n; j += 8) {
     __m256 s8 = _mm256_loadu_ps(c + j);
     if (scale != nullptr) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(scale + j));
-    int m = _mm256_movemask_ps(_mm256_cmp_ps(s8, thr8, _CMP_GT_OQ));
+    // above the row's k-th value and finite (ordered compares: NaN is never above; +inf is not admissible)
+    int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(s8, thr8, _CMP_GT_OQ), _mm256_cmp_ps(s8, inf8, _CMP_LT_OQ)));
     if (m == 0) continue;  // the common case once the heap has warmed up: one compare per 8 candidates
     _mm256_store_ps(tmp, s8);
     while (m != 0) {
@@ -99,7 +103,7 @@ void select_row(const float* c, const float* scale, int64_t n, int64_t j0, float
 #endif
   for (; j < n; ++j) {
     const float s = scale != nullptr ? c[j] * scale[j] : c[j];
-    if (s > thr) thr = offer(v, ix, k, s, j0 + j, queue_ids, exclude_id);
+    if (s > thr && s < kPosInf) thr = offer(v, ix, k, s, j0 + j, queue_ids, exclude_id);
   }
 }
 

@@ -1,4 +1,5 @@
-"""NVIDIA DALI loader for image folders: the same output contract as loader.TrainLoader (its CPU twin).
+"""NVIDIA DALI loader for image files (image folders, flat folders, file lists): the same output contract as
+loader.TrainLoader (its CPU twin).
 
     {"views": [Tensor [n, 3, S, S] float32 normalised, on `device`] * num_views, "idx": int64 [n], "label": int64 [n]}
 
@@ -7,11 +8,20 @@ Pipeline (one per epoch; GPU ops when a CUDA device is used, DALI's CPU operator
     -> fn.decoders.image  device='mixed' (nvJPEG, hw_decoder_load) | 'cpu'           -> uint8 HWC RGB
     -> per view: fn.random_resized_crop(S, random_area=crop_scale, random_aspect_ratio=(3/4, 4/3), bicubic)
        [-> MAE-CTaug colour ops] -> fn.crop_mirror_normalize(mirror=coin_flip(0.5), ImageNet mean/std, CHW float)
-The reader's labels are the sample ids (the queue's self-exclusion key); class labels come from data.labels[idx].
+The reader's labels are the sample ids (the queue's self-exclusion key); class labels come from data.labels[idx]
+(-1 for unlabelled sources).
+
+Decoding. The torch loader decodes by images.decode_image; DALI's decoder was measured against it (DALI 2.4, CPU
+decoder; tests/test_image_modes.py::test_dali_decodes_every_mode_like_the_torch_loader): identical for 1, L, LA, P
+(with or without transparency), RGB, RGBA and CMYK files (alpha dropped by both), for 16-bit grey (both
+round(v / 257)) and float grey in [0, 1]; both apply EXIF orientation. 16-bit colour PNGs differ by at most one
+level (PIL floors them while decoding). The files decode_image rejects (mode I, floats outside [0, 1]) are rejected
+by the shared file check before DALI sees them, and so are the TIFF modes DALI decodes differently
+(images.check_image_file with dali=True). The GPU decoder (nvJPEG) is unmeasured here.
 
 Order, sharding, epochs and resume. DALI's own shuffle (random_shuffle) fills a buffer of `initial_fill` samples
 from a list shuffled once with a fixed seed: not a fresh permutation per epoch, and not resumable mid-epoch. So the
-order is ours: each epoch the loader builds a pipeline over the list of loader.epoch_order(N, seed, epoch) (the
+order is ours: each epoch the loader builds a pipeline over the list of shared.epoch_order(N, seed, epoch) (the
 twin's permutation, without the files validate() rejected), laid out rank-major — for rank r, the rows
 [s*G + r*n, s*G + (r+1)*n) of every step s >= start_step — so DALI's contiguous shard r (shard_id=rank,
 num_shards=world) is exactly what rank r of the twin reads, step by step: no overlap between ranks, every file once
@@ -31,8 +41,9 @@ YIQ space (fn.hsv) rather than shifting HSV hue; grayscale is fn.hsv's saturatio
 DALI's antialiased bicubic (like PIL's, which torchvision's RandomResizedCrop uses); the twin's grid_sample is not
 antialiased.
 
-Bad files: the loader runs data.validate() first (see loader.py), so a zero-byte, truncated or non-image file or
-an empty class folder is reported by name (or skipped with skip_corrupt) before DALI sees it. A file that passes
+Bad files: the loader runs data.validate(dali=True) first (shared.bad_file_mask), so a zero-byte, truncated or
+non-image file, a rejected mode or an empty class folder is reported by name (or skipped with skip_corrupt) before
+DALI sees it. A file that passes
 the check and still makes DALI fail is found again by name (DALI's message, else a PIL decode of the files the
 pipeline was working on) and raised, or with skip_corrupt replaced in its batch and the pipeline rebuilt from the
 current step. A DALI error therefore never leaves the iterator waiting.
@@ -44,8 +55,9 @@ import logging
 import torch
 
 from maect.dataloading import augment as A
-from maect.dataloading.datasets import ArrayData, ImageFolder
-from maect.dataloading.loader import bad_file_mask, epoch_order, note_skipped, substitute
+from maect.dataloading.datasets import ArrayData, ImageFiles
+from maect.dataloading.images import DataError
+from maect.dataloading.shared import bad_file_mask, epoch_order, note_skipped, substitute
 
 log = logging.getLogger("maect.data")
 READER = "reader"
@@ -72,7 +84,7 @@ def why_not(data, device) -> str | None:
     if isinstance(data, ArrayData):
         return ("the data are in-memory arrays (the torch loader augments them on the device); for DALI export them "
                 "with `python -m maect.dataloading.export --out DIR` and use data.name=imagefolder data.root=DIR")
-    if not isinstance(data, ImageFolder):
+    if not isinstance(data, ImageFiles):
         return f"unsupported dataset type {type(data).__name__}"
     if torch.device(device).type != "cuda":
         return "device is not CUDA (DALI then runs on the CPU only)"
@@ -95,11 +107,7 @@ def build_pipeline(files: list[str], ids: list[int], *, batch_size: int, shard_i
     def pipe():
         raw, sid = fn.readers.file(files=files, labels=ids, shard_id=shard_id, num_shards=num_shards,
                                    random_shuffle=False, name=READER)
-        if gpu:   # paddings as in DALI's ImageNet examples: fewer reallocations as image sizes vary
-            img = fn.decoders.image(raw, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
-                                    device_memory_padding=211025920, host_memory_padding=140544512)
-        else:
-            img = fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+        img = decode(raw, gpu, hw_decoder_load)
         views = []
         for v in range(num_views):
             y = fn.random_resized_crop(img, size=[S, S], random_area=list(crop_scale),
@@ -114,6 +122,37 @@ def build_pipeline(files: list[str], ids: list[int], *, batch_size: int, shard_i
     p = pipe()
     p.build()
     return p
+
+
+def decode(raw, gpu: bool, hw_decoder_load: float = 0.65):
+    """DALI's decode of encoded files to uint8 HWC RGB, as every pipeline here runs it (EXIF orientation applied,
+    DALI's default, like images.decode_image)."""
+    from nvidia.dali import fn, types
+    if gpu:   # paddings as in DALI's ImageNet examples: fewer reallocations as image sizes vary
+        return fn.decoders.image(raw, device="mixed", output_type=types.RGB, hw_decoder_load=hw_decoder_load,
+                                 device_memory_padding=211025920, host_memory_padding=140544512)
+    return fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+
+
+def decode_files(files: list[str], device_id: int | None = None) -> list:
+    """Each file decoded by DALI alone (decode, no augmentation) -> numpy uint8 [H, W, 3]: to compare DALI's
+    decoder with images.decode_image. One pipeline per file, so a file DALI cannot decode raises naming it."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+    out = []
+    for f in files:
+        @pipeline_def(batch_size=1, num_threads=1, device_id=device_id)
+        def pipe():
+            raw, _ = fn.readers.file(files=[f], labels=[0])
+            return decode(raw, device_id is not None)
+        try:
+            p = pipe()
+            p.build()
+            img = p.run()[0]
+            out.append(np.array((img.as_cpu() if device_id is not None else img)[0]))
+        except Exception as exc:
+            raise DataError(f"DALI could not decode {f!r}: {_dali_reason(str(exc))}") from exc
+    return out
 
 
 def _ctaug(y, view: int, S: int):
@@ -148,18 +187,18 @@ def _ctaug(y, view: int, S: int):
 
 
 class DaliLoader:
-    """Training batches of an ImageFolder from a DALI pipeline; see the module docstring. backend 'dali-gpu' when
+    """Training batches of image files (ImageFiles) from a DALI pipeline; see the module docstring. backend 'dali-gpu' when
     `device` is CUDA (decode and augment on that GPU), 'dali-cpu' otherwise (tests, machines without a GPU)."""
 
-    def __init__(self, data: ImageFolder, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0,
+    def __init__(self, data: ImageFiles, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0,
                  world: int = 1, seed: int = 0, num_views: int = 1, crop_scale=(0.2, 1.0), ctaug: bool = False,
                  device: str | torch.device = "cpu", num_threads: int = 0, skip_corrupt: bool = False,
                  hw_decoder_load: float = 0.65):
         reason = why_not(data, "cuda")
         if reason:
-            raise ValueError(f"DaliLoader: {reason}")
+            raise DataError(f"DaliLoader: {reason}")
         if in_chans != 3:
-            raise ValueError(f"image folders decode to RGB: model.in_chans must be 3, got {in_chans}")
+            raise DataError(f"image folders decode to RGB: model.in_chans must be 3, got {in_chans}")
         self.data, self.img_size, self.n, self.rank, self.world, self.seed = data, img_size, batch_size, rank, world, seed
         self.G, self.num_views, self.crop_scale, self.ctaug = batch_size * world, num_views, tuple(crop_scale), ctaug
         self.device = torch.device(device)
@@ -169,10 +208,10 @@ class DaliLoader:
         self.backend = "dali-gpu" if self.device_id is not None else "dali-cpu"
         self.num_threads = num_threads if num_threads > 0 else 4
         self.hw_decoder_load, self.skip_corrupt, self.skipped = hw_decoder_load, skip_corrupt, {}
-        self._drop = bad_file_mask(data, skip_corrupt, self.skipped)
+        self._drop = bad_file_mask(data, skip_corrupt, self.skipped, dali=True)
         self.n_valid = len(data) - int(self._drop.sum())
         if self.n_valid < self.G:
-            raise ValueError(f"dataset has {self.n_valid} samples, fewer than one global batch ({self.G} = "
+            raise DataError(f"dataset has {self.n_valid} samples, fewer than one global batch ({self.G} = "
                              f"{batch_size} x {world} ranks)")
         self.epoch, self.start_step = 0, 0
 
@@ -224,7 +263,7 @@ class DaliLoader:
                                            f"fails to decode with PIL: {reason}") from exc
                     if not self.skip_corrupt:
                         named = "; ".join(f"{self.data.files[i]!r} ({why})" for i, why in bad.items())
-                        raise ValueError(f"DALI could not decode {named} ({where}); set data.skip_corrupt=true "
+                        raise DataError(f"DALI could not decode {named} ({where}); set data.skip_corrupt=true "
                                          f"to skip such files") from exc
                     for i, why in bad.items():
                         note_skipped(self.skipped, self.data.files[i], why)

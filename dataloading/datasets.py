@@ -1,24 +1,47 @@
-"""Data sources. Two kinds:
+"""Data sources (data.name), and the labels evaluation needs.
 
-ArrayData     the whole dataset as a uint8 tensor [N, C, H, W] in memory (Fashion-MNIST, or any array set):
-              batches are gathered by index and augmented batch-wise on the training device.
-ImageFolder   a directory of class folders of JPEG/PNG files, decoded per sample (PIL) in loader workers.
+fashion_mnist  ArrayData: the whole data set as a uint8 tensor [N, C, H, W] in memory; batches are gathered by index
+               and augmented batch-wise on the training device. Splits train / test.
+imagefolder    ImageFolder: data.root/train/<class>/... and data.root/val/<class>/... (val: else test/). One
+               class-to-index mapping, the sorted class folder names of the TRAINING split, labels every split:
+               a val class without a train folder is an error naming both folders; a train class without a val
+               folder is fine (logged). Images at any depth under a class folder.
+folder         ImageFiles: every image file under data.root at any depth (by extension, images.IMAGE_EXTENSIONS),
+               sorted by path; no labels.
+filelist       ImageFiles: the files named in the text file data.root, one path per line (relative to the list's
+               folder, or absolute), in the list's order; blank lines and lines starting with # are ignored.
+Everywhere: hidden files and folders (names starting with '.') are skipped; symlinked folders are followed once.
+
+data.labels (folder and filelist only; MAE and contrastive tuning need no labels): a class-folder tree DIR (DIR/train
+and DIR/val as for imagefolder) or a CSV file of rows `path,label[,split]` (path relative to the CSV's folder or
+absolute; label a class name; split train (default) or val; an optional header row `path,label[,split]`; blank and
+# lines ignored; class index = rank among the sorted distinct labels, numeric order when all are integers).
+Evaluation and the k-NN monitors read the labelled train split as the bank and the val split as queries
+(load_eval_data); a training file gets the label of the labelled entry with the same absolute path (no symlink
+resolution), else -1, and the nn_acc monitor runs only when every training file has one.
+Files decode by images.decode_image (the one rule for PIL modes; see images.py).
 """
 from __future__ import annotations
 
+import csv
 import gzip
+import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from maect.dataloading.images import (IMAGE_EXTENSIONS, BadImage, DataError, check_image_file,  # noqa: F401
+                                      decode_image)
+
+log = logging.getLogger("maect.data")
+SOURCES = ("fashion_mnist", "imagefolder", "folder", "filelist")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass
@@ -32,6 +55,14 @@ class ArrayData:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def has_labels(self) -> bool:
+        return True
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in range(self.num_classes)]
+
     def subset(self, idx: torch.Tensor) -> "ArrayData":
         return ArrayData(self.images[idx], self.labels[idx], self.mean, self.std, self.num_classes)
 
@@ -42,19 +73,19 @@ def read_idx(path: str) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic {raw[:4].hex()})")
+        raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic {raw[:4].hex()})")
     ndim = raw[3]
     dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
     want = int(np.prod(dims)) + 4 + 4 * ndim
     if len(raw) != want:
-        raise ValueError(f"{path} is truncated or corrupt: {len(raw)} bytes, expected {want} for shape {dims}")
+        raise DataError(f"{path} is truncated or corrupt: {len(raw)} bytes, expected {want} for shape {dims}")
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def fashion_mnist(root: str | None, split: str) -> ArrayData:
     root = root or FASHION_MNIST_ROOT
     if split not in FASHION_MNIST_FILES:
-        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     paths = [os.path.join(root, f) for f in FASHION_MNIST_FILES[split]]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -64,107 +95,270 @@ def fashion_mnist(root: str | None, split: str) -> ArrayData:
     images = torch.from_numpy(read_idx(paths[0]).copy()).unsqueeze(1)   # [N, 1, 28, 28]
     labels = torch.from_numpy(read_idx(paths[1]).astype(np.int64))
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
+        raise DataError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has {labels.shape[0]} labels")
     return ArrayData(images, labels, FASHION_MNIST_MEAN, FASHION_MNIST_STD, 10)
 
 
-class ImageFolder:
-    """root/<class>/<image>. Classes sorted by name; files sorted; index i is the sample id.
+class ImageFiles:
+    """Image files decoded per sample (images.decode_image) by the loaders.
 
-    An empty class folder keeps its class index (so train and val labels agree) and is reported by validate(),
-    like a file that cannot be an image: the loaders raise naming it, or skip it with skip_corrupt=True.
+    files: paths; labels: int64 [N] class index per file, -1 = no label; classes: class names (index = position);
+    root: where the files came from (for messages); empty_classes: class folders holding no image, reported by
+    validate() like bad files (the loaders raise naming them, or skip them with skip_corrupt=True).
     """
 
-    def __init__(self, root: str):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist")
-        self.root = root
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        if not self.classes:
-            raise ValueError(f"image folder {root!r} holds no class folders")
-        self.files, labels, self.empty_classes = [], [], []
-        for ci, c in enumerate(self.classes):
-            names = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not names:
-                self.empty_classes.append(os.path.join(root, c))
-            self.files += [os.path.join(root, c, n) for n in names]
-            labels += [ci] * len(names)
-        if not self.files:
-            raise ValueError(f"image folder {root!r}: its class folders hold no images {IMAGE_EXTENSIONS}")
-        self.labels = torch.tensor(labels, dtype=torch.long)
-        self.num_classes, self.mean, self.std = len(self.classes), IMAGENET_MEAN, IMAGENET_STD
-        self._problems: dict[int, str] | None = None
+    def __init__(self, files: list[str], labels=None, classes=(), root: str = "", empty_classes=()):
+        self.files, self.classes, self.root = list(files), list(classes), root
+        self.labels = (torch.full((len(self.files),), -1, dtype=torch.long) if labels is None
+                       else torch.as_tensor(labels, dtype=torch.long).reshape(-1))
+        if self.labels.shape[0] != len(self.files):
+            raise DataError(f"{root!r}: {len(self.files)} files but {self.labels.shape[0]} labels")
+        self.num_classes, self.empty_classes = len(self.classes), list(empty_classes)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self._problems: dict[bool, dict[int, str]] = {}
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, i: int) -> torch.Tensor:
-        """Decode file i to uint8 [3, H, W]; a bad file raises naming the file."""
-        from PIL import Image
-        path = self.files[i]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
-        except Exception as exc:
-            raise ValueError(f"cannot decode image {path!r}: {exc}") from exc
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    @property
+    def has_labels(self) -> bool:
+        """Every file has a label (what the label monitors need)."""
+        return len(self.files) > 0 and bool((self.labels >= 0).all())
 
-    def validate(self, workers: int = 16) -> dict[int, str]:
-        """{sample id: reason} for files that cannot be images, found cheaply (size, header, end marker; a full
-        decode only for files whose end marker is missing), plus {-1 - k: reason} for empty class folder k of
-        empty_classes. Deterministic, so every rank finds the same set; computed once and cached."""
-        if self._problems is None:
+    def subset(self, idx: torch.Tensor) -> "ImageFiles":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ImageFiles([self.files[i] for i in idx.tolist()], self.labels[idx], self.classes, self.root,
+                          self.empty_classes)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Decode file i to uint8 [3, H, W] (images.decode_image); BadImage (a ValueError) names the file."""
+        return torch.from_numpy(decode_image(self.files[i])).permute(2, 0, 1)
+
+    def validate(self, workers: int = 16, dali: bool = False) -> dict[int, str]:
+        """{sample id: reason} for files that cannot be loaded (images.check_image_file: cheap, a full decode only
+        where needed; dali=True adds what DALI decodes differently), plus {-1 - k: reason} for empty class folder k
+        of empty_classes. Deterministic, so every rank finds the same set; computed once per flag and cached."""
+        if dali not in self._problems:
             from concurrent.futures import ThreadPoolExecutor
             chunks = [range(s, min(s + 1024, len(self.files))) for s in range(0, len(self.files), 1024)]
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as ex:
-                found = ex.map(lambda r: [(i, check_image_file(self.files[i])) for i in r], chunks)
+                found = ex.map(lambda r: [(i, check_image_file(self.files[i], dali)) for i in r], chunks)
                 problems = {i: why for part in found for i, why in part if why}
             for k, folder in enumerate(self.empty_classes):
                 problems[-1 - k] = f"class folder {folder!r} holds no images {IMAGE_EXTENSIONS}"
-            self._problems = problems
-        return self._problems
+            self._problems[dali] = problems
+        return self._problems[dali]
 
 
-# file signatures: (offset, bytes); webp is RIFF....WEBP
-_MAGIC = {"jpeg": [(0, b"\xff\xd8\xff")], "png": [(0, b"\x89PNG\r\n\x1a\n")], "bmp": [(0, b"BM")],
-          "webp": [(0, b"RIFF"), (8, b"WEBP")]}
-_PNG_END = b"IEND\xaeB`\x82"
+def list_images(root: str) -> list[str]:
+    """Image files (by extension) under root at any depth, sorted by path; hidden files and folders skipped;
+    symlinked folders followed, each real folder once (no loops)."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [os.path.join(dirpath, f) for f in filenames
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(out)
 
 
-def check_image_file(path: str) -> str | None:
-    """Why `path` cannot be a decodable image, or None. Reads 16 bytes at the start and 1 KiB at the end: empty,
-    unreadable, unknown signature; a JPEG without its end marker (FF D9) in the last KiB, or a PNG not ending in
-    IEND, is decoded in full (PIL) to tell a truncated file from one with data appended after the image."""
+def class_folders(root: str) -> list[str]:
+    """The sorted names of root's non-hidden subfolders: the classes of an image-folder split."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    return sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+
+
+class ImageFolder(ImageFiles):
+    """root/<class>/.../<image>: label = index of the class in `classes` (default: root's own sorted class folders;
+    for a val split, the training split's, named by classes_from). A class folder of root that is not in `classes`
+    is an error naming it and both folders; a class of `classes` without a folder here is logged. An empty class
+    folder keeps its index and is reported by validate()."""
+
+    def __init__(self, root: str, classes: list[str] | None = None, classes_from: str | None = None):
+        found = class_folders(root)
+        classes = found if classes is None else list(classes)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"class folder(s) {unknown} of {root!r} are not classes of the training split "
+                             f"{classes_from!r} ({len(classes)} classes); labels come from the training split's "
+                             f"class folders, so add them there or remove them here")
+        if not found:
+            raise DataError(f"image folder {root!r} holds no class folders")
+        absent = [c for c in classes if c not in set(found)]
+        if absent:
+            log.info(f"data: {root} has no folder for {len(absent)} of the {len(classes)} classes of {classes_from} "
+                     f"({', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}): no samples of them here")
+        files, labels, empty = [], [], []
+        for c in found:
+            names = list_images(os.path.join(root, c))
+            if not names:
+                empty.append(os.path.join(root, c))
+            files += names
+            labels += [classes.index(c)] * len(names)
+        if not files:
+            raise DataError(f"image folder {root!r}: its class folders hold no images {IMAGE_EXTENSIONS}")
+        super().__init__(files, labels, classes, root, empty)
+
+
+def image_folder_split(root: str, split: str) -> ImageFolder:
+    """Split 'train' (root/train) or 'test' (root/val, else root/test) of an image-folder tree, labelled by the
+    training split's class folders."""
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    train = os.path.join(root, "train")
+    if split == "train":
+        return ImageFolder(train)
+    sub = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+    if sub is None:
+        raise NoLabels(f"{root!r} has no val/ (or test/) folder: no labelled images to evaluate on")
+    return ImageFolder(sub, class_folders(train), classes_from=train)
+
+
+def read_file_list(path: str) -> list[str]:
+    """The paths in a file list: one per line, relative to the list's folder or absolute; blank lines and # lines
+    ignored; a path listed twice is an error naming both lines (two sample ids for one image would let a query
+    find itself in the NN queue)."""
+    base, files, line_of = os.path.dirname(os.path.abspath(path)), [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            p = os.path.normpath(os.path.join(base, s))
+            if p in line_of:
+                raise DataError(f"file list {path!r}: line {n} repeats line {line_of[p]} ({s})")
+            line_of[p] = n
+            files.append(p)
+    if not files:
+        raise DataError(f"file list {path!r} names no files")
+    return files
+
+
+def _sort_classes(names) -> list[str]:
+    names = set(names)
     try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return "empty file (0 bytes)"
-        with open(path, "rb") as f:
-            head = f.read(16)
-            f.seek(max(0, size - 1024))
-            tail = f.read()
-    except OSError as exc:
-        return f"unreadable: {exc}"
-    kind = next((k for k, sigs in _MAGIC.items() if all(head[o:o + len(m)] == m for o, m in sigs)), None)
-    if kind is None:
-        return f"not an image (unrecognised signature {head[:8].hex()})"
-    if (kind == "jpeg" and b"\xff\xd9" not in tail) or (kind == "png" and not tail.endswith(_PNG_END)):
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def read_label_csv(path: str) -> tuple[list[str], dict[str, list]]:
+    """(classes, {'train': [(abs path, class index)], 'test': [...]}) from a CSV of path,label[,split]."""
+    base, rows, line_of = os.path.dirname(os.path.abspath(path)), [], {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            row = [c.strip() for c in row]
+            if not row or not any(row) or row[0].startswith("#"):
+                continue
+            if n == 1 and [c.lower() for c in row] in (["path", "label"], ["path", "label", "split"]):
+                continue
+            if len(row) not in (2, 3) or not row[0] or not row[1]:
+                raise DataError(f"label file {path!r} line {n}: expected path,label[,split], got {row}")
+            split = (row[2] if len(row) == 3 else "train").lower()
+            if split not in ("train", "val", "test"):
+                raise DataError(f"label file {path!r} line {n}: split must be train or val, got {row[2]!r}")
+            p = os.path.normpath(os.path.join(base, row[0]))
+            if p in line_of:
+                raise DataError(f"label file {path!r}: line {n} repeats the path of line {line_of[p]} ({row[0]})")
+            line_of[p] = n
+            rows.append((p, row[1], "train" if split == "train" else "test"))
+    classes = _sort_classes(r[1] for r in rows)
+    if not classes:
+        raise DataError(f"label file {path!r} has no rows (path,label[,split])")
+    index = {c: i for i, c in enumerate(classes)}
+    out = {"train": [], "test": []}
+    for p, c, split in rows:
+        out[split].append((p, index[c]))
+    return classes, out
+
+
+def labelled_split(labels: str, split: str) -> ImageFiles:
+    """The labelled `split` ('train' or 'test') of data.labels (a class-folder tree or a CSV)."""
+    if os.path.isdir(labels):
+        return image_folder_split(labels, split)
+    classes, rows = read_label_csv(labels)
+    if not rows[split]:
+        raise NoLabels(f"data.labels={labels} has no {'val' if split == 'test' else 'train'} rows "
+                       f"(path,label,{'val' if split == 'test' else 'train'})")
+    return ImageFiles([p for p, _ in rows[split]], [y for _, y in rows[split]], classes, labels)
+
+
+class NoLabels(DataError):
+    """Evaluation or a label monitor asked for labels the data source does not have."""
+
+
+def attach_labels(data: ImageFiles, labels: str) -> ImageFiles:
+    """Give data's files the labels of data.labels' entries with the same absolute path (both splits); -1 else."""
+    if not labels:
+        return data
+    known, classes = {}, None
+    for split in ("train", "test"):
         try:
-            from PIL import Image
-            with Image.open(path) as im:
-                im.load()
-        except Exception as exc:
-            return f"truncated or corrupt {kind} ({size} bytes): {exc}"
+            part = labelled_split(labels, split)
+        except NoLabels:
+            continue
+        classes = part.classes
+        known.update(zip(map(os.path.abspath, part.files), part.labels.tolist()))
+    y = [known.get(os.path.abspath(f), -1) for f in data.files]
+    return ImageFiles(data.files, y, classes or [], data.root, data.empty_classes)
+
+
+def check_source(name: str, root: str, labels: str = "", keys=("data.name", "data.root", "data.labels")) -> str | None:
+    """Why (name, root, labels) cannot be read, in one line naming the key and path; None when they can."""
+    kn, kr, kl = keys
+    if name not in SOURCES:
+        return f"{kn}={name!r}: choose one of {', '.join(SOURCES)}"
+    need = {"imagefolder": "a folder with train/ and val/ class folders", "folder": "a folder of images",
+            "filelist": "a text file of image paths, one per line"}.get(name)
+    if need and not root:
+        return f"{kn}={name} needs {kr}=PATH ({need})"
+    if name in ("imagefolder", "folder") and not os.path.isdir(root):
+        return f"{kr}={root!r}: no such folder ({kn}={name} reads {need})"
+    if name == "imagefolder" and not os.path.isdir(os.path.join(root, "train")):
+        return f"{kr}={root!r} has no train/ folder ({kn}=imagefolder reads {kr}/train/<class>/...)"
+    if name == "filelist" and not os.path.isfile(root):
+        return f"{kr}={root!r}: no such file ({kn}=filelist reads {need})"
+    if labels and name not in ("folder", "filelist"):
+        return f"{kl}={labels!r} is for {kn}=folder|filelist ({name} has its own labels)"
+    if labels and not (os.path.isfile(labels) or os.path.isdir(os.path.join(labels, "train"))):
+        return f"{kl}={labels!r}: neither a CSV file (path,label[,split]) nor a folder with train/ class folders"
     return None
 
 
-def load_data(name: str, root: str | None, split: str):
-    """'fashion_mnist' -> ArrayData; 'imagefolder' -> ImageFolder(root/split)."""
+def load_data(name: str, root: str | None, split: str, labels: str = ""):
+    """The training source (split 'train'), or a split of a labelled source: 'fashion_mnist' -> ArrayData;
+    'imagefolder' -> ImageFolder (root/train, or root/val for 'test', labelled by train's classes); 'folder' /
+    'filelist' -> ImageFiles ('train' only; labels attached from data.labels where it names the files)."""
     if name == "fashion_mnist":
         return fashion_mnist(root, split)
+    why = check_source(name, root or "", labels)
+    if why:
+        raise DataError(why)
     if name == "imagefolder":
-        if not root:
-            raise ValueError("data.name=imagefolder needs data.root=DIR (with train/ and val/ class folders)")
-        sub = os.path.join(root, "val" if split == "test" and os.path.isdir(os.path.join(root, "val")) else split)
-        return ImageFolder(sub)
-    raise ValueError(f"unknown data.name {name!r}; choose 'fashion_mnist' or 'imagefolder'")
+        return image_folder_split(root, split)
+    if split != "train":
+        raise NoLabels(f"data.name={name} has one split of training images; evaluation reads data.labels")
+    files = list_images(root) if name == "folder" else read_file_list(root)
+    if not files:
+        raise DataError(f"data.root={root!r} holds no image files {IMAGE_EXTENSIONS} (hidden ones are skipped)")
+    return attach_labels(ImageFiles(files, root=root), labels)
+
+
+def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
+    """The labelled split ('train': the k-NN bank / probe training set, 'test': the queries) that evaluation and
+    the k-NN monitors read: the source itself for fashion_mnist / imagefolder, data.labels for folder / filelist.
+    NoLabels (a ValueError) says why there are none."""
+    if name in ("folder", "filelist"):
+        why = check_source(name, root or "", labels)
+        if why:
+            raise DataError(why)
+        if not labels:
+            raise NoLabels(f"data.name={name} has no labels (set data.labels=DIR with train/ and val/ class "
+                           f"folders, or a CSV of path,label[,split])")
+        return labelled_split(labels, split)
+    return load_data(name, root, split)

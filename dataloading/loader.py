@@ -8,11 +8,10 @@ uses rows [s*G, (s+1)*G) of it (G = global batch) and rank r keeps its slice [r*
 exactly what one process with the same global batch sees, and a run can resume at any step.
 The last incomplete global batch is dropped.
 
-Bad image files (ImageFolder): every loader first runs data.validate() (cheap, deterministic, so every rank finds the
-same set). Without skip_corrupt the loader raises naming the files; with it they leave the epoch order (identically on
-every rank) and are counted in the log and in loader.skipped. A file that passes the check but fails to decode later
-raises naming it, or with skip_corrupt is replaced in its batch by the next sample of the batch (the batch keeps its
-size, so ranks stay in step) and is counted too.
+Image files (ImageFiles: image folders, flat folders, file lists) decode by images.decode_image, the one rule for
+every PIL mode. Bad files: every loader, and eval_batches, first runs data.validate(); without skip_corrupt it raises
+naming the files, with it they are left out and counted (shared.py: the epoch order and bad-file handling that the
+torch loader, DALI and evaluation share). Unlabelled sources give label -1.
 """
 from __future__ import annotations
 
@@ -21,7 +20,10 @@ import logging
 import torch
 
 from maect.dataloading import augment as A
-from maect.dataloading.datasets import ArrayData, ImageFolder
+from maect.dataloading import dali
+from maect.dataloading.datasets import ArrayData, ImageFiles
+from maect.dataloading.images import DataError
+from maect.dataloading.shared import bad_file_mask, epoch_order, note_skipped, substitute
 
 log = logging.getLogger("maect.data")
 
@@ -35,9 +37,9 @@ class TrainLoader:
         self._drop = None if isinstance(data, ArrayData) else bad_file_mask(data, skip_corrupt, self.skipped)
         n_valid = len(data) - (0 if self._drop is None else int(self._drop.sum()))
         if n_valid < G:
-            raise ValueError(f"dataset has {n_valid} samples, fewer than one global batch ({G} = {batch_size} x {world} ranks)")
-        if isinstance(data, ImageFolder) and in_chans != 3:
-            raise ValueError(f"image folders decode to RGB: model.in_chans must be 3, got {in_chans}")
+            raise DataError(f"dataset has {n_valid} samples, fewer than one global batch ({G} = {batch_size} x {world} ranks)")
+        if isinstance(data, ImageFiles) and in_chans != 3:
+            raise DataError(f"image folders decode to RGB: model.in_chans must be 3, got {in_chans}")
         self.data, self.img_size, self.in_chans, self.n_valid = data, img_size, in_chans, n_valid
         self.n, self.rank, self.world, self.G, self.seed = batch_size, rank, world, G, seed
         self.num_views, self.crop_scale, self.ctaug = num_views, tuple(crop_scale), ctaug
@@ -93,7 +95,7 @@ class TrainLoader:
                 continue
             try:
                 images[i] = self.data.load(i)
-            except ValueError as exc:                          # load() names the file
+            except ValueError as exc:                          # load() names the file (images.BadImage)
                 if not self.skip_corrupt:
                     raise
                 note_skipped(self.skipped, path, str(exc.__cause__ or exc))
@@ -114,70 +116,47 @@ class TrainLoader:
         return views, idx
 
 
-# ------------------------------------------------------------------------------------ shared by every backend
-def epoch_order(n: int, seed: int, epoch: int, drop: torch.Tensor | None = None) -> torch.Tensor:
-    """The epoch's sample order: a permutation of range(n) from (seed, epoch), without the ids where drop [n] is
-    True. The same on every rank and for every backend."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm if drop is None else perm[~drop[perm]]
-
-
-def bad_file_mask(data: ImageFolder, skip_corrupt: bool, skipped: dict) -> torch.Tensor:
-    """data.validate() as a bool mask [len(data)] of files to leave out; raises naming them unless skip_corrupt."""
-    problems = data.validate()
-    names = {i: (data.files[i] if i >= 0 else data.empty_classes[-1 - i]) for i in problems}
-    if problems and not skip_corrupt:
-        shown = "; ".join(f"{names[i]}: {why}" for i, why in list(problems.items())[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{len(problems)} bad image file(s) or empty class folder(s) under {data.root!r}: "
-                         f"{shown}{more}. Fix or remove them, or set data.skip_corrupt=true to skip them")
-    drop = torch.zeros(len(data), dtype=torch.bool)
-    for i, why in problems.items():
-        if i >= 0:
-            drop[i] = True
-        skipped[names[i]] = why
-    if problems:
-        log.warning(f"data: skip_corrupt: leaving out {int(drop.sum())} of {len(data)} files and "
-                    f"{len(problems) - int(drop.sum())} empty class folder(s) under {data.root}; first: "
-                    + "; ".join(f"{names[i]} ({why})" for i, why in list(problems.items())[:3]))
-    return drop
-
-
-def note_skipped(skipped: dict, path: str, why: str) -> None:
-    skipped[path] = why
-    log.warning(f"data: skip_corrupt: {path} cannot be decoded ({why}); replaced in its batch "
-                f"({len(skipped)} skipped so far)")
-
-
-def substitute(ids: list[int], good, files: list[str]) -> list[int]:
-    """ids with every id not in `good` replaced by the next good id of the batch (cyclically): the batch keeps its
-    size and order, so all ranks stay in step. Raises if no sample of the batch can be decoded."""
-    good = set(good)
-    if len(good) == len(set(ids)):
-        return ids
-    ok = [k for k, i in enumerate(ids) if i in good]
-    if not ok:
-        raise ValueError(f"no image of a batch can be decoded (first: {files[ids[0]]!r})")
-    return [i if i in good else ids[next((k for k in ok if k > j), ok[0])] for j, i in enumerate(ids)]
-
-
-def eval_batches(data, *, img_size: int, in_chans: int, batch_size: int = 512, device="cpu", limit: int | None = None):
+def eval_batches(data, *, img_size: int, in_chans: int, batch_size: int = 512, device="cpu", limit: int | None = None,
+                 skip_corrupt: bool = False):
     """Deterministic eval images: arrays resized whole to img_size; image files resized (shorter side
-    img_size/0.875, bicubic) and centre-cropped (the 256/224 protocol). Yields (x [n, C, S, S], label [n])."""
+    img_size/0.875, bicubic) and centre-cropped (the 256/224 protocol). An iterator of (x [n, C, S, S], label [n]).
+    Image files pass the training loader's checks first (shared.bad_file_mask): bad files and empty class folders
+    raise naming them before any image is encoded, or with skip_corrupt are left out and logged; a file that passes
+    the check but fails to decode raises naming it, or with skip_corrupt is left out of its batch. limit: the
+    first `limit` usable samples."""
+    if isinstance(data, ArrayData):
+        return _array_batches(data, img_size, in_chans, batch_size, device, limit)
+    if in_chans != 3:
+        raise DataError(f"image files decode to RGB: model.in_chans must be 3, got {in_chans}")
+    ids = torch.nonzero(~bad_file_mask(data, skip_corrupt, {})).flatten()[:limit]   # raises here, before encoding
+    return _file_batches(data, ids, img_size, batch_size, device, skip_corrupt)
+
+
+def _array_batches(data, img_size, in_chans, batch_size, device, limit):
     n = len(data) if limit is None else min(limit, len(data))
+    mean, std = data.mean * (in_chans // len(data.mean)), data.std * (in_chans // len(data.std))
     for s in range(0, n, batch_size):
         e = min(n, s + batch_size)
-        if isinstance(data, ArrayData):
-            x = data.images[s:e].to(device).float().div_(255)
-            if x.shape[1] == 1 and in_chans == 3:
-                x = x.expand(-1, 3, -1, -1)
-            x = A.resize(x, img_size)
-            mean, std = data.mean * (in_chans // len(data.mean)), data.std * (in_chans // len(data.std))
-        else:
-            x = torch.cat([_center_crop(data.load(i).float().div_(255), img_size) for i in range(s, e)]).to(device)
-            mean, std = data.mean, data.std
-        yield A.normalize(x, mean, std), data.labels[s:e].to(device)
+        x = data.images[s:e].to(device).float().div_(255)
+        if x.shape[1] == 1 and in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        yield A.normalize(A.resize(x, img_size), mean, std), data.labels[s:e].to(device)
+
+
+def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt):
+    for chunk in ids.split(batch_size):
+        imgs, keep = [], []
+        for i in chunk.tolist():
+            try:
+                imgs.append(_center_crop(data.load(i).float().div_(255), img_size))
+            except ValueError as exc:                          # load() names the file (images.BadImage)
+                if not skip_corrupt:
+                    raise
+                log.warning(f"data: skip_corrupt: evaluation leaves out {exc}")
+                continue
+            keep.append(i)
+        if keep:
+            yield A.normalize(torch.cat(imgs).to(device), data.mean, data.std), data.labels[keep].to(device)
 
 
 def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -194,20 +173,19 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
                  num_views: int, crop_scale, ctaug: bool, device):
     """The training loader selected by data.loader: 'cpu' (TrainLoader, the torch twin), 'dali' (DaliLoader: GPU
     decode with nvJPEG on a CUDA device, DALI's CPU operators otherwise), or 'auto' = DALI when it is installed, the
-    device is CUDA and the data is an image folder, else cpu. Logs which one runs and why the other does not.
+    device is CUDA and the data are image files, else cpu. Logs which one runs and why the other does not.
     Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
     data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
-    if not isinstance(data, (ArrayData, ImageFolder)):
+    if not isinstance(data, (ArrayData, ImageFiles)):
         raise TypeError(f"unsupported dataset type {type(data).__name__}")
     choice = cfg_data.loader
     if choice not in ("auto", "cpu", "dali"):
-        raise ValueError(f"data.loader must be auto, cpu or dali, got {choice!r}")
+        raise DataError(f"data.loader must be auto, cpu or dali, got {choice!r}")
     device = torch.device(device)
     skip_corrupt = bool(getattr(cfg_data, "skip_corrupt", False))
-    from maect.dataloading import dali
     why_not = dali.why_not(data, device)
     if choice == "dali" and why_not and not why_not.startswith("device"):
-        raise ValueError(f"data.loader=dali: {why_not}")
+        raise DataError(f"data.loader=dali: {why_not}")
     kw = dict(img_size=img_size, in_chans=in_chans, batch_size=batch_size, rank=rank, world=world, seed=seed,
               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt)
     if choice == "dali" or (choice == "auto" and why_not is None):

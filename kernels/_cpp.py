@@ -17,8 +17,10 @@ Ops (schemas in csrc/ops.cpp; contracts in kernels/queue_topk.py and kernels/mas
     torch.ops.maect.random_masking(x, noise, len_keep) -> (x_visible, mask, ids_restore)
     torch.ops.maect.unshuffle(x, mask_token, ids_restore) -> out
     torch.ops.maect.unshuffle_backward(grad_out, ids_restore, len_keep) -> (grad_x, grad_mask_token)
-Fake kernels make them traceable by torch.compile; autograd: random_masking and unshuffle (exact copies, as the
-references), queue_topk's values (recomputed for the k selected pairs only).
+    torch.ops.maect.decoder_input(x, mask_token, ids_restore, pos_embed, has_cls) -> out
+    torch.ops.maect.decoder_input_backward(grad_out, ids_restore, len_keep, has_cls) -> (grad_x, grad_mask_token)
+Fake kernels make them traceable by torch.compile; autograd: random_masking, unshuffle and decoder_input (exact
+copies / one rounded add, as the references), queue_topk's values (recomputed for the k selected pairs only).
 """
 from __future__ import annotations
 
@@ -35,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import check_masking, check_unshuffle
+from .masking import check_decoder_input, check_masking, check_unshuffle, decoder_input_dtype
 from .queue_topk import check_inputs
 
-__all__ = ["load", "queue_topk", "random_masking", "unshuffle"]
+__all__ = ["load", "queue_topk", "random_masking", "unshuffle", "decoder_input"]
 
 logger = logging.getLogger("maect.kernels")
 # C++ sources: csrc/ beside kernels/ in a source checkout; maect/_csrc (package data) in an installed wheel
@@ -171,9 +173,21 @@ def _register_python_side() -> None:
         N, _, D = grad_out.shape
         return grad_out.new_empty(N, len_keep, D), grad_out.new_empty(D)
 
+    @torch.library.register_fake(lib + "decoder_input")
+    def _(x, mask_token, ids_restore, pos_embed, has_cls):
+        N, L = ids_restore.shape
+        return x.new_empty(N, int(has_cls) + L, x.shape[2], dtype=decoder_input_dtype(x, mask_token, pos_embed))
+
+    @torch.library.register_fake(lib + "decoder_input_backward")
+    def _(grad_out, ids_restore, len_keep, has_cls):
+        N, _, D = grad_out.shape
+        return grad_out.new_empty(N, int(has_cls) + len_keep, D), grad_out.new_empty(D)
+
     torch.library.register_autograd(lib + "queue_topk", _queue_topk_backward, setup_context=_queue_topk_setup)
     torch.library.register_autograd(lib + "random_masking", _masking_backward, setup_context=_masking_setup)
     torch.library.register_autograd(lib + "unshuffle", _unshuffle_backward, setup_context=_unshuffle_setup)
+    torch.library.register_autograd(lib + "decoder_input", _decoder_input_backward,
+                                    setup_context=_decoder_input_setup)
 
 
 def _queue_topk_setup(ctx, inputs, output):
@@ -228,6 +242,25 @@ def _unshuffle_backward(ctx, grad_out):
     return (grad_x if ctx.needs_input_grad[0] else None, grad_token if ctx.needs_input_grad[1] else None, None)
 
 
+def _decoder_input_setup(ctx, inputs, output):
+    x, mask_token, ids_restore, pos_embed, has_cls = inputs
+    ctx.has_cls, ctx.len_keep, ctx.x_dtype = has_cls, x.shape[1] - int(has_cls), x.dtype
+    ctx.token_shape, ctx.token_dtype = mask_token.shape, mask_token.dtype
+    ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+    ctx.save_for_backward(ids_restore)
+
+
+def _decoder_input_backward(ctx, grad_out):
+    """grad_x: the scatter (cast once to x's dtype, as the reference's cast backward); grad_mask_token: the masked
+    rows' sum; grad_pos_embed (when it requires grad): grad_out summed over the batch."""
+    (ids_restore,) = ctx.saved_tensors
+    need_x, need_tok, _, need_pos, _ = ctx.needs_input_grad
+    grad_x, grad_token = torch.ops.maect.decoder_input_backward(grad_out, ids_restore, ctx.len_keep, ctx.has_cls)
+    grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0]) if need_pos else None
+    return (grad_x.to(ctx.x_dtype) if need_x else None,
+            grad_token.to(ctx.token_dtype).reshape(ctx.token_shape) if need_tok else None, None, grad_pos, None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public wrappers: the references' validation, then the compiled op (same signatures as the references).
 
@@ -251,3 +284,10 @@ def unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
     """Compiled unshuffle (contract: kernels/masking.py)."""
     check_unshuffle(x, mask_token, ids_restore)
     return torch.ops.maect.unshuffle(x, mask_token, ids_restore)
+
+
+def decoder_input(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None,
+                  cls: bool = True) -> Tensor:
+    """Compiled decoder_input (contract: kernels/masking.py)."""
+    check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
+    return torch.ops.maect.decoder_input(x, mask_token, ids_restore, pos_embed, bool(cls))

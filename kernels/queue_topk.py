@@ -12,11 +12,14 @@ Shapes and dtypes
     returns values [B, k] fp32, indices [B, k] int64
 
 Rules every backend follows (the reference below is the specification)
-    * Similarities accumulate in fp32; inputs are not upcast first in the kernels (bf16 x bf16 products are exact
-      in fp32, so only the summation order differs from the reference).
+    * Returned values are fp32 similarities of the inputs as given: fp32 products summed in fp32 (bf16 / fp16
+      products are exact in fp32, so backends differ from the reference only in summation order; the Triton kernel
+      re-scores its candidates this way even where its GEMM used tf32, see "Triton" below).
     * Ties: among equal similarities the lower queue index ranks first.
-    * Excluded entries never come back. A row with fewer than k admissible entries is padded at the end with
-      value -inf and index -1 (so an all-excluded row is all -1).
+    * Admissible entries: not excluded by id, and a finite similarity. NaN, +inf and -inf similarities are never
+      returned (a query row with a NaN/inf entry has none; a queue row with one is never a neighbour). A row with
+      fewer than k admissible entries is padded at the end with value -inf and index -1 (an all-excluded or
+      non-finite query row is all -inf / -1); callers that need k neighbours must check for -1.
     * k must satisfy 1 <= k <= Q; otherwise ValueError. B == 0 returns empty [0, k] tensors.
     * normalized=False L2-normalises query and queue rows (eps 1e-12) inside the op; the inputs are not modified.
 """
@@ -51,11 +54,12 @@ def check_inputs(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | Non
 
 def similarity_ref(query: Tensor, queue: Tensor, exclude_ids: Tensor | None, queue_ids: Tensor | None,
                    normalized: bool = True) -> Tensor:
-    """The full [B, Q] fp32 similarity matrix with excluded entries set to -inf (reference helper)."""
+    """The full [B, Q] fp32 similarity matrix with excluded and non-finite entries set to -inf (reference helper)."""
     q, e = query.float(), queue.float()
     if not normalized:
         q, e = F.normalize(q, dim=1, eps=1e-12), F.normalize(e, dim=1, eps=1e-12)
     sim = q @ e.t()
+    sim = sim.masked_fill(~torch.isfinite(sim), float("-inf"))    # only finite similarities are admissible
     if exclude_ids is not None:
         sim = sim.masked_fill(exclude_ids.view(-1, 1).long() == queue_ids.view(1, -1).long(), float("-inf"))
     return sim
@@ -86,235 +90,103 @@ def queue_topk_ref(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | N
     return select_topk_ref(similarity_ref(query, queue, exclude_ids, queue_ids, normalized), k)
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Triton: fused tile-wise GEMM + running top-k + self-id exclusion; the [B, Q] matrix is never written.
+# Triton (CUDA): GEMM with a per-tile top-M epilogue, then an exact per-row select. Kernels and the argument for
+# exactness: kernels/_queue_topk_kernels.py. Extra memory: keys [B, ceil(Q / BLOCK_N), M] int64 (16 MiB at
+# B=2048, Q=65536, BLOCK_N=128, M=2) and a [B, KP] int64 scratch; never O(B x Q) values.
 #
-# Program (pid_b, pid_s) owns BLOCK_B query rows and a contiguous range of queue tiles (split-Q: SPLITS programs
-# share a row block when B alone cannot fill the SMs). Per queue tile it computes s = q_blk @ e_tileᵀ with tl.dot
-# (fp32 accumulation), applies normalisation and the id mask, then folds the tile into a running "bag" of the k best
-# entries per row, held in registers: take each row's tile maximum (one paired max/argmax reduction, leftmost on
-# ties), let it replace the row's worst bag entry if it ranks above it, mask it out of the tile, repeat until no row
-# improves. The loop runs k times on a program's first tile; on the t-th tile a row gains about k/t entries (random
-# order), and the loop runs for the row block's largest gain. No sort: tl.sort is far slower in the interpreter and
-# needs log^2 passes on GPU. (Unmeasured on GPU so far: bench/gpu_suite.py reports it.)
-#
-# The tie rule lives in one packed int64 key per bag entry:  key = ord(value) << 32 | (2^31 - 1 - index),  where
-# ord() maps fp32 bits to int32 in the same order as the floats (-0.0 folded into +0.0 first). Larger key = ranks
-# first: higher value, and among equal values the lower index. The bag's worst entry is then a single tl.min.
-# With one split the program sorts its bag and writes the final [B, k]; otherwise it writes its bag keys and
-# _queue_topk_merge_kernel selects the k largest of the [B, SPLITS * KP] candidate keys.
+# Exactness: the GEMM's values S (tf32 for fp32 inputs) only prune; every returned value is re-scored exactly (R)
+# and the k best R are selected with the tie rule. The pruning margin covers |S - R| for rows of norm <= 1 + 2^-4
+# (normalized=True promises unit rows; normalized=False normalises inside the op). For inputs that break that promise
+# the selection can only differ from the exact one among entries closer than ~2 eps |q| |e| to the k-th value.
 # ----------------------------------------------------------------------------------------------------------------
 import contextlib
 import functools
+import json
 import math
 import os
+from pathlib import Path
 
-try:
-    import triton
-    import triton.language as tl
-    _jit, _constexpr = triton.jit, tl.constexpr
-except ImportError:  # pure-PyTorch install: the reference above still works, queue_topk_triton raises
-    triton = tl = None
-    _jit = _constexpr = lambda x: x  # noqa: E731
+from . import _queue_topk_kernels as _K
+
+triton = _K.triton
+
+MAX_K = 128            # larger k: queue_topk_triton declines (the bag is a [KP] register tensor) -> reference
+MAX_STORED = 8192      # stored keys per row (next_pow2(ceil(Q / BLOCK_N)) x M) held by one select program;
+#                        longer queues are cut into slices whose results are merged exactly
+_U = 2.0 ** -24        # fp32 unit roundoff
+UNIT_NORM_SLACK = 1.0 + 2.0 ** -4
+MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (128 x 256 bf16 = 64 KiB of registers per block)
+
+# One entry per (dtype, k bucket): the shipped defaults, overridden per shape class by kernels/queue_topk_configs.json
+# when bench/tune_queue_topk.py --write-configs has measured one on a GPU. Fields: BLOCK_B query rows per scan
+# program, BLOCK_N queue rows per tile, BLOCK_D (0: next_pow2(D), the query block resident for the whole scan), M
+# stored entries per (row, tile), warps/stages of the scan, CH candidates per merge and warps of the select kernel,
+# precision of the scan's fp32 dot ("tf32" | "tf32x3" | "ieee"; ignored for bf16/fp16), programs per SM targeted
+# by the queue split.
+DEFAULT_CONFIGS = {
+    ("bf16", 32): dict(BLOCK_B=128, BLOCK_N=128, BLOCK_D=0, M=2, warps=8, stages=3, CH=32, warps2=4, precision="tf32",
+                       per_sm=2),
+    ("bf16", 128): dict(BLOCK_B=128, BLOCK_N=128, BLOCK_D=0, M=4, warps=8, stages=3, CH=64, warps2=4,
+                        precision="tf32", per_sm=2),
+    ("fp32", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=2, warps=4, stages=3, CH=32, warps2=4, precision="tf32",
+                       per_sm=2),
+    ("fp32", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=4, warps=4, stages=3, CH=64, warps2=4,
+                        precision="tf32", per_sm=2),
+}
+CONFIG_FILE = Path(__file__).with_name("queue_topk_configs.json")
+B_BUCKETS = (256, 1024, 2048, 8192)
+Q_BUCKETS = (16384, 65536, 262144)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Device helpers are jit functions on GPU; under the interpreter they are plain Python (it re-patches triton.language
-# on every jit-to-jit call, which costs more than the arithmetic the helpers do).
-_device_fn = _jit if not _interpreting() else (lambda fn: fn)
-
-MAX_K = 128                                  # larger k: queue_topk_triton declines (the bag lives in registers)
-# key(-inf, index 0), the largest key a -inf value can have: an empty bag slot; every finite value ranks above it
-_EMPTY_KEY = _constexpr((-2139095041 << 32) + 2147483647)
-_MASKED_KEY = _constexpr(-9223372036854775807)   # below every key: already taken
-
-
-@_device_fn
-def _pack_key(v, i):
-    """int64 key ordering (value desc, index asc): larger key ranks first. v fp32 (not NaN), i int32 in [0, 2^31)."""
-    v = tl.where(v == 0.0, 0.0, v)                    # -0.0 == +0.0 must tie like in the reference
-    bits = v.to(tl.int32, bitcast=True)
-    ordv = bits ^ ((bits >> 31) & 0x7FFFFFFF)         # monotone fp32 -> int32
-    return (ordv.to(tl.int64) << 32) + (2147483647 - i).to(tl.int64)
-
-
-@_device_fn
-def _unpack_key(key):
-    """(value fp32, index int32) of packed keys; keys <= _EMPTY_KEY (empty, masked, -inf) give (-inf, -1)."""
-    ordv = (key >> 32).to(tl.int32)
-    v = (ordv ^ ((ordv >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    i = 2147483647 - (key & 0x7FFFFFFF).to(tl.int32)
-    valid = key > _EMPTY_KEY
-    return tl.where(valid, v, float("-inf")), tl.where(valid, i, -1)
-
-
-@_device_fn
-def _sorted_keys(keys, slots, K, KP: tl.constexpr):
-    """The K largest of keys [R, C] in descending order, as [R, KP] (slots >= K: _EMPTY_KEY). Keys are unique
-    except empty ones, which are all equal and sort last."""
-    out = tl.full([keys.shape[0], KP], _EMPTY_KEY, tl.int64)
-    for j in range(K):
-        top = tl.max(keys, 1)
-        out = tl.where(slots[None, :] == j, top[:, None], out)
-        keys = tl.where(keys == top[:, None], _MASKED_KEY, keys)
-    return out
-
-
-@_jit
-def _queue_topk_split_kernel(
-    q_ptr,      # query [B, D] fp32/bf16/fp16, strides (stride_qb, stride_qd); read only
-    e_ptr,      # queue [Q, D] same dtype, strides (stride_eq, stride_ed); read only
-    ex_ptr,     # exclude_ids [B] integer, contiguous; read only when HAS_IDS
-    qid_ptr,    # queue_ids [Q] integer, contiguous; read only when HAS_IDS
-    out_v_ptr,  # FINAL: values [B, K] fp32, contiguous; unused otherwise
-    out_i_ptr,  # FINAL: indices [B, K] int64, contiguous; unused otherwise
-    cand_ptr,   # not FINAL: candidate keys [B, SPLITS * KP] int64, this program writes columns pid_s*KP ...+KP
-    B, Q, D,
-    stride_qb, stride_qd, stride_eq, stride_ed,
-    K, SPLITS,   # runtime ints (fewer compiled variants): k, and the number of programs along the queue
-    KP: tl.constexpr, FINAL: tl.constexpr,
-    HAS_IDS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    dd = tl.arange(0, BLOCK_D)
-    pos = tl.arange(0, BLOCK_Q)
-    slots = tl.arange(0, KP)
-
-    if NORMALIZE:  # query row norms once; F.normalize semantics x / max(||x||, eps)
-        qsq = tl.zeros([BLOCK_B], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dd
-            qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
-                         mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-            qsq += tl.sum(qc * qc, 1)
-        q_norm = tl.maximum(tl.sqrt(qsq), 1e-12)
-    if HAS_IDS:
-        ex = tl.load(ex_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-
-    # slots >= K never hold an entry: they look "best" (max key) so the worst-slot search skips them
-    bag = tl.where(slots[None, :] < K, _EMPTY_KEY, 9223372036854775807) + tl.zeros([BLOCK_B, KP], tl.int64)
-    n_tiles = tl.cdiv(Q, BLOCK_Q)
-    per_split = tl.cdiv(n_tiles, SPLITS)
-    t_lo = pid_s * per_split
-    t_hi = tl.minimum(t_lo + per_split, n_tiles)
-    for t in range(t_lo, t_hi):
-        cols = t * BLOCK_Q + pos
-        col_ok = cols < Q
-        cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_B, BLOCK_Q], tl.float32)
-        esq = tl.zeros([BLOCK_Q], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dd
-            d_ok = d < D
-            qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)                   # [BLOCK_B, BLOCK_D]
-            ec = tl.load(e_ptr + cols64[None, :] * stride_eq + d[:, None] * stride_ed,
-                         mask=d_ok[:, None] & col_ok[None, :], other=0.0)                   # [BLOCK_D, BLOCK_Q]
-            if DOT_F32:  # the interpreter's tl.dot mishandles bf16; bf16 x bf16 products are exact in fp32
-                acc = tl.dot(qc.to(tl.float32), ec.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(qc, ec, acc, input_precision=PRECISION)
-            if NORMALIZE:
-                ef = ec.to(tl.float32)
-                esq += tl.sum(ef * ef, 0)
-        s = acc
-        if NORMALIZE:
-            s = s / q_norm[:, None] / tl.maximum(tl.sqrt(esq), 1e-12)[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        if HAS_IDS:
-            qid = tl.load(qid_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-            ok = ok & (ex[:, None] != qid[None, :])
-        s = tl.where(ok, s, float("-inf"))           # excluded / out-of-range entries never enter the bag
-
-        m, p = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-        ck = _pack_key(m, t * BLOCK_Q + p)       # a -inf candidate packs to <= _EMPTY_KEY: never taken
-        w, ws = tl.min(bag, 1, return_indices=True, return_indices_tie_break_left=True)
-        better = ck > w
-        go = tl.max(better.to(tl.int32), 0) > 0
-        while go:
-            bag = tl.where(better[:, None] & (slots[None, :] == ws[:, None]), ck[:, None], bag)
-            s = tl.where(pos[None, :] == p[:, None], float("-inf"), s)
-            m, p = tl.max(s, 1, return_indices=True, return_indices_tie_break_left=True)
-            ck = _pack_key(m, t * BLOCK_Q + p)
-            w, ws = tl.min(bag, 1, return_indices=True, return_indices_tie_break_left=True)
-            better = ck > w
-            go = tl.max(better.to(tl.int32), 0) > 0
-
-    bag = tl.where(slots[None, :] < K, bag, _EMPTY_KEY)
-    if FINAL:
-        v, i = _unpack_key(_sorted_keys(bag, slots, K, KP))
-        offs = rows64[:, None] * K + slots[None, :]
-        st_mask = row_ok[:, None] & (slots[None, :] < K)
-        tl.store(out_v_ptr + offs, v, mask=st_mask)
-        tl.store(out_i_ptr + offs, i.to(tl.int64), mask=st_mask)
-    else:
-        tl.store(cand_ptr + rows64[:, None] * (SPLITS * KP) + pid_s * KP + slots[None, :], bag,
-                 mask=row_ok[:, None])
-
-
-@_jit
-def _queue_topk_merge_kernel(
-    cand_ptr,   # candidate keys [B, C] int64, C = SPLITS * KP, contiguous; empty slots hold _EMPTY_KEY
-    out_v_ptr,  # values [B, K] fp32, contiguous
-    out_i_ptr,  # indices [B, K] int64, contiguous
-    B, K,
-    C: tl.constexpr, KP: tl.constexpr, BLOCK_B: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    rows64 = rows.to(tl.int64)
-    c = tl.arange(0, C)
-    slots = tl.arange(0, KP)
-    keys = tl.load(cand_ptr + rows64[:, None] * C + c[None, :], mask=row_ok[:, None], other=_EMPTY_KEY)
-    v, i = _unpack_key(_sorted_keys(keys, slots, K, KP))
-    offs = rows64[:, None] * K + slots[None, :]
-    st_mask = row_ok[:, None] & (slots[None, :] < K)
-    tl.store(out_v_ptr + offs, v, mask=st_mask)
-    tl.store(out_i_ptr + offs, i.to(tl.int64), mask=st_mask)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep the register-resident bag (BLOCK_B x KP int64 keys) within reach of the register file."""
-    kp = {**named_args, **kwargs}["KP"]
-    kept = [c for c in configs if c.kwargs["BLOCK_B"] * kp <= 8192]
-    return kept or configs[-1:]
+def _bucket(n: int, buckets: tuple) -> int:
+    return next((b for b in buckets if n <= b), buckets[-1])
 
 
-_GPU_CONFIGS = [  # (BLOCK_B, BLOCK_Q, BLOCK_D, num_warps, num_stages); the last is the safest for large k
-    (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 3), (64, 128, 128, 8, 2),
-    (32, 128, 64, 4, 3),
-]
+def shape_class(dtype: torch.dtype, B: int, Q: int, k: int) -> str:
+    """The key of a tuned config: dtype (fp16 shares bf16's), k bucket (1 / <=32 / <=128), B and Q buckets."""
+    dt = "fp32" if dtype == torch.float32 else "bf16"
+    kb = 1 if k == 1 else (32 if k <= 32 else 128)
+    return f"{dt}/k{kb}/B{_bucket(B, B_BUCKETS)}/Q{_bucket(Q, Q_BUCKETS)}"
 
 
-_kernel_cache: dict = {}
+@functools.lru_cache(maxsize=1)
+def _tuned_table() -> dict:
+    """kernels/queue_topk_configs.json's table ({} when absent or unreadable: the defaults apply)."""
+    try:
+        return json.loads(CONFIG_FILE.read_text()).get("table", {})
+    except (OSError, ValueError):
+        return {}
 
 
-def _split_kernel():
-    """The split kernel, autotuned on GPU (MAECT_AUTOTUNE=0: one config); decided on first use, then cached."""
-    if "split" not in _kernel_cache:
-        if _interpreting():
-            kern = _queue_topk_split_kernel      # block sizes are chosen per call in the launcher
-        else:
-            configs = [triton.Config(dict(BLOCK_B=b, BLOCK_Q=q, BLOCK_D=d), num_warps=w, num_stages=st)
-                       for b, q, d, w, st in _GPU_CONFIGS]
-            if os.environ.get("MAECT_AUTOTUNE", "1") == "0":
-                configs = configs[1:2]
-            kern = triton.autotune(configs, key=["B", "Q", "D", "KP", "SPLITS", "HAS_IDS", "NORMALIZE"],
-                                   prune_configs_by={"early_config_prune": _prune_configs})(_queue_topk_split_kernel)
-        _kernel_cache["split"] = kern
-    return _kernel_cache["split"]
+def pick_config(dtype: torch.dtype, B: int, Q: int, k: int) -> dict:
+    """The measured config of this shape class if the tuner wrote one, else the default for (dtype, k bucket)."""
+    tuned = _tuned_table().get(shape_class(dtype, B, Q, k))
+    base = DEFAULT_CONFIGS[("fp32" if dtype == torch.float32 else "bf16", 32 if k <= 32 else 128)]
+    return {**base, **(tuned or {})}
+
+
+def delta_for(dtype: torch.dtype, precision: str, D: int, normalize: bool) -> float:
+    """Pruning margin 2 eps with eps >= |S - R| / (|q| |e|): S = the scan's value, R = the exact re-score.
+    |R - s*| <= (D + 4) u sum|q_d e_d| (fp32 products and sum); |S - s*| <= (D + 16) 4u sum|q_d e_d| for exact
+    products with fp32 accumulation (4x slack for the tensor cores' internal order), plus the input rounding of the
+    fp32 dot: tf32 rounds each input to 11 significant bits (2^-9 per product, with margin), 3xtf32 ~2^-17.
+    sum|q_d e_d| <= |q| |e| (Cauchy-Schwarz). normalize: both sides divide by norms computed in fp32 (8 (D + 4) u)."""
+    eps_s = (D + 16) * 4 * _U
+    if dtype == torch.float32:
+        eps_s += {"tf32": 2.0 ** -9, "tf32x3": 2.0 ** -17, "ieee": 0.0}[precision]
+    eps = eps_s + (D + 4) * _U + (8 * (D + 4) * _U if normalize else 0.0)
+    return 2.0 * eps * (1.0 if normalize else UNIT_NORM_SLACK)
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,59 +194,111 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _num_splits(B: int, Q: int, device: torch.device) -> int:
-    """Split the queue across programs until ~2 programs per SM, keeping >= 4 tiles of 128 per split."""
-    n_sm = _sm_count(device)
-    row_blocks = -(-B // 64)
-    tiles = -(-Q // 128)
-    splits = 1
-    while row_blocks * splits < 2 * n_sm and tiles >= 8 * splits and splits < 32:
-        splits *= 2
-    return splits
+def _num_splits(row_blocks: int, n_tiles: int, per_sm: int, device: torch.device) -> int:
+    """Queue splits so that row blocks x splits fills per_sm programs per SM (any split is exact)."""
+    return max(1, min(n_tiles, -(-per_sm * _sm_count(device) // row_blocks)))
+
+
+def _merge_slices(parts: list[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of per-slice results (values desc, global indices; padding -inf / -1) with the tie rule."""
+    v = torch.cat([p[0] for p in parts], 1)
+    i = torch.cat([p[1] for p in parts], 1)
+    bits = v.view(torch.int32).to(torch.int64)
+    ordv = torch.where(v == 0, torch.zeros_like(bits), bits ^ ((bits >> 31) & 0x7FFFFFFF))
+    key = (ordv << 32) + (2147483647 - i.clamp(min=0))
+    key = key.masked_fill(i < 0, torch.iinfo(torch.int64).min)
+    top = key.topk(k, dim=1).indices
+    return v.gather(1, top), i.gather(1, top)
 
 
 def queue_topk_triton(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
-                      queue_ids: Tensor | None = None, normalized: bool = True, *,
-                      splits: int | None = None) -> tuple[Tensor, Tensor]:
-    """Fused Triton queue top-k; same contract as queue_topk_ref. k > MAX_K falls back to the reference.
-    splits: override the split-Q heuristic (a power of two; tests use it to exercise the merge path)."""
+                      queue_ids: Tensor | None = None, normalized: bool = True, *, splits: int | None = None,
+                      config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Triton queue top-k; same contract as queue_topk_ref. k > MAX_K runs the reference.
+    splits: queue splits of the scan (default: fill the SMs); config: override fields of pick_config (tests, tuner)."""
     check_inputs(query, queue, k, exclude_ids, queue_ids)
     if triton is None:
         raise RuntimeError("queue_topk_triton: triton is not installed")
     if k > MAX_K:
         return queue_topk_ref(query, queue, k, exclude_ids, queue_ids, normalized)
-    B, D = query.shape
-    Q = queue.shape[0]
-    dev = query.device
-    out_v = torch.empty(B, k, device=dev, dtype=torch.float32)
-    out_i = torch.empty(B, k, device=dev, dtype=torch.int64)
-    if B == 0:
-        return out_v, out_i
-    KP = max(2, _next_pow2(k))
-    S = splits if splits is not None else _num_splits(B, Q, dev)
-    if S < 1 or S & (S - 1):
-        raise ValueError(f"queue_topk_triton: splits={S} must be a power of two")
-    has_ids = exclude_ids is not None
-    ex = exclude_ids.contiguous() if has_ids else query      # dummy pointer when HAS_IDS is False
-    qid = queue_ids.contiguous() if has_ids else query
-    final = S == 1
-    cand = out_i if final else torch.empty(B, S * KP, device=dev, dtype=torch.int64)
-    args = (query, queue, ex, qid, out_v, out_i, cand, B, Q, D, query.stride(0), query.stride(1), queue.stride(0),
-            queue.stride(1), k, S)
-    meta = dict(KP=KP, FINAL=final, HAS_IDS=has_ids, NORMALIZE=not normalized,
-                PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-                DOT_F32=_interpreting() and query.dtype == torch.bfloat16)
-    kern = _split_kernel()
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():   # launch on the data's GPU
-        if _interpreting():  # big blocks: interpreter cost grows with programs and loop trips, not block size
-            blocks = dict(BLOCK_B=min(64, max(16, _next_pow2(B))), BLOCK_Q=128,
-                          BLOCK_D=min(128, max(16, _next_pow2(D))))
-            kern[(triton.cdiv(B, blocks["BLOCK_B"]), S)](*args, **meta, **blocks)
-        else:
-            kern[lambda m: (triton.cdiv(B, m["BLOCK_B"]), S)](*args, **meta)
-        if not final:
-            C = S * KP
-            block_b = 64 if _interpreting() else max(1, min(16, 4096 // C))
-            _queue_topk_merge_kernel[(triton.cdiv(B, block_b),)](cand, out_v, out_i, B, k, C=C, KP=KP,
-                                                                 BLOCK_B=block_b)
-    return out_v, out_i
+    B, Q = query.shape[0], queue.shape[0]
+    cfg = {**pick_config(query.dtype, B, Q, k), **(config or {})}
+    q_slice = (MAX_STORED // cfg["M"]) * cfg["BLOCK_N"]
+    if B > 0 and Q > q_slice:   # one select program holds at most MAX_STORED keys: cut the queue, merge exactly
+        parts = []
+        for j0 in range(0, Q, q_slice):
+            j1 = min(Q, j0 + q_slice)
+            v, i = queue_topk_triton(query, queue[j0:j1], min(k, j1 - j0), exclude_ids,
+                                     None if queue_ids is None else queue_ids[j0:j1], normalized, config=config)
+            parts.append((v, torch.where(i >= 0, i + j0, i)))
+        return _merge_slices(parts, k)
+    plan = TopkPlan(query, queue, k, exclude_ids, queue_ids, normalized, cfg, splits)
+    plan.scan()
+    plan.select()
+    return plan.out_v, plan.out_i
+
+
+class TopkPlan:
+    """One queue_topk_triton call, its buffers allocated, the two launches separately callable (the tuner times
+    them apart). Q must fit one select program (queue_topk_triton cuts longer queues first)."""
+
+    def __init__(self, query, queue, k, exclude_ids, queue_ids, normalized, cfg: dict, splits: int | None = None):
+        B, D = query.shape
+        Q = queue.shape[0]
+        dev = query.device
+        self.cfg, self.dev = cfg, dev
+        BN, M = cfg["BLOCK_N"], cfg["M"]
+        self.out_v = torch.empty(B, k, device=dev, dtype=torch.float32)
+        self.out_i = torch.empty(B, k, device=dev, dtype=torch.int64)
+        NT = -(-Q // BN)
+        NTP = max(2, _next_pow2(NT))
+        if NTP * M > MAX_STORED:
+            raise ValueError(f"queue_topk_triton: Q={Q} needs {NTP * M} stored keys per row > MAX_STORED={MAX_STORED}")
+        KP = max(16, _next_pow2(k))
+        interp = _interpreting()
+        # BLOCK_D 0: the query block stays resident for the whole scan when D fits (16-bit rows, D <= MAX_RESIDENT_D,
+        # as the projector's 256: 64-192 KiB of shared memory on sm_90 by ptxas, measured for the tuner's grid);
+        # fp32 rows (512 KiB resident: beyond the SM) and wider features loop over D in chunks of 64
+        resident = _next_pow2(D) <= MAX_RESIDENT_D and query.dtype != torch.float32
+        block_d = cfg["BLOCK_D"] or (max(16, _next_pow2(D)) if resident else 64)
+        block_b, ch = cfg["BLOCK_B"], cfg["CH"]
+        if interp:   # big blocks: interpreter cost grows with programs and loop trips, not block size
+            block_b, ch = min(64, max(16, _next_pow2(B))), max(ch, min(BN, 128))
+        has_ids = exclude_ids is not None
+        ex = exclude_ids.contiguous() if has_ids else self.out_i     # dummy pointer when HAS_IDS is False
+        qid = queue_ids.contiguous() if has_ids else self.out_i
+        precision = cfg["precision"] if query.dtype == torch.float32 else "tf32"
+        self.keys = torch.empty(B, NT, M, device=dev, dtype=torch.int64)
+        bag = torch.empty(B, KP, device=dev, dtype=torch.int64)
+        row_blocks = triton.cdiv(max(B, 1), block_b)
+        S = splits if splits is not None else _num_splits(row_blocks, NT, cfg["per_sm"], dev)
+        if S < 1:
+            raise ValueError(f"queue_topk_triton: splits={S} must be >= 1")
+        tiles = triton.cdiv(NT, S)
+        S = triton.cdiv(NT, tiles)
+        strides = (query.stride(0), query.stride(1), queue.stride(0), queue.stride(1))
+        self.grid = (row_blocks, S)
+        self.scan_args = (query, queue, ex, qid, self.keys, B, Q, D, NT, *strides, tiles)
+        self.scan_meta = dict(M=M, HAS_IDS=has_ids, NORMALIZE=not normalized, PRECISION=precision,
+                              DOT_F32=interp and query.dtype == torch.bfloat16, BLOCK_B=block_b, BLOCK_N=BN,
+                              BLOCK_D=block_d, **({} if interp else dict(num_warps=cfg["warps"],
+                                                                         num_stages=cfg["stages"])))
+        self.select_args = (query, queue, ex, qid, self.keys, self.keys.view(torch.int32), bag, self.out_v,
+                            self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized))
+        self.select_meta = dict(M=M, NTP=NTP, KP=KP, CH=ch, BLOCK_N=BN, BLOCK_D=min(block_d, 256), HAS_IDS=has_ids,
+                                NORMALIZE=not normalized,
+                                **({} if interp else dict(num_warps=cfg["warps2"] if NTP * M < 4096 else 8)))
+        self.B = B
+
+    def _on_device(self):
+        return torch.cuda.device(self.dev) if self.dev.type == "cuda" else contextlib.nullcontext()
+
+    def scan(self) -> None:
+        if self.B:
+            with self._on_device():   # launch on the data's GPU
+                _K._scan_kernel[self.grid](*self.scan_args, **self.scan_meta)
+
+    def select(self) -> None:
+        if self.B:
+            with self._on_device():
+                _K._select_kernel[(self.B,)](*self.select_args, **self.select_meta)

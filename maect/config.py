@@ -12,6 +12,7 @@ import yaml
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 STAGES = ("mae", "head", "ct", "pipeline", "ct_pipeline")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")   # torch.compile's
 
 
 @dataclass
@@ -27,14 +28,16 @@ class ModelCfg:
     decoder_depth: int = 8
     decoder_num_heads: int = 16
     pool: str = "mean"               # head / probe input: 'mean' of patch tokens (B/16, tiny) or 'cls' (L, H)
-    attention: str = "auto"          # auto | xformers | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
+    attention: str = "auto"          # auto | xformers(_cutlass|_flash) | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
     compile: bool = False            # torch.compile the transformer blocks
+    compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | max-autotune
 
 
 @dataclass
 class DataCfg:
-    name: str = "fashion_mnist"      # fashion_mnist | imagefolder
-    root: str = ""                   # '' -> /usr/share/datasets/fashion-mnist for fashion_mnist
+    name: str = "fashion_mnist"      # fashion_mnist | imagefolder | folder (unlabelled, any depth) | filelist
+    root: str = ""                   # the folder (filelist: the list file); '' -> /usr/share/datasets/fashion-mnist
+    labels: str = ""                 # folder/filelist: '' | DIR (train/, val/ class folders) | CSV path,label[,split]
     loader: str = "auto"             # auto | cpu | dali
     num_workers: int = 0             # DALI threads (0: 4) / decode workers
     skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
@@ -61,6 +64,7 @@ class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
     proj_dim: int = 256
     pred_hidden: int = 4096
     queue_size: int = 65536
+    queue_dtype: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16: storage of the queue's features
 
 
 @dataclass
@@ -272,41 +276,15 @@ def from_dict(d: dict) -> Config:
     return cfg
 
 
+def stages(cfg: Config) -> tuple[str, ...]:
+    """The stages a run executes, in order."""
+    return {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,))
+
+
 def validate(cfg: Config) -> None:
-    """Impossible combinations, caught before any work starts."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage!r}: choose one of {STAGES}")
-    from maect.models.attention import BACKENDS
-    if cfg.model.attention not in BACKENDS:
-        raise ConfigError(f"model.attention={cfg.model.attention!r}: choose one of {BACKENDS}")
-    if cfg.model.pool not in ("mean", "cls"):
-        raise ConfigError(f"model.pool={cfg.model.pool!r}: choose 'mean' or 'cls'")
-    if cfg.data.loader not in ("auto", "cpu", "dali"):
-        raise ConfigError(f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
-    if cfg.resume not in ("", "auto"):
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (continue from out_dir's latest checkpoints)")
-    if not 0.0 <= cfg.mae.mask_ratio < 1.0:
-        raise ConfigError(f"mae.mask_ratio={cfg.mae.mask_ratio} must be in [0, 1)")
-    for name in ("mae", "head", "ct"):
-        s = getattr(cfg, name)
-        if s.batch_size < 1:
-            raise ConfigError(f"{name}.batch_size={s.batch_size} must be positive")
-        lo, hi = s.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"{name}.crop_scale={s.crop_scale} must satisfy 0 < min <= max <= 1")
-    for name in ("head", "ct"):
-        s = getattr(cfg, name)
-        if s.topk < 1 or s.topk > cfg.nnclr.queue_size:
-            raise ConfigError(f"{name}.topk={s.topk} must be between 1 and nnclr.queue_size={cfg.nnclr.queue_size}")
-        if cfg.nnclr.queue_size % s.batch_size:
-            raise ConfigError(f"nnclr.queue_size={cfg.nnclr.queue_size} must be divisible by the global batch "
-                              f"{name}.batch_size={s.batch_size} (FIFO enqueue of whole global batches)")
-    if cfg.mae.batch_size % cfg.mae.accum_steps:
-        raise ConfigError(f"mae.batch_size={cfg.mae.batch_size} must be divisible by mae.accum_steps={cfg.mae.accum_steps}")
+    """Impossible or meaningless values and combinations, caught before any work starts (maect.validation)."""
+    from maect.validation import validate_config
+    validate_config(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

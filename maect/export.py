@@ -1,4 +1,4 @@
-"""python -m maect.export --ckpt PATH --format timm|mae --out OUT [--ema] [--pool cls|mean]
+"""python -m maect.export --ckpt PATH --format timm|mae|safetensors --out OUT [--ema] [--pool cls|mean]
 
 Writes the encoder of any checkpoint maect.hub.load_encoder reads (maect, official MAE pretrain / fine-tune, timm),
 the EMA encoder with --ema when the checkpoint has one, under timm / official MAE names:
@@ -8,6 +8,11 @@ the EMA encoder with --ema when the checkpoint has one, under timm / official MA
   mae:  {'model': state_dict}, the layout of the official encoder-only mae_pretrain_vit_*.pth files (official
         main_finetune / main_linprobe read it with strict=False and report head.* / fc_norm.* missing).
 and a JSON beside OUT (OUT with its extension replaced by .json) with the sizes, pooling and timm call.
+  safetensors: OUT is a folder; it gets model.safetensors (the timm state dict, tensors only: loading it runs no
+        code) and config.json in timm's local-folder / model-hub layout (architecture, num_classes, global_pool,
+        model_args, pretrained_cfg; timm's save_for_hf writes the same fields), plus a "maect" entry with the
+        JSON above. timm.create_model('local-dir:OUT', pretrained=True) rebuilds the encoder from config.json and
+        loads the weights with strict=True; the file's header carries the same config (metadata 'config').
 
 timm kwargs: num_classes=0 (no head.* keys) and
   pool 'cls':  global_pool='token'                -> final norm on all tokens, then the cls token;
@@ -24,7 +29,7 @@ import os
 import sys
 
 from maect import hub
-from maect.atomic import write_json
+from maect.atomic import atomic_write, write_json
 
 # timm model name -> (img_size, patch_size, embed_dim, depth, num_heads); the names our sizes start from
 TIMM_MODELS = {
@@ -34,6 +39,7 @@ TIMM_MODELS = {
     "vit_huge_patch14_224": (224, 14, 1280, 32, 16),   # H/16: this name with patch_size=16
 }
 SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+FORMATS = ("timm", "mae", "safetensors")
 
 
 def timm_spec(sizes: dict, in_chans: int, pool: str) -> tuple[str, dict]:
@@ -52,12 +58,45 @@ def timm_spec(sizes: dict, in_chans: int, pool: str) -> tuple[str, dict]:
     return name, kw
 
 
+def timm_config(name: str, kw: dict, sizes: dict, in_chans: int, data: dict | None, meta: dict) -> dict:
+    """config.json of timm's local-folder / model-hub layout (the fields timm's save_config_for_hf writes and
+    _parse_model_cfg reads). model_args rebuild our encoder (num_classes=0, pooling); pretrained_cfg states the
+    preprocessing of maect's evaluation: the data set's mean/std, Fashion-MNIST arrays resized whole (crop_pct 1),
+    image files resized to S/0.875 (bicubic) and centre-cropped."""
+    from maect.dataloading.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+    fmnist = (data or {}).get("name") == "fashion_mnist"
+    mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if fmnist else (IMAGENET_MEAN, IMAGENET_STD)
+    if len(mean) != in_chans:   # grey statistics repeated for a 3-channel model (as the loader does)
+        mean, std = mean * (in_chans // len(mean)), std * (in_chans // len(std))
+    S = sizes["img_size"]
+    return {"architecture": name, "num_classes": 0, "num_features": sizes["embed_dim"],
+            "global_pool": kw["global_pool"], "model_args": kw,
+            "pretrained_cfg": {"tag": "maect", "custom_load": False, "input_size": [in_chans, S, S],
+                               "fixed_input_size": True, "interpolation": "bicubic",
+                               "crop_pct": 1.0 if fmnist else 0.875, "crop_mode": "center",
+                               "mean": list(mean), "std": list(std), "num_classes": 0, "pool_size": None,
+                               "first_conv": "patch_embed.proj", "classifier": "head"},
+            "maect": meta}
+
+
+def write_safetensors(sd: dict, folder: str, config: dict) -> None:
+    """folder/model.safetensors (header metadata: format 'pt', config) and folder/config.json, each atomically."""
+    import json
+
+    from safetensors.torch import save   # imported here: only this format needs it
+    blob = save(sd, metadata={"format": "pt", "config": json.dumps(config)})
+    atomic_write(os.path.join(folder, hub.SAFE_WEIGHTS), lambda f: f.write(blob), binary=True)
+    write_json(os.path.join(folder, "config.json"), config)
+
+
 def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = None) -> dict:
     """Write the encoder (+ JSON) and return the JSON's content."""
-    if fmt not in ("timm", "mae"):
-        raise ValueError(f"--format must be 'timm' or 'mae', got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     meta_path = os.path.splitext(out)[0] + ".json"
-    if os.path.abspath(meta_path) == os.path.abspath(out):
+    if fmt == "safetensors" and os.path.isfile(out):
+        raise ValueError(f"--out {out!r} is a file; --format safetensors writes a folder (model.safetensors + config.json)")
+    if fmt != "safetensors" and os.path.abspath(meta_path) == os.path.abspath(out):
         raise ValueError(f"--out {out!r} would be overwritten by its own JSON; use a .pth name")
     model, info = hub.load_encoder(ckpt, use_ema=ema)
     pool = pool or info["pool"]
@@ -74,6 +113,11 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
                           + (".load_state_dict(torch.load(OUT), strict=True)" if fmt == "timm"
                              else ".load_state_dict(torch.load(OUT)['model'], strict=True)"),
             "notes": info["notes"]}
+    if fmt == "safetensors":   # a folder meant for sharing: no local absolute paths in it
+        meta["source"] = os.path.basename(ckpt)
+        meta["timm_usage"] = "timm.create_model('local-dir:<this folder>', pretrained=True)"
+        write_safetensors(sd, out, timm_config(name, kw, sizes, model.in_chans, info["data"], meta))
+        return meta
     hub.save_checkpoint(sd if fmt == "timm" else {"model": sd}, out)
     write_json(meta_path, meta)
     return meta
@@ -82,8 +126,8 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m maect.export", description=__doc__.split("\n\n")[1])
     p.add_argument("--ckpt", required=True, help="maect, official MAE (pretrain / fine-tune) or timm checkpoint")
-    p.add_argument("--format", required=True, choices=("timm", "mae"))
-    p.add_argument("--out", required=True, help="output .pth (the JSON goes beside it)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output .pth (the JSON goes beside it); for safetensors a folder")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA encoder (model_ema) when present")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's pooling")
     a = p.parse_args(argv)
@@ -95,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {a.ckpt} has no EMA encoder ('model_ema'); exported the online encoder", file=sys.stderr)
     for n in meta["notes"]:
         print(f"  - {n}")
-    print(f"wrote {a.out} and {os.path.splitext(a.out)[0]}.json\n  load with: {meta['timm_usage']}")
+    wrote = (f"{os.path.join(a.out, hub.SAFE_WEIGHTS)} and {os.path.join(a.out, 'config.json')}" if a.format == "safetensors"
+             else f"{a.out} and {os.path.splitext(a.out)[0]}.json")
+    print(f"wrote {wrote}\n  load with: {meta['timm_usage']}")
 
 
 if __name__ == "__main__":

@@ -79,13 +79,29 @@ class NNCLRHead(nn.Module):
             t.copy_(o if taken is None else torch.where(taken, o, t))
 
 
-class FeatureQueue(nn.Module):
-    """FIFO queue of L2-normalised target projections [Q, D] with each entry's sample id and label.
-    State lives in buffers, so it is in every state_dict/checkpoint. Starts as random unit vectors, ids -1."""
+QUEUE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None):
+
+def queue_dtype(name: str, device: torch.device) -> torch.dtype:
+    """nnclr.queue_dtype: 'auto' = bf16 on CUDA (what the official path's q @ queueᵀ sees under autocast, half the
+    bytes each lookup reads; maect's lookup still accumulates and re-scores in fp32), fp32 on CPU (the compiled CPU op
+    reads fp32 rows in place; bf16 would be converted block by block)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in QUEUE_DTYPES:
+        raise ValueError(f"nnclr.queue_dtype={name!r}: choose auto, fp32 or bf16")
+    return QUEUE_DTYPES[name]
+
+
+class FeatureQueue(nn.Module):
+    """FIFO queue of L2-normalised target projections [Q, D] (fp32 or bf16) with each entry's sample id and label.
+    State lives in buffers, so it is in every state_dict/checkpoint (a checkpoint of either dtype loads into either).
+    Starts as random unit vectors, ids -1."""
+
+    def __init__(self, size: int, dim: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.register_buffer("features", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
+        self.register_buffer("features", F.normalize(torch.randn(size, dim, generator=generator), dim=1).to(dtype))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
@@ -96,15 +112,20 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def lookup(self, z: Tensor, ids: Tensor, k: int, generator: torch.Generator | None = None):
-        """Nearest neighbour of each normalised query z [B, D] among entries with a different sample id:
-        top-1 when k == 1, else one of the top-k picked uniformly at random. Returns (nn [B, D], index [B]).
-        No host sync: the pick is drawn on the CPU and copied asynchronously. An admissible neighbour always
-        exists when queue size - (entries one sample can hold) >= k, which check_admissible verifies up front."""
+        """Nearest neighbour of each normalised query z [N, D] among entries with a different sample id:
+        top-1 when k == 1, else one of the top-k picked uniformly at random. Returns (nn [N, D] in the queue's dtype,
+        index [N] int64). Both views of a step go through one call (N = 2B rows: the queue is read once).
+        No host sync: the pick is drawn on the CPU and copied asynchronously. An admissible neighbour always exists
+        for a finite query when queue size - (entries one sample can hold) >= k (check_admissible verifies it up
+        front). A query with no admissible neighbour (a NaN/inf row: kernels.queue_topk returns index -1) gets index
+        -1 and a NaN neighbour, so the loss is non-finite and the step is skipped by the training loop's guard;
+        index -1 never selects the last queue row."""
         values, idx = kernels.queue_topk(z.to(self.features.dtype), self.features, k, exclude_ids=ids, queue_ids=self.ids)
         if k > 1:
             idx = idx.gather(1, h2d(torch.randint(0, k, (z.shape[0], 1), generator=generator), idx.device))
         idx = idx[:, 0]
-        return self.features[idx], idx
+        nn = self.features[idx.clamp(min=0)]
+        return nn.masked_fill((idx < 0)[:, None], float("nan")), idx
 
     def check_admissible(self, k: int, dataset_size: int) -> None:
         """Each sample id occupies at most ceil(Q / N) entries (FIFO of whole epochs' worth), so Q - ceil(Q/N) >= k

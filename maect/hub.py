@@ -10,6 +10,11 @@ parameter names (all offline, nothing is downloaded):
   - official MAE fine-tune  {'model': encoder + head.* (+ fc_norm.* instead of norm.* when global_pool=True)}
   - timm VisionTransformer  a flat state dict (+ head.*; fc_norm.* for global_pool='avg' models)
   - encoder-only            mae_pretrain_vit_*.pth, maect.export outputs
+  - safetensors             a `.safetensors` file, or a folder holding `model.safetensors` + `config.json` in timm's
+                            local-folder / model-hub layout (`python -m maect.export --format safetensors`, or a
+                            timm model folder); the width's number of heads and the pooling come from config.json
+                            (`model_args.num_heads`, `global_pool`: 'token' -> cls, 'avg' -> mean), or from the
+                            file's own header metadata ('config', the same JSON) for a bare file
 wrapped in 'model' / 'state_dict' / 'module' and with a 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix.
 
 Mappings (each reported in info['notes']):
@@ -25,6 +30,7 @@ Mappings (each reported in info['notes']):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -38,6 +44,8 @@ HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 NESTS = ("model", "state_dict", "module")          # dicts that wrap a state dict, outermost first
 PREFIXES = ("module.", "_orig_mod.")               # DDP / torch.compile key prefixes
 CLASSIFIER = ("head.", "pre_logits.", "head_dist.")  # after the pooled feature: never part of the encoder
+SAFE_WEIGHTS = "model.safetensors"                 # the weights file of timm's local-folder / model-hub layout
+TIMM_POOL = {"token": "cls", "avg": "mean"}        # timm global_pool -> our pooling
 
 
 def save_checkpoint(obj: dict, path: str) -> None:
@@ -56,6 +64,49 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {exc}") from exc
 
 
+def is_safetensors(src) -> bool:
+    """A path load_encoder reads with safetensors: a folder (model.safetensors + config.json) or a .safetensors file."""
+    return isinstance(src, str) and (os.path.isdir(src) or src.endswith(".safetensors"))
+
+
+def load_safetensors(path: str) -> tuple[dict, dict | None]:
+    """(flat state dict on the CPU, timm config dict or None) from a folder holding model.safetensors (+ its
+    config.json) or from a .safetensors file (config: the header's 'config' metadata, which maect.export writes,
+    else a config.json beside the file). safetensors holds tensors only: nothing in the file runs. A missing or
+    unreadable file is an error naming the path."""
+    from safetensors import safe_open   # imported here: only this reader needs it
+    folder = os.path.isdir(path)
+    file = os.path.join(path, SAFE_WEIGHTS) if folder else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file!r} does not exist" + (" (a weights folder holds model.safetensors and "
+                                                             "config.json, as maect.export and timm write it)" if folder else ""))
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            header = f.metadata() or {}
+    except Exception as exc:
+        raise ValueError(f"{file!r} cannot be read as safetensors (truncated or another format?): {exc}") from exc
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(file)), "config.json")
+    try:
+        if not folder and "config" in header:
+            return sd, json.loads(header["config"])
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                return sd, json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the config of {file!r} is not valid JSON: {exc}") from exc
+    return sd, None
+
+
+def timm_hints(config: dict | None) -> tuple[int | None, str | None]:
+    """(num_heads, pool) a timm config.json records: model_args.num_heads, global_pool ('token' -> 'cls',
+    'avg' -> 'mean'; top level or model_args). None where it says nothing (a registry model's defaults)."""
+    if not config:
+        return None, None
+    args = config.get("model_args") or {}
+    return args.get("num_heads"), TIMM_POOL.get(args.get("global_pool", config.get("global_pool")))
+
+
 def model_from_cfg(m: ModelCfg, decoder: bool) -> MaskedAutoencoderViT:
     kw = dict(img_size=m.img_size, patch_size=m.patch_size or None, in_chans=m.in_chans,
               embed_dim=m.embed_dim or None, depth=m.depth or None, num_heads=m.num_heads or None,
@@ -69,10 +120,10 @@ def arch_name(img: int, p: int, D: int, depth: int, heads: int) -> str:
     return next((a for a, v in ARCHS.items() if v[:5] == (img, p, D, depth, heads)), "custom")
 
 
-def infer_model_cfg(sd: dict) -> ModelCfg:
+def infer_model_cfg(sd: dict, num_heads: int | None = None) -> ModelCfg:
     """Encoder size from the weights (official MAE / timm names): patch, in_chans and width from the patch
     embedding [D, C, p, p], depth from blocks.N, image size from pos_embed's length (1 + L or, without a cls row,
-    L tokens), heads from the width (HEADS_BY_DIM)."""
+    L tokens), heads from num_heads when given (a timm config.json records it), else from the width (HEADS_BY_DIM)."""
     w = sd["patch_embed.proj.weight"]
     D, C, p = w.shape[0], w.shape[1], w.shape[2]
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
@@ -81,16 +132,19 @@ def infer_model_cfg(sd: dict) -> ModelCfg:
     n_tok = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
     L = (224 // p) ** 2 if n_tok is None else n_tok if _is_square(n_tok) else n_tok - 1
     img = int(round(L ** 0.5)) * p
-    if D not in HEADS_BY_DIM:
+    heads = num_heads or HEADS_BY_DIM.get(D)
+    if heads is None:
         raise ValueError(f"cannot infer the number of heads for width {D} (known widths: {sorted(HEADS_BY_DIM)}); "
                          f"load through a maect checkpoint with its config")
+    if D % heads:
+        raise ValueError(f"width {D} is not divisible by num_heads={heads}")
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
     if hidden != 4 * D:
         raise ValueError(f"MLP hidden width {hidden} is not 4 x {D}: only MLP ratio 4 ViTs are supported")
     dec_depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks.")), default=-1)
     dec_dim = sd["decoder_embed.weight"].shape[0] if "decoder_embed.weight" in sd else 512
-    return ModelCfg(arch=arch_name(img, p, D, depth, HEADS_BY_DIM[D]), img_size=img, patch_size=p, in_chans=C,
-                    embed_dim=D, depth=depth, num_heads=HEADS_BY_DIM[D], decoder_embed_dim=dec_dim,
+    return ModelCfg(arch=arch_name(img, p, D, depth, heads), img_size=img, patch_size=p, in_chans=C,
+                    embed_dim=D, depth=depth, num_heads=heads, decoder_embed_dim=dec_dim,
                     decoder_depth=dec_depth, decoder_num_heads=16, pool="cls")
 
 
@@ -218,27 +272,35 @@ def _fix_pos_embed(out: dict) -> tuple[torch.Tensor, list[str]]:
 
 
 def load_encoder(src, use_ema: bool = False, strict: bool = True) -> tuple[MaskedAutoencoderViT, dict]:
-    """An encoder (no decoder), eval mode, from a path or a loaded checkpoint / state dict in any layout of the
-    module docstring. Returns (model, info) with info: pool, img_size, in_chans, model_cfg, data (name/root when
+    """An encoder (no decoder), eval mode, from a path (.pth checkpoint, .safetensors file, or a folder with
+    model.safetensors + config.json) or a loaded checkpoint / state dict in any layout of the module docstring. Returns (model, info) with info: pool, img_size, in_chans, model_cfg, data (name/root when
     recorded), config (maect Config or None), ema (the EMA encoder was loaded), format (maect | mae_pretrain |
     finetune | encoder), missing (our encoder keys absent from the file, e.g. norm.* for fc_norm fine-tunes),
     unexpected (file keys not loaded: decoder, head, ...), notes (each mapping and skipped group in words), source.
     strict=False ignores weights the encoder has no place for (reported in notes) instead of raising."""
     name = src if isinstance(src, str) else "<in-memory checkpoint>"
-    ckpt = load_checkpoint(src) if isinstance(src, str) else src
+    heads = tpool = None
+    if is_safetensors(src):
+        ckpt, tcfg = load_safetensors(src)
+        heads, tpool = timm_hints(tcfg)
+    else:
+        ckpt = load_checkpoint(src) if isinstance(src, str) else src
     try:
         cfg = None
         if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "model" in ckpt["args"]:
             cfg = from_dict(ckpt["args"])
         sd, notes, ema = find_state_dict(ckpt, use_ema)
-        mcfg = cfg.model if cfg is not None else infer_model_cfg(sd)
+        mcfg = cfg.model if cfg is not None else infer_model_cfg(sd, num_heads=heads)
         model = model_from_cfg(mcfg, decoder=False)
         enc, rep = convert_state_dict(sd, model.state_dict().keys(), strict=strict)
         model.load_state_dict(enc, strict=True)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise ValueError(f"{name}: {exc}") from exc
-    if cfg is None:   # official / timm weights: pooling from the layout, else SPEC's table (B: mean, L/H: cls)
-        mcfg.pool = rep["pool_hint"] or ("mean" if mcfg.embed_dim < 1024 else "cls")
+    if cfg is None:   # official / timm weights: pooling from timm's config, the layout, else SPEC's table (B: mean, L/H: cls)
+        mcfg.pool = tpool or rep["pool_hint"] or ("mean" if mcfg.embed_dim < 1024 else "cls")
+        if is_safetensors(src):
+            notes.append(f"safetensors weights; num_heads {'from config' if heads else 'from the width'}, pool "
+                         f"{'from config (global_pool)' if tpool else 'from the layout'}")
         notes.append(f"no maect config: size inferred from the weights ({mcfg.arch}, {mcfg.embed_dim}d x {mcfg.depth}, "
                      f"patch {mcfg.patch_size}, {mcfg.num_heads} heads, {mcfg.img_size}px), pool={mcfg.pool!r}")
         if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):

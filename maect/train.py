@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -24,17 +25,20 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maect import kernels
-from maect.dataloading import build_loader, eval_batches, load_data
+from maect.dataloading import DataError, NoLabels, build_loader, eval_batches, load_data, load_eval_data
+from maect.dataloading.datasets import check_source
 from maect.dataloading.augment import h2d
 from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
-from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted
+from maect.eval.features import NonFiniteFeatures
+from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr
+from maect.validation import check_tuned_from_block, validate_data
 
 log = logging.getLogger("maect")
 
@@ -102,12 +106,22 @@ def stage_dir(cfg: C.Config, stage: str) -> str:
 
 
 class KNNMonitor:
-    """Quick k-NN accuracy: bank = a fixed subset of the train split, queries = a subset of the test split, both
-    with the deterministic eval transform. The same code gives the pipeline's before/after numbers."""
+    """Quick k-NN accuracy: bank = a fixed subset of the labelled train split, queries = a subset of the labelled
+    test split (load_eval_data: for folder / filelist sources, data.labels), both with the deterministic eval
+    transform and the training loader's file checks. The same code gives the pipeline's before/after numbers.
+    NoLabels when the source has no labels. train / test: those splits already opened (run opens them once).
 
-    def __init__(self, cfg: C.Config, device, n_train: int, n_test: int):
-        self.cfg, self.device = cfg, device
-        train, test = load_data(cfg.data.name, cfg.data.root, "train"), load_data(cfg.data.name, cfg.data.root, "test")
+    Non-finite features (an encoder that produces NaN/inf): strict=False (the per-epoch monitor) returns NaN and
+    keeps the error in self.error, so that the stage logs the count of bad rows and records knn_acc null in
+    metrics.jsonl and training goes on (the stage's own non-finite guard decides about the run; a monitor must not
+    end hours of training). strict=True (the pipeline's final before/after k-NN, run after every checkpoint is on
+    disk) raises NonFiniteFeatures. Never a chance-level number."""
+
+    def __init__(self, cfg: C.Config, device, n_train: int, n_test: int, train=None, test=None, strict: bool = False):
+        self.cfg, self.device, self.strict, self.error = cfg, device, strict, None
+        d = cfg.data
+        train = train if train is not None else load_eval_data(d.name, d.root, "train", d.labels)
+        test = test if test is not None else load_eval_data(d.name, d.root, "test", d.labels)
         g = torch.Generator().manual_seed(1234)
         self.train = train.subset(torch.randperm(len(train), generator=g)[:n_train]) if 0 < n_train < len(train) else train
         self.test = test.subset(torch.arange(min(n_test, len(test)))) if 0 < n_test < len(test) else test
@@ -118,11 +132,12 @@ class KNNMonitor:
         """(bank features, bank labels, query features, query labels); progress: a name for progress lines."""
         from maect.eval.features import extract_features
         m = self.cfg.model
-        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device)
+        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
+                  skip_corrupt=self.cfg.data.skip_corrupt)
         out = []
         for split, data in (("train", self.train), ("test", self.test)):
             out += extract_features(encoder, eval_batches(data, **kw), pool=pool_mode, device=self.device,
-                                    progress=f"{progress} {split}" if progress else "", total=len(data))
+                                    progress=f"{progress} {split}" if progress else "", total=len(data), split=split)
         return tuple(out)
 
     def knn(self, ftr, ytr, fte, yte) -> float:
@@ -131,7 +146,16 @@ class KNNMonitor:
                             num_classes=self.num_classes)
 
     def __call__(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> float:
-        return self.knn(*self.features(encoder, pool_mode, progress))
+        """k-NN accuracy (%) of `encoder`'s features; non-finite features: see the class docstring."""
+        self.error = None
+        try:
+            feats = self.features(encoder, pool_mode, progress)
+        except NonFiniteFeatures as e:
+            if self.strict:
+                raise
+            self.error = e
+            return math.nan
+        return self.knn(*feats)
 
 
 @torch.no_grad()
@@ -150,12 +174,18 @@ def projected(projector: nn.Module, feats: tuple) -> tuple:
             m.training = t
 
 
-def maybe_compile(cfg: C.Config, model: nn.Module) -> None:
-    """model.compile=true: torch.compile each transformer block in place (state_dict names unchanged)."""
+def maybe_compile(cfg: C.Config, model: nn.Module, backend: str = "inductor") -> None:
+    """model.compile=true: torch.compile each transformer block in place (state_dict names unchanged) with mode
+    model.compile_mode: default (inductor fuses LayerNorm, bias, GELU and residual adds around the GEMMs),
+    reduce-overhead (the same plus CUDA graphs of each block's forward and backward), max-autotune-no-cudagraphs,
+    max-autotune. bench/train_step.py measures each against eager."""
     if cfg.model.compile:
+        mode = cfg.model.compile_mode
         for blk in [*model.blocks, *getattr(model, "decoder_blocks", [])]:
-            blk.compile()
-        log.info("torch.compile: transformer blocks compiled")
+            # dynamic=False: static kernels per shape (encoder, decoder, eval batches: a few recompiles, none dynamic)
+            blk.compile(backend=backend, mode=None if mode == "default" or backend != "inductor" else mode,
+                        dynamic=False)
+        log.info(f"torch.compile: transformer blocks compiled ({backend}, mode {mode})")
 
 
 def make_loader(cfg, di, data, s, num_views, ctaug, batch_per_rank):
@@ -165,6 +195,7 @@ def make_loader(cfg, di, data, s, num_views, ctaug, batch_per_rank):
 
 
 def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
+    """The per-rank micro-batch (validate_data has checked the divisibility before any work; kept as a guard)."""
     if batch % (world * accum):
         raise C.ConfigError(f"{key}={batch} must be divisible by world size {world}" + (f" x accum {accum}" if accum > 1 else ""))
     return batch // (world * accum)
@@ -279,7 +310,7 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 check_skips()
                 st = dist.all_reduce_mean(stats)
                 vals = {"loss": float(st[0] / st[2].clamp_min(1))}
-                if stage != "mae":
+                if stage != "mae" and loader.data.has_labels:
                     vals["nn_acc"] = float(st[1] / st[2].clamp_min(1))
                 meter.step(step, epoch, {**vals, "lr": opt.param_groups[0]["lr"]})
                 stats.zero_()
@@ -289,15 +320,16 @@ def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: i
                 break
         else:  # the epoch ran to its end
             epoch, in_epoch = epoch + 1, 0
-            if after_epoch is not None:
-                after_epoch(epoch, step, meter)
-            if step < total and cfg.ckpt_epochs and epoch % cfg.ckpt_epochs == 0:
-                save_state()
+            if step < total:
+                if cfg.ckpt_epochs and epoch % cfg.ckpt_epochs == 0:
+                    save_state()   # before the monitor: a monitor that fails loses no trained work
+                if after_epoch is not None:
+                    after_epoch(epoch, step, meter)
             continue
         break
-    if in_epoch and after_epoch is not None:  # the schedule ended inside an epoch: monitor the final weights too
-        after_epoch(round(epoch + in_epoch / max(len(loader), 1), 2), step, meter)
-    path = save_state(final=True)
+    path = save_state(final=True)   # on disk before the last monitor runs, for the same reason
+    if after_epoch is not None:     # the final weights (an epoch end, or inside an epoch when the schedule ends there)
+        after_epoch(round(epoch + in_epoch / max(len(loader), 1), 2) if in_epoch else epoch, step, meter)
     meter.close()
     return path
 
@@ -319,10 +351,10 @@ def mae_lr(s: C.MAECfg) -> float:
     return s.blr * s.num_views * s.batch_size / 256
 
 
-def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
+def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
+    """Stage 1 on the train split `data` (opened and checked by run)."""
     s, out = cfg.mae, stage_dir(cfg, "mae")
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
-    data = load_data(cfg.data.name, cfg.data.root, "train")
     model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
     if cfg.init:  # continue MAE pretraining from any encoder hub reads; the decoder too when the file has one
         sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
@@ -348,7 +380,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo) -> str:
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, "
              f"optimizer {opt_name}, "
-             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.backend_for(torch.empty(0, device=di.device))}")
+             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.mae_backends(model, di.device)}")
     L = model.patch_embed.num_patches
     model.train()
 
@@ -384,7 +416,8 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
     n = cfg.nnclr
     head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed),
+                         dtype=queue_dtype(n.queue_dtype, di.device))
     if "head" in ck:
         load_head(head, ck["head"])
         if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
@@ -438,11 +471,26 @@ def ema_update(pairs: tuple[list, list], m: float, taken: torch.Tensor | None = 
     lerp_weighted(pairs[0], pairs[1], 1.0 - m, taken)
 
 
-def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None) -> str:
-    """Stage 2 (stage='head') or stage 3 (stage='ct'): the same step, different trainable sets and settings."""
+def check_encoder(cfg: C.Config, encoder: nn.Module, init: str) -> None:
+    """The init checkpoint's encoder against the keys that must agree with it, before any step: the loaders make
+    model.img_size / model.in_chans images, and ct.tuned_from_block names one of its blocks (checked already in
+    the head stage of a ct_pipeline, whose encoder is the same)."""
+    pe = encoder.patch_embed
+    for key, want, have in (("model.img_size", cfg.model.img_size, pe.img_size),
+                            ("model.in_chans", cfg.model.in_chans, encoder.in_chans)):
+        if want != have:
+            raise C.ConfigError(f"{key}={want}, but the encoder of init={init} takes {have} (set {key}={have})")
+    if "ct" in C.stages(cfg):
+        check_tuned_from_block(cfg.ct.tuned_from_block, encoder.depth, f"init={init}")
+
+
+def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None, data) -> str:
+    """Stage 2 (stage='head') or stage 3 (stage='ct'): the same step, different trainable sets and settings, on the
+    train split `data` (opened and checked by run)."""
     s, out, ct = (cfg.head if stage == "head" else cfg.ct), stage_dir(cfg, stage), stage == "ct"
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
     encoder, head, queue = load_for_nnclr(cfg, di, init)
+    check_encoder(cfg, encoder, init)
     depth = encoder.depth
     t = (cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else depth // 2) if ct else depth
     freeze(encoder)
@@ -462,7 +510,11 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     ddp = DDP(net, gradient_as_bucket_view=True) if di.world > 1 else net
 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
-    data = load_data(cfg.data.name, cfg.data.root, "train")
+    labelled = data.has_labels      # nn_acc compares a sample's label with its queue neighbour's
+    if not labelled and di.is_main:
+        log_once(f"nn_acc monitor off: {int((data.labels < 0).sum())} of {len(data)} training files have no label "
+                 f"(data.name={cfg.data.name}" + (f", data.labels={cfg.data.labels})" if cfg.data.labels else
+                                                  "; set data.labels=DIR|CSV to turn it on)"))
     queue.check_admissible(s.topk, len(data))
     # MAE-CTaug (ct.aug) augments stage 2's views too: the published recipe trains the head on them
     loader = make_loader(cfg, di, data, s, 2, cfg.ct.aug, n_rank)
@@ -489,7 +541,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     log.info(f"[{stage}] global batch {s.batch_size}, lr enc {lrs['enc']:.3g} head {lrs['head']:.3g}, tau {s.tau}, "
              f"top-k {s.topk}, queue {queue.size}, {total} steps, "
              f"views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
-             f"optimizer {opt_name}, loader {loader.backend}, "
+             f"optimizer {opt_name}, loader {loader.backend}, queue {queue.features.dtype}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
 
@@ -499,9 +551,11 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
             p0, p1, z0, z1 = ddp(x0, x1)
         z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
         g = step_generator(cfg, stage, step)
-        nn0, i0 = queue.lookup(z0, b["idx"], s.topk, generator=g)
-        nn1, i1 = queue.lookup(z1, b["idx"], s.topk, generator=g)
-        nn_acc = (queue.labels[i0] == b["label"]).float().mean()   # view 0's picked neighbour, as the published metric
+        n = z0.shape[0]   # both views in one lookup: the queue is read once (same picks as two calls: one CPU stream)
+        nn, i = queue.lookup(torch.cat([z0, z1]), torch.cat([b["idx"], b["idx"]]), s.topk, generator=g)
+        nn0, nn1, i0 = nn[:n], nn[n:], i[:n]
+        # view 0's picked neighbour, as the published metric (index -1: no admissible neighbour, never a match)
+        nn_acc = None if not labelled else ((queue.labels[i0.clamp(min=0)] == b["label"]) & (i0 >= 0)).float().mean()
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         if poison:
             loss = loss * float("nan")
@@ -514,7 +568,8 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
 
     def post_fn(b, extras, taken):
         z0, nn_acc = extras
-        nn_epoch.add_(torch.where(taken, torch.stack([nn_acc, torch.ones_like(nn_acc)]), 0.0))
+        if nn_acc is not None:   # None: unlabelled training data (nn_acc off)
+            nn_epoch.add_(torch.where(taken, torch.stack([nn_acc, torch.ones_like(nn_acc)]), 0.0))
         queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]), taken)
         if ct:
             head.update_target(cfg.ct.target_ema, taken)
@@ -536,14 +591,23 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         nn_mean = float(tot[0] / tot[1].clamp_min(1))
         nn_epoch.zero_()
         if monitor is not None and (ct or epoch == 1):
-            feats = monitor.features(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
+            enc = ema if (ema is not None and cfg.eval.use_ema) else encoder
+            try:
+                feats = monitor.features(enc, cfg.model.pool)
+            except NonFiniteFeatures as e:   # the count in the log, null (not NaN) in the JSONL; training goes on
+                log.warning(f"[{stage}] epoch {epoch}: quick k-NN not computed: {e}")
+                meter.write({"step": step, "epoch": epoch, "knn_acc": None,
+                             "knn_nonfinite_rows": {k: list(v) for k, v in e.counts.items()}})
+                return
             acc = monitor.knn(*feats)
             proj = head.target_projector if head.target_projector is not None else head.projector
             zacc = monitor.knn(*projected(proj, feats))
+            nn_txt = f"nn_acc {nn_mean:.3f} (view 0's picked neighbour shares the query's label)" if labelled \
+                else "nn_acc off (unlabelled training data)"
             log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}% | neighbour quality: "
-                     f"nn_acc {nn_mean:.3f} (view 0's picked neighbour shares the query's label), "
-                     f"{'target ' if ct else ''}projector k-NN {zacc:.2f}%")
-            meter.write({"step": step, "epoch": epoch, "knn_acc": acc, "nn_acc_epoch": nn_mean, "proj_knn_acc": zacc})
+                     f"{nn_txt}, {'target ' if ct else ''}projector k-NN {zacc:.2f}%")
+            meter.write({"step": step, "epoch": epoch, "knn_acc": acc, "nn_acc_epoch": nn_mean if labelled else None,
+                         "proj_knn_acc": zacc})
 
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
     return train_loop(cfg, di, stage, loader, total=total, warm=warm, accum=1, opt=opt, lrs=lrs, step_fn=step_fn,
@@ -552,6 +616,16 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
 
 
 # ------------------------------------------------------------------------------------------------ entry
+_said: set[str] = set()
+
+
+def log_once(msg: str) -> None:
+    """Log msg the first time only (a pipeline runs head and ct with the same data)."""
+    if msg not in _said:
+        _said.add(msg)
+        log.info(msg)
+
+
 def setup_logging(main: bool) -> None:
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
@@ -560,6 +634,9 @@ def setup_logging(main: bool) -> None:
 def run(cfg: C.Config) -> dict:
     di = dist.init(cfg.device)
     setup_logging(di.is_main)
+    why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
+    if why:
+        raise C.ConfigError(why)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -571,9 +648,21 @@ def run(cfg: C.Config) -> dict:
              f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
     results, times = {}, {}
     need_monitor = cfg.stage in ("head", "ct", "pipeline", "ct_pipeline")
-    monitor = KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test) if need_monitor and di.is_main else None
+    # open the data once (the training split with data.labels: nn_acc reads them; the k-NN splits on every rank, so
+    # that every rank runs the same checks), and check all that depends on its size before any model or step
+    d = cfg.data
+    train, bank, queries, no_labels = load_data(d.name, d.root, "train", d.labels), None, None, None
+    if need_monitor:
+        try:
+            bank, queries = (load_eval_data(d.name, d.root, split, d.labels) for split in ("train", "test"))
+        except NoLabels as e:
+            no_labels = str(e)
+            log_once(f"k-NN monitor and final k-NN off: {e}")
+    validate_data(cfg, di.world, len(train), *((len(queries), len(bank)) if bank is not None else ()))
+    monitor = (KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test, bank, queries)
+               if bank is not None and di.is_main else None)
     init = cfg.init
-    for stage in {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,)):
+    for stage in C.stages(cfg):
         t0 = time.time()
         # every stage starts from the same global RNG state (the head's initialisation draws from it), so a
         # pipeline gives exactly what its stages run one by one with init= give
@@ -583,24 +672,34 @@ def run(cfg: C.Config) -> dict:
             log.info(f"[{stage}] already finished ({done}); resume=auto skips it")
             init = done
         elif stage == "mae":
-            init = run_mae(cfg, di)
+            init = run_mae(cfg, di, train)
         else:
-            init = run_nnclr(cfg, di, stage, init, monitor)
+            init = run_nnclr(cfg, di, stage, init, monitor, train)
         times[stage] = time.time() - t0
         results[f"{stage}_checkpoint"] = init
         log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
     results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
-    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
-        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test)
+    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main and no_labels is None:
+        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
         before = results.get("mae_checkpoint") or cfg.init
-        acc0 = final(hub.load_encoder(before)[0].to(di.device), cfg.model.pool, progress="final k-NN: MAE")
-        acc1 = final(hub.load_encoder(init, use_ema=cfg.eval.use_ema)[0].to(di.device), cfg.model.pool,
-                     progress="final k-NN: MAE-CT")
+        acc0 = final_knn(final, cfg, di, before, False, progress="final k-NN: MAE")
+        acc1 = final_knn(final, cfg, di, init, cfg.eval.use_ema, progress="final k-NN: MAE-CT")
         results.update(knn_mae=acc0, knn_maect=acc1)
         log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
                  f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    elif cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:     # no labels: checkpoints and times only
+        write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
+
+
+def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool, progress: str = "") -> float:
+    """The pipeline's before/after k-NN of one checkpoint (every checkpoint is on disk by now), with progress lines
+    named `progress`; non-finite features raise NonFiniteFeatures naming the checkpoint."""
+    try:
+        return final(hub.load_encoder(path, use_ema=use_ema)[0].to(di.device), cfg.model.pool, progress=progress)
+    except NonFiniteFeatures as e:
+        raise NonFiniteFeatures(f"final k-NN of {path}: {e}", e.counts) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -611,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"maect.train: {e}")
     try:
         run(cfg)
-    except (C.ConfigError, FileNotFoundError, FloatingPointError) as e:
+    except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError, NonFiniteFeatures) as e:
         sys.exit(f"maect.train: {e}")
     finally:
         if dist.is_dist():

@@ -139,14 +139,30 @@ def test_non_float_dtype_refused():
     assert "not a floating-point type" in A.why_not("sdpa", q, q, q)
 
 
-def test_auto_on_cpu_is_sdpa(monkeypatch):
+def test_auto_without_entry_is_sdpa_and_logs_once(monkeypatch, tmp_path, caplog):
+    """No table entry for the shape: SDPA's own kernel choice, said once per shape in the log."""
+    monkeypatch.setattr(A, "TABLE_PATH", str(tmp_path / "none.json"))
     q, k, v, _ = make_qkv(2, 3, 65, 80)
-    # even a table entry for this very key does not change the CPU rule
-    monkeypatch.setattr(A, "_table", {"entries": {A.table_key("cpu", q.dtype, 80, 65): {"train": "math", "infer": "math"}}})
-    for grad in (True, False):
-        assert A.resolve("auto", q, k, v, grad)[0] == "sdpa"
     A.set_backend("auto")
-    torch.testing.assert_close(A.attention(q, k, v), A.attention_ref(q, k, v), rtol=0, atol=1e-5)
+    with caplog.at_level(logging.INFO, logger="maect"):
+        for _ in range(3):
+            out = A.attention(q, k, v)
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")]
+    assert len(msgs) == 1 and "sdpa runs" in msgs[0] and "no measured entry cpu|float32|80|128" in msgs[0], msgs
+    torch.testing.assert_close(out, A.attention_ref(q, k, v), rtol=0, atol=1e-5)
+
+
+def test_auto_uses_a_table_entry(monkeypatch):
+    q, k, v, _ = make_qkv(2, 3, 65, 80)
+    monkeypatch.setattr(A, "_table", {"entries": {A.table_key("cpu", q.dtype, 80, 65): {"train": "sdpa_flash",
+                                                                                        "infer": "sdpa_math"}}})
+    assert A.resolve("auto", q, k, v, grad=True)[0] == "sdpa_flash"
+    assert A.resolve("auto", q, k, v, grad=False)[0] == "sdpa_math"
+    # a pick that cannot run here falls back to sdpa, saying why
+    monkeypatch.setattr(A, "_table", {"entries": {A.table_key("cpu", q.dtype, 80, 65): {"train": "sdpa_cudnn",
+                                                                                        "infer": "sdpa_cudnn"}}})
+    name, why = A.resolve("auto", q, k, v, grad=True)
+    assert name == "sdpa" and "table pick sdpa_cudnn" in why and "no CPU kernel" in why
 
 
 def test_table_lookup_and_buckets():
@@ -185,16 +201,18 @@ def test_logs_once_per_shape(caplog):
 @pytest.mark.parametrize("name", ["sdpa", "sdpa_flash", "auto"])
 def test_dispatch_compiles_without_graph_break(name):
     """The backend choice is a trace-time constant: torch.compile traces the dispatch in one graph (fullgraph), even
-    on a cold cache, forward and backward."""
+    on a cold cache, forward and backward, also once shapes turn dynamic."""
     A.set_backend(name)
-    q = torch.randn(2, 3, 50, 32, requires_grad=True)
     f = torch.compile(lambda x: A.attention(x, x, x), backend="eager", fullgraph=True)
     try:
-        out = f(q)
-        out.sum().backward()
+        # the second and third shapes recompile with automatic dynamic shapes (symbolic T, Dh): still one graph
+        for T, Dh in ((50, 32), (65, 16), (197, 64)):
+            q = torch.randn(2, 3, T, Dh, requires_grad=True)
+            out = f(q)
+            out.sum().backward()
+            torch.testing.assert_close(out, A.attention_ref(q, q, q), rtol=0, atol=1e-5)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(out, A.attention_ref(q, q, q), rtol=0, atol=1e-5)
 
 
 def test_unavailable_under_compile_keeps_the_message():
@@ -251,3 +269,50 @@ def test_cuda_sdpa_reasons_without_a_gpu(monkeypatch):
         assert A._cuda_sdpa_reason(name, q16, q16, q16) == \
             f"disabled globally (torch.backends.cuda.{switch}(False) or equivalent)"
         assert callable(getattr(torch.backends.cuda, switch))
+
+
+def _bench_attention():
+    import importlib
+    import sys
+    from pathlib import Path
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        return importlib.import_module("attention")
+    finally:
+        sys.path.remove(bench)
+
+
+def test_table_round_trip(monkeypatch, tmp_path, caplog):
+    """bench/attention.py's table writer -> the file -> 'auto' reads it and runs the written winner. Once with rows
+    measured here (whatever won), once with rows where sdpa_flash wins training and sdpa inference; an entry for
+    another key already in the file survives the write (merge)."""
+    bench = _bench_attention()
+    path = tmp_path / "table.json"
+    other = {"cuda|bfloat16|80|128": {"train": "sdpa_cudnn", "infer": "sdpa_flash"}}
+    A.save_table(str(path), {"format": 1, "entries": other}, merge=False)
+    monkeypatch.setattr(A, "TABLE_PATH", str(path))
+    measured = bench.bench_shape("t", 2, 2, 50, 32, torch.float32, torch.device("cpu"), 0.0, ["sdpa", "sdpa_flash"])
+    assert all(r["check"]["ok"] for r in measured)
+    env = {"device": "test-cpu", "torch": torch.__version__}
+    crafted = [dict(r, median_ms=1.0 if r["provider"] == "sdpa_flash" else 2.0,
+                    fwd_ms=2.0 if r["provider"] == "sdpa_flash" else 1.0, Dh=80, T=65) for r in measured]
+    for rows, Dh, T in ((measured, 32, 50), (crafted, 80, 65)):
+        table = bench.make_table(rows, env, "cpu")
+        key = A.table_key("cpu", torch.float32, Dh, T)
+        want = table["entries"][key]
+        A.save_table(str(path), table)
+        A.clear_cache()
+        on_disk = A.load_table(str(path))
+        assert on_disk["entries"][key]["train"] == want["train"] and on_disk["entries"]["cuda|bfloat16|80|128"] == \
+            other["cuda|bfloat16|80|128"]
+        assert on_disk["entries"][key]["measured_on"]["device"] == "test-cpu"
+        q, k, v, _ = make_qkv(2, 3, T, Dh)
+        A.set_backend("auto")
+        with caplog.at_level(logging.INFO, logger="maect"):
+            A.attention(q.requires_grad_(True), k, v)
+        assert A.resolve("auto", q, k, v, grad=True)[0] == want["train"]
+        assert A.resolve("auto", q, k, v, grad=False)[0] == want["infer"]
+        assert any(f"{want['train']} runs" in r.getMessage() and f"table entry {key}" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert (want["train"], want["infer"]) == ("sdpa_flash", "sdpa")     # the crafted rows

@@ -7,6 +7,7 @@ from maect.dataloading import TrainLoader, fashion_mnist
 from maect.dataloading import augment as A
 from maect.dataloading.datasets import read_idx
 from maect.config import ConfigError, load_config
+from maect.validation import validate_data
 
 
 def test_presets_load_and_overrides_are_typed():
@@ -32,6 +33,124 @@ def test_presets_load_and_overrides_are_typed():
 def test_bad_config_is_a_one_line_error(args, match):
     with pytest.raises(ConfigError, match=match):
         load_config(args)
+
+
+# Every value or combination that makes a stage impossible or meaningless (issue 17), on top of the tiny preset: the
+# error names the keys. Before these checks each one trained (silently wrong: no masked patch, lr 0, all steps
+# skipped ...) or died later with a stack trace (BatchNorm at step 1, k-NN in the epoch-end monitor, modulo by 0).
+MONITOR_BELOW_K = "eval.monitor_train=10 is smaller than eval.knn_k=20: the monitor k-NN bank needs at least k"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["eval.monitor_train=10"], MONITOR_BELOW_K),                                  # the CT stage's monitor
+    (["stage=ct_pipeline", "init=x.pth", "eval.final_train=10"], "eval.final_train=10 is smaller than eval.knn_k=20"),
+    (["eval.knn_k=0"], "eval.knn_k=0 must be >= 1"),
+    (["eval.knn_T=0"], "eval.knn_T=0.0 must exceed 0.01"),
+    (["eval.knn_T=0.005"], "exp\\(s / T\\) over eval.knn_k=20 neighbours overflows float32"),
+    (["eval.monitor_test=-1"], "eval.monitor_test=-1 must be >= 0"),
+    (["head.batch_size=1"], "head.batch_size=1: the NNCLR head's BatchNorm needs at least 2 samples"),
+    (["ct.batch_size=1", "nnclr.queue_size=16384"], "ct.batch_size=1: the NNCLR head's BatchNorm"),
+    (["mae.accum_steps=0"], "mae.accum_steps=0 must be >= 1"),
+    (["mae.batch_size=100", "mae.accum_steps=3"], "mae.batch_size=100 must be divisible by mae.accum_steps=3"),
+    (["mae.warmup_epochs=6"], "mae.warmup_epochs=6.0 must lie in \\[0, mae.epochs=5.0\\]"),
+    (["head.warmup_frac=1.5"], "head.warmup_frac=1.5 must lie in \\[0, 1\\]"),
+    (["mae.mask_ratio=0.99"], "mae.mask_ratio=0.99 keeps 0 of the 49 patches"),
+    (["mae.mask_ratio=0"], "mae.mask_ratio=0.0 keeps 49 of the 49 patches"),
+    (["mae.mask_ratio=1"], "mae.mask_ratio=1.0 must be in \\[0, 1\\)"),
+    (["model.img_size=30"], "model.img_size=30 is not divisible by the patch size 4"),
+    (["model.embed_dim=36", "model.num_heads=8"], "model.embed_dim=36 is not divisible by model.num_heads=8"),
+    (["model.embed_dim=18", "model.num_heads=3"], "model.embed_dim=18 must be divisible by 4"),
+    (["model.decoder_depth=0"], "model.decoder_depth=0 must be >= 1"),
+    (["model.arch=vit_x"], "model.arch='vit_x'"),
+    (["model.embed_dim=0"], "model.arch=custom needs model.embed_dim"),
+    (["ct.tuned_from_block=4"], "ct.tuned_from_block=4 must be -1 or in \\[0, 3\\]: the encoder has 4 blocks"),
+    (["ct.tuned_from_block=-2"], "ct.tuned_from_block=-2"),
+    (["head.tau=0"], "head.tau=0.0 must be a positive finite number"),
+    (["ct.tau=.nan"], "ct.tau=nan must be a positive finite number"),
+    (["ct.target_ema=1.5"], "ct.target_ema=1.5 must lie in \\[0, 1\\]"),
+    (["ct.encoder_ema=-0.1"], "ct.encoder_ema=-0.1 must lie in \\[0, 1\\]"),
+    (["ct.llrd=0"], "ct.llrd=0.0 must lie in \\(0, 1\\]"),
+    (["head.crop_scale=0.5,1.5"], "head.crop_scale=\\(0.5, 1.5\\) must satisfy"),
+    (["mae.blr=0"], "mae.blr=0.0 must be a positive finite number"),
+    (["mae.blr=.nan"], "mae.blr=nan must be a positive"),
+    (["ct.head_blr=-1"], "ct.head_blr=-1.0 must be a positive"),
+    (["head.blr=.inf"], "head.blr=inf must be a positive finite number"),
+    (["mae.weight_decay=-0.1"], "mae.weight_decay=-0.1 must be a finite number >= 0"),
+    (["mae.epochs=-1"], "mae.epochs=-1.0 must be a positive finite number"),
+    (["ct.epochs=0"], "ct.epochs=0.0 must be a positive"),
+    (["mae.num_views=0"], "mae.num_views=0 must be >= 1"),
+    (["nnclr.proj_dim=0"], "nnclr.proj_dim=0 must be >= 1"),
+    (["log_every=0"], "log_every=0 must be >= 1"),
+    (["seed=123456789"], "seed=123456789 must lie in \\[0, 131072\\)"),      # was an overflow at step 1
+    (["stage=ct"], "stage=ct needs init=CHECKPOINT"),
+    (["data.dali_hw_decoder_load=2"], "data.dali_hw_decoder_load=2.0 must be in \\[0, 1\\]"),
+])
+def test_config_that_makes_a_stage_impossible_names_the_keys(args, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(["preset=tiny", *args])
+    assert "\n" not in str(e.value)
+
+
+def test_only_the_stages_that_run_are_checked():
+    """stage=mae never builds the NNCLR head; stages head/ct take the model from init= (so model.* is not theirs)."""
+    load_config(["preset=tiny", "stage=mae", "head.batch_size=1", "eval.monitor_train=10", "ct.tau=0"])
+    load_config(["preset=tiny", "stage=ct", "init=x.pth", "mae.mask_ratio=0.99", "model.img_size=30"])
+
+
+def test_validate_data_checks_world_and_data_size():
+    """The checks that need the world size and the data set's size (train.run calls them right after opening the
+    data), each a one-line ConfigError naming the keys."""
+    cfg = load_config(["preset=tiny"])
+    validate_data(cfg, world=1, n_train=60000, n_test=10000)
+    validate_data(cfg, world=4, n_train=60000, n_test=10000)          # 256 = 4 x 64 per rank
+    for world, n_train, n_test, match in [
+        (3, 60000, 10000, "mae.batch_size=256 must be divisible by world size 3"),
+        (1, 100, 10000, "mae.batch_size=256 exceeds the 100 training samples \\(data.name=fashion_mnist\\): an "
+                        "epoch would have no step"),
+        (1, 60000, 0, "the test split of data.name=fashion_mnist is empty"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            validate_data(cfg, world=world, n_train=n_train, n_test=n_test)
+    acc = load_config(["preset=tiny", "mae.batch_size=256", "mae.accum_steps=2"])
+    with pytest.raises(ConfigError, match="mae.batch_size=256 must be divisible by world size 3 x mae.accum_steps 2"):
+        validate_data(acc, world=3, n_train=60000, n_test=10000)
+    # a per-rank batch of 1 is fine for BatchNorm when it spans 2 ranks (SyncBatchNorm / GlobalBatchNorm1d)
+    validate_data(load_config(["preset=tiny", "head.batch_size=2", "ct.batch_size=2"]), 2, 60000, 10000)
+    # the monitor's bank is the train split when eval.monitor_train is 0 or larger than it
+    small = load_config(["preset=tiny", "stage=head", "init=x.pth", "head.batch_size=8", "eval.monitor_train=0"])
+    with pytest.raises(ConfigError, match="eval.knn_k=20 exceeds the monitor k-NN bank of 16 samples "
+                                          "\\(eval.monitor_train=0, 16 in the train split"):
+        validate_data(small, world=1, n_train=16, n_test=16)
+
+
+@pytest.mark.parametrize("queue_size,n,topk", [(256, 60000, 20), (8, 8, 7), (8, 8, 8), (16, 4, 12), (16, 4, 13),
+                                               (64, 1000, 64), (4096, 3, 2730), (4096, 3, 2731)])
+def test_queue_admissibility_matches_feature_queue(queue_size, n, topk):
+    """validate_data applies FeatureQueue.check_admissible's rule before any work; both must agree everywhere."""
+    from maect.heads import FeatureQueue
+    cfg = load_config(["preset=tiny", "stage=head", "init=x.pth", "head.batch_size=2", f"nnclr.queue_size={queue_size}",
+                       f"head.topk={min(topk, queue_size)}", "eval.knn_k=1"])
+    cfg.head.topk = topk
+    try:
+        FeatureQueue(queue_size, 4).check_admissible(topk, n)
+        queue_ok = True
+    except ValueError:
+        queue_ok = False
+    try:
+        validate_data(cfg, world=1, n_train=n, n_test=10)
+        ours = True
+    except ConfigError as e:
+        assert f"nnclr.queue_size={queue_size} over {n} training samples" in str(e) and f"head.topk={topk}" in str(e)
+        ours = False
+    assert ours == queue_ok
+
+
+def test_loader_drops_the_partial_last_batch():
+    """No step sees a batch smaller than the configured one (a batch of 1 would break the head's BatchNorm)."""
+    d = fashion_mnist(None, "test").subset(torch.arange(5))
+    L = TrainLoader(d, img_size=28, in_chans=1, batch_size=2, num_views=2, seed=0)
+    sizes = [b["idx"].numel() for b in L]
+    assert len(L) == 2 and sizes == [2, 2]
 
 
 def test_fashion_mnist_loads_and_missing_root_is_clear(tmp_path):

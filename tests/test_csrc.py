@@ -183,6 +183,21 @@ def test_queue_topk_edge_cases(ext):
 
 
 @needs_ext
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_queue_topk_nonfinite(ext, dtype, normalized):
+    """The non-finite rule, the same in every backend (tests/test_queue_topk.py checks the Triton kernel with the same
+    inputs): NaN/inf query rows return all (-inf, -1); NaN/inf queue rows are never returned; the rest is exact."""
+    from test_queue_topk import check_nonfinite, nonfinite_inputs
+    q, e, ex, qi = (t.cpu() for t in nonfinite_inputs(dtype))
+    v, i = _cpp.queue_topk(q, e, 12, ex, qi, normalized=normalized)
+    check_nonfinite(q, e, ex, qi, normalized, v, i)
+    v, i = kernels.queue_topk(q, e, 12, ex, qi, normalized)          # the public dispatch (cpp here)
+    check_nonfinite(q, e, ex, qi, normalized, v, i)
+
+
+@needs_ext
 @pytest.mark.parametrize("normalized", [True, False])
 def test_queue_topk_grad(ext, normalized):
     q, e, ids = _inputs(7, 300, 16, torch.float32, normalized, n_ids=50)

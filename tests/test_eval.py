@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from maect.eval import (cache_features, cluster_eval, extract_features, feature_meta, hungarian_accuracy,
+from maect.eval import (cache_features, cluster_eval, extract_features, feature_meta, hungarian_accuracy, kmeans,
                         knn_accuracy, knn_predict, linear_probe, load_cached, lowshot)
+from maect.eval.features import NonFiniteFeatures
 from maect.eval.lowshot import fit_logreg
 from maect.eval.probe import train_heads
 from maect.models.vit import build_model
@@ -217,6 +218,138 @@ def test_feature_cache_roundtrip_and_mismatch(tmp_path):
     ckpt.write_bytes(b"retrained")                           # new size / mtime: the cache no longer vouches
     assert load_cached(prefix, feature_meta(str(ckpt), pool="mean", split="train", img_size=28, in_chans=1,
                                             data="fashion_mnist", data_root=None, limit=100)) is None
+
+
+# ------------------------------------------------------------------------------------------ non-finite features
+# Before the check, all-NaN test features scored k-NN 10.00 %, k-means ACC 10.0 / NMI 0.0 and probe 10 % (chance on
+# 10 classes) with no error. Now every protocol refuses them before any work, counting the bad rows per split.
+PROTOCOLS = {
+    "knn": lambda tr, ytr, te, yte: knn_accuracy(tr, ytr, te, yte, k=5, num_classes=4),
+    "linear_probe": lambda tr, ytr, te, yte: linear_probe(tr, ytr, te, yte, num_classes=4, epochs=1, batch_size=64),
+    "lowshot": lambda tr, ytr, te, yte: lowshot(tr, ytr, te, yte, max_iter=20),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_protocols_refuse_non_finite_features_counting_rows(protocol, value):
+    tr_f, tr_y = clusters(200, 4, 8, seed=0)
+    te_f, te_y = clusters(40, 4, 8, seed=1)
+    bad_tr, bad_te = tr_f.clone(), te_f.clone()
+    bad_tr[[3, 7, 11], 2] = value                    # 3 train rows with one bad entry each
+    bad_te[:, 5] = value                             # every test row
+    fn = PROTOCOLS[protocol]
+    with pytest.raises(NonFiniteFeatures, match=f"^{protocol}: 3 of 200 train and 40 of 40 test feature rows are "
+                                                 "non-finite \\(NaN/inf\\).*first bad train rows \\[3, 7, 11\\]"):
+        fn(bad_tr, tr_y, bad_te, te_y)
+    with pytest.raises(NonFiniteFeatures, match=f"^{protocol}: 40 of 40 test feature rows") as e:
+        fn(tr_f, tr_y, bad_te, te_y)
+    assert e.value.counts == {"train": (0, 200), "test": (40, 40)} and "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)           # callers that catch ValueError keep working
+
+
+def test_clustering_refuses_non_finite_features():
+    f, y = clusters(60, 4, 8, seed=0)
+    f[[0, 59]] = float("nan")
+    with pytest.raises(NonFiniteFeatures, match="^cluster_eval: 2 of 60 test feature rows are non-finite"):
+        cluster_eval(f, y, num_classes=4, restarts=1, split="test")
+    with pytest.raises(NonFiniteFeatures, match="^kmeans: 2 of 60 input feature rows"):
+        kmeans(f, 4, restarts=1)
+    f[[0, 59]] = float("inf")       # F.normalize would turn these into NaN: counted before normalising
+    with pytest.raises(NonFiniteFeatures, match="2 of 60 clustered feature rows"):
+        cluster_eval(f, y, num_classes=4, restarts=1)
+
+
+def test_knn_never_turns_a_padded_index_into_a_vote(monkeypatch):
+    """queue_topk pads a row with fewer than k finite similarities with index -1; used as a bank index it would
+    vote for the last bank row's class. With finite features it cannot happen (the check comes first), so a -1
+    is a kernel fault: an error, never a vote."""
+    from maect import kernels
+    tr_f, tr_y = clusters(50, 4, 8, seed=0)
+    real = kernels.queue_topk
+
+    def padded(q, bank, k, **kw):
+        v, i = real(q, bank, k, **kw)
+        v[0, -1], i[0, -1] = -math.inf, -1
+        return v, i
+    monkeypatch.setattr(kernels, "queue_topk", padded)
+    with pytest.raises(RuntimeError, match="queue_topk returned index -1"):
+        knn_accuracy(tr_f, tr_y, tr_f, tr_y, k=5)
+
+
+def test_knn_temperature_that_overflows_is_refused():
+    tr_f, tr_y = clusters(50, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="T=0.005 must exceed 0.011"):
+        knn_accuracy(tr_f, tr_y, tr_f, tr_y, k=5, T=0.005)
+    assert knn_accuracy(tr_f, tr_y, tr_f, tr_y, k=5, T=0.02) == 100.0
+
+
+def test_probe_batch_of_one_is_refused():
+    tr_f, tr_y = clusters(50, 4, 8, seed=0)
+    with pytest.raises(ValueError, match="batch_size=1 >= 2 \\(its BatchNorm cannot normalise a single sample\\)"):
+        linear_probe(tr_f, tr_y, tr_f, tr_y, epochs=1, batch_size=1)
+
+
+def test_extraction_and_cache_refuse_non_finite_features(tmp_path):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 28, 28, generator=g)
+    x[2, 0, 5, 5] = float("nan")                   # one image: only its row goes bad (samples are independent)
+    with pytest.raises(NonFiniteFeatures, match="^extract_features: 1 of 16 test feature rows.*rows \\[2\\]"):
+        extract_features(model, [(x, torch.zeros(8)), (x.nan_to_num(), torch.zeros(8))], split="test")
+    f, y = torch.randn(10, 4), torch.arange(10)
+    f[4, 1] = float("inf")
+    with pytest.raises(NonFiniteFeatures, match="^cache_features: 1 of 10 train feature rows"):
+        cache_features(str(tmp_path / "feats" / "train"), f, y, {"split": "train"})
+    assert not (tmp_path / "feats").exists()        # nothing written that a later run could reuse
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST not installed")
+def test_cli_refuses_an_encoder_that_produces_nan(tmp_path):
+    """python -m maect.eval on a checkpoint whose encoder outputs NaN: one line counting the bad rows, exit != 0,
+    no table, no cache; and a cache holding NaN (written before caches refused them) is refused as well."""
+    from maect.eval.__main__ import main
+    good = tiny_checkpoint(tmp_path / "good.pth")
+    bad = tiny_checkpoint(tmp_path / "nan.pth", nan=True)
+    out, feats = tmp_path / "res.json", tmp_path / "feats"
+    args = ["--train-limit", "60", "--test-limit", "40", "--protocols", "knn", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", str(bad), "--export-features", str(feats), *args])
+    msg = str(e.value.code)
+    assert msg.startswith("maect.eval: extract_features: 60 of 60 train feature rows are non-finite (NaN/inf)")
+    assert "\n" not in msg and not out.exists()
+    assert not feats.exists() or not list(feats.iterdir())     # no cache that would vouch for NaN features
+    main(["--ckpt", str(good), "--export-features", str(feats), *args])
+    cached = np.load(feats / "test.features.npy")
+    cached[::2] = np.nan
+    np.save(feats / "test.features.npy", cached)
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", str(good), "--export-features", str(feats), *args])
+    assert str(e.value.code).startswith("maect.eval: cached features: 20 of 40 test feature rows are non-finite")
+
+
+def tiny_checkpoint(path, nan=False):
+    """tiny_model() saved with the maect config that describes it; nan: its final norm's weight is NaN, so every
+    feature row is NaN (what a diverged run leaves)."""
+    from maect.config import Config, to_dict
+    cfg = Config()
+    cfg.model.arch, cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = "custom", 28, 7, 1
+    cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads, cfg.model.pool = 32, 2, 2, "mean"
+    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 16, 1, 2
+    sd = tiny_model().state_dict()
+    if nan:
+        sd["norm.weight"][:] = float("nan")
+    torch.save({"model": sd, "args": to_dict(cfg)}, path)
+    return path
+
+
+def test_cli_rejects_bad_numbers_before_loading_anything(capsys):
+    from maect.eval.__main__ import parse_args
+    for flag, val, match in [("--probe-batch", "1", "--probe-batch=1 must be >= 2"), ("--knn-k", "0", "--knn-k=0"),
+                             ("--train-limit", "0", "--train-limit=0"), ("--knn-T", "0", "--knn-T=0.0 must exceed")]:
+        with pytest.raises(SystemExit):
+            parse_args(["--ckpt", "x.pth", flag, val])
+        assert match in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ CLI end to end

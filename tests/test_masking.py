@@ -1,11 +1,12 @@
-"""random_masking / unshuffle: the Triton kernels against the references (on CPU through the Triton interpreter).
+"""random_masking / unshuffle / decoder_input: the Triton kernels (on CPU through the Triton interpreter) and the
+compiled decoder_input against the references.
 
-Everything except the mask-token gradient is a copy, so it must match exactly, in every dtype. The mask-token
-gradient is a sum of M = N * (L - K) rows: in fp32 the two summation orders differ by at most 2 * M * u * sum|g|
-(u = 2^-24); in bf16/fp16 the reference rounds the sum to the low precision while the kernel sums in fp32, so
-against the float64 sum the kernel's error must be at most 2 x the reference's own error + the fp32 bound.
+Everything except the mask-token and position gradients is a copy or one rounded addition of the same operands, so
+it must match exactly, in every dtype. The mask-token gradient is a sum of M = N * (L - K) rows (the position
+gradient of N): in fp32 two summation orders differ by at most 2 * M * u * sum|g| (u = 2^-24); in bf16/fp16 the
+reference rounds the sum to the low precision while the kernel sums in fp32, so against the float64 sum the
+kernel's error must be at most 2 x the reference's own error + the fp32 bound.
 """
-import json
 import os
 import subprocess
 import sys
@@ -14,12 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from maect.kernels.masking import random_masking_ref, random_masking_triton, unshuffle_ref, unshuffle_triton
+from maect.kernels import _cpp
+from maect.kernels.masking import (decoder_input_ref, decoder_input_triton, random_masking_ref, random_masking_triton,
+                                   unshuffle_ref, unshuffle_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(2, 7, 16), (3, 49, 40), (4, 197, 64), (1, 256, 24)]   # (N, L, D): odd L on purpose
 RATIOS = [0.0, 0.75, 1.0]
+MASK_RATIOS = [0.0, 0.5, 0.75, 0.9, 1.0]
 U32 = 2.0 ** -24
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -38,7 +42,7 @@ def inputs(N, L, D, dtype, seed=0):
     return x, noise
 
 
-@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("ratio", MASK_RATIOS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-L{}-D{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_random_masking_matches_reference(dtype, shape, ratio):
@@ -132,6 +136,73 @@ def test_unshuffle_noncontiguous_and_partial_grads():
     assert torch.equal(gt, torch.full_like(gt, 2 * (49 - 12)))
 
 
+def _cpp_decoder_input(*args):
+    if DEVICE != "cpu" or _cpp.load() is None:
+        pytest.skip("the compiled CPU ops are not built here")
+    return _cpp.decoder_input(*args)
+
+
+DEC_IMPLS = {"triton": decoder_input_triton, "cpp": _cpp_decoder_input}
+DEC_CASES = [  # (x dtype, mask-token dtype, pos dtype or None, cls)
+    (torch.bfloat16, torch.float32, torch.float32, True),     # MAE under bf16 autocast: fp32 out, the token unrounded
+    (torch.float32, torch.float32, torch.float32, True),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, True),   # a bf16 model: bf16 out, rounded once after the add
+    (torch.float16, torch.float32, None, False),              # no cls token, no position table
+]
+
+
+def _pos_grad_check(gp_k, gp_r, g):
+    """Position-table gradient: a sum of g over the batch (N rows); the rule of the module docstring."""
+    truth = g.double().sum(0)
+    bound = 2 * g.shape[0] * U32 * g.double().abs().sum(0) + 1e-30
+    err_k, err_r = (gp_k.double().reshape(truth.shape) - truth).abs(), (gp_r.double().reshape(truth.shape) - truth).abs()
+    print(f"pos grad: kernel err {err_k.max().item():.3g}, reference err {err_r.max().item():.3g}")
+    assert (err_k <= 2 * err_r + bound).all()
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "N{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("case", DEC_CASES, ids=lambda c: f"{str(c[0])[6:]}-{str(c[1])[6:]}-{str(c[2])[6:]}-cls{c[3]}")
+@pytest.mark.parametrize("impl", list(DEC_IMPLS))
+def test_decoder_input_matches_reference(impl, case, shape, ratio):
+    N, L, D = shape
+    xdt, tdt, pdt, cls = case
+    c = int(cls)
+    x0, noise = inputs(N, L, D, torch.float32, seed=2)
+    _, mask, ids = random_masking_ref(x0, ratio, noise)
+    K = int(L * (1 - ratio))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, c + K, D, generator=g).to(DEVICE, xdt).requires_grad_()
+    tok = torch.randn(1, 1, D, generator=g).to(DEVICE, tdt).requires_grad_()
+    pos = None if pdt is None else torch.randn(1, c + L, D, generator=g).to(DEVICE, pdt).requires_grad_()
+    ids_before = ids.clone()
+    out_k, out_r = DEC_IMPLS[impl](x, tok, ids, pos, cls), decoder_input_ref(x, tok, ids, pos, cls)
+    assert_same("decoder_input", out_k, out_r)
+    assert torch.equal(ids, ids_before)
+    gout = torch.randn(out_r.shape, generator=g).to(DEVICE, out_r.dtype)
+    wrt = (x, tok) + ((pos,) if pos is not None else ())
+    grads_k, grads_r = torch.autograd.grad(out_k, wrt, gout), torch.autograd.grad(out_r, wrt, gout)
+    assert_same("grad x", grads_k[0], grads_r[0])
+    assert grads_k[1].shape == tok.shape and grads_k[1].dtype == tok.dtype
+    _token_grad_check(grads_k[1], grads_r[1], gout[:, c:], mask.bool(), out_r.dtype)
+    if pos is not None:
+        _pos_grad_check(grads_k[2], grads_r[2], gout)
+
+
+@pytest.mark.parametrize("impl", list(DEC_IMPLS))
+def test_decoder_input_noncontiguous_and_errors(impl):
+    x, noise = inputs(2, 49, 32, torch.float32)
+    _, _, ids = random_masking_ref(x, 0.75, noise)
+    xt = torch.randn(2, 32, 13, device=DEVICE).transpose(1, 2)             # [2, 1 + 12, 32], non-contiguous
+    tok = torch.randn(32, device=DEVICE)
+    pos = torch.randn(32, 50, device=DEVICE).t()                              # [50, 32], non-contiguous
+    assert_same("non-contiguous", DEC_IMPLS[impl](xt, tok, ids, pos, True), decoder_input_ref(xt, tok, ids, pos, True))
+    with pytest.raises(ValueError, match=r"pos_embed must be \[50, 32\]"):
+        DEC_IMPLS[impl](xt, tok, ids, pos[1:], True)
+    with pytest.raises(ValueError, match="mask_token must hold D=32"):
+        DEC_IMPLS[impl](xt, tok[1:], ids, pos, True)
+
+
 def test_gradcheck_float64():
     """The references and the kernels (float64 through the interpreter / GPU) against numerical gradients."""
     N, L, D = 2, 5, 3
@@ -140,9 +211,27 @@ def test_gradcheck_float64():
     tok = torch.randn(D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     _, _, ids = random_masking_ref(x.detach(), 0.6, noise)
     xv = torch.randn(N, 2, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    xc = torch.randn(N, 3, D, dtype=torch.float64, device=DEVICE, requires_grad=True)    # cls + 2 kept tokens
+    pos = torch.randn(1, 1 + L, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    decoders = [decoder_input_ref, decoder_input_triton] + ([_cpp.decoder_input] if DEVICE == "cpu" and _cpp.load() else [])
     for masking, unshuffle in ((random_masking_ref, unshuffle_ref), (random_masking_triton, unshuffle_triton)):
         assert torch.autograd.gradcheck(lambda t: masking(t, 0.6, noise)[0], (x,))
         assert torch.autograd.gradcheck(lambda a, b: unshuffle(a, b, ids), (xv, tok))
+    for dec in decoders:
+        assert torch.autograd.gradcheck(lambda a, b, c: dec(a, b, ids, c, True), (xc, tok, pos), fast_mode=True)
+
+
+def test_decoder_input_cpp_opcheck():
+    """Schema, fake kernel and autograd registration of the compiled decoder_input are consistent."""
+    if DEVICE != "cpu" or _cpp.load() is None:
+        pytest.skip("the compiled CPU ops are not built here")
+    x, noise = inputs(3, 10, 8, torch.float32)
+    _, _, ids = random_masking_ref(x, 0.6, noise)
+    xb = torch.randn(3, 5, 8, dtype=torch.bfloat16, requires_grad=True)
+    for pos, cls in ((torch.randn(1, 11, 8, requires_grad=True), True), (None, True), (torch.randn(10, 8), False)):
+        xin = xb if cls else xb[:, 1:].detach().requires_grad_()
+        torch.library.opcheck(torch.ops.maect.decoder_input, (xin, torch.randn(8, requires_grad=True), ids, pos, cls))
+    torch.library.opcheck(torch.ops.maect.decoder_input_backward, (torch.randn(3, 11, 8), ids, 4, True))
 
 
 def test_empty_batch_falls_back():
@@ -151,22 +240,26 @@ def test_empty_batch_falls_back():
         assert a.shape == b.shape
     ids = torch.empty(0, 7, dtype=torch.long, device=DEVICE)
     assert unshuffle_triton(x[:, :3], torch.zeros(4, device=DEVICE), ids).shape == (0, 7, 4)
+    assert decoder_input_triton(x[:, :4], torch.zeros(4, device=DEVICE), ids, torch.zeros(8, 4, device=DEVICE)).shape \
+        == (0, 8, 4)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("shape", [(256, 196, 768), (256, 196, 1024), (256, 256, 1280)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gpu_vit_shapes_through_dispatch(shape, dtype):
-    from maect import kernels
+def test_gpu_vit_shapes(shape, dtype):
+    """The Triton kernels at the ViT shapes, called directly (the dispatch table picks torch's path on the GPU until
+    bench/masked_gather.py measures otherwise): exact against the references."""
     x, noise = inputs(*shape, dtype)
-    assert kernels.backend_for(x) == "triton"
-    for a, b in zip(kernels.random_masking(x, 0.75, noise), random_masking_ref(x, 0.75, noise)):
+    for a, b in zip(random_masking_triton(x, 0.75, noise), random_masking_ref(x, 0.75, noise)):
         assert_same("masking", a, b)
     x_vis, mask, ids = random_masking_ref(x, 0.75, noise)
-    dec = torch.randn(shape[0], x_vis.shape[1], 512, device=DEVICE, dtype=dtype)
+    dec = torch.randn(shape[0], 1 + x_vis.shape[1], 512, device=DEVICE, dtype=dtype)
     tok = torch.randn(512, device=DEVICE)
-    assert_same("unshuffle", kernels.unshuffle(dec, tok, ids), unshuffle_ref(dec, tok, ids))
+    pos = torch.randn(1, 1 + shape[1], 512, device=DEVICE)
+    assert_same("unshuffle", unshuffle_triton(dec[:, 1:], tok, ids), unshuffle_ref(dec[:, 1:], tok, ids))
+    assert_same("decoder_input", decoder_input_triton(dec, tok, ids, pos), decoder_input_ref(dec, tok, ids, pos))
 
 
 AOT_SCRIPT = r"""
@@ -175,57 +268,50 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from maect import kernels
-mk = sys.modules["maect.kernels.masking"]
+mk, me = sys.modules["maect.kernels.masking"], sys.modules["maect.kernels.masked_embed"]
 dims = dict(L="i32", K="i32", D="i32")
-for xd in ("bf16", "fp32"):
-    cases = [(mk._random_masking_fwd_kernel, dict(noise_ptr="*fp32", x_ptr=f"*{xd}", xv_ptr=f"*{xd}", mask_ptr=f"*{xd}",
-              ids_ptr="*i64", **dims, stride_xn="i32", stride_xl="i32", stride_xd="i32"),
-              dict(BLOCK_I=32, BLOCK_L=256, BLOCK_D=256)),
-             (mk._unshuffle_fwd_kernel, dict(x_ptr=f"*{xd}", tok_ptr=f"*{xd}", ids_ptr="*i64", out_ptr=f"*{xd}", **dims,
-              stride_xn="i32", stride_xk="i32", stride_xd="i32"), dict(HAS_TOKEN=True, BLOCK_I=16, BLOCK_D=256)),
-             (mk._unshuffle_bwd_kernel, dict(g_ptr=f"*{xd}", ids_ptr="*i64", gx_ptr=f"*{xd}", gtok_ptr="*fp32", **dims,
-              stride_gn="i32", stride_gl="i32", stride_gd="i32"), dict(HAS_TOKEN=True, BLOCK_I=16, BLOCK_D=256))]
-    for fn, s, c in cases:
-        src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
-        print("compiled", fn.__name__, xd, c)
+cases = [(mk._random_masking_fwd_kernel, dict(noise_ptr="*fp32", x_ptr="*bf16", xv_ptr="*bf16", mask_ptr="*bf16",
+          ids_ptr="*i64", **dims, stride_xn="i32", stride_xl="i32", stride_xd="i32"),
+          dict(BLOCK_I=32, BLOCK_L=256, BLOCK_D=256)),
+         (me._mask_indices_kernel, dict(noise_ptr="*fp32", keep_ptr="*i64", mask_ptr="*fp32", ids_ptr="*i64", L="i32",
+          K="i32"), dict(BLOCK_I=32, BLOCK_L=256))]
+fwd = dict(L="i32", K="i32", D="i32", stride_xn="i32", stride_xk="i32", stride_xd="i32", stride_pl="i32", stride_pd="i32")
+bwd = dict(L="i32", K="i32", D="i32", stride_gn="i32", stride_gl="i32", stride_gd="i32")
+# (x, token, pos, out, CLS, HAS_TOKEN, HAS_POS): unshuffle, the masking backward (no token), the decoder input
+for x, tk, pos, out, cls, has_tok, has_pos in (("bf16", "bf16", "bf16", "bf16", 0, True, False),
+                                               ("bf16", "bf16", "bf16", "bf16", 0, False, False),
+                                               ("bf16", "fp32", "fp32", "fp32", 1, True, True),
+                                               ("fp32", "fp32", "fp32", "fp32", 1, True, True)):
+    cases.append((mk._unshuffle_fwd_kernel, dict(x_ptr=f"*{x}", tok_ptr=f"*{tk}", ids_ptr="*i64", pos_ptr=f"*{pos}",
+                  out_ptr=f"*{out}", **fwd), dict(CLS=cls, HAS_TOKEN=has_tok, HAS_POS=has_pos, ACC64=False,
+                  OUT_BF16=out == "bf16", BLOCK_I=16, BLOCK_D=256)))
+for g, gx, cls in (("bf16", "bf16", 0), ("fp32", "bf16", 1), ("fp32", "fp32", 1)):
+    cases.append((mk._unshuffle_bwd_kernel, dict(g_ptr=f"*{g}", ids_ptr="*i64", gx_ptr=f"*{gx}", gtok_ptr="*fp32", **bwd),
+                  dict(CLS=cls, HAS_TOKEN=True, ACC64=False, GX_BF16=gx == "bf16", BLOCK_I=16, BLOCK_D=256)))
+emb = dict(keep_ptr="*i64", M="i32", K="i32", D="i32", CPP="i32", GW="i32", s_in="i32", s_ic="i32",
+           s_ih="i32", s_iw="i32", s_wd="i32", s_pl="i32", s_pd="i32")
+# (images, GEMM dtype, pos, out, A_CAST, ROUND, PREC): bf16 autocast (the training regime), all-bf16, fp16, fp32
+for im, mm, pos, out, cast, rnd, prec in (("fp32", "bf16", "fp32", "fp32", 1, 1, "ieee"),
+                                          ("bf16", "bf16", "bf16", "bf16", 0, 1, "ieee"),
+                                          ("fp32", "fp16", "fp32", "fp32", 2, 2, "ieee"),
+                                          ("fp32", "fp32", "fp32", "fp32", 0, 0, "tf32")):
+    cases.append((me._masked_embed_fwd_kernel, dict(img_ptr=f"*{im}", w_ptr=f"*{mm}", b_ptr=f"*{mm}", pos_ptr=f"*{pos}",
+                  out_ptr=f"*{out}", **emb), dict(P=16 if cast < 2 else 14, HAS_BIAS=True, HAS_POS=True, A_CAST=cast, ROUND=rnd,
+                  OUT_BF16=out == "bf16", UPCAST=False, ACC64=False, PREC=prec, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)))
+for fn, s, c in cases:
+    src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c)
+    opts = dict(num_warps=8, num_stages=3) if fn is me._masked_embed_fwd_kernel else dict(num_warps=4, num_stages=3)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    print("compiled", fn.__name__, s.get("x_ptr", s.get("img_ptr", "")), c)
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
 def test_kernels_compile_for_sm90():
-    """No GPU here: compile the non-interpreted kernels ahead of time for an H100 (sm_90, through ptxas)."""
+    """No GPU here: compile the non-interpreted kernels (masking.py and masked_embed.py) ahead of time for an H100
+    (sm_90, through ptxas), so type and code-generation errors in the GPU path show up on CPU-only machines too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", AOT_SCRIPT], cwd=Path(__file__).resolve().parents[1], env=env,
-                       capture_output=True, text=True, timeout=170)
+                       capture_output=True, text=True, timeout=300)
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0
-
-
-def test_gpu_suite_dry_run(tmp_path):
-    """bench/gpu_suite.py --dry-run exercises every step's code path on CPU with tiny shapes (it lives here to balance
-    the run time of the two kernel test files)."""
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "suite.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
-    env["MAECT_CPP"] = "0"     # the CPU backend is irrelevant here; never wait for a just-in-time C++ build
-    r = subprocess.run([sys.executable, str(root / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=170)
-    print(r.stdout[-3000:], r.stderr[-3000:])
-    assert r.returncode == 0
-    res = json.loads(out.read_text())
-    assert res["steps"] and all(s["ok"] for s in res["steps"]), [s for s in res["steps"] if not s["ok"]]
-
-
-def test_gpu_suite_counts_a_failed_config_as_a_failed_step():
-    """A per-config failure recorded inside a step's result (how train_step / attention record them) must fail the
-    step: the dry run above cannot pass over a broken benchmark."""
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "bench"))
-    try:
-        from gpu_suite import nested_errors
-    finally:
-        sys.path.remove(str(root / "bench"))
-    assert nested_errors({"results": {"a": {"median_ms": 1.0}}, "rc": 0}) == []
-    err = nested_errors({"results": {"--stage ct": {"error": "TypeError: boom"}, "rows": [{"x": 1}, {"error": "e2"}]}})
-    assert err == ["results/--stage ct: TypeError: boom", "results/rows[1]: e2"]

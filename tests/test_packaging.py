@@ -1,5 +1,6 @@
 """The built wheel: one top-level name (maect), the C++ sources and presets inside it, and a clean import beside an
 unrelated distribution that owns the top-level name `kernels` (issue 19: installing maect must not replace it)."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,8 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
+    src = tmp_path_factory.mktemp("src") / "maect"      # a copy: setuptools writes build/ into the tree it builds
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "runs", "out", "*.egg-info", "__pycache__",
+                                                             ".triton_cache", ".pytest_cache", "*.so"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "--disable-pip-version-check", str(ROOT), "-w", str(out)], capture_output=True, text=True,
+                        "--disable-pip-version-check", str(src), "-w", str(out)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = out.glob("maect-*.whl")
@@ -27,7 +31,8 @@ def test_wheel_has_one_top_level_name(wheel):
     print(sorted(top))
     assert top == {"maect"}
     for must in ("maect/kernels/__init__.py", "maect/kernels/queue_topk.py", "maect/dataloading/__init__.py",
-                 "maect/_csrc/ops.cpp", "maect/presets/tiny.yaml", "maect/models/attention_table.json"):
+                 "maect/_csrc/ops.cpp", "maect/presets/tiny.yaml", "maect/models/attention_table.json",
+                 "maect/kernels/masking_table.json"):
         assert must in names, must
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["maect"]

@@ -1,10 +1,14 @@
-"""python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder]
-       [--data-root DIR] [--pool cls|mean] [--device auto|cpu|cuda] [--out results.json] [--export-features DIR]
-       [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
+"""python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder|folder|
+       filelist] [--data-root DIR] [--labels DIR|CSV] [--skip-corrupt] [--pool cls|mean] [--device auto|cpu|cuda]
+       [--out results.json] [--export-features DIR] [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
 
 Loads the encoder (maect.hub.load_encoder), extracts train/test features once (or reuses the cache in
 --export-features DIR when its metadata matches), runs the protocols on the features, prints a table and writes
-the JSON. The checkpoint records the pooling, image size and data set; flags override them.
+the JSON. The checkpoint records the pooling, image size and data set; flags override them. Labels: image folders
+label every split by the training split's class folders; folder / filelist sources are evaluated on their labels
+(--labels, default the checkpoint's data.labels). Image files pass the training loader's file checks first.
+Feature rows with NaN/inf (an encoder that diverged) stop the run with one line counting them per split, before any
+protocol runs and before anything is cached (maect.eval.features.check_finite).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 
 from maect.atomic import write_json
 from maect.eval.cluster import cluster_eval
-from maect.eval.features import cache_features, extract_features, feature_meta, load_cached
+from maect.eval.features import NonFiniteFeatures, cache_features, check_finite, extract_features, feature_meta, load_cached
 from maect.eval.knn import knn_accuracy
 from maect.eval.lowshot import lowshot
 from maect.eval.probe import linear_probe
@@ -31,8 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m maect.eval", description=__doc__.split("\n\n")[1])
     p.add_argument("--ckpt", required=True, help="maect or official MAE checkpoint (.pth)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated subset of {PROTOCOLS}")
-    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder (default: the checkpoint's data set)")
+    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist (default: the "
+                   "checkpoint's data set)")
     p.add_argument("--data-root", default=None, help="data directory (imagefolder: with train/ and val/)")
+    p.add_argument("--labels", default=None, help="folder/filelist: labels, a DIR with train/ and val/ class folders "
+                   "or a CSV of path,label[,split] (default: the checkpoint's data.labels)")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out bad image files (logged) instead of stopping")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's model.pool")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--out", default=None, help="results JSON (default: eval_<ckpt name>.json next to the ckpt)")
@@ -60,6 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [s for s in args.protocols if s not in PROTOCOLS]
     if bad or not args.protocols:
         p.error(f"--protocols: unknown {bad}; choose from {PROTOCOLS}")
+    low = {"--batch-size": (args.batch_size, 1), "--knn-k": (args.knn_k, 1), "--probe-epochs": (args.probe_epochs, 1),
+           "--probe-batch": (args.probe_batch, 2), "--lowshot-max-iter": (args.lowshot_max_iter, 1),
+           "--kmeans-restarts": (args.kmeans_restarts, 1), "--train-limit": (args.train_limit, 1),
+           "--test-limit": (args.test_limit, 1)}
+    for flag, (v, lo) in low.items():
+        if v is not None and v < lo:
+            p.error(f"{flag}={v} must be >= {lo}" + (" (the probe's BatchNorm needs 2 samples)" if lo == 2 else ""))
+    from maect.eval.knn import min_temperature
+    if not args.knn_T > min_temperature(max(10, args.knn_k)):
+        p.error(f"--knn-T={args.knn_T} must exceed {min_temperature(max(10, args.knn_k)):.4f} (exp(s / T) overflows "
+                "float32 below it)")
     return args
 
 
@@ -72,23 +91,38 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device):
+def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device, labels=""):
     """(features [N, D] on device, labels [N] on device, num_classes, source) for one split, from the cache when
-    its metadata matches, else from the encoder (then written to the cache)."""
-    from maect.dataloading import eval_batches, load_data
+    its metadata matches, else from the encoder (then written to the cache). The metadata holds the class names,
+    so a cache written under another class-to-index mapping is not reused. Data errors exit with one line."""
+    from maect.dataloading import DataError, eval_batches, load_eval_data
+    from maect.dataloading.datasets import check_source
     limit = args.train_limit if split == "train" else args.test_limit
-    meta = feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
-                        data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema)
+    why = None if data_name == "fashion_mnist" else check_source(data_name, data_root or "", labels,
+                                                                 keys=("--data", "--data-root", "--labels"))
+    if why:
+        raise SystemExit(f"maect.eval: {why} (defaults: the checkpoint's data.*)")
+    try:
+        data = load_eval_data(data_name, data_root, split, labels)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"maect.eval: {exc}") from None
+    meta = dict(feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
+                             data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema),
+                labels=labels or "", classes=list(data.classes))
     prefix = os.path.join(args.export_features, split) if args.export_features else None
     hit = load_cached(prefix, meta) if prefix else None
     if hit is not None:
         f, y, stored = hit
+        check_finite("cached features", **{split: f})   # a cache written before caches refused non-finite rows
         return f.to(device), y.to(device), stored["num_classes"], "cache"
-    data = load_data(data_name, data_root, split)
-    batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"], batch_size=args.batch_size,
-                           device=device, limit=limit)
     n = len(data) if limit is None else min(limit, len(data))
-    f, y = extract_features(model, batches, pool=pool, device=device, progress=f"features {split}", total=n)
+    try:
+        batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"],
+                               batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt)
+        f, y = extract_features(model, batches, pool=pool, device=device, progress=f"features {split}", total=n,
+                                split=split)  # raises on NaN/inf
+    except (DataError, FileNotFoundError) as exc:         # bad files (named), a model that does not take RGB
+        raise SystemExit(f"maect.eval: {exc}") from None
     if prefix:
         cache_features(prefix, f, y, dict(meta, num_classes=int(data.num_classes)))
     return f, y, int(data.num_classes), "encoder"
@@ -103,13 +137,15 @@ def run(args) -> dict:
     recorded = info.get("data") or {}
     data_name = args.data or recorded.get("name") or "fashion_mnist"
     data_root = args.data_root if args.data_root is not None else (recorded.get("root") or None)
+    cfg = info.get("config")
+    labels = args.labels if args.labels is not None else (cfg.data.labels if cfg is not None else "")
     res = {"ckpt": os.path.abspath(args.ckpt), "pool": pool, "data": data_name, "data_root": data_root,
            "img_size": info["img_size"], "device": str(device), "use_ema": args.use_ema, "seed": args.seed,
            "lowshot_preprocess": args.lowshot_preprocess,
            "protocols": {}, "seconds": {}}
     t0 = time.perf_counter()
-    tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device)
-    te_f, te_y, _, src_te = split_features(model, info, args, "test", data_name, data_root, pool, device)
+    tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device, labels)
+    te_f, te_y, _, src_te = split_features(model, info, args, "test", data_name, data_root, pool, device, labels)
     res["seconds"]["features"] = time.perf_counter() - t0
     res.update(num_classes=C, n_train=int(tr_f.shape[0]), n_test=int(te_f.shape[0]), dim=int(tr_f.shape[1]),
                feature_source={"train": src_tr, "test": src_te})
@@ -132,7 +168,8 @@ def run(args) -> dict:
         elif name == "cluster":
             f, y = (tr_f, tr_y) if args.cluster_split == "train" else (te_f, te_y)
             P["cluster"] = dict(cluster_eval(f, y, num_classes=C, restarts=args.kmeans_restarts, seed=args.seed,
-                                             progress="k-means"), split=args.cluster_split)
+                                             split=args.cluster_split, progress="k-means"),
+                                 split=args.cluster_split)
         res["seconds"][name] = time.perf_counter() - t
         log.info(f"[eval] {name} done in {res['seconds'][name]:.1f} s")
     return res
@@ -164,7 +201,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not logging.getLogger().handlers:   # progress lines (maect.progress) on stdout, like maect.train's
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    res = run(args)
+    try:
+        res = run(args)
+    except NonFiniteFeatures as e:
+        sys.exit(f"maect.eval: {e}")
     print(table(res))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                    f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect.progress import Progress
+from maect.eval.features import check_finite
 
 DIST_BUDGET = 1 << 24     # distances per block
 
@@ -83,9 +84,13 @@ def kmeans(x: Tensor, k: int, restarts: int = 10, max_iter: int = 300, tol: floa
            progress: str = "") -> dict:
     """k-means of x [N, D] (any float dtype, computed in fp32 on x's device), best of `restarts` by inertia;
     progress: a name for progress lines (restarts done, ETA).
-    Returns {'labels': int64 [N], 'centres': [k, D], 'inertia': float, 'inertias': [restarts], 'iters': [...]}."""
+    Returns {'labels': int64 [N], 'centres': [k, D], 'inertia': float, 'inertias': [restarts], 'iters': [...]}.
+    Raises ValueError for k outside [1, N] or restarts < 1, NonFiniteFeatures for NaN/inf rows."""
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"kmeans: k={k} must lie in [1, N={x.shape[0]}]")
+    if restarts < 1:
+        raise ValueError(f"kmeans: restarts={restarts} must be >= 1")
+    check_finite("kmeans", input=x)
     x = x.float()
     x_sq = (x * x).sum(1)
     g = torch.Generator(device=x.device).manual_seed(seed)
@@ -115,10 +120,13 @@ def hungarian_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
 
 
 def cluster_eval(features: Tensor, labels: Tensor, num_classes: int | None = None, restarts: int = 10,
-                 seed: int = 0, max_iter: int = 300, normalize: bool = True, progress: str = "") -> dict:
+                 seed: int = 0, max_iter: int = 300, normalize: bool = True, split: str = "clustered",
+                 progress: str = "") -> dict:
     """k-means with k = num_classes (default: max label + 1) on the L2-normalised features [N, D].
-    Returns {'acc' (%), 'nmi' (%), 'inertia', 'k', 'restarts'}."""
+    Returns {'acc' (%), 'nmi' (%), 'inertia', 'k', 'restarts'}. NaN/inf rows raise NonFiniteFeatures (checked
+    before normalising, which would turn an inf row into NaN), counted under the name `split`."""
     from sklearn.metrics import normalized_mutual_info_score
+    check_finite("cluster_eval", **{split: features})
     k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     x = F.normalize(features.float(), dim=1, eps=1e-12) if normalize else features.float()
     res = kmeans(x, k, restarts=restarts, max_iter=max_iter, seed=seed, progress=progress)

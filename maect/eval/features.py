@@ -10,6 +10,12 @@ Cache layout for a prefix P (e.g. DIR/train):
     P.json           metadata: checkpoint path/mtime/size, pool, split, img_size, ... (see feature_meta)
 The cache is used only when the stored metadata equals the expected one, so a retrained checkpoint (new mtime or
 size), another pooling or another --train-limit re-runs the encoder instead of silently reusing stale features.
+
+Non-finite features (the rule every protocol follows): a feature row holding NaN or +-inf has no place in any
+protocol, so check_finite refuses it before any work, with one error (NonFiniteFeatures) that counts the bad rows of
+each split. Without it, k-NN, k-means and the probe turn NaN rows into a chance-level number (NaN similarities
+lose every comparison, a NaN logit row argmaxes to class 0) and nothing says why. extract_features and
+cache_features apply it too, so a NaN-producing encoder is named before a protocol runs and never lands in a cache.
 """
 from __future__ import annotations
 
@@ -26,9 +32,38 @@ from maect.models.vit import pool as pool_tokens
 from maect.progress import Progress
 
 
+class NonFiniteFeatures(ValueError):
+    """Feature rows with NaN or +-inf. counts: {split: (bad rows, rows)} for every split that was checked."""
+
+    def __init__(self, message: str, counts: dict):
+        super().__init__(message)
+        self.counts = counts
+
+
+def check_finite(where: str, **splits: Tensor) -> None:
+    """Raise NonFiniteFeatures when any row of any split [N, D] holds NaN or +-inf; `where` starts the message.
+    Example: check_finite("knn", train=train_f, test=test_f) ->
+      knn: 3 of 500 train and 200 of 200 test feature rows are non-finite (NaN/inf): ...
+    One reduction per split (one device sync each); splits are named by their keyword."""
+    bad = {}
+    for name, f in splits.items():
+        ok = torch.isfinite(f)
+        bad[name] = ~(ok.flatten(1).all(1) if f.dim() > 1 else ok)         # [N] rows holding any NaN/inf
+    counts = {name: (int(b.sum()), b.numel()) for name, b in bad.items()}
+    if not any(n for n, _ in counts.values()):
+        return
+    parts = [f"{n} of {total} {name}" for name, (n, total) in counts.items() if n]
+    first = next(name for name, (n, _) in counts.items() if n)
+    rows = bad[first].nonzero()[:3, 0].tolist()
+    raise NonFiniteFeatures(
+        f"{where}: {' and '.join(parts)} feature rows are non-finite (NaN/inf): the encoder that made them produces "
+        f"NaN/inf (a diverged run or a corrupt checkpoint?); first bad {first} rows {rows}; refusing to evaluate them "
+        f"(k-NN, k-means and the probe would report a chance-level number)", counts)
+
+
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device=None, progress: str = "",
-                     total: int | None = None) -> tuple[Tensor, Tensor]:
+                     total: int | None = None, split: str = "extracted") -> tuple[Tensor, Tensor]:
     """Pooled encoder features of every batch.
 
     model:   MaskedAutoencoderViT (or a DDP/compile wrapper exposing .module); only forward_features is used.
@@ -37,7 +72,9 @@ def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device
     device:  where the encoder runs and the features live (default: the model's parameters' device).
     progress: a name for progress lines (images done, images/s, ETA; every 10 s and at the end); '' = silent.
     total:   the number of images expected (for the ETA).
-    Returns (features float32 [N, D], labels int64 [N]) on `device`.
+    split:   the split's name in the NonFiniteFeatures error.
+    Returns (features float32 [N, D], labels int64 [N]) on `device`; raises NonFiniteFeatures when a row holds
+    NaN/inf (check_finite).
 
     The model is put in eval mode for the pass, and every module's own training flag is restored afterwards
     (stage 3 keeps the frozen lower half in eval mode while the upper half trains: a blanket model.train() at
@@ -67,7 +104,9 @@ def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device
             m.training = t
     if not feats:
         raise ValueError("extract_features: the batch iterator yielded no batches (empty dataset or limit=0?)")
-    return torch.cat(feats), torch.cat(labels)
+    feats = torch.cat(feats)
+    check_finite("extract_features", **{split: feats})
+    return feats, torch.cat(labels)
 
 
 def feature_meta(ckpt: str | None, *, pool: str, split: str, img_size: int, in_chans: int, data: str,
@@ -85,10 +124,12 @@ def feature_meta(ckpt: str | None, *, pool: str, split: str, img_size: int, in_c
 
 def cache_features(prefix: str, features: Tensor, labels: Tensor, meta: dict) -> None:
     """Write P.features.npy (float32 [N, D]), P.labels.npy (int64 [N]) and P.json (meta) atomically; the JSON is
-    written last, so a run killed half-way leaves no metadata that would vouch for a partial cache."""
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    written last, so a run killed half-way leaves no metadata that would vouch for a partial cache. Non-finite
+    rows raise NonFiniteFeatures and nothing is written."""
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"cache_features: {features.shape[0]} feature rows but {labels.shape[0]} labels")
+    check_finite("cache_features", **{os.path.basename(prefix) or "cached": features})
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     f = features.detach().float().cpu().numpy()
     y = labels.detach().long().cpu().numpy()
 

@@ -10,6 +10,11 @@ chunks of test queries so that no backend ever holds more than about `budget` si
 (lower bank index first) makes the neighbour set deterministic, so the top-10 is the prefix of the top-20 and
 several k come out of one search.
 
+Non-finite features (NaN/inf in any row of either side) raise NonFiniteFeatures before the search (features.py's
+check_finite): queue_topk never returns a non-finite similarity and pads a row that has fewer than k finite ones with
+index -1, and a -1 used as a bank index would silently vote for the last bank row's class. So a -1 that still comes
+back (it cannot, after the check) is an error too, never a vote.
+
 These are plain functions on tensors: the training loop calls knn_accuracy every epoch as a monitor.
 """
 from __future__ import annotations
@@ -21,8 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect import kernels
+from maect.eval.features import check_finite
 
 SIM_BUDGET = 1 << 26    # similarities per chunk (256 MiB fp32 in the reference path's [chunk, N_train] matrix)
+
+
+def min_temperature(k: int) -> float:
+    """The smallest T whose scores stay finite in fp32: k weights of at most exp(1 / T) (cosine <= 1) sum below
+    float32's max when 1 / T + ln k < ln(3.4e38) = 88.72, i.e. T > 1 / (88.72 - ln k) (0.0113 at k = 1, 0.0120
+    at k = 200). Below it a score is inf, argmax ties go to the lowest class index, and the accuracy is wrong."""
+    return 1.0 / (math.log(torch.finfo(torch.float32).max) - math.log(max(1, k)))
 
 
 def prepare(train_f: Tensor, test_f: Tensor, standardize: bool = False, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -41,6 +54,7 @@ def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int | list[i
 
     k: one int or several (one top-max(k) search serves all). num_classes: default max label + 1.
     chunk: test queries per queue_topk call; default keeps chunk * N <= SIM_BUDGET.
+    Raises ValueError for bad shapes or k, NonFiniteFeatures (a ValueError) for NaN/inf feature rows.
     """
     ks = [k] if isinstance(k, int) else sorted(set(k))
     kmax = ks[-1]
@@ -50,18 +64,27 @@ def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int | list[i
                          f"{tuple(train_y.shape)}, {tuple(test_f.shape)}")
     if kmax > N or ks[0] < 1:
         raise ValueError(f"knn: k={ks} must lie in [1, {N}] (the train bank size)")
+    if not T > min_temperature(kmax):     # also rejects NaN
+        raise ValueError(f"knn: T={T} must exceed {min_temperature(kmax):.4f}: exp(s / T) over k={kmax} neighbours "
+                         f"overflows float32 below that (the DINO protocol uses 0.07)")
+    check_finite("knn", train=train_f, test=test_f)
     C = int(num_classes) if num_classes is not None else int(train_y.max()) + 1
     bank, query = prepare(train_f, test_f.to(train_f.device), standardize)
     bank_y = train_y.to(bank.device).long()
     chunk = chunk or max(1, min(4096, SIM_BUDGET // max(N, 1)))
     out = {kk: [] for kk in ks}
+    padded = torch.zeros((), dtype=torch.bool, device=bank.device)             # any -1 index: read once at the end
     for s in range(0, query.shape[0], chunk):
         sim, idx = kernels.queue_topk(query[s:s + chunk], bank, kmax)          # [b, kmax] fp32 / int64, sorted desc
+        padded |= (idx < 0).any()
         w = (sim / T).exp()                                                     # DINO: exp(s / T), no max-shift
-        lab = bank_y[idx]                                                       # [b, kmax]
+        lab = bank_y[idx.clamp_min(0)]                                          # [b, kmax]; a -1 raises below
         for kk in ks:
             sc = torch.zeros(lab.shape[0], C, device=bank.device, dtype=torch.float32)
             out[kk].append(sc.scatter_add_(1, lab[:, :kk], w[:, :kk]))
+    if bool(padded):   # finite, normalised rows always have N >= k finite similarities: a kernel fault
+        raise RuntimeError(f"knn: kernels.queue_topk returned index -1 (fewer than k={kmax} finite similarities) for "
+                           f"finite features; backend {kernels.backend_for(bank)}")
     return {kk: torch.cat(v) if v else torch.zeros(0, C, device=bank.device) for kk, v in out.items()}
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from maect.progress import Progress
+from maect.eval.features import check_finite
 
 LAMBDA = 0.00025          # lam * n, i.e. lam = LAMBDA / n_train
 SHOTS = (1, 2, 5)
@@ -93,9 +94,11 @@ def lowshot(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, sh
     Returns {'{s}-shot': {'mean', 'std', 'accs', 'n_train', 'converged'} for s in shots,
              '{p}%': {... one split ...}}. std is the population std over the splits (0 for one split).
     Split j of setting s uses seed  seed * 1000 + 100 * s + j  (different settings draw different images).
+    Raises NonFiniteFeatures (a ValueError) for NaN/inf feature rows.
     """
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"lowshot: preprocessing={preprocessing!r}: choose one of {PREPROCESSING}")
+    check_finite("lowshot", train=train_f, test=test_f)
     mean = train_f.double().mean(0) if preprocessing == "column" else None   # full train split, before subsetting
     x_test = test_f.double().cpu().numpy() if preprocessing == "row_train_only" else preprocess(test_f, mean)
     y_all, y_test = train_y.cpu().numpy(), test_y.cpu().numpy()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect.progress import Progress
+from maect.eval.features import check_finite
 
 LRS = (0.1, 0.05, 0.03, 0.02, 0.01)   # base lrs; the actual lr is base * batch / 256
 
@@ -103,8 +104,13 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
 
     train_f [N, D], train_y [N], test_f [M, D], test_y [M]; runs on `device` (default train_f's device).
     Returns {'lr', 'base_lr', 'val_acc', 'test_acc', 'val_acc_per_base_lr', 'epochs', 'n_train', 'n_val'}
-    (accuracies in %).
+    (accuracies in %). Raises NonFiniteFeatures (a ValueError) for NaN/inf feature rows, ValueError for
+    epochs < 1 or batch_size < 2 (the BatchNorm needs two samples per batch).
     """
+    check_finite("linear_probe", train=train_f, test=test_f)
+    if epochs < 1 or batch_size < 2:
+        raise ValueError(f"linear probe: epochs={epochs} must be >= 1 and batch_size={batch_size} >= 2 (its "
+                         f"BatchNorm cannot normalise a single sample)")
     dev = torch.device(device) if device is not None else train_f.device
     C = int(num_classes) if num_classes is not None else int(max(train_y.max(), test_y.max())) + 1
     f, y = train_f.to(dev).float(), train_y.to(dev).long()

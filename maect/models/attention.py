@@ -5,17 +5,21 @@ attention(q, k, v): q, k, v [N, H, T, Dh] -> [N, H, T, Dh] = softmax(q kᵀ / sq
 (MAE-CT uses neither). Any strides: the ViT passes views into its packed qkv tensor.
 
 Backends (set_backend(name), the config key model.attention, or env MAECT_ATTENTION):
-  xformers        xformers.ops.memory_efficient_attention on [N, T, H, Dh] views (no copy). CUDA only: xFormers has
-                  no CPU operators. Beside a torch other than the one its wheel was built for (0.0.35: torch 2.10)
-                  only its PyTorch-backed (cutlassF-pt, fa2F-pt) and Triton operators load.
+  xformers        xformers.ops.memory_efficient_attention on [N, T, H, Dh] ("BMHK") views (no copy), xFormers
+                  picking the operator. CUDA only (xFormers has no CPU operators). Loaded through
+                  maect.models.xformers_load, which preloads the CUDA 12 runtime a CUDA-12 xFormers wheel needs beside
+                  a CUDA 13 torch and otherwise says exactly why it cannot load.
+  xformers_cutlass, xformers_flash
+                  the same with one operator pair forced (fmha.cutlass / fmha.flash Fw+Bw ops).
   sdpa            torch.nn.functional.scaled_dot_product_attention, torch picking the kernel per call.
   sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
                   SDPA with one kernel forced through torch.nn.attention.sdpa_kernel (on CPU only flash and math
                   exist: torch's CPU flash kernel and the composite math path).
   math            attention_ref: the explicit fp32 reference (fp64 inputs stay fp64; under autocast, timm's math).
-  auto            per (device type, dtype, head dim, sequence-length bucket, train/infer) from a table measured by
-                  `python bench/attention.py --write-table maect/models/attention_table.json` on the GPU in use;
-                  'sdpa' where the table has no entry or its pick cannot run. On CPU always 'sdpa'.
+  auto            per (device type, dtype, head dim, sequence-length bucket, train/infer) the backend that measured
+                  fastest, from the table `python bench/attention.py --write-table` writes
+                  (maect/models/attention_table.json; env MAECT_ATTENTION_TABLE for another file); 'sdpa' (SDPA's own
+                  kernel choice) where the table has no entry or its pick cannot run.
 The backend chosen for each (backend asked, device, dtype, Dh, T, grad) is logged once (logger 'maect') and
 cached, so the per-call cost is one dict lookup; under torch.compile the choice is a trace-time constant (no graph
 break, no recompile). A named backend that cannot run raises BackendUnavailable at the first call (eager) or at
@@ -23,7 +27,6 @@ trace time (compiled).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -34,11 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maect.models import xformers_load as X
+
 log = logging.getLogger("maect")
 
-CONCRETE = ("xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "math")
+CONCRETE = ("xformers", "xformers_cutlass", "xformers_flash", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
+            "sdpa_math", "math")
 BACKENDS = CONCRETE + ("auto",)
-AUTO_CANDIDATES = ("xformers", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn")   # what --write-table may pick
+# what --write-table may pick (the math paths are references, never fast)
+AUTO_CANDIDATES = ("xformers", "xformers_cutlass", "xformers_flash", "sdpa", "sdpa_flash", "sdpa_efficient",
+                   "sdpa_cudnn")
+XFORMERS_OPS = {"xformers_cutlass": "cutlass", "xformers_flash": "flash"}   # backend -> xformers.ops.fmha module
 TABLE_PATH = os.environ.get("MAECT_ATTENTION_TABLE", os.path.join(os.path.dirname(__file__), "attention_table.json"))
 
 _backend = os.environ.get("MAECT_ATTENTION", "sdpa")
@@ -93,67 +102,50 @@ def _sdpa_forced(kernel_name: str) -> Callable:
     return fn
 
 
-def _xformers(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    import xformers.ops as xops
-    # [N, H, T, Dh] -> [N, T, H, Dh]: transposed views (the ViT's packed qkv is already in this order: no copy)
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+def _xformers_ops(name: str):
+    """The (forward, backward) operator pair forced by backend `name`, or None for xFormers' own dispatch."""
+    if name not in XFORMERS_OPS:
+        return None
+    from xformers.ops import fmha
+    mod = getattr(fmha, XFORMERS_OPS[name])
+    return mod.FwOp, mod.BwOp
+
+
+def _xformers_fn(name: str) -> Callable:
+    def fn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        import xformers.ops as xops
+        # [N, H, T, Dh] -> [N, T, H, Dh] (BMHK): transposed views (the ViT's packed qkv is already in this order)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              op=_xformers_ops(name))
+        return out.transpose(1, 2)
+    return fn
 
 
 def _impl(name: str) -> Callable:
-    return {"xformers": _xformers, "sdpa": _sdpa, "math": attention_ref}.get(name) or _sdpa_forced(
+    if name.startswith("xformers"):
+        return _xformers_fn(name)
+    return {"sdpa": _sdpa, "math": attention_ref}.get(name) or _sdpa_forced(
         {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
          "sdpa_math": "MATH"}[name])
 
 
 # ------------------------------------------------------------------------------------------------ availability
-_xformers_state: dict = {}
-
-
-def _import_xformers() -> str | None:
-    """Import xformers.ops once; None if it works, else why not. Its 'cannot load C++/CUDA extensions' warning (a
-    wheel built for another torch) is captured into one log line instead of a traceback."""
-    if "reason" in _xformers_state:
-        return _xformers_state["reason"]
-    reason, notes = None, []
-    if importlib.util.find_spec("xformers") is None:
-        reason = f"not installed (pip install xformers==0.0.35 torch=={torch.__version__.split('+')[0]})"
-    else:
-        xlog = logging.getLogger("xformers")
-
-        class Capture(logging.Filter):
-            def filter(self, record):
-                notes.append(record.getMessage().splitlines()[0])
-                return False
-        cap = Capture()
-        xlog.addFilter(cap)
-        try:
-            import xformers
-            import xformers.ops  # noqa: F401
-            _xformers_state["version"] = xformers.__version__
-        except Exception as e:  # a broken install must not break the other backends
-            reason = f"import failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        finally:
-            xlog.removeFilter(cap)
-        if notes:
-            log.info(f"attention: xformers {_xformers_state.get('version', '?')} loaded with a warning: {notes[0][:200]}"
-                     " (only its PyTorch-backed and Triton operators run; `python -m xformers.info` lists them)")
-    _xformers_state["reason"] = reason
-    return reason
-
-
-def _xformers_reason(q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str | None:
+def _xformers_reason(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str | None:
     if q.device.type != "cuda":
-        if importlib.util.find_spec("xformers") is None:
+        if X._xformers_dir() is None:
             return f"not installed (and no {q.device.type.upper()} operators in xFormers)"
         return f"no {q.device.type.upper()} operators (every xFormers attention operator is CUDA-only)"
-    reason = _import_xformers()
-    if reason:
-        return reason
+    status = X.load_xformers()
+    if not status.ok:
+        return status.reason
     from xformers.ops import fmha
     inp = fmha.Inputs(query=q.transpose(1, 2), key=k.transpose(1, 2), value=v.transpose(1, 2))
+    forced = _xformers_ops(name)
+    kinds = (("forward", [forced[0]] if forced else fmha.ALL_FW_OPS),)
+    if grad:
+        kinds += (("backward", [forced[1]] if forced else fmha.ALL_BW_OPS),)
     out = []
-    for kind, ops in (("forward", fmha.ALL_FW_OPS),) + ((("backward", fmha.ALL_BW_OPS),) if grad else ()):
+    for kind, ops in kinds:
         why = {op.NAME: op.not_supported_reasons(inp) for op in ops}
         if all(why.values()):
             out.append(f"no {kind} operator: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items()))
@@ -204,8 +196,8 @@ def why_not(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None
         return f"dtype {q.dtype} is not a floating-point type"
     if name in ("sdpa", "sdpa_math", "math"):
         return None
-    if name == "xformers":
-        return _xformers_reason(q, k, v, grad)
+    if name.startswith("xformers") and name in CONCRETE:
+        return _xformers_reason(name, q, k, v, grad)
     if name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn"):
         if q.device.type == "cpu":
             if name == "sdpa_flash":
@@ -272,6 +264,17 @@ def load_table(path: str | None = None) -> dict:
     return t
 
 
+def save_table(path: str, new: dict, merge: bool = True) -> dict:
+    """Write table `new` to path atomically; merge=True keeps the entries of the existing file that `new` does not
+    measure (another device type, dtype or shape). Each entry keeps its own 'measured_on'. Returns what was written."""
+    from maect.atomic import write_json
+    old = load_table(path) if merge else {}
+    entries = {**old.get("entries", {}), **new.get("entries", {})}
+    out = {**old, **new, "entries": dict(sorted(entries.items()))}
+    write_json(path, out)
+    return out
+
+
 def pick_from_table(table: dict, device_type: str, dtype: torch.dtype, Dh: int, T: int, grad: bool) -> str | None:
     """The measured pick for these inputs, or None if the table has no entry."""
     entry = table.get("entries", {}).get(table_key(device_type, dtype, Dh, T))
@@ -288,17 +291,17 @@ def resolve(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None
         if why_not(name, q, k, v, grad) is not None:
             raise BackendUnavailable(unavailable_message(name, q, k, v, grad))
         return name, "asked by name"
-    if q.device.type != "cuda":
-        return "sdpa", f"auto on {q.device.type}: SDPA (it picks its own {q.device.type} kernel)"
     table = load_table()
     key = table_key(q.device.type, q.dtype, q.shape[-1], q.shape[-2])
     pick = pick_from_table(table, q.device.type, q.dtype, q.shape[-1], q.shape[-2], grad)
     if pick is None:
-        return "sdpa", f"auto: no measured entry {key} in {TABLE_PATH} (run bench/attention.py --write-table)"
+        return "sdpa", (f"auto: no measured entry {key} in {TABLE_PATH} (bench/attention.py --write-table measures "
+                        "one): SDPA's own kernel choice")
     why = why_not(pick, q, k, v, grad) if pick in CONCRETE else f"unknown backend {pick!r} in the table"
     if why is not None:
-        return "sdpa", f"auto: table pick {pick} for {key} cannot run ({why})"
-    dev = (table.get("measured_on") or {}).get("device", "?")
+        return "sdpa", f"auto: table pick {pick} for {key} cannot run ({why}): SDPA's own kernel choice"
+    entry = table["entries"][key]
+    dev = (entry.get("measured_on") or table.get("measured_on") or {}).get("device", "?")
     return pick, f"auto: table entry {key} ({'train' if grad else 'infer'}), measured on {dev}"
 
 
@@ -322,9 +325,27 @@ def _choose(backend: str, device_type: str, device_index: int | None, dtype: tor
     return name
 
 
+def _concrete(n, hi: int = 1 << 24) -> int:
+    """n as a Python int. Under torch.compile's dynamic shapes (automatic after a recompile for a second shape: the
+    decoder's blocks share Block.forward with the encoder's) a size is symbolic and cannot be an argument of _choose;
+    a binary search of comparisons turns it into a constant, each comparison a guard, so the graph is specialised on
+    the size (a recompile per new size, as with static shapes) instead of breaking at _choose."""
+    if not torch.compiler.is_compiling():
+        return n
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(Dh)) v for q, k, v [N, H, T, Dh] with the configured backend."""
-    name = _choose(_backend, q.device.type, q.device.index, q.dtype, q.shape[-2], q.shape[-1], _needs_grad(q, k, v))
+    T, Dh = _concrete(q.shape[-2]), _concrete(q.shape[-1])
+    name = _choose(_backend, q.device.type, q.device.index, q.dtype, T, Dh, _needs_grad(q, k, v))
     return _IMPLS[name](q, k, v)
 
 

@@ -41,9 +41,12 @@ class PatchEmbed(nn.Module):
         self.num_patches = (img_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, L, D]
+    def check(self, x: Tensor) -> None:
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"input images are {tuple(x.shape[-2:])}, the model expects {self.img_size}x{self.img_size}")
+
+    def forward(self, x: Tensor) -> Tensor:  # [N, C, H, W] -> [N, L, D]
+        self.check(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -141,9 +144,13 @@ class MaskedAutoencoderViT(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None):
-        """MAE encoder. Returns latent [N, 1 + K, D] (after norm), mask [N, L] (0 keep, 1 remove), ids_restore [N, L]."""
-        x = self.embed(imgs)
-        x, mask, ids_restore = kernels.random_masking(x, mask_ratio, noise)
+        """MAE encoder. Returns latent [N, 1 + K, D] (after norm), mask [N, L] (0 keep, 1 remove), ids_restore [N, L].
+        Patch embedding + position embedding + masking in one op: kernels.masked_patch_embed equals MAE's
+        patch_embed -> + pos_embed -> random_masking; its measured dispatch may embed only the kept patches."""
+        self.patch_embed.check(imgs)
+        proj = self.patch_embed.proj
+        x, mask, ids_restore = kernels.masked_patch_embed(imgs, proj.weight, proj.bias, self.pos_embed[:, 1:, :],
+                                                          mask_ratio, noise)
         x = self.prepend_cls(x)
         for blk in self.blocks:
             x = blk(x)
@@ -164,10 +171,10 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ----------------------------------------------------------------------------------------- decoder
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """latent [N, 1 + K, D] -> per-patch pixel predictions [N, L, p*p*C] (cls output dropped)."""
+        """latent [N, 1 + K, D] -> per-patch pixel predictions [N, L, p*p*C] (cls output dropped). The decoder input
+        (mask tokens appended, unshuffled, cls re-attached, + decoder_pos_embed) is one op: kernels.decoder_input."""
         x = self.decoder_embed(latent)
-        tokens = kernels.unshuffle(x[:, 1:, :], self.mask_token, ids_restore)
-        x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
+        x = kernels.decoder_input(x, self.mask_token, ids_restore, self.decoder_pos_embed)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]

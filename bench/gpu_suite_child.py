@@ -1,0 +1,280 @@
+"""The process that runs one step of bench/gpu_suite.py (`gpu_suite.py --_child NAME`), and the builtin steps.
+
+Protocol with the parent: the step fills a StepOut (bench/step_out.py) whose file the parent reads afterwards; the
+child adds "_state" (done | skipped | interrupted | error), "_timing" and, on an exception, "_error". SIGTERM at the
+deadline raises BudgetExceeded wherever the step is; the file then holds what was assigned so far (and every table
+printed so far, in "_tables").
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from step_out import StepOut, stream_to
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = ROOT / ".whl" / "site"
+DRY_TESTS = ["tests/test_queue_topk.py::test_empty_batch_and_bad_k",
+             "tests/test_masking.py::test_noise_ties_and_generator"]
+_TERMINATED = []          # set by the SIGTERM handler (pytest catches KeyboardInterrupt itself)
+
+
+class BudgetExceeded(KeyboardInterrupt):
+    """SIGTERM from the suite at the step's deadline. A KeyboardInterrupt, so neither a step's `except Exception`
+    around one configuration nor pytest's per-test error capture swallows it."""
+
+
+def _on_sigterm(signum, frame):
+    _TERMINATED.append(time.time())
+    raise BudgetExceeded("the suite's deadline for this step passed")
+
+
+def _inside_dynamo() -> bool:
+    """A Triton compile inside torch.compile's frame compilation is counted in torch_compile_s already."""
+    f = sys._getframe(2)
+    while f is not None:
+        if "torch/_dynamo/convert_frame" in f.f_code.co_filename.replace(os.sep, "/"):
+            return True
+        f = f.f_back
+    return False
+
+
+class CompileClock:
+    """Seconds spent in Triton JIT compiles (wraps triton.compiler.compile: installed before the step's kernels are
+    defined, since each JITFunction keeps the compile function it saw), in the Triton autotuner's benchmarking
+    (Autotuner._bench, minus the compiles inside it) and in torch.compile (dynamo's compile_inner timings)."""
+
+    def __init__(self):
+        self.triton_s = self.autotune_s = self.compile_in_autotune_s = 0.0
+        self.triton_n, self._tuning = 0, False
+
+    def install(self) -> None:
+        try:
+            import triton
+            import triton.compiler
+            from triton.runtime import autotuner
+        except Exception:
+            return
+        orig, clock = triton.compiler.compile, self
+
+        @functools.wraps(orig)
+        def compile(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return orig(*args, **kw)
+            finally:
+                if not _inside_dynamo():
+                    dt = time.perf_counter() - t0
+                    clock.triton_s, clock.triton_n = clock.triton_s + dt, clock.triton_n + 1
+                    clock.compile_in_autotune_s += dt if clock._tuning else 0.0
+        triton.compiler.compile = compile
+        if getattr(triton, "compile", None) is orig:
+            triton.compile = compile
+        bench = getattr(autotuner.Autotuner, "_bench", None)
+        if bench is not None:
+            @functools.wraps(bench)
+            def timed_bench(this, *args, **kw):
+                t0, clock._tuning = time.perf_counter(), True
+                try:
+                    return bench(this, *args, **kw)
+                finally:
+                    clock._tuning, clock.autotune_s = False, clock.autotune_s + time.perf_counter() - t0
+            autotuner.Autotuner._bench = timed_bench
+
+    def report(self, startup_s: float, run_s: float) -> dict:
+        torch_s = 0.0
+        if "torch._dynamo" in sys.modules:
+            try:
+                from torch._dynamo.utils import compilation_time_metrics as m
+                torch_s = sum(sum(v) for k, v in m.items() if k.startswith("_compile") and k.endswith("compile_inner"))
+            except Exception:
+                torch_s = None
+        compile_s = self.triton_s + (torch_s or 0.0)
+        tune = max(0.0, self.autotune_s - self.compile_in_autotune_s)
+        r = {"startup_s": startup_s, "run_s": run_s, "compile_s": compile_s, "triton_compile_s": self.triton_s,
+             "triton_compiles": self.triton_n, "torch_compile_s": torch_s, "autotune_s": tune,
+             "measure_s": max(0.0, run_s - compile_s - tune)}
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
+
+
+# ------------------------------------------------------------------------------------------------ builtins
+def env_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
+    """Versions, the device, DALI's availability and where it comes from, and how warm the compile caches are."""
+    import platform
+
+    import torch
+    marks["ready"] = time.time()
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        prop = torch.cuda.get_device_properties(0)
+        info.update(device=prop.name, sms=prop.multi_processor_count, capability=f"{prop.major}.{prop.minor}",
+                    memory_gib=round(prop.total_memory / 2 ** 30, 1))
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError as e:
+        info["triton"] = f"missing: {e}"
+    from maect.dataloading import dali
+    reason = dali.import_error()
+    if reason is None:
+        import nvidia.dali
+        info["dali"] = f"{nvidia.dali.__version__} from {Path(nvidia.dali.__file__).parent}"
+    else:
+        info["dali"] = reason
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        d = Path(os.environ.get(var, "-"))
+        info[var] = {"path": str(d), "entries_at_start": len(os.listdir(d)) if d.is_dir() else 0}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=10).stdout.strip()
+    except Exception:
+        pass
+    out.update(info)
+    print("env: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+
+def stage_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
+    """Real run: report the staged wheels (bench/stage_wheels.py) and install them if the last call did not.
+    Dry run: the whole round trip on a fake wheel: split, a corrupted chunk refused, reassemble, install, import."""
+    import stage_wheels as S
+    marks["ready"] = time.time()
+    if dry_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            wheel = S.fake_wheel(tmp / "wheels")
+            (tmp / "blob.bin").write_bytes(os.urandom(3000))
+            man = S.split({f"wheels/{wheel.name}": wheel, "data/blob.bin": tmp / "blob.bin"}, tmp / "stage",
+                          chunk_mib=1500 / S.MiB)
+            out["chunks"] = len(man["chunks"])
+            part = tmp / "stage" / man["chunks"][1]["name"]
+            good = part.read_bytes()
+            part.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+            try:
+                S.assemble(tmp / "stage", man, tmp / "unpacked")
+                out["corrupt_chunk"] = {"error": "a corrupted chunk was accepted"}
+            except S.StageError as e:
+                out["corrupt_chunk"] = f"refused: {e}"[:400]
+            part.write_bytes(good)
+            out["install"] = S.install(tmp / "stage", tmp / "site", tmp / "data", check_module="maect_stage_probe")
+        print(f"stage (dry run, fake wheel): {out['chunks']} chunks, corrupt chunk {str(out['corrupt_chunk'])[:60]}"
+              f"..., installed by {out['install']['method']}, import {out['install']['import']}")
+        return
+    st = S.status()
+    out["staged"] = st
+    if not st["installed"]:
+        if "manifest" in st:
+            out["skipped"] = "nothing staged (no .whl/stage/manifest.json): DALI comes from the environment, if at all"
+            return
+        if st["missing"] or st["corrupt"]:
+            out["error"] = (f"staged chunks incomplete (missing {st['missing']}, corrupt {st['corrupt']}) and "
+                            f"nothing installed in {SITE}: carry them again (README, Running the GPU suite)")
+            return
+        out["install"] = S.install(S.STAGE, S.SITE, S.DATA)       # the last call normally ran `install` already
+    out["dali"] = S.import_check(S.SITE, "nvidia.dali")
+    print(f"stage: {st.get('intact', '-')}/{st.get('chunks', '-')} chunks; DALI {out['dali']}")
+
+
+class _StreamTests:
+    """pytest plugin: each test's outcome into the StepOut as it finishes (the worst of its phases; failures also as
+    nested errors, which fail the step)."""
+    RANK = {"passed": 0, "skipped": 1, "failed": 2}
+
+    def __init__(self, out: dict):
+        self.out, self.tests = out, {}
+        out.update(passed=0, failed=0, skipped=0, tests=self.tests)
+
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call" and report.outcome == "passed":
+            return
+        old = self.tests.get(report.nodeid, "passed").split(":")[0]
+        if report.nodeid in self.tests and self.RANK[old] >= self.RANK[report.outcome]:
+            return
+        why = report.longrepr[2] if report.outcome == "skipped" and isinstance(report.longrepr, tuple) else ""
+        self.tests[report.nodeid] = f"{report.outcome}: {why}" if why else report.outcome
+        if report.outcome == "failed":
+            self.out.setdefault("failures", {})[report.nodeid] = {"error": str(report.longreprtext)[-1500:]}
+        outcomes = [v.split(":")[0] for v in self.tests.values()]
+        self.out.update({k: outcomes.count(k) for k in self.RANK})        # rewrites the file
+
+
+def pytest_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
+    """The GPU-marked tests of every test file that has them, with the shipped kernel configs (MAECT_AUTOTUNE=0)."""
+    import pytest
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
+    args = DRY_TESTS if dry_run else files + ["-m", "gpu"]
+    os.environ["MAECT_AUTOTUNE"] = "0"
+    out.update(_selection=" ".join(args), _autotune="off (MAECT_AUTOTUNE=0: the shipped configs)")   # not results
+    plugin = _StreamTests(out)
+    marks["ready"] = time.time()
+    code = int(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", *args], plugins=[plugin]))
+    if _TERMINATED:
+        raise BudgetExceeded("pytest was interrupted at the deadline")
+    out["exit_code"] = code
+    print(f"kernel tests: {out['passed']} passed, {out['failed']} failed, {out['skipped']} skipped "
+          f"(pytest exit {code})")
+    if code not in (0, 1):                 # 1 = some failed (listed under failures)
+        out["error"] = f"pytest exit code {code} (2 interrupted, 3 internal error, 4 usage error, 5 no tests)"
+    elif out["passed"] == 0:
+        out["error"] = "no test passed"
+
+
+BUILTIN = {"env": env_step, "stage": stage_step, "pytest": pytest_step}
+
+
+def script_step(step, out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
+    """bench/<script>.py: its gpu_suite_step(out, budget_s), else its main() with the step's cli args."""
+    path = ROOT / step.target
+    spec = importlib.util.spec_from_file_location(f"gpu_suite_{path.stem}", path)   # not by name: bench/dataloading.py
+    mod = importlib.util.module_from_spec(spec)                                       # would shadow the package
+    spec.loader.exec_module(mod)
+    marks["ready"] = time.time()
+    if hasattr(mod, "gpu_suite_step"):
+        mod.gpu_suite_step(out, budget_s)
+    elif step.cli:
+        sys.argv = [str(path), *(step.dry_cli if dry_run else step.cli)]
+        rc = mod.main()
+        if rc:
+            out["error"] = f"{step.target} exited with status {rc}"
+    else:
+        raise RuntimeError(f"{step.target} has no gpu_suite_step(out, budget_s) and its suite step gives no cli args")
+
+
+def child_main(step, json_path: Path, budget_s: float, dry_run: bool) -> int:
+    spawned = float(os.environ.get("MAECT_SUITE_SPAWNED", time.time()))
+    out = StepOut(json_path)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    clock = CompileClock()
+    clock.install()
+    stream_to(out)
+    marks: dict = {}
+    state, rc = "error", 1
+    try:
+        if step.target in BUILTIN:
+            BUILTIN[step.target](out, budget_s, dry_run, marks)
+        else:
+            script_step(step, out, budget_s, dry_run, marks)
+        state, rc = ("skipped" if isinstance(out.get("skipped"), str) else "done"), 0
+    except BudgetExceeded:
+        state, rc = "interrupted", 124
+        print(f"{step.name}: interrupted at the deadline; keeping what was measured", file=sys.stderr)
+    except BaseException as e:             # SystemExit from a script's argparse/sys.exit included
+        out["_error"] = f"{type(e).__name__}: {e}"[:3000]
+        out["_traceback"] = traceback.format_exc()[-3000:]
+        traceback.print_exc()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stream_to(None)
+        now = time.time()
+        ready = marks.get("ready", now)
+        out["_timing"] = clock.report(startup_s=ready - spawned, run_s=now - ready)
+        out["_state"] = state
+    return rc

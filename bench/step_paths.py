@@ -1,0 +1,265 @@
+"""The training steps bench/train_step.py times: the reference (what a user of the official code gets on this torch)
+and maect's, each a named variant; every variant starts from the same weights, data, noise, queue and neighbour picks.
+
+  reference           official MAE / MAE-CT on a current torch: timm's Block (the class official MAE builds its ViT
+                      from; parameter names identical to maect's, weights copied), whose attention is
+                      F.scaled_dot_product_attention; torch's fused AdamW (fused=True: one flag); argsort masking and
+                      gather unshuffle (maect.kernels' references, MAECT_KERNELS=0 for this path); the published NNCLR
+                      lookup (bench/queue_lookup.py's official_nnclr: re-normalise the whole queue, B x Q similarities,
+                      B x Q self-id mask, topk) inside the autocast region as the official code runs it; no
+                      non-finite guard; a host-side queue pointer. Without timm installed: maect's blocks with
+                      attention 'sdpa' (the same operators), labelled so.
+  reference-math      extra row, not a baseline: the same with timm's explicit attention (q kᵀ, softmax, · v; the
+                      timm 0.3 path official MAE was released with) and AdamW(foreach=False): the earlier straw man.
+  reference+compile   the reference with torch.compile of every block (inductor, default mode): the honest baseline
+                      for maect's compiled rows.
+  maect               maect's training step as maect.train runs it: its blocks with attention --attention (default
+                      auto), maect.kernels dispatch (Triton on GPU, csrc on CPU), maect.optim.build_optimizer (apex
+                      FusedAdam or torch fused AdamW), the sync-free non-finite guard (gradient norm -> found_inf; queue
+                      write and EMAs gated on the device), FeatureQueue.lookup of both views in one call / enqueue,
+                      the queue stored in nnclr.queue_dtype (auto: bf16 on CUDA).
+  maect+compile       maect with maect.train.maybe_compile: torch.compile of every block, inductor default mode
+                      (LayerNorm, bias, GELU and residual adds fused into Triton kernels around the GEMMs).
+  maect+compile-mat   mode max-autotune-no-cudagraphs (GEMM templates autotuned; minutes of compilation).
+  maect+cudagraphs    mode reduce-overhead: the same plus CUDA graphs (cudagraph trees) for each block's forward and
+                      backward, removing per-kernel launch cost on the fixed-shape step.
+  reference+cudagraphs  the reference with mode reduce-overhead.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from queue_lookup import official_nnclr
+
+from maect import config as C  # noqa: E402  (bench/common.py puts the repo root on sys.path)
+from maect.dataloading.augment import h2d  # noqa: E402
+from maect.heads import FeatureQueue, NNCLRHead, queue_dtype  # noqa: E402
+from maect.losses import nnclr_loss  # noqa: E402
+from maect.models import attention as A  # noqa: E402
+from maect.optim import (build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor,  # noqa: E402
+                         param_groups, set_lr)
+from maect.train import NNCLRNet, ema_pairs, ema_update, maybe_compile, optimizer_step  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    path: str                 # "reference" | "maect"
+    attention: str            # reference: "sdpa" | "math"; maect: "" (the --attention option)
+    optimizer: str            # "fused" | "unfused" (torch AdamW) | "maect" (maect.optim.build_optimizer)
+    compile_mode: str | None  # None: eager; else a torch.compile mode
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("reference", "reference", "sdpa", "fused", None),
+    Variant("reference-math", "reference", "math", "unfused", None),
+    Variant("reference+compile", "reference", "sdpa", "fused", "default"),
+    Variant("reference+cudagraphs", "reference", "sdpa", "fused", "reduce-overhead"),
+    Variant("maect", "maect", "", "maect", None),
+    Variant("maect+compile", "maect", "", "maect", "default"),
+    Variant("maect+compile-mat", "maect", "", "maect", "max-autotune-no-cudagraphs"),
+    Variant("maect+cudagraphs", "maect", "", "maect", "reduce-overhead"),
+]}
+
+
+def timm_block_cls():
+    try:
+        from timm.models.vision_transformer import Block
+        return Block
+    except ImportError:
+        return None
+
+
+def use_timm_blocks(model: nn.Module, explicit: bool) -> str:
+    """Replace each block of model (encoder and decoder) by timm's Block with the same weights, as official MAE
+    builds it (qkv_bias=True, LayerNorm eps 1e-6). explicit: timm's explicit attention instead of SDPA. Returns the
+    attention label for the table."""
+    Block = timm_block_cls()
+    if Block is None:
+        return f"{'math' if explicit else 'sdpa'} (maect blocks: timm not installed)"
+    for blocks in (model.blocks, getattr(model, "decoder_blocks", [])):
+        for i, old in enumerate(blocks):
+            D, heads = old.norm1.normalized_shape[0], old.attn.num_heads
+            new = Block(D, heads, mlp_ratio=old.mlp.fc1.out_features / D, qkv_bias=True,
+                        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+            new.load_state_dict(old.state_dict())     # strict: the names are the same (timm's)
+            new.attn.fused_attn = not explicit
+            blocks[i] = new.to(old.norm1.weight.device)
+    return "timm explicit" if explicit else "timm SDPA"
+
+
+@contextlib.contextmanager
+def path_dispatch(variant: Variant, attention: str):
+    """Process-wide dispatch while one variant runs: maect's attention backend and MAECT_KERNELS (kernels.backend_for
+    reads it on every call: the reference gets argsort masking, gather unshuffle and the reference top-k)."""
+    prev_attn, prev_env = A.get_backend(), os.environ.get("MAECT_KERNELS")
+    ref = variant.path == "reference"
+    A.set_backend(variant.attention if ref else attention)
+    os.environ["MAECT_KERNELS"] = "0" if ref else (prev_env or "1")
+    try:
+        yield
+    finally:
+        A.set_backend(prev_attn)
+        if prev_env is None:
+            os.environ.pop("MAECT_KERNELS", None)
+        else:
+            os.environ["MAECT_KERNELS"] = prev_env
+
+
+def make_optimizer(groups, lr, variant: Variant, device):
+    if variant.optimizer == "maect":
+        return build_optimizer(groups, lr, fused="auto", device=device)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    fused = variant.optimizer == "fused"
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **({"fused": True} if fused else {"foreach": False}))
+    return opt, "torch.AdamW(fused)" if fused else "torch.AdamW(foreach=False)"
+
+
+def compile_blocks(cfg: C.Config, model: nn.Module, mode: str | None, backend: str) -> None:
+    """torch.compile every block in place, through maect.train.maybe_compile (what training runs)."""
+    if mode is None:
+        return
+    cfg = copy.deepcopy(cfg)
+    cfg.model.compile, cfg.model.compile_mode = True, mode
+    maybe_compile(cfg, model, backend=backend)
+
+
+def ref_lookup(queue: FeatureQueue, z, ids, k: int, gen):
+    """The reference's lookup: official_nnclr (bench/queue_lookup.py), then FeatureQueue.lookup's random top-k pick
+    (the same CPU generator draws), so both paths pick the same neighbours."""
+    idx = official_nnclr(z, queue.features, ids, queue.ids, k).indices
+    if k > 1:
+        idx = idx.gather(1, torch.randint(0, k, (z.shape[0], 1), generator=gen).to(z.device))
+    return queue.features[idx[:, 0]]
+
+
+def ref_enqueue(queue: FeatureQueue, z, ids, labels, ptr: int) -> int:
+    """The reference's FIFO write: slices at a host-side pointer."""
+    n = z.shape[0]
+    queue.features[ptr:ptr + n] = z.to(queue.features.dtype)
+    queue.ids[ptr:ptr + n] = ids
+    queue.labels[ptr:ptr + n] = labels
+    return (ptr + n) % queue.size
+
+
+def build_bases(stage: str, cfg: C.Config, device) -> dict:
+    """The initial weights every variant copies (built once per configuration: ViT-H init takes seconds)."""
+    from maect import hub
+    torch.manual_seed(0)
+    with torch.device(device):             # initialised on the device (ViT-H on the CPU takes seconds)
+        model = hub.model_from_cfg(cfg.model, decoder=stage == "mae")
+        if stage == "mae":
+            return {"model": model}
+        n = cfg.nnclr
+        head = NNCLRHead(model.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
+        head.add_target()
+    return {"model": model, "head": head}
+
+
+def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, device, total: int, bases: dict):
+    """(step() -> detached loss, info). The variant's own copy of the base weights; call inside path_dispatch."""
+    ref = variant.path == "reference"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    gen = torch.Generator().manual_seed(1)     # mask noise and neighbour picks, drawn on the CPU in both paths
+    state = {"step": 0, "ptr": 0}
+    # CUDA graphs (cudagraph trees): say where an iteration starts, so no graph output is read after being replayed
+    mark = torch.compiler.cudagraph_mark_step_begin if variant.compile_mode == "reduce-overhead" else lambda: None
+    x = data["x"]
+    model = copy.deepcopy(bases["model"])
+    attn = use_timm_blocks(model, variant.attention == "math") if ref else args.attention
+    info = {"model": model, "attention": attn}
+    if stage == "mae":
+        s = cfg.mae
+        model.train()
+        compile_blocks(cfg, model, variant.compile_mode, args.compile_backend)
+        lr = s.blr * s.batch_size / 256
+        opt, info["opt"] = make_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr, variant, device)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        L = model.patch_embed.num_patches
+
+        def step():
+            mark()
+            noise = h2d(torch.rand(x.shape[0], L, generator=gen), device)
+            with autocast:
+                loss, _, _ = model(x, s.mask_ratio, s.norm_pix_loss, noise)
+            loss.backward()
+            set_lr(opt, lr, lr_factor(state["step"], total, 1))
+            guarded_step(opt, params, ref)
+            state["step"] += 1
+            return loss.detach()
+        return step, {**info, "t": model.depth}
+
+    s, n = cfg.ct, cfg.nnclr
+    encoder, head = model, copy.deepcopy(bases["head"])
+    # the reference keeps the official fp32 queue; maect stores it as maect.train does (nnclr.queue_dtype: auto = bf16
+    # on CUDA); both from the same random unit rows
+    qdtype = torch.float32 if ref else queue_dtype(n.queue_dtype, device)
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(0), dtype=qdtype)
+    queue.ids.copy_(torch.randint(0, data["n_ids"], (n.queue_size,), generator=torch.Generator().manual_seed(2)))
+    queue = queue.to(device)
+    depth = encoder.depth
+    t = s.tuned_from_block if s.tuned_from_block >= 0 else depth // 2
+    freeze(encoder)                                   # as maect.train.run_nnclr: upper blocks + final norm train
+    for name, p in encoder.named_parameters():
+        if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= t):
+            p.requires_grad_(True)
+    encoder.eval()
+    head.train()
+    ema = copy.deepcopy(encoder).requires_grad_(False)
+    compile_blocks(cfg, encoder, variant.compile_mode, args.compile_backend)
+    net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=False)
+    scale = 2 * s.batch_size / 256
+    lrs = {"enc": s.blr * scale, "head": s.head_blr * scale}
+    groups = param_groups(head.named_parameters(), s.head_weight_decay, tag="head")
+    groups += param_groups(encoder.named_parameters(), s.weight_decay, lambda nm: llrd_scale(nm, depth, s.llrd),
+                           tag="enc")
+    opt, info["opt"] = make_optimizer(groups, 1.0, variant, device)
+    x0, x1 = x.chunk(2)
+    ids, labels = data["ids"], data["labels"]
+    ids2 = torch.cat([ids, ids])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ema_params = ema_pairs(ema, encoder)
+
+    def step():
+        mark()
+        with autocast:
+            p0, p1, z0, z1 = net(x0, x1)
+            if ref:            # the official path: normalise and look up inside the autocast region
+                z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+                nn0, nn1 = ref_lookup(queue, z0, ids, s.topk, gen), ref_lookup(queue, z1, ids, s.topk, gen)
+        if not ref:            # maect.train's step: fp32 normalisation, both views in one lookup
+            z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
+            nn = queue.lookup(torch.cat([z0, z1]), ids2, s.topk, generator=gen)[0]
+            nn0, nn1 = nn[:z0.shape[0]], nn[z0.shape[0]:]
+        loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
+        loss.backward()
+        set_lr(opt, lrs, lr_factor(state["step"], total, 1))
+        taken = guarded_step(opt, params, ref)
+        if ref:
+            state["ptr"] = ref_enqueue(queue, z0.float(), ids, labels, state["ptr"])
+        else:
+            queue.enqueue(z0, ids, labels, taken)
+        head.update_target(s.target_ema, taken)
+        ema_update(ema_params, s.encoder_ema, taken)
+        state["step"] += 1
+        return loss.detach()
+    return step, {**info, "t": t, "head_cfg": n}
+
+
+def guarded_step(opt, params, ref: bool):
+    """The optimizer step. maect: the training loop's (optimizer_step, sync-free non-finite guard) -> 'taken'
+    (a device bool); the reference: opt.step() unguarded, as the official code -> None."""
+    if ref:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return None
+    return ~optimizer_step(opt, params, can_skip_on_device(opt))[1]

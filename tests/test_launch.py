@@ -1,0 +1,152 @@
+"""Slurm without Slurm: maect.launch's job construction (sbatch parameters, each task's torchrun-style environment
+with MASTER_ADDR = the allocation's first node, the requeue hook's resubmission with resume=auto), a real
+signal -> checkpoint hook -> requeue -> resume cycle through submitit's LocalExecutor (2 ranks, gloo), and the README's
+sbatch template run by bash with stand-ins for scontrol and srun."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import submitit
+
+from maect import launch
+from maect.hub import load_checkpoint
+from test_nnclr import ROOT, TINY
+
+SLURM_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,12]",
+             "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS": "24", "SLURM_NODEID": "1", "SLURM_PROCID": "9",
+             "SLURM_LOCALID": "1"}
+
+
+def test_task_env_from_slurm_variables(monkeypatch):
+    """submitit's Slurm job environment (SLURM_* variables as srun sets them for task 9 of 3 nodes x 8) -> the
+    environment maect.dist.init reads; the rendezvous host is the first node of the compressed node list."""
+    for k, v in SLURM_ENV.items():
+        monkeypatch.setenv(k, v)
+    env = launch.task_env(submitit.JobEnvironment())
+    print(env)
+    assert env == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000), "RANK": "9", "LOCAL_RANK": "1",
+                   "WORLD_SIZE": "24", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1"}
+    assert launch.task_env(submitit.JobEnvironment(), port=29500)["MASTER_PORT"] == "29500"
+    assert launch.default_port("123456_7") == launch.default_port("1234567") == 20000 + 1234567 % 20000
+
+
+def test_checkpoint_hook_resubmits_with_resume_auto(tmp_path):
+    job = launch.TrainJob(["preset=tiny", "resume=", "out_dir=runs/x"], port=23000)
+    delayed = job.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    path = tmp_path / "submitted.pkl"
+    delayed.dump(path)                                    # what submitit stores for the requeued job
+    back = submitit.helpers.DelayedSubmission.load(path).function
+    assert isinstance(back, launch.TrainJob) and back.port == 23000
+    assert back.train_args == ["preset=tiny", "out_dir=runs/x", "resume=auto"]
+
+
+def test_dry_run_prints_the_sbatch_job(capsys):
+    launch.main(["--nodes", "4", "--gpus-per-node", "8", "--partition", "p1", "--time", "240", "--account", "acc",
+                 "--setup", "module load cuda", "--dry-run", "--", "preset=vit_b16", "out_dir=/ckpt/b16"])
+    out = capsys.readouterr().out
+    print(out)
+    assert "4 node(s) x 8 task(s) = 32 ranks" in out
+    assert "python -m maect.train preset=vit_b16 out_dir=/ckpt/b16 resume=auto" in out
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=p1", "#SBATCH --time=240", "#SBATCH --account=acc", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append", "module load cuda"):
+        assert line in out.splitlines(), line
+    assert re.search(r"^srun .* -m submitit\.core\._submit ", out, re.M)
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match=r"put the training arguments after --"):
+        launch.main(["--nodes", "2", "preset=tiny"])
+    with pytest.raises(SystemExit, match=r"nope"):
+        launch.main(["--dry-run", "--", "preset=tiny", "nope=1"])
+    with pytest.raises(SystemExit, match=r"mae\.batch_size=256 must be divisible by world size 24"):
+        launch.main(["--nodes", "3", "--gpus-per-node", "8", "--dry-run", "--", "preset=tiny"])
+    if subprocess.run(["which", "srun"], capture_output=True).returncode != 0:
+        with pytest.raises(SystemExit, match=r"srun.*--cluster local"):
+            launch.main(["--job-dir", str(tmp_path / "jobs"), "--", "preset=tiny"])
+
+
+@pytest.mark.slow
+def test_local_job_requeues_on_signal_and_resumes(tmp_path, monkeypatch):
+    """2 ranks under submitit's LocalExecutor (gloo on CPU). When the first checkpoint exists, both tasks get the
+    pre-timeout signal (USR2, as Slurm sends it); rank 0 runs the checkpoint hook, the job is requeued, and the next
+    run continues from that checkpoint (resume=auto) to the end of the stage."""
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, jobs = tmp_path / "out", tmp_path / "jobs"
+    job = launch.main(["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
+                       "--job-dir", str(jobs / "%j"), "--", *TINY, "stage=mae", "mae.epochs=0.0427",
+                       "ckpt_every=2", "log_every=5", f"out_dir={out}"])           # 40 steps of 64
+    try:
+        t0 = time.time()
+        while not (out / "mae" / "checkpoint-latest.pth").exists():
+            assert time.time() - t0 < 400 and job.state == "RUNNING", job.state
+            time.sleep(0.2)
+        logs = sorted(glob.glob(str(jobs / "*" / "*_log.out")))
+        pids = [int(p) for f in logs for p in re.findall(r"task \(pid (\d+)\)", open(f).read())]
+        assert len(pids) == 2, (logs, pids)
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)
+        job.results()                                     # waits for the requeued run; raises if a task failed
+    finally:
+        job.cancel()
+    log0 = open(glob.glob(str(jobs / "*" / "*_0_log.out"))[0]).read()
+    err0 = open(glob.glob(str(jobs / "*" / "*_0_log.err"))[0]).read()
+    print(log0[-3000:], err0[-2000:])
+    assert "Caught signal SIGUSR2" in err0
+    assert len(re.findall(r"maect\.launch task \(pid \d+\): MASTER_ADDR=\S+ MASTER_PORT=\d+ RANK=0", log0)) == 2
+    assert re.search(r"resuming from .*checkpoint-latest\.pth \(step \d+\)", log0), "the requeued run did not resume"
+    final = load_checkpoint(str(out / "mae" / "checkpoint-final.pth"))
+    assert final["step"] == 40 and final["args"]["resume"] == "auto"
+
+
+# ------------------------------------------------------------------------------------------------ README template
+def readme_sbatch() -> str:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    m = re.search(r"<!-- sbatch template[^>]*-->\s*```bash\n(.*?)```", text, re.S)
+    assert m, "README has no sbatch template block"
+    return m.group(1)
+
+
+def test_readme_sbatch_template(tmp_path):
+    """bash runs the README's template with stand-ins: scontrol (show hostnames / requeue) and srun (records its
+    command line). MASTER_ADDR is the first node; on the pre-timeout signal the job requeues itself."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text('#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then printf "gpu07\\ngpu08\\n"; '
+                                   f'else echo "$@" >> {tmp_path}/scontrol.txt; fi\n')
+    (bin_ / "srun").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/srun.tmp\nmv {tmp_path}/srun.tmp '
+                               f'{tmp_path}/srun.txt\nexec sleep 60 >/dev/null 2>&1\n')  # not holding our pipe
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(readme_sbatch())
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2"}
+    p = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while not (tmp_path / "srun.txt").exists():
+            assert time.time() - t0 < 60 and p.poll() is None, p.stdout.read() if p.poll() is not None else "timeout"
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGUSR1)                   # what --signal=B:USR1@... delivers to the batch shell
+        out, _ = p.communicate(timeout=60)
+    finally:
+        try:                                              # the script and the srun stand-in's sleep (its group)
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    srun = (tmp_path / "srun.txt").read_text()
+    print(out, srun)
+    port = 20000 + 4242 % 20000
+    assert f"--rdzv_endpoint=gpu07:{port}" in srun and "--nnodes=2" in srun and "--rdzv_id=4242" in srun
+    assert re.search(r"torchrun .* -m maect\.train .*resume=auto", srun)
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    assert "#SBATCH --signal=B:USR1@" in script.read_text() and "#SBATCH --requeue" in script.read_text()

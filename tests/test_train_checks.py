@@ -1,0 +1,123 @@
+"""maect.train against bad input (issue 17): impossible settings stop before any work with one line naming the keys,
+a monitor never costs the stage's checkpoint, and non-finite features give no k-NN number."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from maect import dist, hub
+from maect.checkpoint import Checkpoints
+from maect.config import ConfigError, load_config, to_dict
+from maect.eval.features import NonFiniteFeatures
+from maect.train import KNNMonitor, Meter, check_encoder, main, train_loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from test_nnclr import TINY, run_train  # noqa: E402  (the tiny-model overrides shared by the end-to-end tests)
+
+
+class ListLoader(list):
+    """The loader interface train_loop uses: iteration, len, set_epoch."""
+
+    def set_epoch(self, epoch, start_step=0):
+        pass
+
+
+@pytest.mark.parametrize("total", [3, 4])
+def test_stage_checkpoint_is_on_disk_before_the_monitor_runs(tmp_path, total):
+    """Before: train_loop ran the epoch-end monitor first and saved afterwards, so a monitor that failed at the end
+    of a stage (issue 17: k > monitor bank) lost the final checkpoint. Now every checkpoint is written first. An
+    epoch is 3 steps: total=3 ends on an epoch end, total=4 inside the second epoch."""
+    cfg = load_config(["preset=tiny", "stage=mae", "log_every=1"])
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [p], "lr_scale": 1.0}], lr=0.1)
+    seen = []
+
+    def step_fn(b, step, micro, sync, poison):
+        loss = (p - b).pow(2).sum()
+        loss.backward()
+        return loss.detach(), None
+
+    def monitor(epoch, step, meter):
+        seen.append((epoch, step, sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth"))))
+        if step == total:
+            raise ValueError("the monitor failed")
+
+    with pytest.raises(ValueError, match="the monitor failed"):
+        train_loop(cfg, dist.DistInfo(), "mae", ListLoader([torch.ones(2)] * 3), total=total, warm=0, accum=1,
+                   opt=opt, lrs=0.1, step_fn=step_fn, post_fn=lambda b, e, taken: None,
+                   state_fn=lambda: {"model": {"p": p.detach().clone()}}, ckpts=Checkpoints(str(tmp_path), 2, True),
+                   meter=Meter(str(tmp_path), "mae", total, 1, 1, True), resume=None, after_epoch=monitor)
+    assert seen[-1][:2] == ((1, 3) if total == 3 else (1.33, 4))
+    assert "checkpoint-final.pth" in seen[-1][2]
+    if total == 4:      # the epoch end at step 3: its checkpoint was on disk when the monitor ran
+        assert seen[0] == (1, 3, ["checkpoint-0000003.pth", "checkpoint-latest.pth"])
+    assert hub.load_checkpoint(str(tmp_path / "checkpoint-final.pth"))["step"] == total
+
+
+def tiny_encoder_checkpoint(path, nan=False) -> str:
+    """An MAE checkpoint of TINY's model; nan: the final norm's weight is NaN (every feature row is NaN)."""
+    cfg = load_config(TINY)
+    sd = hub.model_from_cfg(cfg.model, decoder=True).state_dict()
+    if nan:
+        sd["norm.weight"][:] = float("nan")
+    torch.save({"model": sd, "args": to_dict(cfg)}, path)
+    return str(path)
+
+
+def test_monitor_gives_no_number_for_non_finite_features(tmp_path):
+    cfg = load_config(TINY)
+    good = hub.load_encoder(tiny_encoder_checkpoint(tmp_path / "good.pth"))[0]
+    bad = hub.load_encoder(tiny_encoder_checkpoint(tmp_path / "nan.pth", nan=True))[0]
+    mon = KNNMonitor(cfg, torch.device("cpu"), 60, 20)
+    acc = mon(good, "mean")
+    assert 0.0 <= acc <= 100.0 and mon.error is None
+    assert math.isnan(mon(bad, "mean"))           # before: 10.00 %, chance on Fashion-MNIST's 10 classes
+    assert mon.error.counts == {"train": (60, 60)} and "60 of 60 train feature rows are non-finite" in str(mon.error)
+    strict = KNNMonitor(cfg, torch.device("cpu"), 60, 20, mon.train, mon.test, strict=True)
+    with pytest.raises(NonFiniteFeatures, match="60 of 60 train feature rows"):
+        strict(bad, "mean")
+
+
+@pytest.mark.slow
+def test_ct_stage_with_a_nan_encoder_keeps_its_checkpoint_and_records_no_knn(tmp_path):
+    """stage=ct from an encoder that outputs NaN: every step is skipped by the non-finite guard (max_skips raised
+    so the stage runs to its end), the final checkpoint is written, and the monitor logs the count of bad rows and
+    records knn_acc null in metrics.jsonl instead of a chance-level number."""
+    init = tiny_encoder_checkpoint(tmp_path / "nan.pth", nan=True)
+    out = tmp_path / "run"
+    r = run_train(TINY + ["stage=ct", f"init={init}", f"out_dir={out}", "max_skips=100", "eval.monitor_train=100",
+                          "eval.monitor_test=50"])
+    assert (out / "ct" / "checkpoint-final.pth").exists()
+    assert "quick k-NN not computed: extract_features: 100 of 100 train feature rows are non-finite" in r.stdout
+    recs = [json.loads(line) for line in open(out / "ct" / "metrics.jsonl")]
+    knn = [x for x in recs if "knn_acc" in x]
+    assert knn and all(x["knn_acc"] is None and x["knn_nonfinite_rows"] == {"train": [100, 100]} for x in knn)
+
+
+def test_bad_settings_stop_before_any_work(tmp_path, capsys):
+    """One line naming the keys, exit status != 0, and no stage directory: nothing was trained. Before: the
+    pipeline trained MAE, then head.batch_size=1 died inside torch's BatchNorm at step 1."""
+    with pytest.raises(SystemExit) as e:
+        main(TINY + [f"out_dir={tmp_path}", "head.batch_size=1"])
+    assert str(e.value.code) == ("maect.train: head.batch_size=1: the NNCLR head's BatchNorm needs at least 2 samples "
+                                 "per view and step (global batch over all ranks)")
+    # checks that need the data's size run right after the data is opened, before any model is built
+    with pytest.raises(SystemExit) as e:
+        main(TINY + [f"out_dir={tmp_path}", "stage=mae", "mae.batch_size=65536"])
+    assert str(e.value.code).startswith("maect.train: mae.batch_size=65536 exceeds the 60000 training samples")
+    assert not any((tmp_path / s).exists() for s in ("mae", "head", "ct"))
+
+
+def test_init_encoder_must_match_the_loader_and_ct_settings(tmp_path):
+    enc = hub.load_encoder(tiny_encoder_checkpoint(tmp_path / "m.pth"))[0]     # 28 px, 3 channels, 4 blocks
+    check_encoder(load_config(TINY + ["stage=ct", "init=m.pth"]), enc, "m.pth")
+    for args, match in [(["model.img_size=32"], "model.img_size=32, but the encoder of init=m.pth takes 28"),
+                        (["model.in_chans=1"], "model.in_chans=1, but the encoder of init=m.pth takes 3"),
+                        (["ct.tuned_from_block=4"], "ct.tuned_from_block=4 must be -1 or in \\[0, 3\\]: the encoder "
+                                                    "has 4 blocks \\(init=m.pth\\)")]:
+        with pytest.raises(ConfigError, match=match):
+            check_encoder(load_config(TINY + ["stage=ct_pipeline", "init=m.pth", *args]), enc, "m.pth")
