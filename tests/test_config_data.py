@@ -52,7 +52,7 @@ MONITOR_BELOW_K = "eval.monitor_train=10 is smaller than eval.knn_k=20: the moni
     (["ct.batch_size=1", "nnclr.queue_size=16384"], "ct.batch_size=1: the NNCLR head's BatchNorm"),
     (["mae.accum_steps=0"], "mae.accum_steps=0 must be >= 1"),
     (["mae.batch_size=100", "mae.accum_steps=3"], "mae.batch_size=100 must be divisible by mae.accum_steps=3"),
-    (["mae.warmup_epochs=6"], "mae.warmup_epochs=6.0 must lie in \\[0, mae.epochs=5.0\\]"),
+    (["mae.warmup_epochs=11"], "mae.warmup_epochs=11.0 must lie in \\[0, mae.epochs=10.0\\]"),
     (["head.warmup_frac=1.5"], "head.warmup_frac=1.5 must lie in \\[0, 1\\]"),
     (["mae.mask_ratio=0.99"], "mae.mask_ratio=0.99 keeps 0 of the 49 patches"),
     (["mae.mask_ratio=0"], "mae.mask_ratio=0.0 keeps 49 of the 49 patches"),

@@ -116,7 +116,9 @@ def test_pipeline_equals_stages_one_by_one_and_monitors(tmp_path, monkeypatch, c
 
     def lookup(self, z, ids, k, generator=None):
         nn, idx = real_lookup(self, z, ids, k, generator=generator)
-        picks.append((self.labels[idx].cpu() == labels[ids.cpu()]).float())   # label agreement of this view's picks
+        agree = (self.labels[idx].cpu() == labels[ids.cpu()]).float()   # label agreement of each pick
+        n = len(ids) // 2   # the CT step looks both views up in one call: view 0's rows, then view 1's
+        picks.extend([agree[:n], agree[n:]])
         return nn, idx
 
     common = SMALL + ["smoke=3", "log_every=1"]
