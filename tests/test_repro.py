@@ -193,3 +193,17 @@ def test_gpu_preset_paper_table_smoke_on_cpu(tmp_path):
     assert res["aug_preset"] == "fmnist_gpu_aug" and res["flops"]["MAE"] > 0
     assert os.path.exists(out / "aug/head/checkpoint-final.pth")   # CTaug's own stage-2 head
     assert "views MAE-CTaug colour" in r.stdout
+
+
+def test_raw_pixel_knn_floor(capsys):
+    """bench/raw_pixels.py: maect's k-NN on Fashion-MNIST's raw pixels, the floor the README's part-2 table compares
+    MAE against (85.69 at k=20 on 60k/10k with this code; SPEC's calibration 83.4 on 20k/5k)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import raw_pixels
+    raw_pixels.main([])
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("raw pixels")]
+    acc = {(x.split(",")[1].strip(), "standardize=True" in x): float(x.rsplit("k=20 ", 1)[1].rstrip("%"))
+           for x in lines}
+    assert len(acc) == 4
+    assert 85.0 < acc[("60000 train / 10000 test", False)] < 86.5
+    assert 83.0 < acc[("20000 train / 5000 test", False)] < 84.5
