@@ -32,7 +32,7 @@ from maect import config as C
 from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
-from maect.eval.features import NonFiniteFeatures
+from maect.eval.features import NonFiniteFeatures, eval_mode
 from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
@@ -128,16 +128,24 @@ class KNNMonitor:
         self.num_classes = train.num_classes
 
     @torch.no_grad()
-    def features(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> tuple:
-        """(bank features, bank labels, query features, query labels); progress: a name for progress lines."""
+    def features(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> tuple | None:
+        """(bank features, bank labels, query features, query labels); progress: a name for progress lines.
+        Non-finite features: None with the error in self.error (strict=False), NonFiniteFeatures (strict=True)."""
         from maect.eval.features import extract_features
         m = self.cfg.model
         kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
                   skip_corrupt=self.cfg.data.skip_corrupt)
-        out = []
-        for split, data in (("train", self.train), ("test", self.test)):
-            out += extract_features(encoder, eval_batches(data, **kw), pool=pool_mode, device=self.device,
-                                    progress=f"{progress} {split}" if progress else "", total=len(data), split=split)
+        self.error, out = None, []
+        try:
+            for split, data in (("train", self.train), ("test", self.test)):
+                out += extract_features(encoder, eval_batches(data, **kw), pool=pool_mode, device=self.device,
+                                        progress=f"{progress} {split}" if progress else "", total=len(data),
+                                        split=split)
+        except NonFiniteFeatures as e:
+            if self.strict:
+                raise
+            self.error = e
+            return None
         return tuple(out)
 
     def knn(self, ftr, ytr, fte, yte) -> float:
@@ -147,31 +155,19 @@ class KNNMonitor:
 
     def __call__(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> float:
         """k-NN accuracy (%) of `encoder`'s features; non-finite features: see the class docstring."""
-        self.error = None
-        try:
-            feats = self.features(encoder, pool_mode, progress)
-        except NonFiniteFeatures as e:
-            if self.strict:
-                raise
-            self.error = e
-            return math.nan
-        return self.knn(*feats)
+        feats = self.features(encoder, pool_mode, progress)
+        return math.nan if feats is None else self.knn(*feats)
 
 
 @torch.no_grad()
 def projected(projector: nn.Module, feats: tuple) -> tuple:
     """The monitor's (bank, labels, queries, labels) with the features passed through `projector` in eval mode
     (BatchNorm running statistics) and L2-normalised: what the queue would store for these images."""
-    flags = {m: m.training for m in projector.modules()}
-    projector.eval()
-    try:
-        ftr, ytr, fte, yte = feats
-        dt = next(projector.parameters()).dtype
+    ftr, ytr, fte, yte = feats
+    dt = next(projector.parameters()).dtype
+    with eval_mode(projector):
         z = [F.normalize(projector(f.to(dt)).float(), dim=1) for f in (ftr, fte)]
-        return z[0], ytr, z[1], yte
-    finally:
-        for m, t in flags.items():
-            m.training = t
+    return z[0], ytr, z[1], yte
 
 
 def maybe_compile(cfg: C.Config, model: nn.Module, backend: str = "inductor") -> None:
@@ -591,10 +587,9 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         nn_mean = float(tot[0] / tot[1].clamp_min(1))
         nn_epoch.zero_()
         if monitor is not None and (ct or epoch == 1):
-            enc = ema if (ema is not None and cfg.eval.use_ema) else encoder
-            try:
-                feats = monitor.features(enc, cfg.model.pool)
-            except NonFiniteFeatures as e:   # the count in the log, null (not NaN) in the JSONL; training goes on
+            feats = monitor.features(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
+            if feats is None:   # non-finite features: the count in the log, null (not NaN) in the JSONL
+                e = monitor.error
                 log.warning(f"[{stage}] epoch {epoch}: quick k-NN not computed: {e}")
                 meter.write({"step": step, "epoch": epoch, "knn_acc": None,
                              "knn_nonfinite_rows": {k: list(v) for k, v in e.counts.items()}})
@@ -679,16 +674,15 @@ def run(cfg: C.Config) -> dict:
         results[f"{stage}_checkpoint"] = init
         log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
     results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
-    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main and no_labels is None:
-        final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
-        before = results.get("mae_checkpoint") or cfg.init
-        acc0 = final_knn(final, cfg, di, before, False, progress="final k-NN: MAE")
-        acc1 = final_knn(final, cfg, di, init, cfg.eval.use_ema, progress="final k-NN: MAE-CT")
-        results.update(knn_mae=acc0, knn_maect=acc1)
-        log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
-                 f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
-        write_json(os.path.join(cfg.out_dir, "results.json"), results)
-    elif cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:     # no labels: checkpoints and times only
+    if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
+        if no_labels is None:   # without labels results.json holds the checkpoints and times only
+            final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
+            before = results.get("mae_checkpoint") or cfg.init
+            acc0 = final_knn(final, cfg, di, before, False, progress="final k-NN: MAE")
+            acc1 = final_knn(final, cfg, di, init, cfg.eval.use_ema, progress="final k-NN: MAE-CT")
+            results.update(knn_mae=acc0, knn_maect=acc1)
+            log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
+                     f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 

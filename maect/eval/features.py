@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -61,6 +61,20 @@ def check_finite(where: str, **splits: Tensor) -> None:
         f"(k-NN, k-means and the probe would report a chance-level number)", counts)
 
 
+@contextmanager
+def eval_mode(net: torch.nn.Module):
+    """Every module of `net` in eval mode inside the block, and each module's own training flag restored after it
+    (not a blanket net.train(): stage 3 keeps the frozen lower half of the encoder in eval mode while the upper
+    half trains)."""
+    flags = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device=None, progress: str = "",
                      total: int | None = None, split: str = "extracted") -> tuple[Tensor, Tensor]:
@@ -85,13 +99,11 @@ def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device
     if device is None:
         device = next(net.parameters()).device
     device = torch.device(device)
-    flags = {m: m.training for m in net.modules()}
-    net.eval()
     # bf16 autocast on CUDA as in training; fp32 on CPU (CPU autocast would only slow the small eval models down)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     feats, labels = [], []
     prog = Progress(progress, total)
-    try:
+    with eval_mode(net):
         for x, y in batches:
             with amp:
                 tokens = net.forward_features(x.to(device, non_blocking=True))   # [n, 1 + L, D]
@@ -99,9 +111,6 @@ def extract_features(model: torch.nn.Module, batches, pool: str = "mean", device
             labels.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
             prog.update(x.shape[0])
         prog.done(f"on {device}")
-    finally:
-        for m, t in flags.items():
-            m.training = t
     if not feats:
         raise ValueError("extract_features: the batch iterator yielded no batches (empty dataset or limit=0?)")
     feats = torch.cat(feats)
