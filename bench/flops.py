@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 
 from maect.config import load_config  # noqa: E402
 from maect.models.vit import ARCHS  # noqa: E402
+from mfu import block_flops as block  # noqa: E402  (one ViT block's forward: the MFU counter's formula)
 
 
 def sizes(m) -> tuple[int, int, int, int]:
@@ -36,10 +37,6 @@ def sizes(m) -> tuple[int, int, int, int]:
     d = m.embed_dim or (a[2] if a else 768)
     depth = m.depth or (a[3] if a else 12)
     return p, d, depth, m.in_chans
-
-
-def block(T: int, d: int) -> float:
-    return 24 * T * d * d + 4 * T * T * d
 
 
 def encoder_fwd(cfg, tokens: int | None = None, blocks: range | None = None) -> float:
