@@ -16,7 +16,8 @@ Correctness (before any timing, on the inputs that are timed): the outputs must 
 neighbour may differ where the two picks' exact (fp64) cosine similarities are within 1e-5 (fp32 summation order;
 the count of such rows is printed). MAE-CT's uniform pick uses the same seeded draws on both sides.
 Time: median over --runs rounds that alternate baseline and adapter (each round's value: the median of its reps).
-Memory: CPU: one call in a fresh process after a warm-up call, peak RSS growth (VmHWM - VmRSS, bench/common.py);
+Memory: CPU: the first call at the shape in a fresh process (warmed by one call at the --quick shape), peak RSS
+growth after the inputs exist (VmHWM - VmRSS, bench/common.py);
 CUDA: torch.cuda.max_memory_allocated above the allocation before the call. The B x Q fp32 similarity matrix the
 baselines allocate is printed beside it (B * Q * 4 bytes).
 
@@ -149,14 +150,14 @@ def check(case: str, base_fn, ours_fn, ctx) -> dict:
 
 
 def mem_child(args) -> None:
-    """--_mem-child CASE|B|WHICH: peak extra RSS of one call (after a warm-up call) in this fresh process."""
+    """--_mem-child CASE|B|WHICH: peak extra RSS of the first call at the shape, in this fresh process."""
     case, B, which = args.mem_child.split("|")
     device = setup("cpu", args.threads)
     shapes = QUICK if args.quick else FULL
+    tiny = build(case, QUICK[case], QUICK[case]["B"][0], device)
+    tiny[0 if which == "baseline" else 1]()   # libraries, extension and thread pool warm; allocator not grown
     fns = build(case, shapes[case], int(B), device)
-    fn = fns[0] if which == "baseline" else fns[1]
-    fn()
-    mb, method = rss_peak_extra_mb(fn)
+    mb, method = rss_peak_extra_mb(fns[0] if which == "baseline" else fns[1])
     print(json.dumps({"extra_mb": mb, "method": method}))
 
 

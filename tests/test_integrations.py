@@ -332,3 +332,24 @@ def test_swap_in_bench_quick():
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "correctness: ok" in r.stdout and "lightly NNMemoryBankModule" in r.stdout
+
+
+def mae_decoder_lines(x, mask_token, ids_restore, decoder_pos_embed):
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    return torch.cat([x[:, :1, :], x_], dim=1) + decoder_pos_embed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mae_decoder_lines_equal_kernels_decoder_input(dtype):
+    """docs/swap-in.md's optional decoder edit: maect.kernels.decoder_input for forward_decoder's five lines."""
+    from maect import kernels
+    g = torch.Generator().manual_seed(13)
+    N, L, D, keep = 3, 49, 16, 12
+    x = torch.randn(N, 1 + keep, D, generator=g).to(dtype)
+    mask_token, pos = torch.randn(1, 1, D, generator=g), torch.randn(1, 1 + L, D, generator=g)
+    ids_restore = torch.argsort(torch.argsort(torch.rand(N, L, generator=g), dim=1), dim=1)
+    want = mae_decoder_lines(x, mask_token, ids_restore, pos)
+    got = kernels.decoder_input(x, mask_token, ids_restore, pos)
+    assert got.dtype == want.dtype and torch.equal(got, want)
