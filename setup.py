@@ -47,7 +47,9 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={
-        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit"],
+        # lightly: tests/test_integrations.py checks maect.integrations.lightly against lightly's own module (its
+        # Requires-Dist leave an installed torch alone; it adds pytorch_lightning, hydra-core, torchmetrics)
+        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit", "lightly==1.6.0"],
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
         # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a
         # CUDA 13 torch its extension needs libcudart.so.12, which nvidia-cuda-runtime-cu12 installs and

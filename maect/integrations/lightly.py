@@ -1,0 +1,95 @@
+"""lightly's nearest-neighbour memory bank with its search on maect.kernels.queue_topk.
+
+    from maect.integrations.lightly import NNMemoryBankModule      # instead of lightly.models.modules'
+    memory_bank = NNMemoryBankModule(size=(2 ** 16, 128))
+
+Importing this module imports lightly (`pip install lightly`; checked against lightly 1.6.0, where the class is
+lightly.models.modules.nn_memory_bank.NNMemoryBankModule on top of memory_bank.MemoryBankModule).
+
+Not replaced: lightly.models.utils.nearest_neighbors (VICRegL) receives an already materialised distance tensor
+[B, N, M] (torch.cdist of features or grid positions) and takes its smallest entries, so there is no matrix left to
+avoid and its order is Euclidean distance, not cosine similarity. `most_similar_index` below is lightly's other
+search (lightly.models.utils.most_similar_index: normalise, einsum, argmax) and is replaced exactly.
+"""
+from __future__ import annotations
+
+import torch
+from lightly.models.modules.nn_memory_bank import NNMemoryBankModule as _LightlyNNMemoryBankModule
+from torch import Tensor
+
+from maect.kernels import queue_topk
+
+from .nnclr import search_dtype
+
+__all__ = ["NNMemoryBankModule", "nearest_index", "most_similar_index"]
+
+
+def nearest_index(output: Tensor, bank: Tensor, who: str = "NNMemoryBankModule") -> Tensor:
+    """Index [B] int64 of the bank row [Q, D] with the largest cosine similarity to each output row [B, D].
+
+    Ranks what lightly's lines rank (F.normalize both, einsum, argmax), computed by queue_topk(normalized=False):
+    rows normalised inside the op (eps 1e-12, F.normalize's), fp32 products and sums, the lower index first among
+    equal similarities (torch.argmax's first maximum). Where lightly's einsum runs in bf16 / fp16 (autocast, or
+    bank and output in that dtype) it rounds the similarities to that dtype; this search does not, so it may pick a
+    different row only among rows within that rounding of the best one, and then picks the more similar one. A row
+    of output with no finite similarity (NaN / inf in it) gets index 0, lightly's argmax of an all-NaN row; a bank
+    row with a non-finite similarity is never picked (lightly's argmax would pick the first NaN).
+    """
+    if output.dim() != 2 or bank.dim() != 2 or output.shape[1] != bank.shape[1]:
+        raise ValueError(f"{who}: output must be [B, D] for a bank of [Q, D]={tuple(bank.shape)}, got "
+                         f"{tuple(output.shape)}")
+    dt = search_dtype(output, bank, who)
+    if output.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=output.device)
+    with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
+        _, idx = queue_topk(output.detach().to(dt), bank.detach().to(dt), 1, normalized=False)
+    return idx[:, 0].clamp_min(0)
+
+
+class NNMemoryBankModule(_LightlyNNMemoryBankModule):
+    """lightly's NNMemoryBankModule (NNCLR's support set) whose nearest-neighbour search runs on queue_topk.
+
+    Same constructor (size=(num_features, dim)), forward(output, update=False) -> neighbours, buffers (bank,
+    bank_ptr) and bank update (lightly's _dequeue_and_enqueue, inherited unchanged: written after the search, a
+    batch that reaches the end of the bank fills it up to the end and the pointer returns to 0) as lightly 1.6.0.
+
+    forward(output [B, dim] float, update) -> [B, dim]: for each row of output, the row of the bank *before* this
+    call's update with the largest cosine similarity (nearest_index: its tie, precision and non-finite rules).
+    The neighbours are the stored bank rows, as lightly returns them: the bank's dtype (fp32 unless the module was
+    cast), on output's device (the bank is copied there if it lives elsewhere, as lightly's `bank.to(output.device)`),
+    no gradient.
+
+    Differs from lightly, and why:
+        * No [B, Q] similarity matrix, no normalised copy of the bank and no clone of the bank (lightly clones the
+          bank so that the update cannot change it under the search; here the neighbours are gathered before the
+          update). Extra memory: queue_topk's blocks, never O(B x Q).
+        * An output dtype other than the bank's (a bf16 output with the fp32 bank) is searched in fp32; lightly's
+          einsum raises on mixed dtypes outside autocast.
+        * size=0 (lightly: a disabled bank, then an AssertionError in forward) raises a ValueError saying so.
+    """
+
+    def __init__(self, size):
+        super().__init__(size)
+
+    def forward(self, output: Tensor, update: bool = False) -> Tensor:  # type: ignore[override]  (lightly's own)
+        if self.size[0] == 0:
+            raise ValueError("NNMemoryBankModule: size=0 disables the memory bank; the nearest-neighbour lookup needs "
+                             "size=(num_features, dim)")
+        bank = self.bank.to(output.device)
+        idx = nearest_index(output, bank)
+        neighbours = bank.index_select(0, idx)      # a copy: the update below cannot change it
+        if update:
+            self._dequeue_and_enqueue(output)
+        return neighbours
+
+
+def most_similar_index(x: Tensor, y: Tensor) -> Tensor:
+    """lightly.models.utils.most_similar_index on queue_topk: for x [B, N, C] and y [B, M, C], index [B, N] int64
+    of the row of y[b] with the largest cosine similarity to x[b, n]. Same rules as nearest_index (lower index
+    among ties, fp32 similarity, index 0 for a row without a finite similarity); one queue_topk call per b."""
+    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(f"most_similar_index: x must be [B, N, C] and y [B, M, C], got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if x.shape[0] == 0:
+        return torch.empty(0, x.shape[1], dtype=torch.long, device=x.device)
+    return torch.stack([nearest_index(x[b], y[b], "most_similar_index") for b in range(x.shape[0])])
