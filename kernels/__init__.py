@@ -203,7 +203,9 @@ def choose(op: str, t: Tensor, L: int, D: int, backend: str | None = None, input
             impls = {b: _backend_fn(op, b, t.device.type) for b in MASKING_BACKENDS[op]
                      if b != "ref" and why_not(op, b, t.device.type, interpreter=False) is None}
             p = _cand.masking_problem(op, key, args, impls, _backend_fn(op, "ref", t.device.type), train, shape)
-            p.not_run = {b: why_not(op, b, t.device.type, interpreter=False) for b in MASKING_BACKENDS[op]
+            triton_cpu = "Triton runs on CUDA (the interpreter is a correctness tool, never timed)"
+            p.not_run = {b: triton_cpu if t.device.type != "cuda" and b in ("triton", "fused") else
+                         why_not(op, b, t.device.type, interpreter=False) for b in MASKING_BACKENDS[op]
                          if b != "ref" and b not in impls}
             return p
     return dispatch.choose(key, problem, table).pick

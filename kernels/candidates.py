@@ -24,17 +24,12 @@ masking ops (contracts: kernels/masking.py, kernels/masked_embed.py)
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch as _d
 from . import masked_embed as _embed
-from . import masking as _masking
 from . import queue_topk as _qt
 
 ROWS = {"cpu": 256, "cuda": 1 << 16}
