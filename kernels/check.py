@@ -15,7 +15,8 @@ Shapes (from the preset's config, batch per GPU = global batch / --world-size):
                  backward, under bf16 autocast on CUDA (precision auto)
 Each (op, shape) is measured as the first training call would be (kernels/dispatch.py), whatever MAECT_DISPATCH
 says and whatever the cache holds; the table lists every backend: verified (or why not), median ms, and the ratio
-to the torch path (> 1: faster). Exit status 1 when any backend disagrees with the reference or raises.
+to the torch path (> 1: faster). Exit status 1 when any backend disagrees with the reference or raises, 2 when
+--device cuda finds no GPU.
 """
 from __future__ import annotations
 
@@ -208,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the table, the costs and the environment to this file")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. ct.batch_size=512)")
     a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("maect.kernels.check: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
     if a.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "0")
     res = run(a.preset, a.device, a.world_size, a.bank, tuple(a.overrides))
