@@ -293,6 +293,8 @@ def summary(op: str, key: str, d: Decision) -> str:
     parts += [f"{name} dropped ({why})" for name, why in d.dropped.items()]
     where = f" on {d.shape}" if d.shape else ""
     extra = f"; measuring took {d.cost_s:.2f} s" if d.source == "measured" else ""
+    if not parts:                                          # table mode: nothing measured
+        return f"maect: {op} [{key}]: backend '{d.pick}' ({d.source}: nothing measured)"
     return (f"maect: {op} [{key}]: backend '{d.pick}' ({d.source}{where}: " + ", ".join(parts) + ")" + extra)
 
 
@@ -480,7 +482,8 @@ def choose(key: str, problem: Callable[[], Problem] | None, fallback: str, *, fo
                 entry = cache().get(key)
                 d = Decision.from_json(entry, f"cache {cache().path}") if entry is not None else None
             if d is None:
-                d = decide(problem(), timer=timer) if problem is not None else Decision(pick=fallback, source="table")
+                d = decide(problem(), timer=timer) if problem is not None else \
+                    Decision(pick=fallback, source="table (MAECT_DISPATCH=table)")
             if info is not None:
                 with contextlib.suppress(Exception):
                     _publish(info[2], key, d)
