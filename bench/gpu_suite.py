@@ -7,7 +7,9 @@ suite JSON (--out) is rewritten after every step. Each step records its own time
 imports), compile_s (Triton JIT compiles + torch.compile), autotune_s (Triton autotuner benchmarking, compiles
 excluded) and measure_s (the rest: inputs, correctness checks, warm-up and timed repetitions).
 Triton's and inductor's caches live in .triton_cache/ and .inductor_cache/ of the working tree (git-ignored), so
-every step and a second call on a warm machine reuse what an earlier one compiled. A .whl/site/ folder (DALI staged
+every step and a second call on a warm machine reuse what an earlier one compiled. The first step is
+`python -m maect.kernels.check` (every kernel verified and timed at the GPU presets' shapes); its dispatch
+decisions go to .maect_cache/ (MAECT_CACHE_DIR), which the later steps read. A .whl/site/ folder (DALI staged
 by bench/stage_wheels.py) goes on the steps' PYTHONPATH.
 
 Adding a step is one line in STEPS: a script with gpu_suite_step(out: dict, budget_s: float) that fills `out`
@@ -39,12 +41,13 @@ from gpu_suite_report import closing_table, has_content, nested_errors  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TOTAL_BUDGET_S = 475     # the steps' budgets below sum to this; + the suite's own start-up: < 8.5 min per call
+TOTAL_BUDGET_S = 505     # the steps' budgets below sum to this; + the suite's own start-up: < 9 min per call
 GRACE_S = 8              # after SIGTERM at the budget: time to write the partial JSON before SIGKILL
 DRY_BUDGET_SCALE = 0.25  # --dry-run: the budget_s handed to a step (it sizes its work to it) ...
 DRY_KILL_SCALE = 3.0     # ... and the kill deadline (a shared 2-core CPU is slow)
 SITE = ROOT / ".whl" / "site"
-CACHES = {"TRITON_CACHE_DIR": ROOT / ".triton_cache", "TORCHINDUCTOR_CACHE_DIR": ROOT / ".inductor_cache"}
+CACHES = {"TRITON_CACHE_DIR": ROOT / ".triton_cache", "TORCHINDUCTOR_CACHE_DIR": ROOT / ".inductor_cache",
+          "MAECT_CACHE_DIR": ROOT / ".maect_cache"}       # the dispatch decisions kernels_check writes
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,12 @@ class Step:
 # finished inside 45, 70 and 110 s; DALI never ran. A step that finishes early hands its time to the later ones
 # (its kill deadline is what is left minus the later steps' budgets), so these are floors, not shares.
 STEPS = [
+    Step("kernels_check", "check", 30, "python -m maect.kernels.check for vit_b16 and vit_l16: ~1 s per op and "
+         "shape class plus Triton compiles (unmeasured on GPU)"),
     Step("env", "env", 15, "interpreter + torch + CUDA init: a few s"),
     Step("stage_wheels", "stage", 10, "sha256 of the staged chunks (~230 MiB): ~1 s"),
     Step("kernel_tests", "pytest", 75, "54 whole-file tests ran in 110 s; GPU-marked subset, shared Triton cache"),
-    Step("tune_queue_topk", "bench/tune_queue_topk.py", 45, "new (issue 13); its full sweep is a call of its own"),
+    Step("tune_queue_topk", "bench/tune_queue_topk.py", 45, "its full sweep is a call of its own"),
     Step("queue_lookup", "bench/queue_lookup.py", 90, "overran 80 s after printing every table",
          cli=("--device", "cuda", "--compile"),
          dry_cli=("--device", "cpu", "--B", "64", "--Q", "1024", "--D", "32", "--k", "5", "--budget", "0.05",

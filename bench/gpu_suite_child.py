@@ -227,7 +227,20 @@ def pytest_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
         out["error"] = "no test passed"
 
 
-BUILTIN = {"env": env_step, "stage": stage_step, "pytest": pytest_step}
+def check_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
+    """python -m maect.kernels.check: real run: vit_b16 and vit_l16 on CUDA; dry run: the tiny preset on CPU.
+    A backend that disagrees with the reference or raises fails the step (nested error)."""
+    from maect.kernels import check
+    marks["ready"] = time.time()
+    runs = [("tiny", "cpu")] if dry_run else [("vit_b16", "cuda"), ("vit_l16", "cuda")]
+    for preset, device in runs:
+        res = check.run(preset, device)
+        print(check.format_table(res), flush=True)
+        bad = [f"{r['op']} {r['backend']}: {r['verified']}" for r in res["rows"] if r["verified"].startswith("NO")]
+        out[preset] = {**res, **({"error": "; ".join(bad)[:2000]} if bad else {})}
+
+
+BUILTIN = {"env": env_step, "stage": stage_step, "pytest": pytest_step, "check": check_step}
 
 
 def script_step(step, out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:

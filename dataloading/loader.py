@@ -174,6 +174,9 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     """The training loader selected by data.loader: 'cpu' (TrainLoader, the torch twin), 'dali' (DaliLoader: GPU
     decode with nvJPEG on a CUDA device, DALI's CPU operators otherwise), or 'auto' = DALI when it is installed, the
     device is CUDA and the data are image files, else cpu. Logs which one runs and why the other does not.
+    DALI is used only after its pipeline is built and its first batch passes the contract check
+    (contract.first_batch_breach: shapes, dtypes, device, sample ids, labels, value range, normalisation); when it
+    does not, 'auto' falls back to the CPU twin with one warning saying why, and 'dali' raises DataError with it.
     Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
     data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
     if not isinstance(data, (ArrayData, ImageFiles)):
@@ -189,10 +192,30 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     kw = dict(img_size=img_size, in_chans=in_chans, batch_size=batch_size, rank=rank, world=world, seed=seed,
               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt)
     if choice == "dali" or (choice == "auto" and why_not is None):
-        loader = dali.DaliLoader(data, num_threads=cfg_data.num_workers,
-                                 hw_decoder_load=float(getattr(cfg_data, "dali_hw_decoder_load", 0.65)), **kw)
-        log.info(f"data: loader {loader.backend} (data.loader={choice})")
-    else:
+        loader, failed = _checked_dali(data, cfg_data, kw)
+        if loader is not None:
+            log.info(f"data: loader {loader.backend} (data.loader={choice}; first batch checked against the contract)")
+            return loader
+        if choice == "dali":
+            raise DataError(f"data.loader=dali: {failed}")
         loader = TrainLoader(data, num_workers=cfg_data.num_workers, **kw)
-        log.info(f"data: loader {loader.backend} (data.loader={choice}" + (f"; not dali: {why_not})" if why_not else ")"))
+        log.warning(f"data: loader {loader.backend} (data.loader=auto): DALI failed its first-batch check ({failed}); "
+                    f"falling back to the CPU twin")
+        return loader
+    loader = TrainLoader(data, num_workers=cfg_data.num_workers, **kw)
+    log.info(f"data: loader {loader.backend} (data.loader={choice}" + (f"; not dali: {why_not})" if why_not else ")"))
     return loader
+
+
+def _checked_dali(data, cfg_data, kw):
+    """(DaliLoader, None) when its pipeline builds and its first batch keeps the contract (contract.py), else
+    (None, why). The data's own errors (bad files, too few samples) are raised: the twin would meet them too."""
+    from maect.dataloading import contract
+    loader = dali.DaliLoader(data, num_threads=cfg_data.num_workers,
+                             hw_decoder_load=float(getattr(cfg_data, "dali_hw_decoder_load", 0.65)), **kw)
+    try:
+        why = contract.first_batch_breach(loader, data, in_chans=kw["in_chans"])
+    except Exception as exc:          # the pipeline does not build or run here (a DALI, CUDA or driver problem)
+        lines = str(exc).strip().splitlines()
+        why = f"the pipeline failed: {type(exc).__name__}: {dali._dali_reason(str(exc)) if lines else ''}"[:500]
+    return (loader, None) if why is None else (None, why)

@@ -10,14 +10,20 @@ Public ops (each with its *_ref, the specification, beside it)
     decoder_input(x, mask_token, ids_restore, pos_embed=None, cls=True, backend=None) -> [N, c+L, D]: MAE's decoder
         input (mask tokens appended, unshuffled, cls re-attached, decoder position embedding added)
 
-The one dispatch rule, choose(op, tensor, L, D, backend):
+The dispatch rule of every op (measured dispatch: kernels/dispatch.py, docs/dispatch.md):
     1. MAECT_KERNELS=0                                                        -> "ref" for every op
     2. asked by name: the backend= argument, else MAECT_MASKING=<name> (masking ops that have that backend; 'auto'
        or unset: no request)                                                  -> it, or a ValueError saying why not
-    3. masking ops: the measured table kernels/masking_table.json (MAECT_MASKING_TABLE overrides the path), entry
+    3. MAECT_DISPATCH=measure (the default): the decision for the key (device, versions, op, dtype, shape class)
+       made in this process, else the one in the cache file ($MAECT_CACHE_DIR/dispatch.json), else measured at
+       this first call: every candidate verified against the reference on the call's inputs, the verified ones
+       timed beside the torch path, the fastest kept (one log line). Under torch.distributed rank 0 decides.
+    4. MAECT_DISPATCH=table, and where measuring cannot run (inside torch.compile's tracing, or choose() asked
+       without inputs): the cache, else the committed table
+       masking ops: kernels/masking_table.json (MAECT_MASKING_TABLE overrides the path), entry
        "<device>|<op>|L<l>-D<d>" (l, d: the next powers of two of the token count L and the width D), else
        "<device>|<op>|*"                             -> its pick if it can run here (not via the interpreter), else "ref"
-    4. queue_topk, and a masking op without any entry (backend_for): CUDA tensor and Triton importable -> "triton";
+       queue_topk, and a masking op without any entry (backend_for): CUDA tensor and Triton importable -> "triton";
        CPU tensor and the compiled csrc extension loads -> "cpp"; otherwise -> "ref"
 Backends of the masking ops (MASKING_BACKENDS):
     ref     the references: MAE's torch code (argsort + gather; cat + gather + add; full conv patch embedding)
@@ -39,13 +45,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import candidates as _cand
+from . import dispatch
 from . import masked_embed as _embed
 from . import masking as _masking
 from . import queue_topk as _queue_topk
 
 __all__ = ["queue_topk", "random_masking", "unshuffle", "masked_patch_embed", "decoder_input", "backend_for", "choose",
            "queue_topk_ref", "random_masking_ref", "unshuffle_ref", "masked_patch_embed_ref", "decoder_input_ref",
-           "MASKING_BACKENDS", "mae_backends"]
+           "MASKING_BACKENDS", "mae_backends", "dispatch", "decisions"]
 
 queue_topk_ref = _queue_topk.queue_topk_ref
 random_masking_ref = _masking.random_masking_ref
@@ -77,7 +85,8 @@ def _cpp_available() -> bool:
 
 
 def backend_for(t: Tensor) -> str:
-    """Rule 4 (queue_topk's dispatch): 'triton', 'cpp' or 'ref' for tensors on t's device."""
+    """queue_topk's default rule (rule 4; in measure mode the first call's measurement decides, see decisions()):
+    'triton', 'cpp' or 'ref' for tensors on t's device."""
     if os.environ.get("MAECT_KERNELS", "1") == "0":
         return "ref"
     if t.is_cuda and _triton_available():
@@ -160,36 +169,71 @@ _chosen: dict[tuple, str] = {}
 
 
 @torch.compiler.assume_constant_result
-def _choose(op: str, device: str, cls: str, asked: str | None, env: str, interpreting: bool) -> str:
+def _choose(op: str, device: str, cls: str, asked: str | None, env: str, interpreting: bool, log: bool = True) -> str:
+    """The table rule (rules 1, 2, 4), memoised; logged once where it is the one that decides (log=True)."""
     key = (op, device, cls, asked, env, interpreting)
     if key not in _chosen:
-        name, why = _resolve(op, device, cls, asked, env)
+        _chosen[key] = _resolve(op, device, cls, asked, env)
+    name, why = _chosen[key]
+    if log and key + ("logged",) not in _chosen:
+        _chosen[key + ("logged",)] = name
         logger.info("maect: %s on %s (%s): backend '%s' (%s)", op, device, cls, name, why)
-        _chosen[key] = name
-    return _chosen[key]
+    return name
 
 
-def choose(op: str, t: Tensor, L: int, D: int, backend: str | None = None) -> str:
-    """The backend that runs `op` for tensors on t's device with L tokens of width D (rules 1-3 above)."""
+def choose(op: str, t: Tensor, L: int, D: int, backend: str | None = None, inputs: tuple | None = None,
+           train: bool = False) -> str:
+    """The backend that runs `op` for tensors on t's device with L tokens of width D (rules 1-4 above).
+    inputs: the call's arguments in the op's signature order (the public ops pass them: rule 3 measures on them
+    and the cache applies); without them rules 1, 2 and the committed table decide. train: the call records
+    gradients (timed forward + backward)."""
     if os.environ.get("MAECT_KERNELS", "1") == "0":
         return "ref"
-    return _choose(op, t.device.type, shape_class(L, D), backend, os.environ.get("MAECT_MASKING", "auto") or "auto",
-                   _masking._interpreting())
+    env = os.environ.get("MAECT_MASKING", "auto") or "auto"
+    args = (op, t.device.type, shape_class(L, D), backend, env, _masking._interpreting())
+    if inputs is None or backend is not None or (env != "auto" and env in MASKING_BACKENDS[op]) or \
+            torch.compiler.is_compiling():
+        return _choose(*args)
+    table = _choose(*args, log=False)
+    key = _cand.masking_key(op, t, L, D, train)
+    problem = None
+    if dispatch.mode() == "measure":
+        def problem():
+            args, shape = _cand.masking_inputs(op, inputs)
+            impls = {b: _backend_fn(op, b, t.device.type) for b in MASKING_BACKENDS[op]
+                     if b != "ref" and why_not(op, b, t.device.type, interpreter=False) is None}
+            p = _cand.masking_problem(op, key, args, impls, _backend_fn(op, "ref", t.device.type), train, shape)
+            triton_cpu = "Triton runs on CUDA (the interpreter is a correctness tool, never timed)"
+            p.not_run = {b: triton_cpu if t.device.type != "cuda" and b in ("triton", "fused") else
+                         why_not(op, b, t.device.type, interpreter=False) for b in MASKING_BACKENDS[op]
+                         if b != "ref" and b not in impls}
+            return p
+    return dispatch.choose(key, problem, table).pick
+
+
+def decisions() -> dict[str, str]:
+    """{dispatch key: backend} decided so far in this process (measured, cached, table, or rank 0's)."""
+    return {k: d.pick for k, d in dispatch.decisions().items()}
 
 
 def mae_backends(model, device) -> str:
     """'encoder <backend>, decoder <backend>' for an MAE model (maect.models.vit or the same attribute names) on
-    device: what its forward_encoder / forward_decoder run (for log lines)."""
+    device: what its forward_encoder / forward_decoder run (for log lines). In measure mode these are the table's
+    picks until the first call measures (the measured choice is logged then)."""
     t, L = torch.empty(0, device=device), model.patch_embed.num_patches
     enc = choose("masked_patch_embed", t, L, model.patch_embed.proj.out_channels)
     dec = choose("decoder_input", t, L, model.decoder_embed.out_features) if hasattr(model, "decoder_embed") else "-"
-    return f"encoder {enc}, decoder {dec}"
+    measured = os.environ.get("MAECT_KERNELS", "1") != "0" and dispatch.mode() == "measure" and \
+        (os.environ.get("MAECT_MASKING", "auto") or "auto") == "auto"
+    return f"encoder {enc}, decoder {dec}" + (" (table; measured at the first call)" if measured else "")
 
 
 def clear_cache() -> None:
-    """Forget the logged choices and the loaded table (after rewriting the table or changing the environment)."""
+    """Forget the logged choices, the loaded table and this process's dispatch decisions (after rewriting the table
+    or the cache, or changing the environment)."""
     _chosen.clear()
     load_table.cache_clear()
+    dispatch.clear()
 
 
 def _impl(module, op: str, backend: str):
@@ -203,28 +247,88 @@ def _impl(module, op: str, backend: str):
     return None
 
 
+def _topk_impls(device: str) -> dict:
+    """queue_topk's candidates besides the reference on this device (never the Triton interpreter)."""
+    if device == "cuda" and _triton_available():
+        return {"triton": _queue_topk.queue_topk_triton}
+    if device == "cpu" and _cpp_available():
+        from . import _cpp
+        return {"cpp": _cpp.queue_topk}
+    return {}
+
+
+def _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized) -> str:
+    default = backend_for(query)
+    if default == "ref" and os.environ.get("MAECT_KERNELS", "1") == "0" or torch.compiler.is_compiling():
+        return default
+    _queue_topk.check_inputs(query, queue, k, exclude_ids, queue_ids)     # bad input: its error, before measuring
+    key = _cand.topk_key(query, queue, k, exclude_ids)
+    problem = None
+    if dispatch.mode() == "measure":
+        def problem():
+            p = _cand.topk_problem(query, queue, k, exclude_ids, queue_ids, normalized,
+                                   _topk_impls(query.device.type), key)
+            dev = query.device.type
+            p.not_run = {b: why for b, why in (
+                ("triton", "Triton runs on CUDA (the interpreter is a correctness tool, never timed)"
+                 if dev != "cuda" else (None if _triton_available() else "triton is not importable")),
+                ("cpp", "the compiled ops are CPU ops" if dev != "cpu" else (
+                    None if _cpp_available() else "the csrc extension did not load (its log line says why)")))
+                if why is not None}
+            return p
+    return dispatch.choose(key, problem, default).pick
+
+
 def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
                queue_ids: Tensor | None = None, normalized: bool = True):
-    """Top-k cosine neighbours of each query row in the queue; see kernels/queue_topk.py for the contract."""
-    backend = backend_for(query)
+    """Top-k cosine neighbours of each query row in the queue; see kernels/queue_topk.py for the contract and
+    kernels/dispatch.py for how the backend is chosen."""
+    backend = _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized)
     impl = _impl(_queue_topk, "queue_topk", backend)
     if impl is None:
         return _queue_topk.queue_topk_ref(query, queue, k, exclude_ids, queue_ids, normalized)
     return impl(query, queue, k, exclude_ids, queue_ids, normalized)
 
 
+def _backend_fn(op: str, b: str, device: str):
+    """The function that runs backend b of a masking op, with the reference's signature."""
+    if op == "random_masking":
+        return _impl(_masking, op, b) or _masking.random_masking_ref
+    if op == "unshuffle":
+        return _impl(_masking, op, b) or _masking.unshuffle_ref
+    if op == "masked_patch_embed":
+        if b in ("cpp", "triton"):          # MAE's order around the standalone masking op
+            masking = _impl(_masking, "random_masking", b)
+            return lambda imgs, w, bias, pos, ratio, noise=None, generator=None: _embed.mae_order(
+                imgs, w, bias, pos, ratio, noise, generator, masking)
+        return {"gather": _embed.masked_patch_embed_gather, "fused": _embed.masked_patch_embed_triton}.get(
+            b, _embed.masked_patch_embed_ref)
+    if b == "fused":                        # one pass: the compiled op on CPU (when built), else the Triton kernel
+        return _impl(_masking, "decoder_input", "cpp" if device == "cpu" and _cpp_available() else "triton")
+    if b in ("cpp", "triton"):
+        unshuffle_op = _impl(_masking, "unshuffle", b)
+        return lambda x, tok, ids, pos=None, cls=True: _decoder_input_standalone(unshuffle_op, x, tok, ids, pos, cls)
+    return _masking.decoder_input_ref
+
+
 def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None, generator=None,
                    backend: str | None = None):
     """MAE per-sample random masking; see kernels/masking.py for the contract."""
-    impl = _impl(_masking, "random_masking", choose("random_masking", x, x.shape[-2] if x.dim() == 3 else 0,
-                                                    x.shape[-1], backend))
-    return (impl or _masking.random_masking_ref)(x, mask_ratio, noise, generator)
+    if x.dim() == 3:
+        _masking.check_masking(x, mask_ratio, noise)
+    b = choose("random_masking", x, x.shape[-2] if x.dim() == 3 else 0, x.shape[-1], backend,
+               (x, mask_ratio, noise) if x.dim() == 3 else None, _cand.records_grad(x))
+    return _backend_fn("random_masking", b, x.device.type)(x, mask_ratio, noise, generator)
 
 
 def unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor, backend: str | None = None) -> Tensor:
     """Insert mask tokens and restore the original token order; see kernels/masking.py."""
-    impl = _impl(_masking, "unshuffle", choose("unshuffle", x, ids_restore.shape[-1], x.shape[-1], backend))
-    return (impl or _masking.unshuffle_ref)(x, mask_token, ids_restore)
+    ok = x.dim() == 3 and ids_restore.dim() == 2
+    if ok:
+        _masking.check_unshuffle(x, mask_token, ids_restore)
+    b = choose("unshuffle", x, ids_restore.shape[-1], x.shape[-1], backend, (x, mask_token, ids_restore) if ok else None,
+               _cand.records_grad(x, mask_token))
+    return _backend_fn("unshuffle", b, x.device.type)(x, mask_token, ids_restore)
 
 
 def masked_patch_embed(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor | None,
@@ -233,13 +337,14 @@ def masked_patch_embed(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_em
     kernels/masked_embed.py for the contract and the backends."""
     p = weight.shape[-1]
     L = (imgs.shape[-2] // p) * (imgs.shape[-1] // p) if imgs.dim() == 4 and p else 0
-    b = choose("masked_patch_embed", imgs, L, weight.shape[0], backend)
-    if b in ("cpp", "triton"):          # MAE's order around the standalone masking op
-        return _embed.mae_order(imgs, weight, bias, pos_embed, mask_ratio, noise, generator,
-                                _impl(_masking, "random_masking", b))
-    fn = {"gather": _embed.masked_patch_embed_gather, "fused": _embed.masked_patch_embed_triton}.get(
-        b, _embed.masked_patch_embed_ref)
-    return fn(imgs, weight, bias, pos_embed, mask_ratio, noise, generator)
+    ok = L > 0
+    if ok:                                  # bad input: its error, before anything is measured
+        _embed.check_embed(imgs, weight, bias, pos_embed, mask_ratio, noise)
+    b = choose("masked_patch_embed", imgs, L, weight.shape[0], backend,
+               (imgs, weight, bias, pos_embed, mask_ratio, noise) if ok else None,
+               _cand.records_grad(imgs, weight, bias, pos_embed))
+    return _backend_fn("masked_patch_embed", b, imgs.device.type)(imgs, weight, bias, pos_embed, mask_ratio, noise,
+                                                                  generator)
 
 
 def _decoder_input_standalone(unshuffle_op, x, mask_token, ids_restore, pos_embed, cls):
@@ -255,10 +360,10 @@ def _decoder_input_standalone(unshuffle_op, x, mask_token, ids_restore, pos_embe
 def decoder_input(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None,
                   cls: bool = True, backend: str | None = None) -> Tensor:
     """MAE's decoder input in one pass; see kernels/masking.py for the contract."""
-    b = choose("decoder_input", x, ids_restore.shape[-1], x.shape[-1], backend)
-    if b == "fused":                    # one pass: the compiled op on CPU (when built), else the Triton kernel
-        fn = _impl(_masking, "decoder_input", "cpp" if x.device.type == "cpu" and _cpp_available() else "triton")
-        return fn(x, mask_token, ids_restore, pos_embed, cls)
-    if b in ("cpp", "triton"):
-        return _decoder_input_standalone(_impl(_masking, "unshuffle", b), x, mask_token, ids_restore, pos_embed, cls)
-    return _masking.decoder_input_ref(x, mask_token, ids_restore, pos_embed, cls)
+    ok = x.dim() == 3 and ids_restore.dim() == 2
+    if ok:
+        _masking.check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
+    b = choose("decoder_input", x, ids_restore.shape[-1], x.shape[-1], backend,
+               (x, mask_token, ids_restore, pos_embed, cls) if ok else None,
+               _cand.records_grad(x, mask_token, pos_embed))
+    return _backend_fn("decoder_input", b, x.device.type)(x, mask_token, ids_restore, pos_embed, cls)
