@@ -179,7 +179,7 @@ def find_state_dict(ckpt, use_ema: bool = False) -> tuple[dict, list[str], bool]
     if not usable:
         raise ValueError(_no_encoder_message(ckpt, found))
     online = [c for c in usable if not any(s in EMA_WRAPPERS for s in c[0])]
-    emas = [c for c in usable if c not in online]
+    emas = [c for c in usable if any(s in EMA_WRAPPERS for s in c[0])]
     notes, ema = [], False
     if use_ema and emas:
         pick, ema = emas, True
@@ -220,11 +220,13 @@ def _anchors(d: dict, cpath: tuple, depth: int = 0):
 
 def _strip(d: dict, kp: str) -> dict:
     """The tensors of d under key prefix kp, without it (AveragedModel's 'n_averaged' beside 'module.' drops out)."""
-    return {k[len(kp):]: v for k, v in d.items() if isinstance(k, str) and k.startswith(kp) and isinstance(v, torch.Tensor)}
+    return {k[len(kp):]: v for k, v in d.items()
+            if isinstance(k, str) and k.startswith(kp) and isinstance(v, torch.Tensor)}
 
 
 def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k] is b[k] or (a[k].shape == b[k].shape and torch.equal(a[k], b[k])) for k in a)
+    return a.keys() == b.keys() and all(a[k] is b[k] or (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))
+                                        for k in a)
 
 
 def _dotted(path) -> str:
