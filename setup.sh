@@ -19,8 +19,13 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
 fi
 EXTRA="[test]"; [ "${1:-}" = "--no-test" ] && EXTRA=""
 PY=${PYTHON:-python3}
-$PY -m pip install -q --disable-pip-version-check -e ".$EXTRA" 2>&1 | grep -v "Running pip as the 'root' user" || true
+# An editable install (PEP 660; pyproject.toml asks for setuptools>=64): its import finder maps kernels/ and
+# dataloading/ to maect.kernels / maect.dataloading, as setup.py's package_dir says. The build uses the setuptools
+# already here when it is >= 70.1 (no download, no 'wheel' needed); otherwise pip fetches one into an isolated
+# build environment.
+ISO=""; $PY -c "import setuptools as s, sys; sys.exit(tuple(map(int, s.__version__.split('.')[:2])) < (70, 1))" 2>/dev/null && ISO="--no-build-isolation"
+$PY -m pip install -q --disable-pip-version-check $ISO -e ".$EXTRA" 2>&1 | grep -v "Running pip as the 'root' user" || true
 if [ -n "$EXTRA" ]; then  # the DALI tests run its CPU-only pipelines; DALI is a 'gpu' extra for users, installed here
   $PY -m pip install -q --disable-pip-version-check nvidia-dali-cuda130 2>&1 | grep -v "Running pip as the 'root' user" || true
 fi
-$PY -c "import maect, maect.kernels, maect.dataloading, torch; print(f'setup: maect ready (torch {torch.__version__}, cuda {torch.cuda.is_available()})')"
+$PY -c "import maect, maect.kernels, maect.dataloading, torch; print(f'setup: maect ready (torch {torch.__version__}, cuda {torch.cuda.is_available()}; maect.kernels from {maect.kernels.__file__})')"

@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from maect.config import load_config  # noqa: E402
+from maect.validation import load_config  # noqa: E402
 from maect.models.vit import ARCHS  # noqa: E402
 from mfu import block_flops as block  # noqa: E402  (one ViT block's forward: the MFU counter's formula)
 

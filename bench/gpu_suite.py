@@ -103,6 +103,22 @@ def child_env(dry_run: bool, cuda: bool) -> dict:
     return env
 
 
+def package_problem(env: dict, flags: tuple = ()) -> str | None:
+    """None when the steps' interpreter imports maect.kernels / maect.dataloading from this checkout; else what it
+    found, with the one-time install that fixes it (setup.py's package_dir maps kernels/ and dataloading/ to those
+    names; a checkout that is not installed has only `maect`). flags: extra interpreter flags (tests: -S)."""
+    code = ("import importlib.util as u\nfor n in ('maect.kernels', 'maect.dataloading'):\n"
+            "    s = u.find_spec(n)\n    print(s.origin if s else 'not found')")
+    r = subprocess.run([sys.executable, *flags, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    got = r.stdout.splitlines() if r.returncode == 0 else [r.stderr.strip()[-300:]]
+    want = [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "dataloading" / "__init__.py")]
+    if got == want:
+        return None
+    return (f"maect.kernels / maect.dataloading do not import from {ROOT} (found: {', '.join(got)}); install this "
+            f"checkout once on this machine: python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .")
+
+
 def run_child(step: Step, json_path: Path, budget_s: float, grant_s: float, dry_run: bool, env: dict) -> dict:
     """Run one step in a fresh process group; SIGTERM at grant_s, SIGKILL GRACE_S later. Echoes its output."""
     cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--_child", json.dumps(step.__dict__), "--_json",
@@ -227,6 +243,10 @@ def main(argv=None, steps: list[Step] | None = None) -> int:
     if not a.dry_run and not cuda:
         print("gpu_suite: no CUDA device visible. Run it on a GPU machine, or use --dry-run to exercise the steps on "
               "CPU with tiny shapes.", file=sys.stderr)
+        return 2
+    problem = package_problem(child_env(a.dry_run, cuda))
+    if problem:
+        print(f"gpu_suite: {problem}", file=sys.stderr)
         return 2
     out = Path(a.out)
     previous = json.loads(out.read_text()) if a.merge and out.exists() else None

@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 
 from maect import train  # noqa: E402
 from maect.atomic import write_json  # noqa: E402
-from maect.config import load_config, preset_path, ConfigError  # noqa: E402
+from maect.config import preset_path, ConfigError  # noqa: E402
+from maect.validation import load_config  # noqa: E402
 from maect.eval import __main__ as ev  # noqa: E402
 from flops import table_flops  # noqa: E402  (bench/ is on sys.path when run as a script)
 

@@ -50,6 +50,7 @@ import mfu
 from step_paths import VARIANTS, build_bases, build_step, path_dispatch
 
 from maect import config as C  # noqa: E402  (common puts the repo root on sys.path)
+from maect.validation import load_config  # noqa: E402
 from maect import kernels  # noqa: E402
 from maect.models import attention as A  # noqa: E402
 
@@ -179,7 +180,7 @@ def run_row(ctx: dict, name: str, profile: bool = False) -> dict:
 def resolve_args(args) -> tuple[C.Config, int, int]:
     """(config, per-device batch, views per sample)."""
     preset = args.preset or args.model or ("vit_l16" if args.device == "cuda" else "tiny")
-    cfg = C.load_config([f"preset={preset}"])
+    cfg = load_config([f"preset={preset}"])
     s = cfg.mae if args.stage == "mae" else cfg.ct
     batch = args.batch or (s.batch_size if preset.startswith("tiny") else
                            max(1, min(MAX_GPU_BATCH, s.batch_size // GPUS_PER_NODE)))

@@ -2,6 +2,9 @@
 and `key=value` command-line overrides type-checked against the defaults. Unknown keys are rejected.
 
 Batch sizes are GLOBAL (summed over ranks and gradient-accumulation steps), as in the paper's tables.
+
+This module parses (parse_config: keys and types); the value checks live in maect.validation, which imports this
+one, never the other way. Entry points take both at once with maect.validation.load_config.
 """
 from __future__ import annotations
 
@@ -230,8 +233,10 @@ def apply_preset(cfg: Config, name: str, _seen: tuple = ()) -> None:
     _apply_dict(cfg, d, source=path)
 
 
-def load_config(args: list[str]) -> Config:
-    """args: ['preset=tiny', 'ct.epochs=3', ...]. The preset (if any) applies first, then the rest in order."""
+def parse_config(args: list[str]) -> Config:
+    """args: ['preset=tiny', 'ct.epochs=3', ...]. The preset (if any) applies first, then the rest in order.
+    Unknown keys, values of the wrong type and bad presets are ConfigErrors here; values that make a stage impossible
+    are not checked (maect.validation.load_config parses and checks)."""
     pairs = []
     for a in args:
         if "=" not in a:
@@ -247,7 +252,6 @@ def load_config(args: list[str]) -> Config:
         if k != "preset":
             set_key(cfg, k, yaml.safe_load(v) if v != "" else "")
     apply_smoke(cfg)
-    validate(cfg)
     return cfg
 
 
@@ -279,12 +283,6 @@ def from_dict(d: dict) -> Config:
 def stages(cfg: Config) -> tuple[str, ...]:
     """The stages a run executes, in order."""
     return {"pipeline": ("mae", "head", "ct"), "ct_pipeline": ("head", "ct")}.get(cfg.stage, (cfg.stage,))
-
-
-def validate(cfg: Config) -> None:
-    """Impossible or meaningless values and combinations, caught before any work starts (maect.validation)."""
-    from maect.validation import validate_config
-    validate_config(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True, help="maect, official MAE (pretrain / fine-tune) or timm checkpoint")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output .pth (the JSON goes beside it); for safetensors a folder")
-    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA encoder (model_ema) when present")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA encoder (under model_ema, state_dict_ema, "
+                   "ema, ...: maect.hub.EMA_WRAPPERS) when present")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's pooling")
     a = p.parse_args(argv)
     try:
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     if a.ema and not meta["ema"]:
-        print(f"warning: {a.ckpt} has no EMA encoder ('model_ema'); exported the online encoder", file=sys.stderr)
+        print(f"warning: {a.ckpt} has no EMA encoder (nothing under "
+              f"{'/'.join(hub.EMA_WRAPPERS)}); exported the online encoder", file=sys.stderr)
     for n in meta["notes"]:
         print(f"  - {n}")
     wrote = (f"{os.path.join(a.out, hub.SAFE_WEIGHTS)} and {os.path.join(a.out, 'config.json')}" if a.format == "safetensors"

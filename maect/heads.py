@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect import kernels
-from maect.dataloading.augment import h2d
+from maect.device import h2d
 
 
 def lerp_weighted(targets: list[Tensor], sources: list[Tensor], weight: float, taken: Tensor | None = None) -> None:

@@ -15,7 +15,8 @@ parameter names (all offline, nothing is downloaded):
                             timm model folder); the width's number of heads and the pooling come from config.json
                             (`model_args.num_heads`, `global_pool`: 'token' -> cls, 'avg' -> mean), or from the
                             file's own header metadata ('config', the same JSON) for a bare file
-wrapped in 'model' / 'state_dict' / 'module' and with a 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix.
+wrapped in any nesting of containers ('model', 'state_dict', 'model_ema', ...) and key prefixes ('module.' from DDP
+and EMA wrappers, '_orig_mod.' from torch.compile, 'model.', 'encoder.'), in any order (find_state_dict).
 
 Mappings (each reported in info['notes']):
   - pos_embed[:, 0] nonzero (one official H/14 release; timm's learned pos_embed): folded into the cls token,
@@ -41,8 +42,16 @@ from maect.models.vit import ARCHS, MaskedAutoencoderViT, build_model, sincos_po
 
 # heads per width for weights that do not record their config (official MAE / timm sizes)
 HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-NESTS = ("model", "state_dict", "module")          # dicts that wrap a state dict, outermost first
-PREFIXES = ("module.", "_orig_mod.")               # DDP / torch.compile key prefixes
+# Containers (dict keys) and key-prefix parts that wrap a ViT state dict, stripped in any order and nesting: DDP and
+# timm/torch EMA wrappers ('module'), torch.compile ('_orig_mod'), training frameworks' 'model' / 'encoder' / 'net'
+# attributes, checkpoint dicts ('model', 'state_dict', ...). EMA_WRAPPERS name an EMA copy (timm ModelEmaV2/V3 and
+# DeiT 'model_ema', timm's train script 'state_dict_ema', ...): taken with use_ema, else the online weights.
+WRAPPERS = ("module", "_orig_mod", "model", "state_dict", "model_state_dict", "encoder", "net")
+EMA_WRAPPERS = ("model_ema", "ema", "state_dict_ema", "ema_state_dict", "ema_model", "module_ema")
+ANCHOR = "patch_embed.proj.weight"                 # the key every ViT state dict has
+MAX_NEST = 6                                       # nested containers searched
+VIT_PARTS = {"patch_embed", "blocks", "cls_token", "pos_embed", "norm", "fc_norm", "head", "mask_token",
+             "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed"}
 CLASSIFIER = ("head.", "pre_logits.", "head_dist.")  # after the pooled feature: never part of the encoder
 SAFE_WEIGHTS = "model.safetensors"                 # the weights file of timm's local-folder / model-hub layout
 TIMM_POOL = {"token": "cls", "avg": "mean"}        # timm global_pool -> our pooling
@@ -153,38 +162,102 @@ def _is_square(n: int) -> bool:
 
 
 def find_state_dict(ckpt, use_ema: bool = False) -> tuple[dict, list[str], bool]:
-    """The ViT state dict inside a checkpoint: 'model_ema' when use_ema and present, else the first of
-    'model' / 'state_dict' / 'module' (nested up to 3 deep) holding 'patch_embed.proj.weight'; 'module.' and
-    '_orig_mod.' prefixes stripped. Returns (state_dict, notes, whether the EMA encoder was taken)."""
-    notes, ema = [], False
+    """The ViT state dict inside a checkpoint, with every wrapper removed: the dict (at any depth of nested
+    containers) holding a key that ends in 'patch_embed.proj.weight', whose path (container keys, then the key's own
+    dotted prefix) consists only of WRAPPERS / EMA_WRAPPERS names, in any order and nesting. Examples:
+    {'state_dict': {'module._orig_mod.blocks...'}} (DDP + torch.compile under 'state_dict'),
+    {'model': {'_orig_mod.module.blocks...'}} (torch.compile(DDP(model))), {'model_ema': {'module.blocks...'}}
+    (timm ModelEmaV2/V3), {'module.blocks...', 'n_averaged': ...} (torch.optim.swa_utils.AveragedModel).
+    With use_ema the encoder under an EMA name is taken when there is one; without it the online one (an EMA encoder
+    alone is taken, with a note). Returns (state_dict, notes, whether the EMA encoder was taken). ValueError when no
+    encoder is found (the message lists the checkpoint's top-level keys and the key prefixes it holds) or when two
+    different encoders qualify equally (e.g. 'model.' and 'encoder.' holding other weights)."""
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected a checkpoint dict, got {type(ckpt).__name__}")
-    if use_ema:
-        if isinstance(ckpt.get("model_ema"), dict):
-            ckpt, ema = ckpt["model_ema"], True
-            notes.append("EMA encoder ('model_ema') loaded")
-        else:
-            notes.append("EMA encoder requested but the checkpoint has no 'model_ema': the online encoder is loaded")
-    sd = ckpt
-    for _ in range(3):
-        sd = _strip_prefixes(sd, notes)
-        if "patch_embed.proj.weight" in sd:
-            return sd, notes, ema
-        key = next((k for k in NESTS if isinstance(sd.get(k), dict)), None)
-        if key is None:
-            break
-        sd = sd[key]
-    keys = [k for k in ckpt if isinstance(k, str)][:8]
-    raise ValueError(f"no ViT encoder weights found (expected 'patch_embed.proj.weight' at the top level or under "
-                     f"{'/'.join(NESTS)}); top-level keys: {keys}")
+    found = list(_anchors(ckpt, ()))
+    usable = [c for c in found if all(s in WRAPPERS or s in EMA_WRAPPERS for s in c[0])]
+    if not usable:
+        raise ValueError(_no_encoder_message(ckpt, found))
+    online = [c for c in usable if not any(s in EMA_WRAPPERS for s in c[0])]
+    emas = [c for c in usable if any(s in EMA_WRAPPERS for s in c[0])]
+    notes, ema = [], False
+    if use_ema and emas:
+        pick, ema = emas, True
+    elif use_ema:
+        pick = online
+        notes.append(f"EMA encoder requested but the checkpoint has none (no {'/'.join(EMA_WRAPPERS)} container or "
+                     f"prefix): the online encoder is loaded")
+    elif online:
+        pick = online
+    else:
+        pick, ema = emas, True
+        notes.append("the checkpoint holds only an EMA encoder: it is loaded")
+    sds = [(path, _strip(d, kp), d) for path, d, kp in pick]
+    sds = [x for i, x in enumerate(sds) if not any(_same(x[1], y[1]) for y in sds[:i])]   # one copy per distinct set
+    if len(sds) > 1:
+        raise ValueError(f"several different ViT encoders in this checkpoint, under {[_dotted(x[0]) for x in sds]}: "
+                         f"load the one you mean (e.g. torch.load(PATH)[KEY]) and pass it as a state dict")
+    path, sd, holder = sds[0]
+    if "n_averaged" in holder and path[-1:] == ("module",):
+        notes.append("torch.optim.swa_utils.AveragedModel weights: its 'n_averaged' counter left out")
+    if path:
+        notes.append(f"'{_dotted(path)}' key prefix removed (containers / wrappers: {', '.join(path)})")
+    if ema:
+        notes.append(f"EMA encoder ('{_dotted(path).rstrip('.')}') loaded")
+    return sd, notes, ema
 
 
-def _strip_prefixes(sd: dict, notes: list) -> dict:
-    for pre in PREFIXES:
-        if sd and all(isinstance(k, str) and k.startswith(pre) for k in sd):
-            sd = {k[len(pre):]: v for k, v in sd.items()}
-            notes.append(f"'{pre}' key prefix removed")
-    return sd
+def _anchors(d: dict, cpath: tuple, depth: int = 0):
+    """(path segments, dict, in-key prefix) for every 'patch_embed.proj.weight' tensor key in d or its nested dicts;
+    path = the container keys, then the key prefix's dotted parts."""
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor) and isinstance(k, str) and (k == ANCHOR or k.endswith("." + ANCHOR)):
+            kp = k[:-len(ANCHOR)]
+            yield cpath + tuple(kp.split(".")[:-1]), d, kp
+        elif isinstance(v, dict) and depth < MAX_NEST:
+            yield from _anchors(v, cpath + tuple(str(k).split(".")), depth + 1)
+
+
+def _strip(d: dict, kp: str) -> dict:
+    """The tensors of d under key prefix kp, without it (AveragedModel's 'n_averaged' beside 'module.' drops out)."""
+    return {k[len(kp):]: v for k, v in d.items()
+            if isinstance(k, str) and k.startswith(kp) and isinstance(v, torch.Tensor)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] or (a[k].shape == b[k].shape and torch.equal(a[k], b[k]))
+                                        for k in a)
+
+
+def _dotted(path) -> str:
+    return "".join(f"{s}." for s in path)
+
+
+def _no_encoder_message(ckpt: dict, found: list) -> str:
+    """The refusal: what was expected, the top-level keys, the key prefixes the tensors sit under (up to the first
+    ViT part name, so wrappers show), and where a patch embedding sits under names that are not known wrappers."""
+    seen: dict[str, int] = {}
+
+    def walk(d, cpath, depth):
+        for k, v in d.items():
+            if isinstance(v, dict) and depth < MAX_NEST:
+                walk(v, cpath + tuple(str(k).split(".")), depth + 1)
+            elif isinstance(v, torch.Tensor) and isinstance(k, str):
+                parts = k.split(".")
+                i = next((j for j, s in enumerate(parts) if s in VIT_PARTS), min(1, len(parts) - 1))
+                pre = _dotted(cpath + tuple(parts[:i]))
+                seen[pre] = seen.get(pre, 0) + 1
+    walk(ckpt, (), 0)
+    top = [k for k in ckpt][:12]
+    pres = ", ".join(f"'{p}' ({n})" for p, n in list(seen.items())[:12]) + (" ..." if len(seen) > 12 else "")
+    msg = (f"no ViT encoder weights found (expected 'patch_embed.proj.weight' at the top level or under containers / "
+           f"key prefixes named {'/'.join(WRAPPERS + EMA_WRAPPERS)}, nested in any order); top-level keys: {top}; "
+           f"tensor key prefixes seen (tensor counts): {pres or 'none'}")
+    odd = sorted({_dotted(p) for p, _, _ in found})
+    if odd:
+        msg += (f"; a patch embedding sits under {odd}, whose names are not known wrappers: load that sub-dict "
+                f"yourself and pass it as a state dict")
+    return msg
 
 
 def _group(keys) -> str:

@@ -32,6 +32,7 @@ import os
 import sys
 
 from maect import config as C
+from maect.validation import load_config
 
 RESUME = "resume=auto"
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None):
     a, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     train_args = with_resume(train_args)
     try:
-        cfg = C.load_config(train_args)            # bad keys fail here, not after hours in the queue
+        cfg = load_config(train_args)              # bad keys fail here, not after hours in the queue
         check_world(cfg, a.nodes * a.tasks_per_node)
     except C.ConfigError as e:
         sys.exit(f"maect.launch: {e}")

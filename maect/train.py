@@ -38,7 +38,7 @@ from maect.losses import nnclr_loss
 from maect.models import attention as attn
 from maect.models.vit import num_params, pool
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr
-from maect.validation import check_tuned_from_block, validate_data
+from maect.validation import check_tuned_from_block, load_config, validate_data
 
 log = logging.getLogger("maect")
 
@@ -699,7 +699,7 @@ def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool, pr
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = C.load_config(argv)
+        cfg = load_config(argv)
     except C.ConfigError as e:
         sys.exit(f"maect.train: {e}")
     try:

@@ -1,7 +1,8 @@
 """Configuration checks: every value or combination that makes a stage impossible or meaningless is a one-line
 ConfigError naming the keys, raised before any work starts.
 
-validate_config(cfg)                     the config alone (maect.config.load_config runs it)
+load_config(args)                        maect.config.parse_config then validate_config: what entry points call
+validate_config(cfg)                     the config alone
 validate_data(cfg, world, n_train, n_test)  against the world size and the data set's size; maect.train runs it right
                                          after opening the data, before any model is built or any step runs
 check_tuned_from_block(t, depth, source) ct.tuned_from_block against an encoder's depth (train.py, for init=)
@@ -31,6 +32,14 @@ def _positive(key: str, v: float) -> None:
 
 def _non_negative(key: str, v: float) -> None:
     _need(math.isfinite(v) and v >= 0, f"{key}={v} must be a finite number >= 0")
+
+
+def load_config(args: list[str]) -> Config:
+    """A checked Config from ['preset=tiny', 'ct.epochs=3', ...]: maect.config.parse_config (keys, types, presets),
+    then validate_config. ConfigError naming the key otherwise."""
+    cfg = C.parse_config(args)
+    validate_config(cfg)
+    return cfg
 
 
 def validate_config(cfg: Config) -> None:

@@ -6,7 +6,8 @@ import torch
 from maect.dataloading import TrainLoader, fashion_mnist
 from maect.dataloading import augment as A
 from maect.dataloading.datasets import read_idx
-from maect.config import ConfigError, load_config
+from maect.config import ConfigError
+from maect.validation import load_config
 from maect.validation import validate_data
 
 
@@ -89,6 +90,21 @@ def test_config_that_makes_a_stage_impossible_names_the_keys(args, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(["preset=tiny", *args])
     assert "\n" not in str(e.value)
+
+
+def test_entry_points_check_values_before_any_work(tmp_path):
+    """python -m maect.train and python -m maect.launch refuse an impossible value at once (maect.validation's
+    load_config), before a run or a job starts; maect.config.parse_config checks keys and types only."""
+    from maect import config as C
+    from maect import launch, train
+    with pytest.raises(SystemExit, match=r"maect.train: mae.epochs=-1.0 must be a positive"):
+        train.main(["preset=tiny", f"out_dir={tmp_path / 'run'}", "mae.epochs=-1"])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match=r"maect.launch: mae.epochs=-1.0 must be a positive"):
+        launch.main(["--dry-run", "--job-dir", str(tmp_path / "jobs"), "--", "preset=tiny", "mae.epochs=-1"])
+    assert C.parse_config(["preset=tiny", "mae.epochs=-1"]).mae.epochs == -1
+    with pytest.raises(ConfigError, match="nope"):
+        C.parse_config(["preset=tiny", "nope=1"])
 
 
 def test_only_the_stages_that_run_are_checked():

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from maect import hub
-from maect.config import ConfigError, Config, load_config, to_dict
+from maect.config import ConfigError, Config, to_dict
+from maect.validation import load_config
 from maect.dataloading import DataError, ImageFiles, NoLabels, TrainLoader, eval_batches, fashion_mnist, load_data
 from maect.dataloading import dali as D
 from maect.dataloading import load_eval_data

@@ -249,3 +249,12 @@ def test_compile_clock_counts_triton_compiles(tmp_path):
     rep = eval(r.stdout.strip().splitlines()[-1])          # a dict literal printed by the child
     assert rep["triton_compiles"] == 1 and 0 < rep["triton_compile_s"] == rep["compile_s"] < rep["run_s"]
     assert rep["measure_s"] == pytest.approx(rep["run_s"] - rep["compile_s"], abs=0.02)
+
+
+def test_suite_names_the_install_an_uninstalled_checkout_needs():
+    """The steps import maect.kernels from this checkout through its install (setup.py's package_dir); without one
+    (here: -S, no site-packages) the suite stops at once with the command that installs it."""
+    env = G.child_env(True, False)
+    assert G.package_problem(env) is None
+    msg = G.package_problem(env, flags=("-S",))
+    assert "not found" in msg and "--no-index -e ." in msg, msg

@@ -100,7 +100,7 @@ def run_train(args, nproc=1, env=None, ok=True, torchrun_args=()) -> subprocess.
     MAECT_FAULT; ok: assert it exits 0."""
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args]
            if nproc > 1 else [sys.executable]) + ["-m", "maect.train"] + args
-    e = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MAECT_FAULT": "", **(env or {})}
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "MAECT_FAULT": "", **(env or {})}   # maect.kernels etc.: the install
     r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -158,7 +158,7 @@ def test_two_ranks_match_one_process(tmp_path):
 def test_queue_identical_on_both_ranks(tmp_path):
     worker = os.path.join(ROOT, "tests", "ddp_queue_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker, str(tmp_path)]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     s0, s1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

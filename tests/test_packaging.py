@@ -58,3 +58,111 @@ def test_installed_wheel_imports_beside_a_package_named_kernels(wheel, tmp_path)
                        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "MAECT_CPP": "0"})
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0 and "ok" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------ source checkout
+def run_py(code: str, python=sys.executable, cwd=ROOT):
+    return subprocess.run([str(python), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+
+
+def test_this_interpreter_imports_one_tree():
+    """maect, maect.kernels and maect.dataloading come from the same checkout (or the same installed wheel). From
+    a checkout whose interpreter has another checkout installed, maect would come from here and maect.kernels from
+    there: install this checkout (./setup.sh, or pip install -e .)."""
+    r = run_py("import maect, maect.kernels as k, maect.dataloading as d; print(maect.__file__); print(k.__file__); "
+               "print(d.__file__)")
+    assert r.returncode == 0, r.stderr[-3000:]
+    pkg, kern, data = (Path(p).resolve() for p in r.stdout.split())
+    home = pkg.parents[1]
+    assert kern.parent in (home / "kernels", pkg.parent / "kernels"), (
+        f"maect is {pkg} but maect.kernels is {kern}: another checkout is installed in this interpreter; "
+        f"run ./setup.sh (pip install -e .) in {home}")
+    assert data.parent in (home / "dataloading", pkg.parent / "dataloading"), (pkg, data)
+
+
+@pytest.fixture(scope="module")
+def editable(tmp_path_factory):
+    """A copy of the checkout installed editable (pip install -e, as ./setup.sh does) into a fresh virtual
+    environment that sees this interpreter's packages (torch) but not its maect: (venv python, copy)."""
+    base = tmp_path_factory.mktemp("editable")
+    src = base / "clone"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "runs", "out", "*.egg-info", "__pycache__",
+                                                             ".triton_cache", ".pytest_cache", "*.so"))
+    venv = base / "venv"
+    r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    py = venv / "bin" / "python"
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
+                        "--no-build-isolation", "--disable-pip-version-check", "-e", str(src)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return py, src
+
+
+def test_editable_install_maps_kernels_and_dataloading(editable, tmp_path):
+    """setup.py's package_dir, through setuptools' editable finder: maect.kernels / maect.dataloading are the copy's
+    kernels/ and dataloading/, from its root (where `python -m pytest` runs) and from elsewhere."""
+    py, src = editable
+    for cwd in (src, tmp_path):
+        r = run_py("import maect, maect.kernels as k, maect.dataloading as d, maect.kernels._cpp as c\n"
+                   "print(maect.__file__, k.__file__, d.__file__, c._CSRC)", python=py, cwd=cwd)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got = [Path(p) for p in r.stdout.split()]
+        assert got == [src / "maect" / "__init__.py", src / "kernels" / "__init__.py",
+                       src / "dataloading" / "__init__.py", src / "csrc"], (cwd, got)
+
+
+@pytest.mark.parametrize("name", ["setup", "maect", "bench", "tests"])
+def test_repository_folders_are_not_maect_submodules(editable, name):
+    """In a checkout (its root on sys.path, as `python -m ...` puts it there) the repository's other top-level
+    entries are not parts of the package: `import maect.setup` would run setup(), `maect.maect` a second copy of
+    maect with its own state."""
+    py, src = editable
+    r = run_py(f"import maect.{name}", python=py, cwd=src)
+    assert r.returncode == 1 and f"ModuleNotFoundError: No module named 'maect.{name}'" in r.stderr, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ import layers
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (top level and inside functions), as dotted names; `from maect import x` gives
+    maect.x."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def under(names: set[str], pkg: str) -> list[str]:
+    return sorted(n for n in names if n == pkg or n.startswith(pkg + "."))
+
+
+MODEL_LAYER = ["maect/heads.py", "maect/losses.py", "maect/device.py", *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "maect" / "models").glob("*.py")), *sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "kernels").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", MODEL_LAYER)
+def test_model_layer_imports_no_data_layer(path):
+    assert under(imported_modules(ROOT / path), "maect.dataloading") == []
+
+
+def test_config_imports_nothing_of_validation():
+    """validation checks configs (it imports config); config never imports validation, not even inside a
+    function."""
+    assert under(imported_modules(ROOT / "maect" / "config.py"), "maect.validation") == []
+    assert "maect.config" in imported_modules(ROOT / "maect" / "validation.py")
+
+
+def test_imported_modules_sees_every_form(tmp_path):
+    """The rule checker itself: each import form is found."""
+    f = tmp_path / "m.py"
+    f.write_text("import maect.dataloading.augment\nfrom maect import dataloading\n"
+                 "def g():\n    from maect.dataloading.augment import h2d\n")
+    assert under(imported_modules(f), "maect.dataloading") == ["maect.dataloading", "maect.dataloading.augment",
+                                                               "maect.dataloading.augment.h2d"]

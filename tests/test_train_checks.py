@@ -10,7 +10,8 @@ import torch
 
 from maect import dist, hub
 from maect.checkpoint import Checkpoints
-from maect.config import ConfigError, load_config, to_dict
+from maect.config import ConfigError, to_dict
+from maect.validation import load_config
 from maect.eval.features import NonFiniteFeatures
 from maect.train import KNNMonitor, Meter, check_encoder, main, train_loop
 

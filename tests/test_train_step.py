@@ -152,9 +152,10 @@ def test_ct_reference_and_maect_same_first_loss(monkeypatch, capsys):
 
 def test_compile_mode_config():
     from maect import config as C
-    assert C.load_config(["preset=tiny", "model.compile_mode=reduce-overhead"]).model.compile_mode == "reduce-overhead"
+    from maect import validation as V
+    assert V.load_config(["preset=tiny", "model.compile_mode=reduce-overhead"]).model.compile_mode == "reduce-overhead"
     with pytest.raises(C.ConfigError, match="model.compile_mode='fast': choose one of"):
-        C.load_config(["preset=tiny", "model.compile_mode=fast"])
+        V.load_config(["preset=tiny", "model.compile_mode=fast"])
 
 
 def test_suite_child_row_matches_in_process(monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maect import config as C
+from maect import validation as V
 from maect import hub, viz
 from maect.models.vit import build_model
 
@@ -16,7 +17,7 @@ TINY = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_he
 def tiny_ckpts(tmp_path, extra=()):
     """runs/mae/checkpoint-final.pth (encoder + decoder) and runs/ct/checkpoint-final.pth (encoder only, EMA), with
     the tiny preset's config (Fashion-MNIST unless `extra` says otherwise, mean pooling)."""
-    cfg = C.load_config(["preset=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=4",
+    cfg = V.load_config(["preset=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=4",
                          "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2", *extra])
     torch.manual_seed(0)
     mae = hub.model_from_cfg(cfg.model, decoder=True)
