@@ -117,7 +117,7 @@ def run(preset: str = "tiny", device: str = "cpu", world: int | None = None, ban
         overrides: tuple = (), timer=None) -> dict:
     """Measure every case of the preset; returns {"rows": [...], "cost": [...], "ok": bool, ...}."""
     from maect import kernels as K
-    from maect.config import load_config
+    from maect.validation import load_config
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("maect.kernels.check: --device cuda, but torch sees no CUDA device")
