@@ -8,7 +8,7 @@ imports), compile_s (Triton JIT compiles + torch.compile), autotune_s (Triton au
 excluded) and measure_s (the rest: inputs, correctness checks, warm-up and timed repetitions).
 Triton's and inductor's caches live in .triton_cache/ and .inductor_cache/ of the working tree (git-ignored), so
 every step and a second call on a warm machine reuse what an earlier one compiled. A .whl/site/ folder (DALI staged
-by bench/stage_wheels.py) goes on the steps' PYTHONPATH.
+by tools/stage_wheels.py) goes on the steps' PYTHONPATH.
 
 Adding a step is one line in STEPS: a script with gpu_suite_step(out: dict, budget_s: float) that fills `out`
 (assign each finished configuration as it completes; a string out["skipped"] marks the step skipped with that

@@ -143,9 +143,10 @@ def env_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
 
 
 def stage_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
-    """Real run: report the staged wheels (bench/stage_wheels.py) and install them if the last call did not.
+    """Real run: report the staged wheels (tools/stage_wheels.py) and install them if the last call did not.
     Dry run: the whole round trip on a fake wheel: split, a corrupted chunk refused, reassemble, install, import."""
-    import stage_wheels as S
+    sys.path.insert(0, str(ROOT / "tools"))
+    import stage_wheels as S      # tools/stage_wheels.py
     marks["ready"] = time.time()
     if dry_run:
         with tempfile.TemporaryDirectory() as tmp:
