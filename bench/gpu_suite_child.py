@@ -177,7 +177,7 @@ def stage_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
             return
         if st["missing"] or st["corrupt"]:
             out["error"] = (f"staged chunks incomplete (missing {st['missing']}, corrupt {st['corrupt']}) and "
-                            f"nothing installed in {SITE}: carry them again (README, Running the GPU suite)")
+                            f"nothing installed in {SITE}: carry them again (docs/development.md)")
             return
         out["install"] = S.install(S.STAGE, S.SITE, S.DATA)       # the last call normally ran `install` already
     out["dali"] = S.import_check(S.SITE, "nvidia.dali")
