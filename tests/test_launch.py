@@ -297,24 +297,35 @@ def check_python(cmd: list[str], where: str) -> str:
 
 @pytest.mark.parametrize("page", DOC_PAGES)
 def test_every_quoted_command_parses(page, capsys):
-    checked = []
+    checked, errors = [], []
     for lang, line, body in code_blocks(page):
         where = f"{page}:{line}"
         if lang == "python":
-            compile(body, where, "exec")
+            try:
+                compile(body, where, "exec")
+            except SyntaxError as e:
+                errors.append(f"{where}: {e}")
             continue
         if lang not in SHELL_LANGS:
             continue
         r = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True)
-        assert r.returncode == 0, f"{where}: bash -n: {r.stderr}"
+        if r.returncode != 0:
+            errors.append(f"{where}: bash -n: {r.stderr.strip()}")
+            continue
         for cmd in shell_commands(body):
-            if cmd[0].startswith("./"):
-                assert os.path.exists(os.path.join(ROOT, cmd[0])), f"{where}: no file {cmd[0]}"
-            what = check_python(cmd, where)
+            try:
+                if cmd[0].startswith("./"):
+                    assert os.path.exists(os.path.join(ROOT, cmd[0])), f"{where}: no file {cmd[0]}"
+                what = check_python(cmd, where)
+            except AssertionError as e:      # every bad command of the page is named, not only the first
+                errors.append(str(e).splitlines()[0])
+                continue
             if what:
                 checked.append(what)
     with capsys.disabled():
-        print(f"\n{page}: {len(checked)} Python commands parse ({', '.join(sorted(set(checked)))})")
+        print(f"\n{page}: {len(checked)} Python commands parse ({', '.join(sorted(set(checked)))})"
+              + "".join(f"\n  FAILS {e}" for e in errors))
+    assert not errors, "\n".join(errors)
 
 
 def test_command_checker_catches_bad_keys_flags_and_scripts():
