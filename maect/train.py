@@ -679,9 +679,9 @@ def run(cfg: C.Config) -> dict:
         if no_labels is None:   # without labels results.json holds the checkpoints and times only
             final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
             before = results.get("mae_checkpoint") or cfg.init
-            feats = {name: final_knn(final, cfg, di, path, ema, progress=f"final k-NN: {name}")
-                     for name, path, ema in (("MAE", before, False), ("MAE-CT", init, cfg.eval.use_ema))}
-            s = summarize(feats, k=cfg.eval.knn_k, T=cfg.eval.knn_T, num_classes=final.num_classes)  # same features
+            s = {name: summarize({name: final_knn(final, cfg, di, path, ema, progress=f"final k-NN: {name}")},
+                                 k=cfg.eval.knn_k, T=cfg.eval.knn_T, num_classes=final.num_classes)[name]
+                 for name, path, ema in (("MAE", before, False), ("MAE-CT", init, cfg.eval.use_ema))}  # one at a time
             results.update(knn_mae=s["MAE"]["knn"], knn_maect=s["MAE-CT"]["knn"], final=s)
             log.info(format_summary(s, cfg.eval.knn_k, len(final.train), len(final.test), final.num_classes))
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
