@@ -53,7 +53,7 @@ setup(
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
         # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a
         # CUDA 13 torch its extension needs libcudart.so.12, which nvidia-cuda-runtime-cu12 installs and
-        # maect.models.xformers_load preloads (README "GPU install").
+        # maect.models.xformers_load preloads (docs/kernels.md, "Attention").
         "gpu": ["xformers==0.0.35; platform_system=='Linux'",
                 "nvidia-cuda-runtime-cu12>=12.8,<13; platform_system=='Linux'", "nvidia-dali-cuda130"],
     },

@@ -42,7 +42,7 @@ ROWS = [  # (name, views, ctaug, crop scale): stages 2-3 (MAE-CT; the headline),
     ("mae 1 view", 1, False, (0.2, 1.0)),
     ("ctaug 2 views", 2, True, (0.08, 1.0)),
 ]
-# Fashion-MNIST's test split: the system's copy, else the one bench/stage_wheels.py carried to a GPU machine
+# Fashion-MNIST's test split: the system's copy, else the one tools/stage_wheels.py carried to a GPU machine
 FMNIST_ROOTS = ["/usr/share/datasets/fashion-mnist", str(ROOT / ".whl" / "data" / "fashion-mnist")]
 
 

@@ -10,7 +10,7 @@ Triton's and inductor's caches live in .triton_cache/ and .inductor_cache/ of th
 every step and a second call on a warm machine reuse what an earlier one compiled. The first step is
 `python -m maect.kernels.check` (every kernel verified and timed at the GPU presets' shapes); its dispatch
 decisions go to .maect_cache/ (MAECT_CACHE_DIR), which the later steps read. A .whl/site/ folder (DALI staged
-by bench/stage_wheels.py) goes on the steps' PYTHONPATH.
+by tools/stage_wheels.py) goes on the steps' PYTHONPATH.
 
 Adding a step is one line in STEPS: a script with gpu_suite_step(out: dict, budget_s: float) that fills `out`
 (assign each finished configuration as it completes; a string out["skipped"] marks the step skipped with that
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 505     # the steps' budgets below sum to this; + the suite's own start-up: < 9 min per call
 GRACE_S = 8              # after SIGTERM at the budget: time to write the partial JSON before SIGKILL
 DRY_BUDGET_SCALE = 0.25  # --dry-run: the budget_s handed to a step (it sizes its work to it) ...
-DRY_KILL_SCALE = 3.0     # ... and the kill deadline (a shared 2-core CPU is slow)
+DRY_KILL_SCALE = 3.0     # ... and the kill deadline (a loaded 2-core CPU is slow)
 SITE = ROOT / ".whl" / "site"
 CACHES = {"TRITON_CACHE_DIR": ROOT / ".triton_cache", "TORCHINDUCTOR_CACHE_DIR": ROOT / ".inductor_cache",
           "MAECT_CACHE_DIR": ROOT / ".maect_cache"}       # the dispatch decisions kernels_check writes
@@ -60,11 +60,11 @@ class Step:
     dry_cli: tuple = ()
 
 
-# Budgets: first H200 run (torch 2.11+cu130, Triton 3.6, 16 cores; budgets then 15/110/80/45/70/110/40 s, 470 s in
-# all): kernel tests were killed at 110 s after 54 passing tests of the two kernel test files (now only the 50
-# GPU-marked tests), queue_lookup at 80 s after printing all its tables; masked_gather, attention and train_step
-# finished inside 45, 70 and 110 s; DALI never ran. A step that finishes early hands its time to the later ones
-# (its kill deadline is what is left minus the later steps' budgets), so these are floors, not shares.
+# Budgets, from an H200 (torch 2.11+cu130, Triton 3.6, 16 cores, 2026-11) with budgets 15/110/80/45/70/110/40 s:
+# the two kernel test files were killed at 110 s after 54 passing tests (this step runs only the GPU-marked ones),
+# queue_lookup ran 80 s and printed every table; masked_gather, attention and train_step finished inside 45, 70 and
+# 110 s. A step that finishes early hands its time to the later ones (its kill deadline is what is left minus the
+# later steps' budgets), so these are floors, not shares.
 STEPS = [
     Step("kernels_check", "check", 30, "python -m maect.kernels.check for vit_b16 and vit_l16: ~1 s per op and "
          "shape class plus Triton compiles (unmeasured on GPU)"),
@@ -79,9 +79,9 @@ STEPS = [
     Step("masked_gather", "bench/masked_gather.py", 40, "finished inside 45 s", cli=("--device", "cuda"),
          dry_cli=("--device", "cpu", "--shape", "8,49,32", "--budget", "0.05")),
     Step("attention", "bench/attention.py", 45, "finished inside 70 s; sizes its timing to the budget"),
-    Step("train_step", "bench/train_step.py", 80, "finished inside 110 s; skips configs that no longer fit"),
-    Step("dataloading", "bench/dataloading.py", 45, "new: DALI GPU vs CPU twin, sized to the budget"),
-    Step("swap_in", "bench/swap_in.py", 30, "new: 7 shapes x 2 providers, 0.3 s each, one round",
+    Step("train_step", "bench/train_step.py", 80, "finished inside 110 s; skips configs that do not fit"),
+    Step("dataloading", "bench/dataloading.py", 45, "DALI GPU vs CPU twin, sized to the budget"),
+    Step("swap_in", "bench/swap_in.py", 30, "7 shapes x 2 providers, 0.3 s each, one round",
          cli=("--device", "cuda", "--budget", "0.3", "--runs", "1"), dry_cli=("--quick",)),
 ]
 STEP_NAMES = [s.name for s in STEPS]

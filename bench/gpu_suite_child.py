@@ -143,9 +143,10 @@ def env_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
 
 
 def stage_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
-    """Real run: report the staged wheels (bench/stage_wheels.py) and install them if the last call did not.
+    """Real run: report the staged wheels (tools/stage_wheels.py) and install them if the last call did not.
     Dry run: the whole round trip on a fake wheel: split, a corrupted chunk refused, reassemble, install, import."""
-    import stage_wheels as S
+    sys.path.insert(0, str(ROOT / "tools"))
+    import stage_wheels as S      # tools/stage_wheels.py
     marks["ready"] = time.time()
     if dry_run:
         with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +177,7 @@ def stage_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
             return
         if st["missing"] or st["corrupt"]:
             out["error"] = (f"staged chunks incomplete (missing {st['missing']}, corrupt {st['corrupt']}) and "
-                            f"nothing installed in {SITE}: carry them again (README, Running the GPU suite)")
+                            f"nothing installed in {SITE}: carry them again (docs/development.md)")
             return
         out["install"] = S.install(S.STAGE, S.SITE, S.DATA)       # the last call normally ran `install` already
     out["dali"] = S.import_check(S.SITE, "nvidia.dali")

@@ -7,7 +7,7 @@ kernels.MASKING_BACKENDS; 'ref' is MAE's own code and the baseline of the ratio 
                   ref = Conv2d over all L patches, + pos_embed, two argsorts, gather (MAE's forward_encoder).
   decoder         decoder_input: tokens [N, 1+K, 512] + mask token + decoder_pos_embed -> [N, 1+L, 512];
                   backward: token and mask-token gradients. ref = cat + gather + cat + add (MAE's forward_decoder).
-  random_masking  the standalone op on x [N, L, D];  unshuffle: the standalone op on [N, K, 512] (issue 14's rows).
+  random_masking  the standalone op on x [N, L, D];  unshuffle: the standalone op on [N, K, 512].
 Providers: ref; cpp / triton (the standalone compiled / Triton ops inside MAE's structure); gather (the encoder: embed
 only the kept patches with torch ops); fused (the encoder: index + gather-GEMM Triton kernels; the decoder: one pass,
 Triton on CUDA, the compiled op on CPU); 'MAE compiled' (torch.compile of ref; --compile).

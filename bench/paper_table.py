@@ -3,7 +3,7 @@ checkpoint; MAE-CTaug trains its own stage-2 head on the colour-augmented views,
 every evaluation protocol on each encoder, measured by the same code.
 
     python bench/paper_table.py                         # Fashion-MNIST, preset tiny / tiny_aug, 2 CPU cores
-    python bench/fmnist_data.py && python bench/paper_table.py --preset fmnist_gpu --data-root data/fashion-mnist
+    python tools/fmnist_data.py && python bench/paper_table.py --preset fmnist_gpu --data-root data/fashion-mnist
     python bench/paper_table.py --preset fmnist_gpu smoke=2 device=cpu      # the GPU preset, a few steps, on a CPU
 
 Prints a table shaped like the paper's (rows MAE / MAE-CT / MAE-CTaug; columns probe, k-NN, 1-shot, 5-shot, 1%,

@@ -1,4 +1,4 @@
-"""k-NN on raw pixels: the floor a learned encoder's features should beat (issue 18 part 2).
+"""k-NN on raw pixels: the floor a learned encoder's features should beat.
 
     python bench/raw_pixels.py [--data fashion_mnist] [--data-root DIR]
 

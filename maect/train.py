@@ -33,6 +33,7 @@ from maect import dist, hub
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
 from maect.eval.features import NonFiniteFeatures, eval_mode
+from maect.eval.summary import format_summary, summarize
 from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
 from maect.losses import nnclr_loss
 from maect.models import attention as attn
@@ -678,20 +679,21 @@ def run(cfg: C.Config) -> dict:
         if no_labels is None:   # without labels results.json holds the checkpoints and times only
             final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
             before = results.get("mae_checkpoint") or cfg.init
-            acc0 = final_knn(final, cfg, di, before, False, progress="final k-NN: MAE")
-            acc1 = final_knn(final, cfg, di, init, cfg.eval.use_ema, progress="final k-NN: MAE-CT")
-            results.update(knn_mae=acc0, knn_maect=acc1)
-            log.info(f"k-NN accuracy (k={cfg.eval.knn_k}, {len(final.train)} train / {len(final.test)} test): "
-                     f"MAE {acc0:.2f}%  ->  MAE-CT {acc1:.2f}%  ({acc1 - acc0:+.2f})")
+            s = {name: summarize({name: final_knn(final, cfg, di, path, ema, progress=f"final k-NN: {name}")},
+                                 k=cfg.eval.knn_k, T=cfg.eval.knn_T, num_classes=final.num_classes)[name]
+                 for name, path, ema in (("MAE", before, False), ("MAE-CT", init, cfg.eval.use_ema))}  # one at a time
+            results.update(knn_mae=s["MAE"]["knn"], knn_maect=s["MAE-CT"]["knn"], final=s)
+            log.info(format_summary(s, cfg.eval.knn_k, len(final.train), len(final.test), final.num_classes))
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 
 
-def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool, progress: str = "") -> float:
-    """The pipeline's before/after k-NN of one checkpoint (every checkpoint is on disk by now), with progress lines
-    named `progress`; non-finite features raise NonFiniteFeatures naming the checkpoint."""
+def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool, progress: str = "") -> tuple:
+    """The pipeline's before/after features of one checkpoint (every checkpoint is on disk by now; KNNMonitor.features'
+    tuple), with progress lines named `progress`; non-finite features raise NonFiniteFeatures naming the checkpoint."""
     try:
-        return final(hub.load_encoder(path, use_ema=use_ema)[0].to(di.device), cfg.model.pool, progress=progress)
+        encoder = hub.load_encoder(path, use_ema=use_ema)[0].to(di.device)
+        return final.features(encoder, cfg.model.pool, progress=progress)
     except NonFiniteFeatures as e:
         raise NonFiniteFeatures(f"final k-NN of {path}: {e}", e.counts) from None
 

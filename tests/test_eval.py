@@ -385,3 +385,36 @@ def test_cli_end_to_end(tmp_path):
     assert res2["feature_source"] == {"train": "cache", "test": "cache"}
     assert res2["protocols"]["knn"]["k20"] == P["knn"]["k20"]
     assert ckpt.read_bytes() == raw
+
+
+# ------------------------------------------------------------------------------------------ the pipeline's closing table
+def test_summary_is_knn_and_kmeans_of_the_same_features_and_formats_a_table():
+    from maect.eval.summary import format_summary, summarize
+    C, D = 10, 32
+    good = (*clusters(400, C, D, seed=0), *clusters(200, C, D, seed=1))          # separable: 100 / 100 / 100
+    g = torch.Generator().manual_seed(3)
+    noise = (torch.randn(400, D, generator=g), good[1], torch.randn(200, D, generator=g), good[3])
+    s = summarize({"MAE": noise, "MAE-CT": good}, k=20, T=0.07, num_classes=C)
+    print(s)
+    assert list(s) == ["MAE", "MAE-CT"]
+    assert s["MAE-CT"] == {"knn": 100.0, "kmeans_acc": 100.0, "kmeans_nmi": pytest.approx(100.0)}
+    # the same calls as maect.eval's k-NN and cluster protocols (seed 0, 10 restarts, the test split)
+    assert s["MAE"]["knn"] == knn_accuracy(*noise, k=20, T=0.07, num_classes=C)
+    cl = cluster_eval(noise[2], noise[3], num_classes=C, restarts=10, seed=0)
+    assert (s["MAE"]["kmeans_acc"], s["MAE"]["kmeans_nmi"]) == (cl["acc"], cl["nmi"])
+    mid, half = chance_band(C, 200)
+    assert abs(s["MAE"]["knn"] - mid) < half
+    text = format_summary(s, k=20, n_train=400, n_test=200, kmeans_k=C)
+    print(text)
+    lines = text.splitlines()
+    assert lines[0].startswith("k-NN accuracy (k=20, 400 train / 200 test) and k-means (k=10, 10 restarts")
+    assert lines[2].split()[0] == "MAE" and lines[3].split() == ["MAE-CT", "100.00", "100.00", "100.00"]
+    change = lines[4].split()
+    assert change[0] == "change" and float(change[1]) == pytest.approx(100.0 - s["MAE"]["knn"], abs=0.006)
+    # fewer test images than classes: no k-means, the k-NN still reported
+    few = summarize({"MAE": (good[0], good[1], good[2][:5], good[3][:5])}, k=5, num_classes=C)
+    assert few["MAE"]["kmeans_acc"] is None and few["MAE"]["knn"] == 100.0
+    assert format_summary(few, 5, 400, 5, C).splitlines()[-1].split() == ["MAE", "100.00", "-", "-"]
+    bad = (good[0], good[1], good[2].clone().index_fill_(0, torch.tensor([0]), float("nan")), good[3])
+    with pytest.raises(NonFiniteFeatures):
+        summarize({"MAE": bad}, num_classes=C)

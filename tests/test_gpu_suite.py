@@ -1,4 +1,4 @@
-"""bench/gpu_suite.py (the one-call GPU run), bench/stage_wheels.py (wheels carried in chunks) and the pieces of
+"""bench/gpu_suite.py (the one-call GPU run), tools/stage_wheels.py (wheels carried in chunks) and the pieces of
 bench/dataloading.py that the DALI GPU step relies on; all on CPU: the dry run, fake steps, a fake wheel."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tools")]
 import gpu_suite as G  # noqa: E402
 import gpu_suite_report as R  # noqa: E402
-import stage_wheels as S  # noqa: E402
+import stage_wheels as S  # noqa: E402  (tools/stage_wheels.py)
 sys.path.remove(str(ROOT / "bench"))
+sys.path.remove(str(ROOT / "tools"))
 
 HANGS = """
 import time

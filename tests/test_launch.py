@@ -1,7 +1,9 @@
 """Slurm without Slurm: maect.launch's job construction (sbatch parameters, each task's torchrun-style environment
 with MASTER_ADDR = the allocation's first node, the requeue hook's resubmission with resume=auto), a real
-signal -> checkpoint hook -> requeue -> resume cycle through submitit's LocalExecutor (2 ranks, gloo), and the README's
-sbatch template run by bash with stand-ins for scontrol and srun."""
+signal -> checkpoint hook -> requeue -> resume cycle through submitit's LocalExecutor (2 ranks, gloo), the sbatch
+template of docs/distributed-and-slurm.md run by bash with stand-ins for scontrol and srun, and every command that
+README.md and docs/*.md quote in their code blocks: shell syntax, modules, scripts, flags and config keys."""
+import argparse
 import glob
 import os
 import re
@@ -106,16 +108,19 @@ def test_local_job_requeues_on_signal_and_resumes(tmp_path, monkeypatch):
     assert final["step"] == 40 and final["args"]["resume"] == "auto"
 
 
-# ------------------------------------------------------------------------------------------------ README template
+# ------------------------------------------------------------------------------------------------ sbatch template
+SLURM_PAGE = os.path.join(ROOT, "docs", "distributed-and-slurm.md")
+
+
 def readme_sbatch() -> str:
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(SLURM_PAGE).read()
     m = re.search(r"<!-- sbatch template[^>]*-->\s*```bash\n(.*?)```", text, re.S)
-    assert m, "README has no sbatch template block"
+    assert m, f"{SLURM_PAGE} has no sbatch template block"
     return m.group(1)
 
 
 def test_readme_sbatch_template(tmp_path):
-    """bash runs the README's template with stand-ins: scontrol (show hostnames / requeue) and srun (records its
+    """bash runs the docs' sbatch template with stand-ins: scontrol (show hostnames / requeue) and srun (records its
     command line). MASTER_ADDR is the first node; on the pre-timeout signal the job requeues itself."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
@@ -150,3 +155,191 @@ def test_readme_sbatch_template(tmp_path):
     assert re.search(r"torchrun .* -m maect\.train .*resume=auto", srun)
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert "#SBATCH --signal=B:USR1@" in script.read_text() and "#SBATCH --requeue" in script.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ quoted commands
+# Every fenced code block of README.md and docs/*.md: shell blocks (bash, sh or no language) pass `bash -n`, and each
+# command in them that runs Python is checked without running it: `python -m maect.train` / `torchrun ... -m
+# maect.train` overrides through the config parser's own validation (maect.config.load_config), `python -m
+# maect.launch` through its dry run, other `python -m maect...` modules and `python path/x.py` scripts through their
+# own argparse parser (the module runs up to its parse_args, which stops it), other modules by existence, `./x` by
+# existence; python blocks must compile.
+DOC_PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+SHELL_LANGS = {"", "bash", "sh", "shell"}
+SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")", ";;"}
+PYTHONS = {"python", "python3", sys.executable}
+
+
+class Parsed(Exception):
+    """Raised right after a parser accepted the arguments: the command parses, nothing of it runs."""
+
+
+def code_blocks(path: str) -> list[tuple[str, int, str]]:
+    """(language, first line number, body) of every fenced block of a markdown file."""
+    text = open(os.path.join(ROOT, path)).read()
+    return [(m.group(1).lower(), text.count("\n", 0, m.start()) + 2, m.group(2))
+            for m in re.finditer(r"^```([\w+-]*)[^\n]*\n(.*?)^```", text, re.S | re.M)]
+
+
+def shell_commands(body: str) -> list[list[str]]:
+    """The simple commands of a shell block as token lists (continuations joined, comments dropped, split at
+    && || ; | & and parentheses)."""
+    import shlex
+    out = []
+    for line in re.sub(r"\\\n", " ", body).splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split, lex.commenters = True, "#"
+        cmd = []
+        for tok in lex:
+            if tok in SEPARATORS:
+                out.append(cmd)
+                cmd = []
+            else:
+                cmd.append(tok)
+        out.append(cmd)
+    return [c for c in out if c]
+
+
+def run_parser_only(target: str, argv: list[str], script: bool) -> argparse.Namespace:
+    """Run module (or script path) `target` as __main__ with sys.argv = argv until its argparse parser has accepted
+    the arguments; returns the namespace. SystemExit(0) (--help) returns None; a parser error fails the test."""
+    import runpy
+    orig_args, orig_known = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+    inside = []
+
+    def parse_args(self, args=None, namespace=None):
+        inside.append(1)
+        try:
+            ns = orig_args(self, args, namespace)
+        finally:
+            inside.pop()
+        raise Parsed(ns)
+
+    def parse_known_args(self, args=None, namespace=None):
+        res = orig_known(self, args, namespace)
+        if inside:            # parse_args' own call (and subparsers'): its unknown-argument check still follows
+            return res
+        raise Parsed(res[0])
+
+    saved = sys.argv, list(sys.path), dict(os.environ)
+    argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = parse_args, parse_known_args
+    try:
+        sys.argv = [target, *argv]
+        if script:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")
+        else:   # a fresh copy of the module (and of a package's __main__), the imported one put back afterwards
+            hidden = {m: sys.modules.pop(m) for m in (target, f"{target}.__main__") if m in sys.modules}
+            try:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            finally:
+                sys.modules.update(hidden)
+    except Parsed as p:
+        return p.args[0]
+    except SystemExit as e:
+        if e.code in (0, None):
+            return None
+        raise AssertionError(f"{target} {' '.join(argv)}: exits {e.code!r}") from None
+    finally:
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args = orig_args, orig_known
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+    raise AssertionError(f"{target} ran to its end without parsing its arguments with argparse")
+
+
+def check_train_args(args: list[str], where: str) -> None:
+    from maect import config as C
+    try:
+        C.load_config(args)
+    except C.ConfigError as e:
+        raise AssertionError(f"{where}: maect.train {' '.join(args)}: {e}") from None
+
+
+def check_python(cmd: list[str], where: str) -> str:
+    """One command that starts Python (possibly behind env assignments, srun, time, nice, torchrun); returns what
+    was checked ('' when the command runs no Python)."""
+    import importlib.util
+    i = next((j for j, t in enumerate(cmd) if t in PYTHONS or os.path.basename(t) == "torchrun"), None)
+    if i is None:
+        return ""
+    rest = cmd[i + 1:]
+    if os.path.basename(cmd[i]) == "torchrun":
+        assert "-m" in rest, f"{where}: torchrun without -m MODULE: {' '.join(cmd)}"
+        rest = rest[rest.index("-m"):]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        mod, args = rest[1], rest[2:]
+        if mod == "maect.train":
+            check_train_args(args, where)
+        elif mod == "maect.launch":
+            argv = args[:args.index("--")] + ["--dry-run"] + args[args.index("--"):] if "--" in args else args
+            try:
+                launch.main(argv)
+            except SystemExit as e:
+                raise AssertionError(f"{where}: maect.launch {' '.join(args)}: {e}") from None
+        elif mod.startswith("maect"):
+            assert importlib.util.find_spec(mod) is not None, f"{where}: no module {mod}"
+            ns = run_parser_only(mod, args, script=False)
+            if ns is not None and getattr(ns, "overrides", None) and getattr(ns, "preset", None):
+                check_train_args([f"preset={ns.preset}", *ns.overrides], where)
+        else:
+            assert importlib.util.find_spec(mod) is not None, f"{where}: no module {mod}"
+        return f"-m {mod}"
+    if rest and rest[0].endswith(".py"):
+        path = os.path.join(ROOT, rest[0])
+        assert os.path.exists(path), f"{where}: no script {rest[0]}"
+        ns = run_parser_only(path, rest[1:], script=True)
+        if ns is not None and getattr(ns, "overrides", None) and getattr(ns, "preset", None):
+            check_train_args([f"preset={ns.preset}", *ns.overrides], where)
+        return rest[0]
+    return ""
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_every_quoted_command_parses(page, capsys):
+    checked, errors = [], []
+    for lang, line, body in code_blocks(page):
+        where = f"{page}:{line}"
+        if lang == "python":
+            try:
+                compile(body, where, "exec")
+            except SyntaxError as e:
+                errors.append(f"{where}: {e}")
+            continue
+        if lang not in SHELL_LANGS:
+            continue
+        r = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True)
+        if r.returncode != 0:
+            errors.append(f"{where}: bash -n: {r.stderr.strip()}")
+            continue
+        for cmd in shell_commands(body):
+            try:
+                if cmd[0].startswith("./"):
+                    assert os.path.exists(os.path.join(ROOT, cmd[0])), f"{where}: no file {cmd[0]}"
+                what = check_python(cmd, where)
+            except AssertionError as e:      # every bad command of the page is named, not only the first
+                errors.append(str(e).splitlines()[0])
+                continue
+            if what:
+                checked.append(what)
+    with capsys.disabled():
+        print(f"\n{page}: {len(checked)} Python commands parse ({', '.join(sorted(set(checked)))})"
+              + "".join(f"\n  FAILS {e}" for e in errors))
+    assert not errors, "\n".join(errors)
+
+
+def test_command_checker_catches_bad_keys_flags_and_scripts():
+    """The checks above can fail: an unknown config key, a bad value, an unknown flag, a missing script."""
+    for bad in (["python", "-m", "maect.train", "preset=tiny", "ct.nope=1"],
+                ["torchrun", "--nproc_per_node=2", "-m", "maect.train", "preset=tiny", "ct.epochs=zero"],
+                ["python", "-m", "maect.eval", "--ckpt", "x.pth", "--no-such-flag"],
+                ["python", "bench/queue_lookup.py", "--no-such-flag"],
+                ["python", "bench/no_such_script.py"],
+                ["python", "-m", "maect.no_such_module"],
+                ["python", "-m", "maect.launch", "--nodes", "2", "--", "preset=tiny", "nope=1"]):
+        with pytest.raises(AssertionError):
+            check_python(bad, "test")
+    assert check_python(["python", "-m", "maect.export", "--ckpt", "a.pth", "--format", "timm", "--out", "b.pth"],
+                        "test") == "-m maect.export"
+    assert shell_commands("A=1 python3 -m x \\\n  --y 2 && echo hi  # c\n") == [["A=1", "python3", "-m", "x", "--y",
+                                                                              "2"], ["echo", "hi"]]

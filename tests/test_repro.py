@@ -197,7 +197,7 @@ def test_gpu_preset_paper_table_smoke_on_cpu(tmp_path):
 
 
 def test_raw_pixel_knn_floor(capsys):
-    """bench/raw_pixels.py: maect's k-NN on Fashion-MNIST's raw pixels, the floor the README's part-2 table compares
+    """bench/raw_pixels.py: maect's k-NN on Fashion-MNIST's raw pixels, the floor docs/reproduction.md compares
     MAE against (85.69 at k=20 on 60k/10k with this code; SPEC's calibration 83.4 on 20k/5k)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import raw_pixels

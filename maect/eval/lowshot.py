@@ -25,7 +25,7 @@ predictions agree). The default follows MSN so that the scores do not rest on th
     'row'             every row centred on its own mean, then L2-normalised; train and test (default; MSN)
     'row_train_only'  the same on the training rows, test rows raw (the published MAE-CT code)
     'column'          rows centred with the mean of the FULL train split's features, then L2-normalised, train and
-                      test (maect before the audit)
+                      test
 """
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ The fix: load the CUDA 12 runtime into the process first, ctypes.CDLL(path, RTLD
 resolves _C.so's NEEDED libcudart.so.12 from the library already loaded (glibc matches loaded libraries by soname).
 The runtime comes from the `nvidia-cuda-runtime-cu12` wheel (setup.py's `gpu` extra), which installs
 <site-packages>/nvidia/cuda_runtime/lib/libcudart.so.12.
-Measured by an earlier session on an H200 (torch 2.11+cu130, xformers 0.0.35, this preload): xFormers loads and
+Measured on an H200 (torch 2.11+cu130, xformers 0.0.35, this preload, 2026-11): xFormers loads and
 memory_efficient_attention matches SDPA (bf16 max diff <= 0.008) but is slower than SDPA's default forward+backward
-(README "GPU install"); maect's `auto` attention uses it only where bench/attention.py measured it faster.
+(docs/performance.md); maect's `auto` attention uses it only where bench/attention.py measured it faster.
 
 load_xformers() -> XformersStatus(ok, reason, version, cudart, notes): call once, before anything imports xformers.
 Search order for libcudart.so.<major>: <dir>/nvidia/cuda_runtime/lib for every site-packages / sys.path directory,

@@ -6,12 +6,12 @@ and platform, packs them (plus any --add files, e.g. the Fashion-MNIST test spli
 chunks under .whl/stage/ (git-ignored); each device call carries manifest.json and one chunk; the last call runs
 `install`, which checks every chunk's sha256, reassembles the tar, checks it and each wheel against the manifest,
 runs `pip install --no-deps --no-index --target .whl/site` and imports DALI from there. bench/gpu_suite.py puts
-.whl/site on its steps' PYTHONPATH when it exists. README, "Running the GPU suite", lists the calls.
+.whl/site on its steps' PYTHONPATH when it exists. docs/development.md lists the calls.
 
-  python bench/stage_wheels.py prepare                  # here: download, bundle, split; prints the device calls
-  python bench/stage_wheels.py receive                  # device: which chunks arrived intact, which are missing
-  python bench/stage_wheels.py install                  # device: reassemble, verify, install, import check
-  python bench/stage_wheels.py split A.whl B.whl --dest DIR --chunk-mib 50   # bundle + split given files only
+  python tools/stage_wheels.py prepare                  # here: download, bundle, split; prints the device calls
+  python tools/stage_wheels.py receive                  # device: which chunks arrived intact, which are missing
+  python tools/stage_wheels.py install                  # device: reassemble, verify, install, import check
+  python tools/stage_wheels.py split A.whl B.whl --dest DIR --chunk-mib 50   # bundle + split given files only
 
 Exit status: 0 done; 1 a chunk, the bundle or a wheel is missing or corrupt (the message names it and says which
 call to repeat), or the install or import check failed; 2 bad arguments.
@@ -141,8 +141,8 @@ def plan(dest: Path, manifest: dict, site: Path = SITE) -> list[str]:
     man = rel(dest / "manifest.json")
     lines, n = [], len(manifest["chunks"])
     for k, c in enumerate(manifest["chunks"], 1):
-        cmd = (f"python bench/stage_wheels.py receive --dest {rel(dest)}" if k < n else
-               f"python bench/stage_wheels.py install --dest {rel(dest)} --target {rel(site)} && "
+        cmd = (f"python tools/stage_wheels.py receive --dest {rel(dest)}" if k < n else
+               f"python tools/stage_wheels.py install --dest {rel(dest)} --target {rel(site)} && "
                "python bench/gpu_suite.py --out bench/results/gpu_suite_<gpu>_<date>.json")
         lines.append(f"call {k}/{n}: carry [{man!r}, {rel(dest / c['name'])!r}] ({c['size'] / MiB:.1f} MiB); "
                      f"run: {cmd}")
@@ -153,7 +153,7 @@ def plan(dest: Path, manifest: dict, site: Path = SITE) -> list[str]:
 def load_manifest(dest: Path) -> dict:
     path = dest / "manifest.json"
     if not path.exists():
-        raise StageError(f"{path} not found: carry it with every call (python bench/stage_wheels.py prepare makes it)")
+        raise StageError(f"{path} not found: carry it with every call (python tools/stage_wheels.py prepare makes it)")
     return json.loads(path.read_text())
 
 

@@ -2,7 +2,7 @@
 copy of the working tree): the copy lands in a git-ignored folder (.gitignore lists the idx file names), so it never
 enters a commit, and a remote runner can carry it with the tree.
 
-    python bench/fmnist_data.py [--src /usr/share/datasets/fashion-mnist] [--dst data/fashion-mnist]
+    python tools/fmnist_data.py [--src /usr/share/datasets/fashion-mnist] [--dst data/fashion-mnist]
     python bench/paper_table.py --preset fmnist_gpu --data-root data/fashion-mnist
 
 Each file is read back with maect's idx reader (shape and size checked) before the command reports success.
