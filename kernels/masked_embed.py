@@ -227,8 +227,8 @@ def mask_indices_triton(noise: Tensor, len_keep: int, mask_dtype: torch.dtype) -
 
 def _gemm_config(M: int, D: int, CPP: int) -> dict:
     """Tiles: in the interpreter few big programs (its cost is per program and per loop trip); on GPU 128 x 128
-    output tiles (64 wide when D is small) and 64-deep K steps, 8 warps, 3 stages (unmeasured: no GPU was lent
-    when this was written; bench/masked_gather.py times the result)."""
+    output tiles (64 wide when D is small) and 64-deep K steps, 8 warps, 3 stages (unmeasured on GPU;
+    bench/masked_gather.py times the result)."""
     if _interpreting():
         return dict(BLOCK_M=min(128, _pow2(M)), BLOCK_N=min(256, _pow2(D)), BLOCK_K=min(256, _pow2(CPP)),
                     num_warps=4, num_stages=1)

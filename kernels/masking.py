@@ -120,7 +120,7 @@ def decoder_input_ref(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_em
 # is < K, else the mask token (+ the position row). So the masking backward is an unshuffle with a zero token, and
 # the unshuffle backward is the masking scatter (grad_x[n, c + ids_restore[n, l]] = grad_out[n, c + l]) plus a
 # per-program partial sum of grad_out over masked rows for the mask token (summed in torch: deterministic, no
-# atomics). Noise must be NaN-free (torch.rand is). Measured on an H200 (issue 14) these standalone kernels are
+# atomics). Noise must be NaN-free (torch.rand is). Measured on an H200 (torch 2.11+cu130, 2026-11) these standalone kernels are
 # slower than torch's argsort + gather, so the dispatch table (kernels/masking_table.json) does not pick them there.
 # ----------------------------------------------------------------------------------------------------------------
 import contextlib

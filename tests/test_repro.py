@@ -1,4 +1,4 @@
-"""Fidelity to the published MAE-CT code (issue 18's audit), the neighbour-quality monitor, progress of long
+"""Fidelity to the published MAE-CT code, the neighbour-quality monitor, progress of long
 evaluation, the pipeline == stages-one-by-one identity, and the GPU preset's CPU smoke run."""
 import json
 import math
