@@ -160,7 +160,7 @@ def test_readme_sbatch_template(tmp_path):
 # ------------------------------------------------------------------------------------------------ quoted commands
 # Every fenced code block of README.md and docs/*.md: shell blocks (bash, sh or no language) pass `bash -n`, and each
 # command in them that runs Python is checked without running it: `python -m maect.train` / `torchrun ... -m
-# maect.train` overrides through the config parser's own validation (maect.config.load_config), `python -m
+# maect.train` overrides through the config parser's own validation (maect.validation.load_config), `python -m
 # maect.launch` through its dry run, other `python -m maect...` modules and `python path/x.py` scripts through their
 # own argparse parser (the module runs up to its parse_args, which stops it), other modules by existence, `./x` by
 # existence; python blocks must compile.
@@ -250,8 +250,9 @@ def run_parser_only(target: str, argv: list[str], script: bool) -> argparse.Name
 
 def check_train_args(args: list[str], where: str) -> None:
     from maect import config as C
+    from maect.validation import load_config
     try:
-        C.load_config(args)
+        load_config(args)
     except C.ConfigError as e:
         raise AssertionError(f"{where}: maect.train {' '.join(args)}: {e}") from None
 
