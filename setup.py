@@ -47,8 +47,12 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={
-        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit"],
+        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit",
+                 "webdataset>=1.0", "tensorboard>=2.14", "wandb>=0.17"],
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
+        "wds": ["webdataset>=1.0"],     # data.name=wds (its deps: braceexpand, numpy, pyyaml)
+        "tensorboard": ["tensorboard>=2.14"],   # log.tensorboard=true
+        "wandb": ["wandb>=0.17"],               # log.wandb=PROJECT
         # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a
         # CUDA 13 torch its extension needs libcudart.so.12, which nvidia-cuda-runtime-cu12 installs and
         # maect.models.xformers_load preloads (README "GPU install").
