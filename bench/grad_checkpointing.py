@@ -13,13 +13,14 @@ Peak memory of the measured step, above what was allocated before it (weights, o
         allocation and free of a CPU tensor, summed in time order; the peak of that running sum). It counts tensor
         memory only (not the allocator's cache or the interpreter): the CPU analogue of max_memory_allocated.
         Also 'saved': the bytes autograd holds for the backward pass when the forward ends (all tensors packed
-        through saved_tensors_hooks, by storage, plus the inputs the checkpointed blocks keep), the term
-        checkpointing reduces.
+        through saved_tensors_hooks, by storage, without the parameters, plus the inputs the checkpointed blocks
+        keep), the term checkpointing reduces.
 No GPU figure comes from a CPU run; GPU peaks are measured by running this script on a GPU.
 
   python bench/grad_checkpointing.py                               # ViT-B/16, stage ct, batch 8, CPU, fp32
   python bench/grad_checkpointing.py --stage mae --batch 8
   python bench/grad_checkpointing.py --model vit_l16 --device cuda --batch 64 --precision bf16
+  python bench/grad_checkpointing.py --estimate      # an estimate for 24 / 40 GB GPUs from counts (estimate_gib)
 bench/train_step.py --grad-checkpointing calls compare() with its own model, stage and batch.
 """
 from __future__ import annotations
@@ -103,14 +104,17 @@ def step(ctx: dict, precision: str, device: torch.device, optimizer: bool = True
 
 
 def saved_bytes(ctx: dict, precision: str, device: torch.device) -> int:
-    """Bytes autograd keeps for the backward pass at the end of the forward (by storage, counted once), including
-    the inputs of the checkpointed blocks (what torch.utils.checkpoint keeps of them)."""
+    """Bytes autograd keeps for the backward pass at the end of the forward (by storage, counted once; parameters
+    left out), including the inputs of the checkpointed blocks (what torch.utils.checkpoint keeps of them)."""
     seen: dict = {}
+    weights = {p.untyped_storage().data_ptr() for p in ctx["opt"].param_groups[0]["params"]} | \
+        {p.untyped_storage().data_ptr() for p in ctx["model"].parameters()}
 
     def pack(t):
         try:
             st = t.untyped_storage()
-            seen[(st.data_ptr(), t.device)] = st.nbytes()
+            if st.data_ptr() not in weights:           # activations only: the weights exist anyway
+                seen[(st.data_ptr(), t.device)] = st.nbytes()
         except Exception:
             pass
         return t
@@ -212,13 +216,88 @@ def print_result(res: dict) -> None:
           + (f"; MISMATCH: {res['mismatch']}" if res["mismatch"] else "; losses and gradients equal (fp32 tol.)"))
 
 
+# ------------------------------------------------------------------------------------------------ estimate
+COEF = 20      # bytes / (token x width x activation byte) a block keeps for backward (estimate_gib's docstring)
+
+def estimate_gib(stage: str, arch: str, batch: int, checkpointing: bool, act_bytes: int = 2,
+                 context_gib: float = 1.0) -> dict:
+    """An ESTIMATE (not a measurement) of one GPU's memory for `batch` images per GPU under bf16 autocast, from
+    counts, not from a run:
+      static       fp32 weights (+ the EMA encoder copy in ct), fp32 gradients and AdamW's two fp32 moments of the
+                   trained parameters, the queue (bf16), plus context_gib for the CUDA context and workspaces;
+      activations  per trained block and image, COEF * T * D * act_bytes bytes kept for backward, T tokens (ct:
+                   1 + L per view, two views; mae: the visible 1 + L/4 in the encoder, 1 + L in the decoder), D the
+                   block width; with checkpointing the block inputs (T * D * act_bytes each) plus one block's full
+                   set during its recomputation. COEF = 20: Korthikanti et al. 2022 ('Reducing Activation
+                   Recomputation in Large Transformer Models', eq. 2) count 16 without dropout masks and with flash
+                   attention (no T x T terms); the ViT-B/16 ct step on the CPU (fp32, batch 8) keeps 1092 MiB for
+                   backward where 16 predicts 886 MiB, so the count is raised by that 1.23.
+    Not counted: the head's and the queue lookup's transient buffers, the allocator's fragmentation.
+    Returns {'static_gib', 'act_gib', 'total_gib'}."""
+    cfg = C.load_config([f"preset={arch}"])
+    m, n = cfg.model, cfg.nnclr
+    with torch.device("meta"):                         # sizes only: no memory, no initialisation cost
+        model = build_model(m.arch, decoder=stage == "mae", img_size=m.img_size)
+    L, D, depth = model.patch_embed.num_patches, model.embed_dim, model.depth
+    per_block = lambda T, d: COEF * T * d * act_bytes                          # noqa: E731
+    if stage == "mae":
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        blocks = [(1 + L // 4, D)] * depth + [(1 + L, m.decoder_embed_dim)] * m.decoder_depth
+        blocks = blocks * cfg.mae.num_views
+        extra = 0
+    else:
+        t = depth // 2
+        with torch.device("meta"):
+            head = NNCLRHead(D, n.proj_hidden, n.proj_dim, n.pred_hidden)
+        trained = sum(p.numel() for b in model.blocks[t:] for p in b.parameters()) + \
+            sum(p.numel() for p in head.parameters())
+        blocks = [(1 + L, D)] * (depth - t) * 2
+        extra = sum(p.numel() for p in model.parameters()) * 4 + n.queue_size * n.proj_dim * 2   # EMA copy, queue
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    static = weights + trained * 4 * 3 + extra + context_gib * 2 ** 30
+    if checkpointing:
+        act = sum(T * d * act_bytes for T, d in blocks) + max(per_block(T, d) for T, d in blocks)
+    else:
+        act = sum(per_block(T, d) for T, d in blocks)
+    gib = 2 ** 30
+    return {"static_gib": static / gib, "act_gib": act * batch / gib, "total_gib": (static + act * batch) / gib}
+
+
+def largest_batch(stage: str, arch: str, gib: float, checkpointing: bool) -> int:
+    """The largest per-GPU batch (a multiple of 8) whose estimate_gib total fits in gib (0: none)."""
+    one = estimate_gib(stage, arch, 1, checkpointing)
+    b = int((gib - one["static_gib"]) / max(one["act_gib"], 1e-12))
+    return max(0, b // 8 * 8)
+
+
+def print_estimates(gpus=(24, 40), archs=("vit_b16", "vit_l16", "vit_h14")) -> list[dict]:
+    rows = []
+    for arch in archs:
+        for stage in ("mae", "ct"):
+            r = {"model": arch, "stage": stage}
+            for g in gpus:
+                for c in (False, True):
+                    r[f"{g}{'c' if c else ''}"] = largest_batch(stage, arch, g * 0.92, c)   # 8 % headroom
+            rows.append(r)
+    cols = [("model", "model", "s"), ("stage", "stage", "s")]
+    for g in gpus:
+        cols += [(f"{g}", f"{g} GB off", "d"), (f"{g}c", f"{g} GB on", "d")]
+    print_table("ESTIMATE (not measured): largest per-GPU batch (images, multiple of 8) under bf16 autocast, "
+                "activation checkpointing off / on (estimate_gib; 8 % of the card kept free)", rows, cols)
+    return rows
+
+
 def main(argv=None) -> int:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["ct", "mae"], default="ct")
     p.add_argument("--model", default="vit_b16", help="a preset name with the architecture (vit_b16, vit_l16, ...)")
     p.add_argument("--batch", type=int, default=8, help="samples per view")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--estimate", action="store_true", help="print the 24 / 40 GB estimate table (no measurement)")
     a = p.parse_args(argv)
+    if a.estimate:
+        print_estimates()
+        return 0
     device = setup(a.device, a.threads)
     res = compare(a.stage, a.model, a.batch, device, a.precision)
     print_result(res)

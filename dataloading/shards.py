@@ -393,7 +393,8 @@ class ShardLoader:
         self._drop = bad_file_mask(data, skip_corrupt, self.skipped)
         n_valid = len(data) - int(self._drop.sum())
         if n_valid < G:
-            raise DataError(f"dataset has {n_valid} samples, fewer than one global batch ({G} = {batch_size} x {world} ranks)")
+            raise DataError(f"dataset has {n_valid} samples, fewer than one global batch "
+                            f"({G} = {batch_size} x {world} ranks)")
         if in_chans != 3:
             raise DataError(f"shards decode to RGB: model.in_chans must be 3, got {in_chans}")
         self.data, self.img_size, self.in_chans, self.n_valid = data, img_size, in_chans, n_valid
@@ -502,6 +503,7 @@ def build_shard_loader(data: ShardData, cfg_data, **kw) -> ShardLoader:
         raise DataError(f"data.loader must be auto, cpu or dali, got {choice!r}")
     loader = ShardLoader(data, num_workers=cfg_data.num_workers, skip_corrupt=bool(cfg_data.skip_corrupt),
                          shuffle_buffer=int(getattr(cfg_data, "shuffle_buffer", 1000)), **kw)
-    msg = f"data: loader {loader.backend} (data.loader={choice}" + ("" if choice == "cpu" else f"; not dali: {DALI_NOTE}") + ")"
+    why = "" if choice == "cpu" else f"; not dali: {DALI_NOTE}"
+    msg = f"data: loader {loader.backend} (data.loader={choice}{why})"
     (log.warning if choice == "dali" else log.info)(msg)
     return loader

@@ -1,7 +1,6 @@
 """WebDataset shards (data.name=wds): export, index, decode, the rank/worker split, resume, bad members, and the
 trainer on shards (stages 1-3 with the array loader's step counts, TensorBoard and W&B offline beside it)."""
 import glob
-import io
 import json
 import os
 import shutil
