@@ -217,7 +217,7 @@ def print_result(res: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ estimate
-COEF = 20      # bytes / (token x width x activation byte) a block keeps for backward (estimate_gib's docstring)
+COEF = 16      # bytes / (token x width x activation byte) a block keeps for backward (estimate_gib's docstring)
 
 def estimate_gib(stage: str, arch: str, batch: int, checkpointing: bool, act_bytes: int = 2,
                  context_gib: float = 1.0) -> dict:
@@ -228,10 +228,10 @@ def estimate_gib(stage: str, arch: str, batch: int, checkpointing: bool, act_byt
       activations  per trained block and image, COEF * T * D * act_bytes bytes kept for backward, T tokens (ct:
                    1 + L per view, two views; mae: the visible 1 + L/4 in the encoder, 1 + L in the decoder), D the
                    block width; with checkpointing the block inputs (T * D * act_bytes each) plus one block's full
-                   set during its recomputation. COEF = 20: Korthikanti et al. 2022 ('Reducing Activation
-                   Recomputation in Large Transformer Models', eq. 2) count 16 without dropout masks and with flash
-                   attention (no T x T terms); the ViT-B/16 ct step on the CPU (fp32, batch 8) keeps 1092 MiB for
-                   backward where 16 predicts 886 MiB, so the count is raised by that 1.23.
+                   set during its recomputation. COEF = 16: Korthikanti et al. 2022 ('Reducing Activation
+                   Recomputation in Large Transformer Models', eq. 2) without the dropout masks and with flash
+                   attention (no T x T terms); the ViT-B/16 ct step on the CPU (fp32, batch 8, this script) keeps
+                   898 MiB of activations for backward where COEF = 16 predicts 886 MiB.
     Not counted: the head's and the queue lookup's transient buffers, the allocator's fragmentation.
     Returns {'static_gib', 'act_gib', 'total_gib'}."""
     cfg = C.load_config([f"preset={arch}"])

@@ -38,7 +38,8 @@ schedule is the same; each rank uses its first steps*n samples and the fewer tha
 last few of each rank's shuffled stream) are dropped, different ones each epoch. Unlike the image-file loader, the
 order depends on the rank count (each rank streams its own part), as with any sharded streaming reader.
 set_epoch(epoch, start_step) resumes mid-epoch exactly: the workers replay their streams and skip, without decoding,
-the samples of the steps already done.
+the samples of the steps already done (exactly with the same rank and worker counts as before; with others the
+rest of that epoch follows the new plan: the step count is right, a few samples of it may repeat or be missed).
 
 Augmentation as the image-file loader (loader.TrainLoader): per-image random resized crop and flip with parameters
 from a generator seeded by (seed, epoch, sample id, view), run in the loader workers, then the batch-wise MAE-CTaug
