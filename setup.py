@@ -49,8 +49,12 @@ setup(
     extras_require={
         # lightly: tests/test_integrations.py checks maect.integrations.lightly against lightly's own module (its
         # Requires-Dist leave an installed torch alone; it adds pytorch_lightning, hydra-core, torchmetrics)
-        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit", "lightly==1.6.0"],
+        "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit", "lightly==1.6.0",
+                 "webdataset>=1.0", "tensorboard>=2.14", "wandb>=0.17"],
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
+        "wds": ["webdataset>=1.0"],     # data.name=wds (its deps: braceexpand, numpy, pyyaml)
+        "tensorboard": ["tensorboard>=2.14"],   # log.tensorboard=true
+        "wandb": ["wandb>=0.17"],               # log.wandb=PROJECT
         # xformers 0.0.35 (Requires-Dist torch>=2.10: an installed torch is kept) is a CUDA 12.8 build; beside a
         # CUDA 13 torch its extension needs libcudart.so.12, which nvidia-cuda-runtime-cu12 installs and
         # maect.models.xformers_load preloads (docs/kernels.md, "Attention").

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine (safe to re-run): the Fashion-MNIST data set and the Python packages.
 #   ./setup.sh           package + test extras (pytest, scipy, scikit-learn, torchvision, timm, matplotlib, submitit,
-#                        lightly)
+#                        lightly, webdataset, tensorboard, wandb)
 #   ./setup.sh --no-test package only
 # A torch already installed (e.g. a CUDA build) is kept: setup.py asks for torch>=2.10 and pip leaves a
 # satisfying install alone.

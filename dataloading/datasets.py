@@ -10,6 +10,9 @@ folder         ImageFiles: every image file under data.root at any depth (by ext
                sorted by path; no labels.
 filelist       ImageFiles: the files named in the text file data.root, one path per line (relative to the list's
                folder, or absolute), in the list's order; blank lines and lines starting with # are ignored.
+wds            shards.ShardData: WebDataset tar shards, data.root a folder (train-*.tar, val-*.tar), a .tar or a
+               brace pattern; with a file or pattern data.labels names the evaluation shards. Labels from each
+               sample's cls member. Read by shards.ShardLoader (streaming, buffer shuffle); see shards.py.
 Everywhere: hidden files and folders (names starting with '.') are skipped; symlinked folders are followed once.
 
 data.labels (folder and filelist only; MAE and contrastive tuning need no labels): a class-folder tree DIR (DIR/train
@@ -36,7 +39,7 @@ from maect.dataloading.images import (IMAGE_EXTENSIONS, BadImage, DataError, che
                                       decode_image)
 
 log = logging.getLogger("maect.data")
-SOURCES = ("fashion_mnist", "imagefolder", "folder", "filelist")
+SOURCES = ("fashion_mnist", "imagefolder", "folder", "filelist", "wds")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -313,6 +316,15 @@ def check_source(name: str, root: str, labels: str = "", keys=("data.name", "dat
     kn, kr, kl = keys
     if name not in SOURCES:
         return f"{kn}={name!r}: choose one of {', '.join(SOURCES)}"
+    if name == "wds":
+        from maect.dataloading.shards import shard_paths
+        try:
+            shard_paths(root, "train")
+            if labels:
+                shard_paths(root, "test", labels)
+        except DataError as e:
+            return f"{kn}=wds {kr}={root!r}" + (f" {kl}={labels!r}" if labels else "") + f": {e}"
+        return None
     need = {"imagefolder": "a folder with train/ and val/ class folders", "folder": "a folder of images",
             "filelist": "a text file of image paths, one per line"}.get(name)
     if need and not root:
@@ -339,6 +351,9 @@ def load_data(name: str, root: str | None, split: str, labels: str = ""):
     why = check_source(name, root or "", labels)
     if why:
         raise DataError(why)
+    if name == "wds":
+        from maect.dataloading.shards import open_shards
+        return open_shards(root, split, labels)
     if name == "imagefolder":
         return image_folder_split(root, split)
     if split != "train":
@@ -351,7 +366,8 @@ def load_data(name: str, root: str | None, split: str, labels: str = ""):
 
 def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
     """The labelled split ('train': the k-NN bank / probe training set, 'test': the queries) that evaluation and
-    the k-NN monitors read: the source itself for fashion_mnist / imagefolder, data.labels for folder / filelist.
+    the k-NN monitors read: the source itself for fashion_mnist / imagefolder, data.labels for folder / filelist,
+    for wds the val-*.tar shards of a data.root folder or the shards data.labels names.
     NoLabels (a ValueError) says why there are none."""
     if name in ("folder", "filelist"):
         why = check_source(name, root or "", labels)
@@ -361,4 +377,4 @@ def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
             raise NoLabels(f"data.name={name} has no labels (set data.labels=DIR with train/ and val/ class "
                            f"folders, or a CSV of path,label[,split])")
         return labelled_split(labels, split)
-    return load_data(name, root, split)
+    return load_data(name, root, split, labels if name == "wds" else "")

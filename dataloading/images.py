@@ -79,11 +79,13 @@ def _grey(a: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=2)
 
 
-def decode_image(path: str) -> np.ndarray:
-    """uint8 [H, W, 3] of the image file at path (the module's rule); BadImage names the path and the reason."""
+def decode_image(path: str, opener=None) -> np.ndarray:
+    """uint8 [H, W, 3] of the image file at path (the module's rule); BadImage names the path and the reason.
+    opener: a callable returning a binary file object holding the image (a member of a tar shard); path then only
+    names it in messages."""
     from PIL import Image, ImageOps
     try:
-        with Image.open(path) as im:
+        with Image.open(opener() if opener is not None else path) as im:
             fmt = im.format
             if im.getexif().get(0x0112, 1) != 1:     # EXIF orientation; exif_transpose would copy every image
                 im = ImageOps.exif_transpose(im)
@@ -101,16 +103,18 @@ _MAGIC = {"jpeg": [(0, b"\xff\xd8\xff")], "png": [(0, b"\x89PNG\r\n\x1a\n")], "b
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-def check_image_file(path: str, dali: bool = False) -> str | None:
+def check_image_file(path: str, dali: bool = False, opener=None) -> str | None:
     """Why `path` cannot be loaded (decode_image, or DALI with dali=True), or None. Reads 16 bytes at the start and
     1 KiB at the end: empty, unreadable, unknown signature; a JPEG without its end marker (FF D9) in the last KiB, or
     a PNG not ending in IEND, is decoded in full to tell a truncated file from one with data appended after the
-    image; a TIFF is always decoded in full (no end marker, and its mode may be one the rule rejects)."""
+    image; a TIFF is always decoded in full (no end marker, and its mode may be one the rule rejects).
+    opener: as for decode_image (a seekable binary file object of the image; path names it in messages)."""
     try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return "empty file (0 bytes)"
-        with open(path, "rb") as f:
+        with (opener() if opener is not None else open(path, "rb")) as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return "empty file (0 bytes)"
+            f.seek(0)
             head = f.read(16)
             f.seek(max(0, size - 1024))
             tail = f.read()
@@ -120,22 +124,22 @@ def check_image_file(path: str, dali: bool = False) -> str | None:
     if kind is None:
         return f"not an image (unrecognised signature {head[:8].hex()})"
     if kind.startswith("tiff"):
-        return _check_tiff(path, dali)
+        return _check_tiff(path, dali, opener)
     if (kind == "jpeg" and b"\xff\xd9" not in tail) or (kind == "png" and not tail.endswith(_PNG_END)):
         try:
-            decode_image(path)
+            decode_image(path, opener)
         except BadImage as exc:
             return f"truncated or corrupt {kind} ({size} bytes): {exc.__cause__ or exc}"
     return None
 
 
-def _check_tiff(path: str, dali: bool) -> str | None:
+def _check_tiff(path: str, dali: bool, opener=None) -> str | None:
     from PIL import Image
     try:
-        decode_image(path)
+        decode_image(path, opener)
     except BadImage as exc:
         return str(exc.__cause__ or exc).replace(f"{path}: ", "")
-    with Image.open(path) as im:                      # decodable, so it opens
+    with Image.open(opener() if opener is not None else path) as im:                      # decodable, so it opens
         mode, bits = im.mode, max(im.tag_v2.get(258, (1,)) or (1,))   # BitsPerSample; TIFF default 1
     if dali and (mode, bits) not in _DALI_TIFF_SAME:
         return (f"TIFF mode {mode} ({bits}-bit): DALI decodes it differently from the torch loader; use "

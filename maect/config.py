@@ -34,17 +34,20 @@ class ModelCfg:
     attention: str = "auto"          # auto | xformers(_cutlass|_flash) | sdpa | sdpa_flash | sdpa_efficient | sdpa_cudnn | sdpa_math | math
     compile: bool = False            # torch.compile the transformer blocks
     compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | max-autotune
+    grad_checkpointing: bool = False  # activation checkpointing of the trained blocks (recomputed in backward)
 
 
 @dataclass
 class DataCfg:
-    name: str = "fashion_mnist"      # fashion_mnist | imagefolder | folder (unlabelled, any depth) | filelist
-    root: str = ""                   # the folder (filelist: the list file); '' -> /usr/share/datasets/fashion-mnist
-    labels: str = ""                 # folder/filelist: '' | DIR (train/, val/ class folders) | CSV path,label[,split]
+    name: str = "fashion_mnist"      # fashion_mnist | imagefolder | folder (unlabelled, any depth) | filelist | wds
+    root: str = ""                   # the folder (filelist: the list file; wds: DIR or shard pattern); '' -> fashion-mnist
+    labels: str = ""                 # folder/filelist: '' | DIR (train/, val/ class folders) | CSV path,label[,split];
+                                     # wds: the evaluation shards (pattern) when root is a pattern (DIR: DIR/val-*.tar)
     loader: str = "auto"             # auto | cpu | dali
     num_workers: int = 0             # DALI threads (0: 4) / decode workers
     skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
     dali_hw_decoder_load: float = 0.65  # share of JPEG decoding on the hardware decoder (A100/H100 nvJPEG)
+    shuffle_buffer: int = 1000       # wds: samples in each loader worker's shuffle buffer
 
 
 @dataclass
@@ -113,6 +116,12 @@ class EvalCfg:                       # the monitors and the pipeline's before/af
 
 
 @dataclass
+class LogCfg:                        # experiment loggers beside metrics.jsonl (rank 0; maect.loggers)
+    tensorboard: bool = False        # event files in out_dir/tb (needs the tensorboard package)
+    wandb: str = ""                  # a Weights & Biases project name ('' off; WANDB_MODE=offline needs no network)
+
+
+@dataclass
 class Config:
     preset: str = ""
     stage: str = "pipeline"          # mae | head | ct | pipeline (mae -> head -> ct) | ct_pipeline (head -> ct)
@@ -137,6 +146,7 @@ class Config:
     head: HeadCfg = field(default_factory=HeadCfg)
     ct: CTCfg = field(default_factory=CTCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    log: LogCfg = field(default_factory=LogCfg)
 
 
 class ConfigError(ValueError):

@@ -29,7 +29,7 @@ from maect.dataloading import DataError, NoLabels, build_loader, eval_batches, l
 from maect.dataloading.datasets import check_source
 from maect.dataloading.augment import h2d
 from maect import config as C
-from maect import dist, hub
+from maect import dist, hub, loggers
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
 from maect.eval.features import NonFiniteFeatures, eval_mode
@@ -46,20 +46,14 @@ log = logging.getLogger("maect")
 
 # ------------------------------------------------------------------------------------------------ plumbing
 class Meter:
-    """Progress line (loss, lr, images/s, ETA) every log_every steps; JSONL metrics; tensorboard if installed."""
+    """Progress line (loss, lr, images/s, ETA) every log_every steps; JSONL metrics, forwarded to the experiment
+    loggers log.* opens (maect.loggers: TensorBoard, W&B)."""
 
     def __init__(self, out_dir: str, stage: str, total_steps: int, global_batch: int, log_every: int, main: bool):
         self.stage, self.total, self.gb, self.every, self.main = stage, total_steps, global_batch, log_every, main
         self.t0 = self.t_last = time.time()
         self.step_last = 0
         self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if main else None
-        self.tb = None
-        if main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
 
     def step(self, step: int, epoch: int, values: dict) -> None:
         if not self.main or (step % self.every and step != self.total):
@@ -78,16 +72,11 @@ class Meter:
         rec = {"stage": self.stage, "time": time.time() - self.t0, **rec}
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{self.stage}/{k}", v, rec.get("step", 0))
+        loggers.emit(rec)
 
     def close(self):
         if self.jsonl:
             self.jsonl.close()
-        if self.tb:
-            self.tb.close()
 
 
 def autocast(cfg: C.Config, device: torch.device):
@@ -353,6 +342,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     s, out = cfg.mae, stage_dir(cfg, "mae")
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
     model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)   # model.grad_checkpointing (models/vit.py)
     if cfg.init:  # continue MAE pretraining from any encoder hub reads; the decoder too when the file has one
         sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
         enc_keys = [k for k in model.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
@@ -488,6 +478,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     ckpts = Checkpoints(out, cfg.keep_last, di.is_main)
     encoder, head, queue = load_for_nnclr(cfg, di, init)
     check_encoder(cfg, encoder, init)
+    encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)   # the tuned blocks (stage 3; stage 2 has none)
     depth = encoder.depth
     t = (cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else depth // 2) if ct else depth
     freeze(encoder)
@@ -640,6 +631,7 @@ def run(cfg: C.Config) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     if di.is_main:
         C.dump(cfg, os.path.join(cfg.out_dir, "config.yaml"))
+    loggers.start(cfg, di.is_main)      # log.tensorboard / log.wandb (rank 0); closed at the end of run / main
     log.info(f"maect {code_version()} | stage {cfg.stage} | device {di.device} x {di.world} ranks | torch {torch.__version__} "
              f"| threads {torch.get_num_threads()} | out {cfg.out_dir}")
     results, times = {}, {}
@@ -685,6 +677,7 @@ def run(cfg: C.Config) -> dict:
             results.update(knn_mae=s["MAE"]["knn"], knn_maect=s["MAE-CT"]["knn"], final=s)
             log.info(format_summary(s, cfg.eval.knn_k, len(final.train), len(final.test), final.num_classes))
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    loggers.finish()
     return results
 
 
@@ -709,6 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError, NonFiniteFeatures) as e:
         sys.exit(f"maect.train: {e}")
     finally:
+        loggers.finish()
         if dist.is_dist():
             torch.distributed.destroy_process_group()
 

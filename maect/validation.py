@@ -73,8 +73,9 @@ def _check_choices(cfg: Config) -> None:
     _need(cfg.data.loader in ("auto", "cpu", "dali"), f"data.loader={cfg.data.loader!r}: choose auto, cpu or dali")
     from maect.dataloading.datasets import SOURCES     # paths are checked when a run starts (datasets.check_source)
     _need(cfg.data.name in SOURCES, f"data.name={cfg.data.name!r}: choose one of {', '.join(SOURCES)}")
-    _need(not cfg.data.labels or cfg.data.name in ("folder", "filelist"),
-          f"data.labels={cfg.data.labels!r} is for data.name=folder|filelist ({cfg.data.name} has its own labels)")
+    _need(not cfg.data.labels or cfg.data.name in ("folder", "filelist", "wds"),
+          f"data.labels={cfg.data.labels!r} is for data.name=folder|filelist|wds ({cfg.data.name} has its own labels)")
+    _need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
     _need(cfg.precision in ("auto", "bf16", "fp32"), f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
     _need(cfg.resume in ("", "auto"),

@@ -2,6 +2,13 @@
 
 Token layout: x [N, 1 + L, D], cls first. pos_embed is [1, 1 + L, D] with a zero row for cls (official MAE
 layout, so its checkpoints load as they are); it is fixed (sin-cos) and never trained.
+
+Activation checkpointing (set_grad_checkpointing, config model.grad_checkpointing): every transformer block that
+runs with autograd on (the encoder's and decoder's blocks in MAE, the tuned upper blocks in contrastive tuning; never
+a frozen block under no_grad) runs under torch.utils.checkpoint(use_reentrant=False): only its input is kept for the
+backward pass, which runs the block's forward again to rebuild the rest. Same loss and gradients (the blocks have no
+dropout or drop-path, so there is no random state to replay; non-reentrant checkpointing would restore it anyway),
+for one more forward per block; bench/grad_checkpointing.py measures the memory saved.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from maect import kernels
 from maect.models.attention import attention
@@ -112,7 +120,18 @@ class MaskedAutoencoderViT(nn.Module):
                 [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio) for _ in range(decoder_depth)])
             self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
             self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+        self.grad_checkpointing = False
         self.initialize_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every block that runs with autograd on (module docstring); timm's name."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_block(self, blk: nn.Module, x: Tensor) -> Tensor:
+        """blk(x), under non-reentrant activation checkpointing when it is on and autograd records this block."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     # ----------------------------------------------------------------------------------------- init
     def initialize_weights(self):
@@ -153,7 +172,7 @@ class MaskedAutoencoderViT(nn.Module):
                                                           mask_ratio, noise)
         x = self.prepend_cls(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.norm(x), mask, ids_restore
 
     def forward_features(self, imgs: Tensor, grad_from_block: int = 0) -> Tensor:
@@ -166,7 +185,7 @@ class MaskedAutoencoderViT(nn.Module):
                 with torch.no_grad():
                     x = blk(x)
             else:
-                x = blk(x)
+                x = self.run_block(blk, x)
         return self.norm(x)
 
     # ----------------------------------------------------------------------------------------- decoder
@@ -176,7 +195,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(latent)
         x = kernels.decoder_input(x, self.mask_token, ids_restore, self.decoder_pos_embed)
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = self.run_block(blk, x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def patchify(self, imgs: Tensor) -> Tensor:
