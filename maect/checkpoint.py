@@ -26,7 +26,7 @@ log = logging.getLogger("maect")
 
 # keys that may differ between a checkpoint's config and the resuming run's
 RESUME_FREE = ("out_dir", "resume", "init", "log_every", "threads", "device", "stage", "ckpt_every", "ckpt_epochs",
-               "keep_last", "max_skips", "eval.", "data.root", "data.num_workers", "data.loader", "fused_optimizer",
+               "keep_last", "max_skips", "signal_every", "eval.", "data.root", "data.num_workers", "data.loader", "fused_optimizer",
                "preset")
 
 

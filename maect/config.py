@@ -126,6 +126,7 @@ class Config:
     ckpt_epochs: int = 1             # epochs between end-of-epoch checkpoints (0: none; the final one is always written)
     keep_last: int = 2               # numbered checkpoints kept besides latest/final
     max_skips: int = 5               # consecutive non-finite steps tolerated before the run stops
+    signal_every: int = 10           # > 1 rank: steps between the all-reduces of the stop flag (SIGUSR2/SIGTERM)
     smoke: int = 0                   # > 0: a CPU check of any preset: this many steps per stage (apply_smoke)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
