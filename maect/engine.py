@@ -69,6 +69,17 @@ def running_stats(module: nn.Module) -> list[torch.Tensor]:
             for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
 
 
+def bn_snapshot(bn: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the running statistics before a step (a skipped step puts them back: bn_restore)."""
+    return [x.clone() for x in bn]
+
+
+def bn_restore(bn: list[torch.Tensor], saved: list[torch.Tensor], bad: torch.Tensor) -> None:
+    """Where bad (device bool) is set, the running statistics as they were before the step; no host sync."""
+    for x, x0 in zip(bn, saved):
+        x.copy_(torch.where(bad, x0, x))
+
+
 def ema_pairs(ema: nn.Module, model: nn.Module) -> tuple[list, list]:
     """The (EMA, online) parameter lists of the trained parameters, built once."""
     pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
@@ -195,7 +206,7 @@ def nnclr_one_epoch(ddp, head, queue, opt, loader, t: Tracker, *, lrs: dict, s, 
     amp = autocast(cfg.precision, di.device)
     for b in loader:
         t.in_epoch += 1
-        saved = [x.clone() for x in bn]
+        saved = bn_snapshot(bn)
         mark_step(cfg.model.compile_mode if cfg.model.compile else None)
         gen = step_generator(cfg.seed, t.stage, t.step)
         loss, z0, nn_acc = nnclr_step(ddp, queue, *b["views"], b["idx"], b["label"], gen, topk=s.topk, tau=s.tau,
@@ -206,8 +217,7 @@ def nnclr_one_epoch(ddp, head, queue, opt, loader, t: Tracker, *, lrs: dict, s, 
         nnclr_update(queue, z0, b["idx"], b["label"], ~bad, gather=gather, head=head if ct else None,
                      target_ema=cfg.ct.target_ema, ema_params=ema_params, encoder_ema=cfg.ct.encoder_ema,
                      nn_acc=nn_acc, nn_sum=nn_sum)
-        for x, x0 in zip(bn, saved):
-            x.copy_(torch.where(bad, x0, x))
+        bn_restore(bn, saved, bad)
         if t.end_step(bad, ran, loss, gnorm, nn_acc):
             return False
     return True
