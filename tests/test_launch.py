@@ -16,7 +16,7 @@ import torch
 
 from maect import launch
 from maect.hub import load_checkpoint
-from test_nnclr import ROOT, TINY
+from test_nnclr import ROOT, TINY, run_train
 
 SLURM_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,12]",
              "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS": "24", "SLURM_NODEID": "1", "SLURM_PROCID": "9",
@@ -162,3 +162,34 @@ def test_readme_sbatch_template(tmp_path):
     assert re.search(r"torchrun .* -m maect\.train .*resume=auto", srun)
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     assert "#SBATCH --signal=B:USR1@" in script.read_text() and "#SBATCH --requeue" in script.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ plain maect.train
+def test_stop_handler_only_records():
+    """The handler records the first signal and returns; a second one changes nothing; nothing is raised."""
+    from maect import preempt
+    preempt.clear()
+    try:
+        preempt.record(signal.SIGUSR2)
+        preempt.record(signal.SIGTERM)
+        assert preempt.requested() == signal.SIGUSR2 == preempt.agreed(3, 1, 10, "cpu")
+    finally:
+        preempt.clear()
+    assert preempt.agreed(3, 1, 10, "cpu") == 0
+
+
+@pytest.mark.slow
+def test_train_stops_on_signal_with_exit_75_and_resumes(tmp_path):
+    """python -m maect.train (one process): SIGUSR2 after step 3 -> the step-3 checkpoint, exit status 75; the same
+    command with resume=auto continues from step 3, and its end equals an uninterrupted run's bit for bit."""
+    args = [*TINY, "stage=mae", "mae.epochs=0.0107", "log_every=1"]            # 10 steps of 64
+    r = run_train(args + [f"out_dir={tmp_path / 'a'}"], env={"MAECT_FAULT": "signal@mae:3"}, ok=False)
+    assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stopped on SIGUSR2" in r.stderr and not (tmp_path / "a" / "mae" / "checkpoint-final.pth").exists()
+    assert load_checkpoint(str(tmp_path / "a" / "mae" / "checkpoint-latest.pth"))["step"] == 3
+    out = run_train(args + [f"out_dir={tmp_path / 'a'}", "resume=auto"]).stdout
+    assert re.search(r"resuming from .*checkpoint-latest\.pth \(step 3\)", out)
+    run_train(args + [f"out_dir={tmp_path / 'b'}"])
+    a, b = (load_checkpoint(str(tmp_path / d / "mae" / "checkpoint-final.pth")) for d in "ab")
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
