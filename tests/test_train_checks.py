@@ -1,4 +1,4 @@
-"""maect.train against bad input (issue 17): impossible settings stop before any work with one line naming the keys,
+"""maect.train against bad input: impossible settings stop before any work with one line naming the keys,
 a monitor never costs the stage's checkpoint, and non-finite features give no k-NN number."""
 import json
 import math
@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 
-from maect import dist, hub
-from maect.checkpoint import Checkpoints
+from maect import hub, train
 from maect.config import ConfigError, load_config, to_dict
 from maect.eval.features import NonFiniteFeatures
-from maect import train
-from maect.train import KNNMonitor, check_encoder, main
+from maect.eval.monitor import KNNMonitor
+from maect.train import check_encoder, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
