@@ -49,7 +49,7 @@ class MAECfg:                        # stage 1
     epochs: float = 800
     warmup_epochs: float = 40
     batch_size: int = 4096
-    accum_steps: int = 1
+    accum_steps: int = 1             # micro-batches per step; an epoch's last (micro-batches mod accum_steps) are dropped
     blr: float = 1.5e-4              # lr = blr * num_views * batch_size / 256 (the published code counts views)
     weight_decay: float = 0.05
     mask_ratio: float = 0.75

@@ -134,7 +134,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     while t.step < total:
         loader.set_epoch(t.epoch, t.in_epoch)
         ended = mae_one_epoch(ddp, opt, loader, t, lr=lr, cfg=cfg, L=model.patch_embed.num_patches)
-        if t.stop:
+        if t.stop and t.step < total:     # a stop request (maect.preempt): checkpoint, then out
             raise t.preempted()
         if ended:
             t.end_epoch()
@@ -269,7 +269,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     while tr.step < total:
         loader.set_epoch(tr.epoch, tr.in_epoch)
         ended = nnclr_one_epoch(ddp, head, queue, opt, loader, tr, **kw)
-        if tr.stop:
+        if tr.stop and tr.step < total:
             raise tr.preempted()
         if ended:
             tr.end_epoch()
