@@ -29,7 +29,7 @@ weights excluded). Host syncs per step: counted by torch.cuda.set_sync_debug_mod
   python bench/train_step.py --model vit_l16 --stage mae --rows reference,maect,maect+cudagraphs --batch 256
   python bench/train_step.py --suite --budget 300 --json out/train_step.json   # the prepared GPU run (see below)
   python bench/train_step.py --preset tiny --stage ct                    # CPU (the default without CUDA)
-GPU targets (issue 15; unmeasured: the development machine has no GPU): MAE ViT-L/16 >= 45 % MFU, every maect step
+GPU targets (unmeasured): MAE ViT-L/16 >= 45 % MFU, every maect step
 >= 1.3 x the reference, 0 host syncs per step.
 """
 from __future__ import annotations
