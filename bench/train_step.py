@@ -1,7 +1,8 @@
 """End-to-end training step: images/s, MFU, peak memory and host syncs of maect's step against the reference (what a
 user of the official code gets on the same torch), one run, side by side; --profile says where the time goes.
 
-Rows (bench/step_paths.py has the exact definition of each; every row starts from the same weights, data, noise,
+Rows (the maect rows run the trainer's own step functions, imported below from maect.engine and maect.train; the
+reference rows are written apart in bench/reference_step.py; every row starts from the same weights, data, noise,
 queue and neighbour picks):
   reference             timm blocks with SDPA attention, torch fused AdamW, argsort masking, official NNCLR lookup
                         under autocast: the baseline of the 'x ref' column
@@ -28,11 +29,12 @@ weights excluded). Host syncs per step: counted by torch.cuda.set_sync_debug_mod
   python bench/train_step.py --model vit_l16 --stage mae --rows reference,maect,maect+cudagraphs --batch 256
   python bench/train_step.py --suite --budget 300 --json out/train_step.json   # the prepared GPU run (see below)
   python bench/train_step.py --preset tiny --stage ct                    # CPU (the default without CUDA)
-GPU targets (issue 15; unmeasured: the development machine has no GPU): MAE ViT-L/16 >= 45 % MFU, every maect step
+GPU targets (unmeasured): MAE ViT-L/16 >= 45 % MFU, every maect step
 >= 1.3 x the reference, 0 host syncs per step.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -47,7 +49,11 @@ import torch
 
 from common import add_ratio, base_parser, environment, measure, print_table, setup, write_json
 import mfu
-from step_paths import VARIANTS, build_bases, build_step, path_dispatch
+from reference_step import VARIANTS, build_bases, compile_blocks, path_dispatch, reference_step
+
+from maect.engine import (NNCLRNet, autocast, bn_restore, bn_snapshot, ema_pairs, mae_noise, mae_step,  # noqa: E402
+                          mark_step, nnclr_step, nnclr_update, optimizer_step, running_stats)
+from maect.train import ct_trainable, mae_lr, nnclr_optimizer  # noqa: E402  (the trainer's own setup)
 
 from maect import config as C  # noqa: E402  (common puts the repo root on sys.path)
 from maect.validation import load_config  # noqa: E402
@@ -58,6 +64,80 @@ GPUS_PER_NODE = 8          # default per-GPU batch: the preset's global batch / 
 MAX_GPU_BATCH = 128        # 128 (the recipes: 4096 global over 8-32 GPUs = 128-512 per GPU; --batch for more)
 DEFAULT_ROWS = ["reference", "reference-math", "maect"]
 COMPILE_ROWS = ["reference+compile", "maect+compile"]
+
+
+# ------------------------------------------------------------------------------------------------ the rows' steps
+def maect_step(stage: str, cfg: C.Config, args, data: dict, variant, device, total: int, bases: dict):
+    """(step() -> detached loss, info) of a maect row: the trainer's functions as maect.engine's epoch loops call
+    them (one rank, accum 1), on the variant's own copy of the base weights."""
+    from dataclasses import replace
+    from maect.heads import FeatureQueue, queue_dtype
+    from maect.optim import build_optimizer, can_skip_on_device, freeze, lr_factor, param_groups, set_lr
+    mode, x, B = variant.compile_mode, data["x"], data["batch"]
+    amp = autocast("bf16" if args.bf16 else "fp32", device)
+    gen = torch.Generator().manual_seed(1)     # mask noise and neighbour picks, drawn on the CPU in both paths
+    state = {"step": 0}
+    model = copy.deepcopy(bases["model"])
+    info = {"model": model, "attention": args.attention}
+    if stage == "mae":
+        s = replace(cfg.mae, batch_size=B)
+        model.train()
+        compile_blocks(cfg, model, mode, args.compile_backend)
+        lr = mae_lr(s)
+        opt, info["opt"] = build_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr, fused="auto",
+                                           device=device)
+        params, on_device = [p for g in opt.param_groups for p in g["params"]], can_skip_on_device(opt)
+        L, views = model.patch_embed.num_patches, list(x.chunk(data["views"]))
+
+        def step():
+            mark_step(mode)
+            noise = mae_noise(gen, B, 1, 0, L, len(views), device)
+            loss = mae_step(model, views, noise, mask_ratio=s.mask_ratio, norm_pix=s.norm_pix_loss, accum=1,
+                            sync=True, amp=amp)
+            set_lr(opt, lr, lr_factor(state["step"], total, 1))
+            optimizer_step(opt, params, on_device)
+            state["step"] += 1
+            return loss
+        return step, {**info, "t": model.depth}
+
+    s, n = replace(cfg.ct, batch_size=B), cfg.nnclr
+    encoder, head = model, copy.deepcopy(bases["head"])
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(0),
+                         dtype=queue_dtype(n.queue_dtype, device))   # as the trainer stores it (auto: bf16 on CUDA)
+    queue.ids.copy_(torch.randint(0, data["n_ids"], (n.queue_size,), generator=torch.Generator().manual_seed(2)))
+    queue = queue.to(device)
+    t = s.tuned_from_block if s.tuned_from_block >= 0 else encoder.depth // 2
+    freeze(encoder)
+    ct_trainable(encoder, t)
+    encoder.eval()
+    head.train()
+    ema = copy.deepcopy(encoder).requires_grad_(False)
+    compile_blocks(cfg, encoder, mode, args.compile_backend)
+    net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=False)
+    opt, info["opt"], lrs = nnclr_optimizer(cfg, s, encoder, head, True, device)
+    params, on_device = [p for g in opt.param_groups for p in g["params"]], can_skip_on_device(opt)
+    x0, x1 = x.chunk(2)
+    ids, labels = data["ids"], data["labels"]
+    ema_params, bn, nn_sum = ema_pairs(ema, encoder), running_stats(head), torch.zeros(2, device=device)
+
+    def step():
+        saved = bn_snapshot(bn)
+        mark_step(mode)
+        loss, z0, nn_acc = nnclr_step(net, queue, x0, x1, ids, labels, gen, topk=s.topk, tau=s.tau, amp=amp,
+                                      labelled=True)
+        set_lr(opt, lrs, lr_factor(state["step"], total, 1))
+        gnorm, bad, ran = optimizer_step(opt, params, on_device)
+        nnclr_update(queue, z0, ids, labels, ~bad, gather=lambda v: v, head=head, target_ema=s.target_ema,
+                     ema_params=ema_params, encoder_ema=s.encoder_ema, nn_acc=nn_acc, nn_sum=nn_sum)
+        bn_restore(bn, saved, bad)
+        state["step"] += 1
+        return loss
+    return step, {**info, "t": t, "head_cfg": n}
+
+
+def build_step(stage, cfg, args, data, variant, device, total, bases):
+    make = reference_step if variant.path == "reference" else maect_step
+    return make(stage, cfg, args, data, variant, device, total, bases)
 
 
 # ------------------------------------------------------------------------------------------------ per-row measures
@@ -201,7 +281,8 @@ def prepare(args) -> dict:
     n_ids = 1_281_167
     data = {"x": torch.randn(batch * views, m.in_chans, m.img_size, m.img_size, device=device, generator=g),
             "ids": torch.randint(0, n_ids, (batch,), device=device, generator=g),
-            "labels": torch.randint(0, 1000, (batch,), device=device, generator=g), "n_ids": n_ids}
+            "labels": torch.randint(0, 1000, (batch,), device=device, generator=g), "n_ids": n_ids,
+            "batch": batch, "views": views}
     bases = build_bases(args.stage, cfg, device)
     model = bases["model"]
     if args.stage == "mae":
@@ -284,6 +365,9 @@ def parser():
     p.add_argument("--profile", action="store_true", help="torch.profiler table per row (3 untimed steps)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPUs' dense bf16)")
     p.add_argument("--suite", action="store_true", help="run gpu_suite_step (the prepared GPU run) within --budget")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="peak memory of one step with and without model.grad_checkpointing (bench/grad_checkpointing.py;"
+                        " --model, default vit_b16; --batch, default 8; --stage)")
     return p
 
 
@@ -408,6 +492,13 @@ def main() -> int:
         print(f"\nsuite: {out['seconds']} s; skipped: {out.get('skipped_rows', [])}")
         bad = [k for k, v in out.items() if isinstance(v, dict) and ("error" in v or not v["check"]["ok"])]
         return 1 if bad else 0
+    if args.grad_checkpointing:
+        import grad_checkpointing as ckpt_bench
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
+        res = ckpt_bench.compare(args.stage, args.model or "vit_b16", args.batch or 8, args.device, "bf16" if bf16 else "fp32")
+        ckpt_bench.print_result(res)
+        write_json(args.json, res)
+        return 1 if res["mismatch"] else 0
     res = run(finish_args(args))
     write_json(args.json, res)
     return 0 if res["check"]["ok"] else 1

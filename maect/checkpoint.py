@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import random
+import signal
 import subprocess
 
 import numpy as np
@@ -21,13 +22,14 @@ import torch
 
 from maect import config as C
 from maect import hub
+from maect.atomic import atomic_write
 
 log = logging.getLogger("maect")
 
 # keys that may differ between a checkpoint's config and the resuming run's
 RESUME_FREE = ("out_dir", "resume", "init", "log_every", "threads", "device", "stage", "ckpt_every", "ckpt_epochs",
-               "keep_last", "max_skips", "eval.", "data.root", "data.num_workers", "data.loader", "fused_optimizer",
-               "preset", "log.", "model.grad_checkpointing")   # loggers and checkpointing change no number
+               "keep_last", "max_skips", "signal_every", "eval.", "data.root", "data.num_workers", "data.loader",
+               "fused_optimizer", "preset", "log.", "model.grad_checkpointing")   # loggers and checkpointing change no number
 
 
 def code_version() -> str:
@@ -89,7 +91,10 @@ class Checkpoints:
             with open(os.path.join(self.dir, f".{os.path.basename(path)}.tmp{os.getpid()}"), "wb") as f:
                 f.write(b"PK\x03\x04partial")  # what a kill in the middle of torch.save leaves behind
             raise OSError(f"injected fault while writing {path}")
-        hub.save_checkpoint(state, path)
+        if fault("signal_in_save", state.get("stage", ""), step):   # a signal arriving inside torch.save
+            atomic_write(path, lambda f: torch.save(state, SignalMidWrite(f)), binary=True)
+        else:
+            hub.save_checkpoint(state, path)
         tmp = os.path.join(self.dir, f".latest.tmp{os.getpid()}")
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -130,10 +135,32 @@ def check_resume_config(ck: dict, cfg: C.Config, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ fault injection
+class SignalMidWrite:
+    """A file wrapper for tests: the first write after `after` bytes sends SIGUSR2 to this process, so the
+    signal's handler runs in the middle of torch.save (Python runs handlers between bytecodes: here, inside
+    write)."""
+
+    def __init__(self, f, after: int = 4096):
+        self.f, self.after, self.n, self.sent = f, after, 0, False
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        if self.n > self.after and not self.sent:
+            self.sent = True
+            log.warning("injected SIGUSR2 inside torch.save")
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def fault(kind: str, stage: str, step: int, rank: int = 0) -> bool:
     """MAECT_FAULT='kind@stage:step[:rank]' (tests only). kinds: nan (returns True: poison the loss), crash (the
     process exits with code 17, once: a marker file in MAECT_FAULT_DIR remembers), ckpt_write (returns True: the
-    writer leaves a partial temporary file and raises)."""
+    writer leaves a partial temporary file and raises), signal (returns True: the loop sends itself SIGUSR2 after
+    that step, maect.preempt.test_hook), signal_in_save (returns True: SIGUSR2 arrives inside torch.save of that
+    step's checkpoint, SignalMidWrite)."""
     spec = os.environ.get("MAECT_FAULT", "")
     if not spec:
         return False

@@ -55,7 +55,7 @@ class MAECfg:                        # stage 1
     epochs: float = 800
     warmup_epochs: float = 40
     batch_size: int = 4096
-    accum_steps: int = 1
+    accum_steps: int = 1             # micro-batches per step; an epoch's last (micro-batches mod accum_steps) are dropped
     blr: float = 1.5e-4              # lr = blr * num_views * batch_size / 256 (the published code counts views)
     weight_decay: float = 0.05
     mask_ratio: float = 0.75
@@ -138,6 +138,7 @@ class Config:
     ckpt_epochs: int = 1             # epochs between end-of-epoch checkpoints (0: none; the final one is always written)
     keep_last: int = 2               # numbered checkpoints kept besides latest/final
     max_skips: int = 5               # consecutive non-finite steps tolerated before the run stops
+    signal_every: int = 10           # > 1 rank: steps between the all-reduces of the stop flag (SIGUSR2/SIGTERM)
     smoke: int = 0                   # > 0: a CPU check of any preset: this many steps per stage (apply_smoke)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)

@@ -15,9 +15,10 @@ Requeue: sbatch gets --signal=USR2@<--signal-delay> (a warning that many seconds
 On that signal, and on the one Slurm sends a preempted job, submitit calls TrainJob.checkpoint on global rank 0: it
 returns a resubmission of the same command with resume=auto, which submitit stores and requeues (`scontrol requeue`:
 same job id, same log files, appended). Time-outs are requeued at most --max-timeouts times; preemptions always.
-maect writes a checkpoint every ckpt_every steps and at each epoch end (atomically: a kill never corrupts one), and
-resume=auto continues each stage from its latest checkpoint and skips finished stages, so a requeued job redoes at most
-ckpt_every steps (nothing is written at the signal itself). The first submission carries resume=auto too, so a requeue
+maect's own handler only records the signal (maect.preempt): at the next step boundary every rank agrees (an all-reduce
+of the flag every signal_every steps), the stage's checkpoint is written (atomically: a kill never corrupts one), and
+only then, outside any signal handler, submitit's requeue path runs. resume=auto continues each stage from its latest
+checkpoint and skips finished stages, so a requeued job redoes nothing. The first submission carries resume=auto too, so a requeue
 Slurm does on its own (a node failure) also continues instead of starting over; an out_dir that already holds
 checkpoints of the same config is therefore continued, and one with another config is refused with the differing keys.
 
@@ -71,12 +72,21 @@ class TrainJob:
         self.train_args, self.port = list(train_args), port
 
     def __call__(self) -> None:
+        import signal
         import submitit
+        from maect import preempt, train
         env = task_env(submitit.JobEnvironment(), self.port)
         os.environ.update(env)
         print(f"maect.launch task (pid {os.getpid()}): " + " ".join(f"{k}={env[k]}" for k in ENV_KEYS), flush=True)
-        from maect import train
-        train.main(self.train_args)
+        # submitit's checkpoint-and-requeue handler, replaced by maect's (which only records the signal) in
+        # train.run; it runs below, outside any signal handler, once the loop has written its checkpoint
+        requeue = signal.getsignal(preempt.SIGNALS[0])
+        try:
+            train.main(self.train_args, exit_on_stop=False)
+        except preempt.Preempted as e:
+            if callable(requeue):   # rank 0: checkpoint() -> the resubmission stored, the job requeued, exit
+                requeue(e.signum, None)
+            sys.exit(preempt.REQUEUE_EXIT)    # the other ranks (submitit's handler returns there)
 
     def checkpoint(self, *args, **kwargs):
         """The resubmission submitit requeues: the same command with resume=auto (training state lives in the

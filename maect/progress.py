@@ -1,5 +1,5 @@
 """Progress lines for long loops that are not training steps: feature extraction, the pipeline's final k-NN and the
-evaluation protocols. Training steps log through train.Meter; this is the same idea for everything else.
+evaluation protocols. Training steps log through steplog.Meter; this is the same idea for everything else.
 
     p = Progress("features MAE train", total=60000, unit="img")
     for x in batches:

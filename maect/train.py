@@ -5,159 +5,50 @@ stage=head      NNCLR head initialisation, encoder frozen (stage 2), from init=C
 stage=ct        contrastive tuning of the upper blocks (stage 3), from init=CKPT (a head checkpoint)
 stage=pipeline  mae -> head -> ct, each from the previous stage's checkpoint, then k-NN before/after
 stage=ct_pipeline  head -> ct from init=CKPT (an MAE / official checkpoint)
+Layers (FAIR MAE's main -> engine -> model): this file sets each stage up and runs its epochs; maect.engine holds
+one epoch's loop and the steps; maect.steplog the host side (log lines, checkpoints, stop requests).
+SIGUSR2 / SIGTERM: the checkpoint of the next step boundary, then exit status 75 (maect.preempt; docs/reliability.md).
 Outputs in out_dir/<stage>/: checkpoint-latest.pth (each epoch), checkpoint-final.pth, metrics.jsonl, config.yaml.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
-import math
 import os
 import sys
 import time
-import zlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from maect import kernels
-from maect.dataloading import DataError, NoLabels, build_loader, eval_batches, load_data, load_eval_data
+from maect.dataloading import DataError, NoLabels, build_loader, load_data, load_eval_data
 from maect.dataloading.datasets import check_source
-from maect.dataloading.augment import h2d
 from maect import config as C
-from maect import dist, hub, loggers
+from maect import dist, hub, loggers, preempt
 from maect.atomic import write_json
-from maect.checkpoint import Checkpoints, check_resume_config, code_version, fault, set_rng_state
-from maect.eval.features import NonFiniteFeatures, eval_mode
+from maect.checkpoint import Checkpoints, check_resume_config, code_version, set_rng_state
+from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epoch, nnclr_one_epoch,  # noqa: F401
+                          optimizer_step, running_stats, step_generator)
+from maect.eval.features import NonFiniteFeatures
+from maect.eval.monitor import KNNMonitor, projected
 from maect.eval.summary import format_summary, summarize
-from maect.heads import FeatureQueue, NNCLRHead, lerp_weighted, queue_dtype
-from maect.losses import nnclr_loss
+from maect.heads import FeatureQueue, NNCLRHead, queue_dtype
 from maect.models import attention as attn
-from maect.models.vit import num_params, pool
-from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor, param_groups, set_lr
+from maect.models.vit import num_params
+from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups
+from maect.steplog import Meter, Tracker  # noqa: F401  (Meter: re-exported for callers of maect.train)
 from maect.validation import check_tuned_from_block, load_config, validate_data
 
 log = logging.getLogger("maect")
 
 
-# ------------------------------------------------------------------------------------------------ plumbing
-class Meter:
-    """Progress line (loss, lr, images/s, ETA) every log_every steps; JSONL metrics, forwarded to the experiment
-    loggers log.* opens (maect.loggers: TensorBoard, W&B)."""
-
-    def __init__(self, out_dir: str, stage: str, total_steps: int, global_batch: int, log_every: int, main: bool):
-        self.stage, self.total, self.gb, self.every, self.main = stage, total_steps, global_batch, log_every, main
-        self.t0 = self.t_last = time.time()
-        self.step_last = 0
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a") if main else None
-
-    def step(self, step: int, epoch: int, values: dict) -> None:
-        if not self.main or (step % self.every and step != self.total):
-            return
-        now = time.time()
-        ips = (step - self.step_last) * self.gb / max(now - self.t_last, 1e-9)
-        eta = (self.total - step) * (now - self.t0) / max(step, 1)
-        self.t_last, self.step_last = now, step
-        vals = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        log.info(f"[{self.stage}] ep {epoch} step {step}/{self.total} {vals} | {ips:.0f} img/s | ETA {eta / 60:.1f} min")
-        self.write({"step": step, "epoch": epoch, "img_per_s": ips, **values})
-
-    def write(self, rec: dict) -> None:
-        if not self.main:
-            return
-        rec = {"stage": self.stage, "time": time.time() - self.t0, **rec}
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
-        loggers.emit(rec)
-
-    def close(self):
-        if self.jsonl:
-            self.jsonl.close()
-
-
-def autocast(cfg: C.Config, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def step_generator(cfg: C.Config, stage: str, step: int) -> torch.Generator:
-    """A CPU generator for per-step randomness (mask noise, NN pick) that does not depend on the rank count."""
-    return torch.Generator().manual_seed((cfg.seed * 1000003 + zlib.crc32(stage.encode())) * 1000003 + step)
-
-
+# ------------------------------------------------------------------------------------------------ setup pieces
 def stage_dir(cfg: C.Config, stage: str) -> str:
     d = os.path.join(cfg.out_dir, stage)
     os.makedirs(d, exist_ok=True)
     return d
-
-
-class KNNMonitor:
-    """Quick k-NN accuracy: bank = a fixed subset of the labelled train split, queries = a subset of the labelled
-    test split (load_eval_data: for folder / filelist sources, data.labels), both with the deterministic eval
-    transform and the training loader's file checks. The same code gives the pipeline's before/after numbers.
-    NoLabels when the source has no labels. train / test: those splits already opened (run opens them once).
-
-    Non-finite features (an encoder that produces NaN/inf): strict=False (the per-epoch monitor) returns NaN and
-    keeps the error in self.error, so that the stage logs the count of bad rows and records knn_acc null in
-    metrics.jsonl and training goes on (the stage's own non-finite guard decides about the run; a monitor must not
-    end hours of training). strict=True (the pipeline's final before/after k-NN, run after every checkpoint is on
-    disk) raises NonFiniteFeatures. Never a chance-level number."""
-
-    def __init__(self, cfg: C.Config, device, n_train: int, n_test: int, train=None, test=None, strict: bool = False):
-        self.cfg, self.device, self.strict, self.error = cfg, device, strict, None
-        d = cfg.data
-        train = train if train is not None else load_eval_data(d.name, d.root, "train", d.labels)
-        test = test if test is not None else load_eval_data(d.name, d.root, "test", d.labels)
-        g = torch.Generator().manual_seed(1234)
-        self.train = train.subset(torch.randperm(len(train), generator=g)[:n_train]) if 0 < n_train < len(train) else train
-        self.test = test.subset(torch.arange(min(n_test, len(test)))) if 0 < n_test < len(test) else test
-        self.num_classes = train.num_classes
-
-    @torch.no_grad()
-    def features(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> tuple | None:
-        """(bank features, bank labels, query features, query labels); progress: a name for progress lines.
-        Non-finite features: None with the error in self.error (strict=False), NonFiniteFeatures (strict=True)."""
-        from maect.eval.features import extract_features
-        m = self.cfg.model
-        kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
-                  skip_corrupt=self.cfg.data.skip_corrupt)
-        self.error, out = None, []
-        try:
-            for split, data in (("train", self.train), ("test", self.test)):
-                out += extract_features(encoder, eval_batches(data, **kw), pool=pool_mode, device=self.device,
-                                        progress=f"{progress} {split}" if progress else "", total=len(data),
-                                        split=split)
-        except NonFiniteFeatures as e:
-            if self.strict:
-                raise
-            self.error = e
-            return None
-        return tuple(out)
-
-    def knn(self, ftr, ytr, fte, yte) -> float:
-        from maect.eval.knn import knn_accuracy
-        return knn_accuracy(ftr, ytr, fte, yte, k=self.cfg.eval.knn_k, T=self.cfg.eval.knn_T,
-                            num_classes=self.num_classes)
-
-    def __call__(self, encoder: nn.Module, pool_mode: str, progress: str = "") -> float:
-        """k-NN accuracy (%) of `encoder`'s features; non-finite features: see the class docstring."""
-        feats = self.features(encoder, pool_mode, progress)
-        return math.nan if feats is None else self.knn(*feats)
-
-
-@torch.no_grad()
-def projected(projector: nn.Module, feats: tuple) -> tuple:
-    """The monitor's (bank, labels, queries, labels) with the features passed through `projector` in eval mode
-    (BatchNorm running statistics) and L2-normalised: what the queue would store for these images."""
-    ftr, ytr, fte, yte = feats
-    dt = next(projector.parameters()).dtype
-    with eval_mode(projector):
-        z = [F.normalize(projector(f.to(dt)).float(), dim=1) for f in (ftr, fte)]
-    return z[0], ytr, z[1], yte
 
 
 def maybe_compile(cfg: C.Config, model: nn.Module, backend: str = "inductor") -> None:
@@ -185,139 +76,6 @@ def per_rank(batch: int, world: int, key: str, accum: int = 1) -> int:
     if batch % (world * accum):
         raise C.ConfigError(f"{key}={batch} must be divisible by world size {world}" + (f" x accum {accum}" if accum > 1 else ""))
     return batch // (world * accum)
-
-
-# ------------------------------------------------------------------------------------------------ the loop
-def optimizer_step(opt, params: list, on_device: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The optimizer step behind the non-finite guard: (gradient norm, bad: a device bool, whether opt.step ran).
-    on_device (torch's fused AdamW, optim.can_skip_on_device): bad becomes the optimizer's found_inf and its kernel
-    leaves parameters and moments as they were (GradScaler's hook), with no host sync. Otherwise bad is read on the
-    host (one sync) and opt.step is not called when it is set. Gradients are zeroed either way."""
-    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    bad = ~torch.isfinite(gnorm)    # under DDP the gradient is all-reduced: every rank computes the same flag
-    if on_device:
-        opt.found_inf = bad.float()
-    ran = on_device or not bool(bad)
-    if ran:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return gnorm, bad, ran
-
-
-def train_loop(cfg: C.Config, di: dist.DistInfo, stage: str, loader, *, total: int, warm: int, accum: int, opt,
-               lrs, step_fn, post_fn, state_fn, ckpts: Checkpoints, meter: Meter, resume: dict | None,
-               after_epoch=None, running_stats: list[torch.Tensor] = ()) -> str:
-    """Shared by every stage. step_fn(batch, step, micro, sync, poison) runs forward + backward of one micro-batch
-    and returns (loss [detached], extras); after the last micro-batch of a step, the optimizer steps unless the
-    gradient is non-finite (then the step is skipped and logged; after cfg.max_skips skips in a row the run stops);
-    post_fn(batch, extras, taken) runs after the optimizer (queue, EMAs) and returns nn-accuracy (or None); taken is
-    a device bool (False: the step was skipped, leave everything as it was).
-    state_fn() -> the stage's checkpoint dict (model, optimizer, ...); the loop adds its own position.
-    running_stats: buffers the forward pass updates (BatchNorm running statistics); a skipped step restores them.
-
-    Non-finite guard (optimizer_step). With torch's fused AdamW the decision stays on the device: the queue, EMAs
-    and running statistics are gated by the same flag, so a step has no host sync, and the flags are read back where
-    the loop syncs anyway (log lines, checkpoints), which log each skipped step and stop the run after
-    cfg.max_skips in a row. Other optimizers (apex, fused_optimizer=off) read the flag on the host every step and
-    log a skip at once."""
-    step, epoch, in_epoch, skips = 0, 0, 0, 0
-    stats = torch.zeros(3, device=di.device)  # loss sum, nn-acc sum, count (summed between log lines)
-    if resume is not None:
-        step, epoch, in_epoch, skips = resume["step"], resume["epoch"], resume["step_in_epoch"], resume["skips"]
-        stats = resume["stats"].to(di.device)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    on_device = can_skip_on_device(opt)
-    log.info(f"[{stage}] non-finite guard: " + ("on the device (fused AdamW found_inf; no host sync per step), "
-                                                 f"read back every {cfg.log_every} steps and at checkpoints"
-                                                 if on_device else f"host check every step ({type(opt).__name__} "
-                                                 "cannot skip on the device)"))
-    pending: list[tuple[int, int, torch.Tensor]] = []   # (step, epoch, [bad, loss, |g|]) not yet read back
-    saved: list[torch.Tensor] = []                       # running_stats as they were before this step
-
-    def acc_or_zero(nn_acc) -> torch.Tensor:   # a device zero, not a host scalar copied over (a sync on CUDA)
-        return stats.new_zeros(()) if nn_acc is None else nn_acc.float()
-
-    def check_skips() -> None:
-        """Read the pending skip flags (one sync), log each skipped step, stop after cfg.max_skips in a row."""
-        nonlocal skips
-        if not pending:
-            return
-        vals = torch.stack([v for _, _, v in pending]).tolist()
-        steps = [(st, ep) for st, ep, _ in pending]
-        pending.clear()
-        for (st, ep), (bad, lv, gv) in zip(steps, vals):
-            if not bad:
-                skips = 0
-                continue
-            skips += 1
-            log.warning(f"[{stage}] step {st}: non-finite loss/gradient ({lv:.4g}, |g| {gv:.4g}): "
-                        f"step skipped ({skips} in a row)")
-            meter.write({"step": st, "epoch": ep, "skipped": 1})
-            if skips >= cfg.max_skips:
-                raise FloatingPointError(
-                    f"[{stage}] {skips} non-finite steps in a row at step {st}; stopping. Last good checkpoint: "
-                    f"{os.path.join(ckpts.dir, 'checkpoint-latest.pth')} (lower the lr or check the data)")
-
-    def save_state(final: bool = False) -> str:
-        check_skips()
-        st = {**state_fn(), "step": step, "epoch": epoch, "step_in_epoch": in_epoch, "skips": skips,
-              "stats": stats.cpu(), "args": C.to_dict(cfg), "stage": stage, "scaler": None}
-        if final:
-            path = ckpts.save_final(st)
-            dist.barrier()  # rank 0 writes; the next stage on every rank reads it
-            return path
-        ckpts.save(st, step)
-        return ""
-
-    while step < total:
-        loader.set_epoch(epoch, in_epoch)
-        for b in loader:
-            micro = in_epoch % accum
-            in_epoch += 1
-            sync = micro == accum - 1
-            poison = fault("nan", stage, step, di.rank)
-            if micro == 0 and running_stats:
-                saved = [t.clone() for t in running_stats]   # a skipped step puts them back
-            loss, extras = step_fn(b, step, micro, sync, poison)
-            if not sync:
-                continue
-            fault("crash", stage, step, di.rank)
-            set_lr(opt, lrs, lr_factor(step, total, warm))
-            gnorm, bad, ran = optimizer_step(opt, params, on_device)
-            pending.append((step, epoch, torch.stack([bad.float(), loss.float(), gnorm.float()])))
-            if not ran:
-                check_skips()   # the host guard logs the skip at once (and stops after max_skips in a row)
-            nn_acc = post_fn(b, extras, ~bad)
-            for t, t0 in zip(running_stats, saved):
-                t.copy_(torch.where(bad, t0, t))
-            stats += torch.where(bad, 0.0, torch.stack([loss.float(), acc_or_zero(nn_acc), stats.new_ones(())]))
-            step += 1
-            if step % cfg.log_every == 0 or step == total:
-                check_skips()
-                st = dist.all_reduce_mean(stats)
-                vals = {"loss": float(st[0] / st[2].clamp_min(1))}
-                if stage != "mae" and loader.data.has_labels:
-                    vals["nn_acc"] = float(st[1] / st[2].clamp_min(1))
-                meter.step(step, epoch, {**vals, "lr": opt.param_groups[0]["lr"]})
-                stats.zero_()
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
-                save_state()
-            if step >= total:
-                break
-        else:  # the epoch ran to its end
-            epoch, in_epoch = epoch + 1, 0
-            if step < total:
-                if cfg.ckpt_epochs and epoch % cfg.ckpt_epochs == 0:
-                    save_state()   # before the monitor: a monitor that fails loses no trained work
-                if after_epoch is not None:
-                    after_epoch(epoch, step, meter)
-            continue
-        break
-    path = save_state(final=True)   # on disk before the last monitor runs, for the same reason
-    if after_epoch is not None:     # the final weights (an epoch end, or inside an epoch when the schedule ends there)
-        after_epoch(round(epoch + in_epoch / max(len(loader), 1), 2) if in_epoch else epoch, step, meter)
-    meter.close()
-    return path
 
 
 def stage_resume(cfg: C.Config, ckpts: Checkpoints) -> dict | None:
@@ -361,35 +119,30 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-    spe = len(loader) // s.accum_steps
+    spe = len(loader) // s.accum_steps       # optimizer steps per epoch (a partial window is dropped: engine)
+    if spe == 0:
+        raise DataError(f"mae.accum_steps={s.accum_steps}: an epoch has {len(loader)} micro-batches of {micro} x "
+                        f"{di.world} ranks (after skipped files), fewer than one accumulation window")
     total = cfg.smoke or max(1, round(s.epochs * spe))   # smoke=N: N steps (config.apply_smoke)
     warm = round(s.warmup_epochs * spe)
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, "
              f"optimizer {opt_name}, "
              f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.mae_backends(model, di.device)}")
-    L = model.patch_embed.num_patches
     model.train()
-
-    def step_fn(b, step, micro_i, sync, poison):
-        x = torch.cat(b["views"])
-        g = step_generator(cfg, "mae", step * s.accum_steps + micro_i)
-        sel = slice(di.rank * micro, (di.rank + 1) * micro)  # this rank's rows of the global batch's noise
-        noise = h2d(torch.cat([torch.rand(micro * di.world, L, generator=g)[sel] for _ in b["views"]]), di.device)
-        with (contextlib.nullcontext() if sync or di.world == 1 else ddp.no_sync()), autocast(cfg, di.device):
-            loss, _, _ = ddp(x, s.mask_ratio, s.norm_pix_loss, noise)
-        if poison:
-            loss = loss * float("nan")
-        (loss / s.accum_steps).backward()
-        return loss.detach(), None
-
-    def state_fn():
-        return {"model": model.state_dict(), "optimizer": opt.state_dict()}
-
-    meter = Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main)
-    return train_loop(cfg, di, "mae", loader, total=total, warm=warm, accum=s.accum_steps, opt=opt, lrs=lr,
-                      step_fn=step_fn, post_fn=lambda b, e, taken: None, state_fn=state_fn, ckpts=ckpts, meter=meter,
-                      resume=resume)
+    t = Tracker(cfg, di, "mae", total=total, warm=warm, opt=opt, ckpts=ckpts, state={"model": model, "optimizer": opt},
+                meter=Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main), resume=resume, nn_acc=False,
+                on_device=can_skip_on_device(opt))
+    while t.step < total:
+        loader.set_epoch(t.epoch, t.in_epoch)
+        ended = mae_one_epoch(ddp, opt, loader, t, lr=lr, cfg=cfg, L=model.patch_embed.num_patches)
+        if t.stop and t.step < total:     # a stop request (maect.preempt): checkpoint, then out
+            raise t.preempted()
+        if ended:
+            t.end_epoch()
+    path = t.save_final()
+    t.meter.close()
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ stages 2, 3
@@ -422,42 +175,6 @@ def load_head(head: NNCLRHead, sd: dict) -> None:
     head.load_state_dict(sd)
 
 
-class NNCLRNet(nn.Module):
-    """encoder (upper blocks from grad_from) + head; one forward for both views so DDP sees one graph."""
-
-    def __init__(self, encoder, head, grad_from: int, pool_mode: str, encoder_frozen: bool):
-        super().__init__()
-        self.encoder, self.head, self.grad_from, self.pool_mode = encoder, head, grad_from, pool_mode
-        self.encoder_frozen = encoder_frozen
-
-    def forward(self, x0, x1):
-        n = x0.shape[0]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            f = pool(self.encoder.forward_features(torch.cat([x0, x1]), grad_from_block=self.grad_from), self.pool_mode)
-        f0, f1 = f[:n].float(), f[n:].float()
-        p0, z0 = self.head(f0)      # separate calls: BatchNorm statistics per view
-        p1, z1 = self.head(f1)
-        return p0, p1, z0, z1
-
-
-def running_stats(module: nn.Module) -> list[torch.Tensor]:
-    """The BatchNorm running mean / var / batch counters a forward pass updates (restored on a skipped step)."""
-    return [t for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
-
-
-def ema_pairs(ema: nn.Module, model: nn.Module) -> tuple[list, list]:
-    """The (EMA, online) parameter lists of the trained parameters, built once."""
-    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-    return [e for e, _ in pairs], [p for _, p in pairs]
-
-
-@torch.no_grad()
-def ema_update(pairs: tuple[list, list], m: float, taken: torch.Tensor | None = None) -> None:
-    """EMA of the trained parameters in one foreach launch; taken (device bool) False leaves it unchanged."""
-    lerp_weighted(pairs[0], pairs[1], 1.0 - m, taken)
-
-
 def check_encoder(cfg: C.Config, encoder: nn.Module, init: str) -> None:
     """The init checkpoint's encoder against the keys that must agree with it, before any step: the loaders make
     model.img_size / model.in_chans images, and ct.tuned_from_block names one of its blocks (checked already in
@@ -469,6 +186,26 @@ def check_encoder(cfg: C.Config, encoder: nn.Module, init: str) -> None:
             raise C.ConfigError(f"{key}={want}, but the encoder of init={init} takes {have} (set {key}={have})")
     if "ct" in C.stages(cfg):
         check_tuned_from_block(cfg.ct.tuned_from_block, encoder.depth, f"init={init}")
+
+
+def ct_trainable(encoder: nn.Module, t: int) -> None:
+    """Stage 3's trainable set: blocks t.. and the final norm (requires_grad); the rest is left as it is."""
+    for name, p in encoder.named_parameters():
+        if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= t):
+            p.requires_grad_(True)
+
+
+def nnclr_optimizer(cfg: C.Config, s, encoder, head, ct: bool, device):
+    """SPEC: lr = blr x 2 views x global batch / 256 (head: ct.head_blr in stage 3); stage 3's encoder groups with
+    layer-wise lr decay ct.llrd. Returns (optimizer, its name, lrs by group tag)."""
+    scale = 2 * s.batch_size / 256
+    lrs = {"enc": s.blr * scale, "head": (cfg.ct.head_blr if ct else s.blr) * scale}
+    groups = param_groups(head.named_parameters(), cfg.ct.head_weight_decay if ct else s.weight_decay, tag="head")
+    if ct:
+        groups += param_groups(encoder.named_parameters(), s.weight_decay,
+                               lambda n: llrd_scale(n, encoder.depth, cfg.ct.llrd), tag="enc")
+    opt, name = build_optimizer(groups, 1.0, fused=cfg.fused_optimizer, device=device)
+    return opt, name, lrs
 
 
 def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: KNNMonitor | None, data) -> str:
@@ -483,14 +220,11 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     t = (cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else depth // 2) if ct else depth
     freeze(encoder)
     if ct:
-        for name, p in encoder.named_parameters():  # upper blocks + final norm train
-            if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= t):
-                p.requires_grad_(True)
+        ct_trainable(encoder, t)
         if head.target_projector is None:
             head.add_target()
     encoder.eval()  # frozen part in eval mode; no dropout/drop-path anywhere, so the trained part is unaffected
     ema = copy.deepcopy(encoder).requires_grad_(False) if ct else None
-    ema_params = ema_pairs(ema, encoder) if ct else None
     if di.world > 1:
         head = dist.sync_batchnorm(head, di.device)
     net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=not ct)
@@ -506,13 +240,8 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     queue.check_admissible(s.topk, len(data))
     # MAE-CTaug (ct.aug) augments stage 2's views too: the published recipe trains the head on them
     loader = make_loader(cfg, di, data, s, 2, cfg.ct.aug, n_rank)
-    scale = 2 * s.batch_size / 256
-    lrs = {"enc": s.blr * scale, "head": (cfg.ct.head_blr if ct else s.blr) * scale}
-    groups = param_groups(head.named_parameters(), cfg.ct.head_weight_decay if ct else s.weight_decay, tag="head")
-    if ct:
-        groups += param_groups(encoder.named_parameters(), s.weight_decay,
-                               lambda n: llrd_scale(n, depth, cfg.ct.llrd), tag="enc")
-    opt, opt_name = build_optimizer(groups, 1.0, fused=cfg.fused_optimizer, device=di.device)
+    opt, opt_name, lrs = nnclr_optimizer(cfg, s, encoder, head, ct, di.device)
+    nn_sum = torch.zeros(2, device=di.device)   # (sum of nn_acc, steps) since the last monitor: neighbour quality
     resume = stage_resume(cfg, ckpts)
     if resume is not None:
         encoder.load_state_dict(resume["model"])
@@ -521,6 +250,8 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         opt.load_state_dict(resume["optimizer"])
         if ema is not None:
             ema.load_state_dict(resume["model_ema"])
+        if "nn_epoch" in resume:
+            nn_sum.copy_(resume["nn_epoch"])
     total = cfg.smoke or max(1, round(s.epochs * len(loader)))   # smoke=N: N steps (config.apply_smoke)
     warm = round(s.warmup_frac * total)
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
@@ -532,74 +263,53 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"optimizer {opt_name}, loader {loader.backend}, queue {queue.features.dtype}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
-
-    def step_fn(b, step, micro, sync, poison):
-        x0, x1 = b["views"]
-        with autocast(cfg, di.device):
-            p0, p1, z0, z1 = ddp(x0, x1)
-        z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-        g = step_generator(cfg, stage, step)
-        n = z0.shape[0]   # both views in one lookup: the queue is read once (same picks as two calls: one CPU stream)
-        nn, i = queue.lookup(torch.cat([z0, z1]), torch.cat([b["idx"], b["idx"]]), s.topk, generator=g)
-        nn0, nn1, i0 = nn[:n], nn[n:], i[:n]
-        # view 0's picked neighbour, as the published metric (index -1: no admissible neighbour, never a match)
-        nn_acc = None if not labelled else ((queue.labels[i0.clamp(min=0)] == b["label"]) & (i0 >= 0)).float().mean()
-        loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
-        if poison:
-            loss = loss * float("nan")
-        loss.backward()
-        return loss.detach(), (z0, nn_acc)
-
-    nn_epoch = torch.zeros(2, device=di.device)   # (sum of nn_acc, steps) since the last monitor: neighbour quality
-    if resume is not None and "nn_epoch" in resume:
-        nn_epoch.copy_(resume["nn_epoch"])
-
-    def post_fn(b, extras, taken):
-        z0, nn_acc = extras
-        if nn_acc is not None:   # None: unlabelled training data (nn_acc off)
-            nn_epoch.add_(torch.where(taken, torch.stack([nn_acc, torch.ones_like(nn_acc)]), 0.0))
-        queue.enqueue(dist.all_gather(z0), dist.all_gather(b["idx"]), dist.all_gather(b["label"]), taken)
-        if ct:
-            head.update_target(cfg.ct.target_ema, taken)
-            ema_update(ema_params, cfg.ct.encoder_ema, taken)
-        return nn_acc
-
-    def state_fn():
-        st = {"model": encoder.state_dict(), "head": head.state_dict(), "queue": queue.state_dict(),
-              "optimizer": opt.state_dict(), "nn_epoch": nn_epoch.cpu()}
-        if ema is not None:
-            st["model_ema"] = ema.state_dict()
-        return st
-
-    def after_epoch(epoch, step, meter):
-        """Quick k-NN of the encoder, and neighbour quality: how often view 0's picked neighbour has the query's
-        label (nn_acc, mean over the steps since the last monitor) and the k-NN accuracy of the (target)
-        projector's normalised output, the space the queue lookups run in."""
-        tot = dist.all_reduce_mean(nn_epoch)   # every rank's share of the global batch (collective: all ranks)
-        nn_mean = float(tot[0] / tot[1].clamp_min(1))
-        nn_epoch.zero_()
-        if monitor is not None and (ct or epoch == 1):
-            feats = monitor.features(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
-            if feats is None:   # non-finite features: the count in the log, null (not NaN) in the JSONL
-                e = monitor.error
-                log.warning(f"[{stage}] epoch {epoch}: quick k-NN not computed: {e}")
-                meter.write({"step": step, "epoch": epoch, "knn_acc": None,
-                             "knn_nonfinite_rows": {k: list(v) for k, v in e.counts.items()}})
-                return
-            acc = monitor.knn(*feats)
-            proj = head.target_projector if head.target_projector is not None else head.projector
-            zacc = monitor.knn(*projected(proj, feats))
-            nn_txt = f"nn_acc {nn_mean:.3f} (view 0's picked neighbour shares the query's label)" if labelled \
-                else "nn_acc off (unlabelled training data)"
-            log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}% | neighbour quality: "
-                     f"{nn_txt}, {'target ' if ct else ''}projector k-NN {zacc:.2f}%")
-            meter.write({"step": step, "epoch": epoch, "knn_acc": acc, "nn_acc_epoch": nn_mean if labelled else None,
-                         "proj_knn_acc": zacc})
-
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
-    return train_loop(cfg, di, stage, loader, total=total, warm=warm, accum=1, opt=opt, lrs=lrs, step_fn=step_fn,
-                      post_fn=post_fn, state_fn=state_fn, ckpts=ckpts, meter=meter, resume=resume,
-                      after_epoch=after_epoch, running_stats=running_stats(head))
+    state = {"model": encoder, "head": head, "queue": queue, "optimizer": opt, "nn_epoch": nn_sum, "model_ema": ema}
+    tr = Tracker(cfg, di, stage, total=total, warm=warm, opt=opt, ckpts=ckpts, meter=meter, state=state,
+                 resume=resume, nn_acc=labelled, on_device=can_skip_on_device(opt))
+    kw = dict(lrs=lrs, s=s, cfg=cfg, bn=running_stats(head), nn_sum=nn_sum,
+              ema_params=ema_pairs(ema, encoder) if ct else None, gather=dist.all_gather)
+    while tr.step < total:
+        loader.set_epoch(tr.epoch, tr.in_epoch)
+        ended = nnclr_one_epoch(ddp, head, queue, opt, loader, tr, **kw)
+        if tr.stop and tr.step < total:
+            raise tr.preempted()
+        if ended:
+            tr.end_epoch()
+            if tr.step < total:
+                nnclr_monitor(cfg, tr, monitor, encoder, ema, head, nn_sum, tr.epoch)
+    path = tr.save_final()      # on disk before the last monitor runs: a monitor that fails loses no trained work
+    nnclr_monitor(cfg, tr, monitor, encoder, ema, head, nn_sum, tr.monitor_epoch(loader))
+    meter.close()
+    return path
+
+
+def nnclr_monitor(cfg: C.Config, tr: Tracker, monitor: KNNMonitor | None, encoder, ema, head, nn_sum, epoch) -> None:
+    """Quick k-NN of the encoder (its EMA with eval.use_ema), and neighbour quality: how often view 0's picked
+    neighbour has the query's label (nn_acc, mean over the steps since the last monitor) and the k-NN accuracy of
+    the (target) projector's normalised output, the space the queue lookups run in. Stage 2: its last epoch only."""
+    stage, ct, meter, step = tr.stage, tr.stage == "ct", tr.meter, tr.step
+    tot = dist.all_reduce_mean(nn_sum)   # every rank's share of the global batch (collective: all ranks)
+    nn_mean = float(tot[0] / tot[1].clamp_min(1))
+    nn_sum.zero_()
+    if monitor is None or not (ct or epoch == 1):
+        return
+    feats = monitor.features(ema if (ema is not None and cfg.eval.use_ema) else encoder, cfg.model.pool)
+    if feats is None:   # non-finite features: the count in the log, null (not NaN) in the JSONL
+        e = monitor.error
+        log.warning(f"[{stage}] epoch {epoch}: quick k-NN not computed: {e}")
+        meter.write({"step": step, "epoch": epoch, "knn_acc": None,
+                     "knn_nonfinite_rows": {k: list(v) for k, v in e.counts.items()}})
+        return
+    acc = monitor.knn(*feats)
+    proj = head.target_projector if head.target_projector is not None else head.projector
+    zacc = monitor.knn(*projected(proj, feats))
+    nn_txt = f"nn_acc {nn_mean:.3f} (view 0's picked neighbour shares the query's label)" if tr.nn_acc \
+        else "nn_acc off (unlabelled training data)"
+    log.info(f"[{stage}] epoch {epoch}: quick k-NN (k={cfg.eval.knn_k}) {acc:.2f}% | neighbour quality: "
+             f"{nn_txt}, {'target ' if ct else ''}projector k-NN {zacc:.2f}%")
+    meter.write({"step": step, "epoch": epoch, "knn_acc": acc, "nn_acc_epoch": nn_mean if tr.nn_acc else None,
+                 "proj_knn_acc": zacc})
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -619,6 +329,9 @@ def setup_logging(main: bool) -> None:
 
 
 def run(cfg: C.Config) -> dict:
+    """Every stage of cfg.stage in order. SIGUSR2 / SIGTERM from here on only record a stop request, which the
+    loop acts on at its next step boundary (maect.preempt): the stage's checkpoint, then preempt.Preempted."""
+    preempt.install()
     di = dist.init(cfg.device)
     setup_logging(di.is_main)
     why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
@@ -691,7 +404,9 @@ def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool, pr
         raise NonFiniteFeatures(f"final k-NN of {path}: {e}", e.counts) from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, exit_on_stop: bool = True) -> None:
+    """The command line. A requested stop (SIGUSR2 / SIGTERM) ends with exit status preempt.REQUEUE_EXIT (75) once
+    its checkpoint is written; exit_on_stop=False re-raises preempt.Preempted instead (maect.launch requeues)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = load_config(argv)
@@ -699,6 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"maect.train: {e}")
     try:
         run(cfg)
+    except preempt.Preempted as e:
+        if not exit_on_stop:
+            raise
+        print(f"maect.train: {e}", file=sys.stderr, flush=True)
+        sys.exit(preempt.REQUEUE_EXIT)
     except (C.ConfigError, FileNotFoundError, FloatingPointError, DataError, NonFiniteFeatures) as e:
         sys.exit(f"maect.train: {e}")
     finally:

@@ -90,6 +90,7 @@ def _check_run(cfg: Config) -> None:
     _need(0 <= cfg.seed < 2 ** 17, f"seed={cfg.seed} must lie in [0, {2 ** 17}): the per-step generator seeds derived "
                                    f"from it must fit in 64 bits")
     _need(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1 (steps between progress lines)")
+    _need(cfg.signal_every >= 1, f"signal_every={cfg.signal_every} must be >= 1 (steps between stop-flag checks)")
     _need(cfg.max_skips >= 0, f"max_skips={cfg.max_skips} must be >= 0 (non-finite steps tolerated in a row)")
     for key in ("ckpt_every", "keep_last", "threads"):
         _need(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")

@@ -78,7 +78,7 @@ def test_val_split_labels_follow_the_training_classes(tmp_path, caplog):
     print(res["protocols"]["knn"])
     assert res["protocols"]["knn"]["k5"] == res["protocols"]["knn"]["k10"] == 100.0 and res["num_classes"] == 3
 
-    from maect.train import KNNMonitor
+    from maect.eval.monitor import KNNMonitor
     cfg = load_config(["data.name=imagefolder", f"data.root={root}", "model.arch=custom", "model.img_size=16",
                        "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
                        "eval.knn_k=5"])

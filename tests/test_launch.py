@@ -14,10 +14,11 @@ import time
 
 import pytest
 import submitit
+import torch
 
 from maect import launch
 from maect.hub import load_checkpoint
-from test_nnclr import ROOT, TINY
+from test_nnclr import ROOT, TINY, run_train
 
 SLURM_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,12]",
              "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS": "24", "SLURM_NODEID": "1", "SLURM_PROCID": "9",
@@ -75,37 +76,48 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_job_requeues_on_signal_and_resumes(tmp_path, monkeypatch):
-    """2 ranks under submitit's LocalExecutor (gloo on CPU). When the first checkpoint exists, both tasks get the
-    pre-timeout signal (USR2, as Slurm sends it); rank 0 runs the checkpoint hook, the job is requeued, and the next
-    run continues from that checkpoint (resume=auto) to the end of the stage."""
+@pytest.mark.parametrize("when", ["step", "save"])
+def test_local_job_requeues_on_signal_and_resumes(tmp_path, monkeypatch, when):
+    """2 ranks under submitit's LocalExecutor (gloo on CPU), the signal at a chosen point, never at a time that
+    depends on the machine's speed:
+      step  rank 0 sends itself SIGUSR2 (as Slurm would) right after step 5; only rank 0 has it, so the stop waits
+            for the all-reduce of the flag at step 6 (signal_every=2)
+      save  SIGUSR2 arrives inside torch.save of rank 0's step-4 checkpoint (a writer that signals mid-write): the
+            save completes; the flags are all-reduced right after it (step 4), and that complete checkpoint is the
+            one the job stops with (not written twice)
+    Then submitit's hook requeues the job, and the next run continues from the stop's step (resume=auto) to the
+    end of the stage; every checkpoint file of both runs loads and holds what it should."""
     monkeypatch.setenv("PYTHONPATH", ROOT)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MAECT_FAULT", "signal@mae:5:0" if when == "step" else "signal_in_save@mae:4")
     out, jobs = tmp_path / "out", tmp_path / "jobs"
     job = launch.main(["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
                        "--job-dir", str(jobs / "%j"), "--", *TINY, "stage=mae", "mae.epochs=0.0427",
-                       "ckpt_every=2", "log_every=5", f"out_dir={out}"])           # 40 steps of 64
+                       "ckpt_every=2", "keep_last=100", "signal_every=2", "log_every=5", f"out_dir={out}"])  # 40 steps
     try:
-        t0 = time.time()
-        while not (out / "mae" / "checkpoint-latest.pth").exists():
-            assert time.time() - t0 < 400 and job.state == "RUNNING", job.state
-            time.sleep(0.2)
-        logs = sorted(glob.glob(str(jobs / "*" / "*_log.out")))
-        pids = [int(p) for f in logs for p in re.findall(r"task \(pid (\d+)\)", open(f).read())]
-        assert len(pids) == 2, (logs, pids)
-        for pid in pids:
-            os.kill(pid, signal.SIGUSR2)
         job.results()                                     # waits for the requeued run; raises if a task failed
     finally:
         job.cancel()
     log0 = open(glob.glob(str(jobs / "*" / "*_0_log.out"))[0]).read()
     err0 = open(glob.glob(str(jobs / "*" / "*_0_log.err"))[0]).read()
     print(log0[-3000:], err0[-2000:])
-    assert "Caught signal SIGUSR2" in err0
+    assert "Caught signal SIGUSR2" in err0 and "Requeued job" in log0
     assert len(re.findall(r"maect\.launch task \(pid \d+\): MASTER_ADDR=\S+ MASTER_PORT=\d+ RANK=0", log0)) == 2
-    assert re.search(r"resuming from .*checkpoint-latest\.pth \(step \d+\)", log0), "the requeued run did not resume"
-    final = load_checkpoint(str(out / "mae" / "checkpoint-final.pth"))
+    assert "stopped on SIGUSR2" in log0 and (when == "step" or "injected SIGUSR2 inside torch.save" in log0)
+    stop = 6 if when == "step" else 4
+    assert re.search(rf"resuming from .*checkpoint-latest\.pth \(step {stop}\)", log0), "the requeued run did not resume"
+    assert re.search(rf"stopped on SIGUSR2: checkpoint \S+ written.*\(step {stop}\)", log0)
+    d = out / "mae"
+    assert not [f for f in os.listdir(d) if ".tmp" in f]              # no partial file left behind
+    final = load_checkpoint(str(d / "checkpoint-final.pth"))
     assert final["step"] == 40 and final["args"]["resume"] == "auto"
+    prev = None
+    for step in range(2, 40, 2):                                       # every checkpoint of both runs loads
+        ck = load_checkpoint(str(d / f"checkpoint-{step:07d}.pth"))
+        assert ck["step"] == step and set(ck) == set(final) and set(ck["model"]) == set(final["model"])
+        if prev is not None:                                           # and each step changed the weights
+            assert not torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], prev["model"]["blocks.0.attn.qkv.weight"])
+        prev = ck
 
 
 # ------------------------------------------------------------------------------------------------ sbatch template
@@ -344,3 +356,34 @@ def test_command_checker_catches_bad_keys_flags_and_scripts():
                         "test") == "-m maect.export"
     assert shell_commands("A=1 python3 -m x \\\n  --y 2 && echo hi  # c\n") == [["A=1", "python3", "-m", "x", "--y",
                                                                               "2"], ["echo", "hi"]]
+
+
+# ------------------------------------------------------------------------------------------------ plain maect.train
+def test_stop_handler_only_records():
+    """The handler records the first signal and returns; a second one changes nothing; nothing is raised."""
+    from maect import preempt
+    preempt.clear()
+    try:
+        preempt.record(signal.SIGUSR2)
+        preempt.record(signal.SIGTERM)
+        assert preempt.requested() == signal.SIGUSR2 == preempt.agreed(3, 1, 10, "cpu")
+    finally:
+        preempt.clear()
+    assert preempt.agreed(3, 1, 10, "cpu") == 0
+
+
+@pytest.mark.slow
+def test_train_stops_on_signal_with_exit_75_and_resumes(tmp_path):
+    """python -m maect.train (one process): SIGUSR2 after step 3 -> the step-3 checkpoint, exit status 75; the same
+    command with resume=auto continues from step 3, and its end equals an uninterrupted run's bit for bit."""
+    args = [*TINY, "stage=mae", "mae.epochs=0.0107", "log_every=1"]            # 10 steps of 64
+    r = run_train(args + [f"out_dir={tmp_path / 'a'}"], env={"MAECT_FAULT": "signal@mae:3"}, ok=False)
+    assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "stopped on SIGUSR2" in r.stderr and not (tmp_path / "a" / "mae" / "checkpoint-final.pth").exists()
+    assert load_checkpoint(str(tmp_path / "a" / "mae" / "checkpoint-latest.pth"))["step"] == 3
+    out = run_train(args + [f"out_dir={tmp_path / 'a'}", "resume=auto"]).stdout
+    assert re.search(r"resuming from .*checkpoint-latest\.pth \(step 3\)", out)
+    run_train(args + [f"out_dir={tmp_path / 'b'}"])
+    a, b = (load_checkpoint(str(tmp_path / d / "mae" / "checkpoint-final.pth")) for d in "ab")
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())

@@ -1,4 +1,4 @@
-"""maect.train against bad input (issue 17): impossible settings stop before any work with one line naming the keys,
+"""maect.train against bad input: impossible settings stop before any work with one line naming the keys,
 a monitor never costs the stage's checkpoint, and non-finite features give no k-NN number."""
 import json
 import math
@@ -8,55 +8,45 @@ import sys
 import pytest
 import torch
 
-from maect import dist, hub
-from maect.checkpoint import Checkpoints
+from maect import hub, train
 from maect.config import ConfigError, to_dict
 from maect.validation import load_config
 from maect.eval.features import NonFiniteFeatures
-from maect.train import KNNMonitor, Meter, check_encoder, main, train_loop
+from maect.eval.monitor import KNNMonitor
+from maect.train import check_encoder, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from test_nnclr import TINY, run_train  # noqa: E402  (the tiny-model overrides shared by the end-to-end tests)
 
 
-class ListLoader(list):
-    """The loader interface train_loop uses: iteration, len, set_epoch."""
-
-    def set_epoch(self, epoch, start_step=0):
-        pass
-
-
 @pytest.mark.parametrize("total", [3, 4])
-def test_stage_checkpoint_is_on_disk_before_the_monitor_runs(tmp_path, total):
-    """Before: train_loop ran the epoch-end monitor first and saved afterwards, so a monitor that failed at the end
-    of a stage (issue 17: k > monitor bank) lost the final checkpoint. Now every checkpoint is written first. An
-    epoch is 3 steps: total=3 ends on an epoch end, total=4 inside the second epoch."""
-    cfg = load_config(["preset=tiny", "stage=mae", "log_every=1"])
-    p = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.SGD([{"params": [p], "lr_scale": 1.0}], lr=0.1)
+def test_stage_checkpoint_is_on_disk_before_the_monitor_runs(tmp_path, monkeypatch, total):
+    """A monitor that fails at the end of a stage (e.g. k > monitor bank) must not cost the stage's checkpoint:
+    every checkpoint is written before the monitor runs. Stage head, smoke=N (global batch 16) on 48 images: an epoch is 3 steps;
+    total=3 ends on an epoch end, total=4 inside the second epoch."""
+    from test_accum import image_folder
+    import test_accum
+    monkeypatch.setattr(test_accum, "N_IMAGES", 48)
+    root = image_folder(tmp_path / "imgs")
     seen = []
+    stage_dir = tmp_path / "out" / "head"
 
-    def step_fn(b, step, micro, sync, poison):
-        loss = (p - b).pow(2).sum()
-        loss.backward()
-        return loss.detach(), None
-
-    def monitor(epoch, step, meter):
-        seen.append((epoch, step, sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth"))))
-        if step == total:
+    def monitor(cfg, tr, mon, encoder, ema, head, nn_sum, epoch):
+        seen.append((epoch, tr.step, sorted(f for f in os.listdir(stage_dir) if f.endswith(".pth"))))
+        if tr.step == total:
             raise ValueError("the monitor failed")
 
+    monkeypatch.setattr(train, "nnclr_monitor", monitor)
+    cfg = load_config([*TINY, "stage=head", f"init={tiny_encoder_checkpoint(tmp_path / 'mae.pth')}",
+                       "data.name=folder", f"data.root={root}", f"smoke={total}", f"out_dir={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="the monitor failed"):
-        train_loop(cfg, dist.DistInfo(), "mae", ListLoader([torch.ones(2)] * 3), total=total, warm=0, accum=1,
-                   opt=opt, lrs=0.1, step_fn=step_fn, post_fn=lambda b, e, taken: None,
-                   state_fn=lambda: {"model": {"p": p.detach().clone()}}, ckpts=Checkpoints(str(tmp_path), 2, True),
-                   meter=Meter(str(tmp_path), "mae", total, 1, 1, True), resume=None, after_epoch=monitor)
+        train.run(cfg)
     assert seen[-1][:2] == ((1, 3) if total == 3 else (1.33, 4))
     assert "checkpoint-final.pth" in seen[-1][2]
     if total == 4:      # the epoch end at step 3: its checkpoint was on disk when the monitor ran
         assert seen[0] == (1, 3, ["checkpoint-0000003.pth", "checkpoint-latest.pth"])
-    assert hub.load_checkpoint(str(tmp_path / "checkpoint-final.pth"))["step"] == total
+    assert hub.load_checkpoint(str(stage_dir / "checkpoint-final.pth"))["step"] == total
 
 
 def tiny_encoder_checkpoint(path, nan=False) -> str:

@@ -1,5 +1,6 @@
-"""The training steps bench/train_step.py times: the reference (what a user of the official code gets on this torch)
-and maect's, each a named variant; every variant starts from the same weights, data, noise, queue and neighbour picks.
+"""The reference rows of bench/train_step.py (what a user of the official code gets on this torch), written here
+apart from maect's trainer, and the table of rows; every row starts from the same weights, data, noise, queue and
+neighbour picks.
 
   reference           official MAE / MAE-CT on a current torch: timm's Block (the class official MAE builds its ViT
                       from; parameter names identical to maect's, weights copied), whose attention is
@@ -13,22 +14,17 @@ and maect's, each a named variant; every variant starts from the same weights, d
                       timm 0.3 path official MAE was released with) and AdamW(foreach=False): the earlier straw man.
   reference+compile   the reference with torch.compile of every block (inductor, default mode): the honest baseline
                       for maect's compiled rows.
-  maect               maect's training step as maect.train runs it: its blocks with attention --attention (default
-                      auto), maect.kernels dispatch (Triton on GPU, csrc on CPU), maect.optim.build_optimizer (apex
-                      FusedAdam or torch fused AdamW), the sync-free non-finite guard (gradient norm -> found_inf; queue
-                      write and EMAs gated on the device), FeatureQueue.lookup of both views in one call / enqueue,
-                      the queue stored in nnclr.queue_dtype (auto: bf16 on CUDA).
-  maect+compile       maect with maect.train.maybe_compile: torch.compile of every block, inductor default mode
-                      (LayerNorm, bias, GELU and residual adds fused into Triton kernels around the GEMMs).
-  maect+compile-mat   mode max-autotune-no-cudagraphs (GEMM templates autotuned; minutes of compilation).
-  maect+cudagraphs    mode reduce-overhead: the same plus CUDA graphs (cudagraph trees) for each block's forward and
-                      backward, removing per-kernel launch cost on the fixed-shape step.
+  maect, maect+compile, maect+compile-mat, maect+cudagraphs   not here: bench/train_step.py's maect_step runs the
+                      trainer's own functions (maect.engine's mae_step / nnclr_step / optimizer_step / nnclr_update,
+                      maect.train's mae_lr / ct_trainable / nnclr_optimizer / maybe_compile) with compile mode
+                      none, default, max-autotune-no-cudagraphs, reduce-overhead.
   reference+cudagraphs  the reference with mode reduce-overhead.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -41,12 +37,12 @@ from queue_lookup import official_nnclr
 
 from maect import config as C  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 from maect.dataloading.augment import h2d  # noqa: E402
-from maect.heads import FeatureQueue, NNCLRHead, queue_dtype  # noqa: E402
+from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
 from maect.models import attention as A  # noqa: E402
-from maect.optim import (build_optimizer, can_skip_on_device, freeze, llrd_scale, lr_factor,  # noqa: E402
-                         param_groups, set_lr)
-from maect.train import NNCLRNet, ema_pairs, ema_update, maybe_compile, optimizer_step  # noqa: E402
+from maect.optim import build_optimizer, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
+from maect.engine import NNCLRNet  # noqa: E402  (the model wrapper both paths share: encoder + head forward)
+from maect.train import maybe_compile  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -165,9 +161,9 @@ def build_bases(stage: str, cfg: C.Config, device) -> dict:
     return {"model": model, "head": head}
 
 
-def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, device, total: int, bases: dict):
-    """(step() -> detached loss, info). The variant's own copy of the base weights; call inside path_dispatch."""
-    ref = variant.path == "reference"
+def reference_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, device, total: int, bases: dict):
+    """(step() -> detached loss, info) of a reference row: the official code's step, written here (not maect's).
+    The variant's own copy of the base weights; call inside path_dispatch."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(1)     # mask noise and neighbour picks, drawn on the CPU in both paths
     state = {"step": 0, "ptr": 0}
@@ -175,49 +171,43 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
     mark = torch.compiler.cudagraph_mark_step_begin if variant.compile_mode == "reduce-overhead" else lambda: None
     x = data["x"]
     model = copy.deepcopy(bases["model"])
-    attn = use_timm_blocks(model, variant.attention == "math") if ref else args.attention
-    info = {"model": model, "attention": attn}
+    info = {"model": model, "attention": use_timm_blocks(model, variant.attention == "math")}
     if stage == "mae":
-        s = cfg.mae
+        s = dataclasses.replace(cfg.mae, batch_size=data["batch"])
         model.train()
         compile_blocks(cfg, model, variant.compile_mode, args.compile_backend)
-        lr = s.blr * s.batch_size / 256
+        lr = s.blr * s.num_views * s.batch_size / 256    # official MAE-CT: blr x views x batch / 256 (SPEC)
         opt, info["opt"] = make_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr, variant, device)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        L = model.patch_embed.num_patches
+        L, views = model.patch_embed.num_patches, data["views"]
 
         def step():
             mark()
-            noise = h2d(torch.rand(x.shape[0], L, generator=gen), device)
+            noise = h2d(torch.cat([torch.rand(s.batch_size, L, generator=gen) for _ in range(views)]), device)
             with autocast:
                 loss, _, _ = model(x, s.mask_ratio, s.norm_pix_loss, noise)
             loss.backward()
             set_lr(opt, lr, lr_factor(state["step"], total, 1))
-            guarded_step(opt, params, ref)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             state["step"] += 1
             return loss.detach()
         return step, {**info, "t": model.depth}
 
     s, n = cfg.ct, cfg.nnclr
     encoder, head = model, copy.deepcopy(bases["head"])
-    # the reference keeps the official fp32 queue; maect stores it as maect.train does (nnclr.queue_dtype: auto = bf16
-    # on CUDA); both from the same random unit rows
-    qdtype = torch.float32 if ref else queue_dtype(n.queue_dtype, device)
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(0), dtype=qdtype)
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     queue.ids.copy_(torch.randint(0, data["n_ids"], (n.queue_size,), generator=torch.Generator().manual_seed(2)))
-    queue = queue.to(device)
+    queue = queue.to(device)                          # the official fp32 queue
     depth = encoder.depth
     t = s.tuned_from_block if s.tuned_from_block >= 0 else depth // 2
-    freeze(encoder)                                   # as maect.train.run_nnclr: upper blocks + final norm train
-    for name, p in encoder.named_parameters():
-        if name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= t):
-            p.requires_grad_(True)
+    for name, p in encoder.named_parameters():        # upper blocks + final norm train
+        p.requires_grad_(name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= t))
     encoder.eval()
     head.train()
     ema = copy.deepcopy(encoder).requires_grad_(False)
     compile_blocks(cfg, encoder, variant.compile_mode, args.compile_backend)
     net = NNCLRNet(encoder, head, t, cfg.model.pool, encoder_frozen=False)
-    scale = 2 * s.batch_size / 256
+    scale = 2 * data["batch"] / 256
     lrs = {"enc": s.blr * scale, "head": s.head_blr * scale}
     groups = param_groups(head.named_parameters(), s.head_weight_decay, tag="head")
     groups += param_groups(encoder.named_parameters(), s.weight_decay, lambda nm: llrd_scale(nm, depth, s.llrd),
@@ -225,41 +215,24 @@ def build_step(stage: str, cfg: C.Config, args, data: dict, variant: Variant, de
     opt, info["opt"] = make_optimizer(groups, 1.0, variant, device)
     x0, x1 = x.chunk(2)
     ids, labels = data["ids"], data["labels"]
-    ids2 = torch.cat([ids, ids])
-    params = [p for g in opt.param_groups for p in g["params"]]
-    ema_params = ema_pairs(ema, encoder)
+    trained = [(e, p) for e, p in zip(ema.parameters(), encoder.parameters()) if p.requires_grad]
 
     def step():
         mark()
-        with autocast:
+        with autocast:         # the official path: normalise and look up inside the autocast region
             p0, p1, z0, z1 = net(x0, x1)
-            if ref:            # the official path: normalise and look up inside the autocast region
-                z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
-                nn0, nn1 = ref_lookup(queue, z0, ids, s.topk, gen), ref_lookup(queue, z1, ids, s.topk, gen)
-        if not ref:            # maect.train's step: fp32 normalisation, both views in one lookup
-            z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-            nn = queue.lookup(torch.cat([z0, z1]), ids2, s.topk, generator=gen)[0]
-            nn0, nn1 = nn[:z0.shape[0]], nn[z0.shape[0]:]
+            z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+            nn0, nn1 = ref_lookup(queue, z0, ids, s.topk, gen), ref_lookup(queue, z1, ids, s.topk, gen)
         loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, s.tau)
         loss.backward()
         set_lr(opt, lrs, lr_factor(state["step"], total, 1))
-        taken = guarded_step(opt, params, ref)
-        if ref:
-            state["ptr"] = ref_enqueue(queue, z0.float(), ids, labels, state["ptr"])
-        else:
-            queue.enqueue(z0, ids, labels, taken)
-        head.update_target(s.target_ema, taken)
-        ema_update(ema_params, s.encoder_ema, taken)
+        opt.step()             # no non-finite guard, as the official code
+        opt.zero_grad(set_to_none=True)
+        state["ptr"] = ref_enqueue(queue, z0.float(), ids, labels, state["ptr"])
+        head.update_target(s.target_ema)
+        with torch.no_grad():
+            for e, p in trained:
+                e.lerp_(p, 1.0 - s.encoder_ema)
         state["step"] += 1
         return loss.detach()
     return step, {**info, "t": t, "head_cfg": n}
-
-
-def guarded_step(opt, params, ref: bool):
-    """The optimizer step. maect: the training loop's (optimizer_step, sync-free non-finite guard) -> 'taken'
-    (a device bool); the reference: opt.step() unguarded, as the official code -> None."""
-    if ref:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return None
-    return ~optimizer_step(opt, params, can_skip_on_device(opt))[1]
