@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from common import MiB, base_parser, environment, print_table, setup, write_json
 
 from maect import config as C  # noqa: E402  (common puts the repo root on sys.path)
+from maect.validation import load_config  # noqa: E402
 from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
 from maect.models.vit import build_model  # noqa: E402
@@ -44,7 +45,7 @@ from maect.train import NNCLRNet  # noqa: E402
 def build(stage: str, arch: str, batch: int, device: torch.device, seed: int = 0, img_size: int | None = None,
           cfg: C.Config | None = None) -> dict:
     """Weights, inputs, queue and optimizer of one step (the preset `arch` gives the head sizes)."""
-    cfg = cfg or C.load_config([f"preset={arch}"] if arch != "custom" else [])
+    cfg = cfg or load_config([f"preset={arch}"] if arch != "custom" else [])
     m = cfg.model
     torch.manual_seed(seed)
     kw = dict(img_size=img_size or m.img_size, patch_size=m.patch_size or None, in_chans=m.in_chans,
@@ -234,7 +235,7 @@ def estimate_gib(stage: str, arch: str, batch: int, checkpointing: bool, act_byt
                    898 MiB of activations for backward where COEF = 16 predicts 886 MiB.
     Not counted: the head's and the queue lookup's transient buffers, the allocator's fragmentation.
     Returns {'static_gib', 'act_gib', 'total_gib'}."""
-    cfg = C.load_config([f"preset={arch}"])
+    cfg = load_config([f"preset={arch}"])
     m, n = cfg.model, cfg.nnclr
     with torch.device("meta"):                         # sizes only: no memory, no initialisation cost
         model = build_model(m.arch, decoder=stage == "mae", img_size=m.img_size)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from maect import hub, train
-from maect.config import load_config
+from maect.validation import load_config
 from maect.dataloading import build_loader, load_data
 from maect.optim import build_optimizer, lr_factor, param_groups, set_lr
 from test_nnclr import TINY, run_train

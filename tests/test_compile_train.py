@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maect import train
-from maect.config import load_config
+from maect.validation import load_config
 from test_nnclr import TINY
 
 

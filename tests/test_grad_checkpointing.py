@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maect import config as C
+from maect.validation import load_config
 from maect.models import vit
 
 BENCH = str(Path(__file__).resolve().parents[1] / "bench")
@@ -42,7 +42,7 @@ def count_checkpoints(monkeypatch):
 @pytest.mark.parametrize("stage", ["mae", "ct"])
 def test_same_loss_and_gradients_and_only_trained_blocks(stage, count_checkpoints):
     gc = bench("grad_checkpointing")
-    cfg = C.load_config(TINY)
+    cfg = load_config(TINY)
     out = {}
     for on in (False, True):
         ctx = gc.build(stage, "custom", 4, torch.device("cpu"), cfg=cfg)
@@ -76,7 +76,7 @@ def test_no_checkpoint_without_autograd(count_checkpoints):
 
 def test_bench_compare_reports_both_rows_and_ratio():
     gc = bench("grad_checkpointing")
-    res = gc.compare("ct", "custom", batch=4, device="cpu", cfg=C.load_config(TINY))
+    res = gc.compare("ct", "custom", batch=4, device="cpu", cfg=load_config(TINY))
     off, on = res["rows"]
     assert res["mismatch"] is None and not off["grad_checkpointing"] and on["grad_checkpointing"]
     assert off["peak_mib"] > 0 and on["peak_mib"] > 0 and on["saved_mib"] < off["saved_mib"]

@@ -8,12 +8,13 @@ import os
 import pytest
 
 from maect import config as C
+from maect.validation import load_config
 from maect import loggers
 from maect.train import Meter
 
 
 def cfg_for(tmp_path, *args):
-    return C.load_config(["preset=tiny", f"out_dir={tmp_path}", *args])
+    return load_config(["preset=tiny", f"out_dir={tmp_path}", *args])
 
 
 def test_scalars_of_a_record():
