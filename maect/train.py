@@ -34,12 +34,12 @@ from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epo
 from maect.eval.features import NonFiniteFeatures
 from maect.eval.monitor import KNNMonitor, projected
 from maect.eval.summary import format_summary, summarize
-from maect.heads import FeatureQueue, NNCLRHead, queue_dtype
 from maect.models import attention as attn
 from maect.models.vit import num_params
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups
 from maect.steplog import Meter, Tracker  # noqa: F401  (Meter: re-exported for callers of maect.train)
-from maect.validation import check_tuned_from_block, load_config, validate_data
+from maect.stage_init import check_encoder, load_for_nnclr, load_head
+from maect.validation import load_config, validate_data
 
 log = logging.getLogger("maect")
 
@@ -146,48 +146,6 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ stages 2, 3
-def load_for_nnclr(cfg: C.Config, di, init: str):
-    """Encoder (+ head and queue when the checkpoint has them) for stages 2/3."""
-    if not init:
-        raise C.ConfigError("stage head/ct needs init=CHECKPOINT (an MAE, official MAE/timm or head checkpoint)")
-    ck = hub.load_checkpoint(init)
-    encoder, info = hub.load_encoder(ck)
-    if info["config"] is None:
-        log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
-    n = cfg.nnclr
-    head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
-    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed),
-                         dtype=queue_dtype(n.queue_dtype, di.device))
-    if "head" in ck:
-        load_head(head, ck["head"])
-        if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
-            queue.load_state_dict(ck["queue"])
-    return encoder.to(di.device), head.to(di.device), queue.to(di.device)
-
-
-def load_head(head: NNCLRHead, sd: dict) -> None:
-    extra = sorted(set(sd) - set(head.state_dict()) - {k for k in sd if k.startswith("target_projector.")})
-    if extra:   # e.g. predictor.3.bias: heads written before the predictor lost its bias (the published layout)
-        raise C.ConfigError(f"the checkpoint's NNCLR head has parameters this head does not ({', '.join(extra)}): it "
-                            f"was written by an older maect; re-run stage 2 (stage=head) from its MAE checkpoint")
-    if head.target_projector is None and any(k.startswith("target_projector.") for k in sd):
-        head.add_target()
-    head.load_state_dict(sd)
-
-
-def check_encoder(cfg: C.Config, encoder: nn.Module, init: str) -> None:
-    """The init checkpoint's encoder against the keys that must agree with it, before any step: the loaders make
-    model.img_size / model.in_chans images, and ct.tuned_from_block names one of its blocks (checked already in
-    the head stage of a ct_pipeline, whose encoder is the same)."""
-    pe = encoder.patch_embed
-    for key, want, have in (("model.img_size", cfg.model.img_size, pe.img_size),
-                            ("model.in_chans", cfg.model.in_chans, encoder.in_chans)):
-        if want != have:
-            raise C.ConfigError(f"{key}={want}, but the encoder of init={init} takes {have} (set {key}={have})")
-    if "ct" in C.stages(cfg):
-        check_tuned_from_block(cfg.ct.tuned_from_block, encoder.depth, f"init={init}")
-
-
 def ct_trainable(encoder: nn.Module, t: int) -> None:
     """Stage 3's trainable set: blocks t.. and the final norm (requires_grad); the rest is left as it is."""
     for name, p in encoder.named_parameters():

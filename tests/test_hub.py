@@ -213,16 +213,16 @@ def test_maect_checkpoint_online_and_ema(tmp_path):
 
 
 def test_train_head_init_from_official_checkpoint(tmp_path):
-    """stage=head init=PATH: train.load_for_nnclr (hub.load_checkpoint then hub.load_encoder on the dict) takes an
+    """stage=head init=PATH: stage_init.load_for_nnclr (hub.load_checkpoint then hub.load_encoder on the dict) takes an
     official MAE pretrain checkpoint; the dict it keeps for ck['head'] / ck['queue'] is left intact."""
-    from maect import train
+    from maect import stage_init
     src = build_model("custom", img_size=64, patch_size=16, **DEC, **SMALL)
     path = str(tmp_path / "mae.pth")
     torch.save({"model": randomize(src.state_dict(), 9), "epoch": 1,
                 "args": argparse.Namespace(model="mae_vit_custom")}, path)
     cfg = C.Config()
     cfg.nnclr = C.NNCLRCfg(proj_hidden=32, proj_dim=16, pred_hidden=32, queue_size=64)
-    encoder, head, queue = train.load_for_nnclr(cfg, types.SimpleNamespace(device=torch.device("cpu")), path)
+    encoder, head, queue = stage_init.load_for_nnclr(cfg, types.SimpleNamespace(device=torch.device("cpu")), path)
     assert encoder.embed_dim == 192 and encoder.depth == 2 and not encoder.has_decoder
 
 

@@ -13,7 +13,8 @@ from maect.config import ConfigError, to_dict
 from maect.validation import load_config
 from maect.eval.features import NonFiniteFeatures
 from maect.eval.monitor import KNNMonitor
-from maect.train import check_encoder, main
+from maect.stage_init import check_encoder
+from maect.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))

@@ -1,0 +1,58 @@
+"""A stage's starting point for stages 2 and 3: the init checkpoint's encoder (an MAE, official MAE / timm or maect
+head checkpoint, through maect.hub), its NNCLR head and queue when it has them, and the checks that the checkpoint
+agrees with the run's config before any step."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from maect import config as C
+from maect import hub
+from maect.heads import FeatureQueue, NNCLRHead, queue_dtype
+from maect.validation import check_tuned_from_block
+
+log = logging.getLogger("maect")
+
+
+def load_for_nnclr(cfg: C.Config, di, init: str):
+    """Encoder (+ head and queue when the checkpoint has them) for stages 2/3."""
+    if not init:
+        raise C.ConfigError("stage head/ct needs init=CHECKPOINT (an MAE, official MAE/timm or head checkpoint)")
+    ck = hub.load_checkpoint(init)
+    encoder, info = hub.load_encoder(ck)
+    if info["config"] is None:
+        log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
+    n = cfg.nnclr
+    head = NNCLRHead(encoder.embed_dim, n.proj_hidden, n.proj_dim, n.pred_hidden)
+    queue = FeatureQueue(n.queue_size, n.proj_dim, generator=torch.Generator().manual_seed(cfg.seed),
+                         dtype=queue_dtype(n.queue_dtype, di.device))
+    if "head" in ck:
+        load_head(head, ck["head"])
+        if "queue" in ck and ck["queue"]["features"].shape == queue.features.shape:
+            queue.load_state_dict(ck["queue"])
+    return encoder.to(di.device), head.to(di.device), queue.to(di.device)
+
+
+def load_head(head: NNCLRHead, sd: dict) -> None:
+    extra = sorted(set(sd) - set(head.state_dict()) - {k for k in sd if k.startswith("target_projector.")})
+    if extra:   # e.g. predictor.3.bias: heads written before the predictor lost its bias (the published layout)
+        raise C.ConfigError(f"the checkpoint's NNCLR head has parameters this head does not ({', '.join(extra)}): it "
+                            f"was written by an older maect; re-run stage 2 (stage=head) from its MAE checkpoint")
+    if head.target_projector is None and any(k.startswith("target_projector.") for k in sd):
+        head.add_target()
+    head.load_state_dict(sd)
+
+
+def check_encoder(cfg: C.Config, encoder: nn.Module, init: str) -> None:
+    """The init checkpoint's encoder against the keys that must agree with it, before any step: the loaders make
+    model.img_size / model.in_chans images, and ct.tuned_from_block names one of its blocks (checked already in
+    the head stage of a ct_pipeline, whose encoder is the same)."""
+    pe = encoder.patch_embed
+    for key, want, have in (("model.img_size", cfg.model.img_size, pe.img_size),
+                            ("model.in_chans", cfg.model.in_chans, encoder.in_chans)):
+        if want != have:
+            raise C.ConfigError(f"{key}={want}, but the encoder of init={init} takes {have} (set {key}={have})")
+    if "ct" in C.stages(cfg):
+        check_tuned_from_block(cfg.ct.tuned_from_block, encoder.depth, f"init={init}")
