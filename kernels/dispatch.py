@@ -27,11 +27,9 @@ decision in the process group's key-value store (key maect/dispatch/<op>|<dtype>
 rank waits for it (at most WAIT_S seconds) and runs the same backend. The store, not a collective, so that a call
 only rank 0 makes (the final k-NN) cannot hang the others. A rank that times out warns and runs the table's choice.
 
-The cache: one JSON file {"format": 1, "entries": {key: entry}}, rewritten atomically (a temporary file in the same
-folder, then os.replace) under an exclusive lock (fcntl.flock on dispatch.json.lock) after re-reading it, so that
-processes and ranks writing at once merge their entries and lose none. A corrupt or unreadable file, or a folder
-that cannot be written, gives one warning; decisions then live in memory (a corrupt file is replaced by the next
-successful write). Entries: pick, ms per backend, the torch path's ms, dropped backends and why, cost_s, when.
+The cache (kernels/dispatch_cache.py): one JSON file, merged and rewritten atomically under a lock, so processes and
+ranks writing at once lose no entry; a corrupt, unreadable or unwritable file gives one warning and in-memory
+decisions. Only measured decisions are written to it.
 """
 from __future__ import annotations
 
@@ -44,7 +42,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from datetime import timedelta
@@ -53,14 +50,14 @@ from typing import Any, Callable
 
 import torch
 
+from .dispatch_cache import CACHE_NAME, FORMAT, Cache, cache_dir  # noqa: F401  (part of this API)
+
 logger = logging.getLogger("maect.kernels")
 
 MODES = ("measure", "table")
 BUDGET_S = 1.0          # seconds of timing per key (all candidates and baselines together)
 MAX_REPS = {"cpu": 9, "cuda": 20}
 WAIT_S = 300.0          # a non-zero rank waits this long for rank 0's decision
-FORMAT = 1
-CACHE_NAME = "dispatch.json"
 
 
 def mode() -> str:
@@ -296,92 +293,6 @@ def summary(op: str, key: str, d: Decision) -> str:
     if not parts:                                          # table mode: nothing measured
         return f"maect: {op} [{key}]: backend '{d.pick}' ({d.source}: nothing measured)"
     return (f"maect: {op} [{key}]: backend '{d.pick}' ({d.source}{where}: " + ", ".join(parts) + ")" + extra)
-
-
-# ----------------------------------------------------------------------------------------------------- cache
-def cache_dir() -> Path:
-    return Path(os.environ.get("MAECT_CACHE_DIR") or Path.home() / ".cache" / "maect")
-
-
-class Cache:
-    """The decisions file: read once per process, merged and rewritten atomically on every new decision."""
-
-    def __init__(self, path: Path | None = None):
-        self.path = Path(path) if path is not None else cache_dir() / CACHE_NAME
-        self._entries: dict | None = None
-        self._mine: dict[str, dict] = {}
-        self._warned = False
-        self._lock = threading.Lock()
-
-    def _warn(self, what: str) -> None:
-        if not self._warned:
-            self._warned = True
-            logger.warning("maect: dispatch cache %s %s; decisions are kept in memory for this process (set "
-                           "MAECT_CACHE_DIR to a writable folder to keep them)", self.path, what)
-
-    def _read(self, warn: bool = True) -> dict:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            if warn:
-                self._warn(f"cannot be read ({type(exc).__name__}: {exc})")
-            return {}
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-                raise ValueError("no 'entries' object")
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT}")
-            return data["entries"]
-        except ValueError as exc:
-            if warn:
-                self._warn(f"is corrupt ({exc}); it is replaced by the next decision written")
-            return {}
-
-    def entries(self) -> dict:
-        with self._lock:
-            if self._entries is None:
-                self._entries = self._read()
-            return {**self._entries, **self._mine}
-
-    def get(self, key: str) -> dict | None:
-        e = self.entries().get(key)
-        return e if isinstance(e, dict) and isinstance(e.get("pick"), str) else None
-
-    def put(self, key: str, entry: dict) -> bool:
-        """Keep entry in memory and merge it into the file; False (and one warning) where that is impossible."""
-        with self._lock:
-            self._mine[key] = entry
-            try:
-                self._write()
-                return True
-            except OSError as exc:
-                self._warn(f"cannot be written ({type(exc).__name__}: {exc})")
-                return False
-
-    def _write(self) -> None:
-        import fcntl
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                merged = {**self._read(warn=False), **self._mine}
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "w") as f:
-                        json.dump({"format": FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self.path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
-                self._entries = merged
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 _cache: Cache | None = None
