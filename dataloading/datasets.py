@@ -12,7 +12,7 @@ filelist       ImageFiles: the files named in the text file data.root, one path 
                folder, or absolute), in the list's order; blank lines and lines starting with # are ignored.
 wds            shards.ShardData: WebDataset tar shards, data.root a folder (train-*.tar, val-*.tar), a .tar or a
                brace pattern; with a file or pattern data.labels names the evaluation shards. Labels from each
-               sample's cls member. Read by shards.ShardLoader (streaming, buffer shuffle); see shards.py.
+               sample's cls member. Read by shard_loader.ShardLoader (streaming, buffer shuffle); see shards.py.
 Everywhere: hidden files and folders (names starting with '.') are skipped; symlinked folders are followed once.
 
 data.labels (folder and filelist only; MAE and contrastive tuning need no labels): a class-folder tree DIR (DIR/train

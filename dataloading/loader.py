@@ -20,7 +20,7 @@ import logging
 import torch
 
 from maect.dataloading import augment as A
-from maect.dataloading import dali, shards
+from maect.dataloading import dali, shard_loader, shards
 from maect.dataloading.datasets import ArrayData, ImageFiles
 from maect.dataloading.images import DataError
 from maect.dataloading.shared import bad_file_mask, epoch_order, note_skipped, substitute
@@ -179,8 +179,8 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     does not, 'auto' falls back to the CPU twin with one warning saying why, and 'dali' raises DataError with it.
     Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
     data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
-    if isinstance(data, shards.ShardData):     # WebDataset shards: the streaming loader (shards.py)
-        return shards.build_shard_loader(data, cfg_data, img_size=img_size, in_chans=in_chans, batch_size=batch_size,
+    if isinstance(data, shards.ShardData):     # WebDataset shards: the streaming loader (shard_loader.py)
+        return shard_loader.build_shard_loader(data, cfg_data, img_size=img_size, in_chans=in_chans, batch_size=batch_size,
                                          rank=rank, world=world, seed=seed, num_views=num_views,
                                          crop_scale=crop_scale, ctaug=ctaug, device=device)
     if not isinstance(data, (ArrayData, ImageFiles)):

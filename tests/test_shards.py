@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from maect.dataloading import export, shards
+from maect.dataloading import export, shard_loader
 from maect.dataloading.datasets import ArrayData, check_source, fashion_mnist, load_data, load_eval_data
 from maect.dataloading.images import DataError, decode_image
 from maect.dataloading.loader import TrainLoader
@@ -36,7 +36,7 @@ def loader(data, **kw):
     args = dict(img_size=28, in_chans=3, batch_size=8, rank=0, world=1, seed=3, num_views=2, crop_scale=(0.5, 1.0),
                 shuffle_buffer=16)
     args.update(kw)
-    return shards.ShardLoader(data, **args)
+    return shard_loader.ShardLoader(data, **args)
 
 
 def epoch_ids(ld, epoch, start=0) -> list[list[int]]:
@@ -102,11 +102,11 @@ def test_epoch_plan_splits_ranks_and_workers_without_duplicates(wds_dir):
 
 def test_buffer_shuffle_and_round_robin():
     g = torch.Generator().manual_seed(0)
-    out = list(shards.buffer_shuffle(range(50), 8, g))
+    out = list(shard_loader.buffer_shuffle(range(50), 8, g))
     assert sorted(out) == list(range(50)) and out != list(range(50))
-    assert list(shards.buffer_shuffle(range(5), 8, torch.Generator().manual_seed(1))) != []   # shorter than buffer
-    assert list(shards.round_robin([3, 2, 3])) == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (2, 2)]
-    assert [shards.split_range(0, 10, 3, k) for k in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert list(shard_loader.buffer_shuffle(range(5), 8, torch.Generator().manual_seed(1))) != []   # shorter than buffer
+    assert list(shard_loader.round_robin([3, 2, 3])) == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (0, 2), (2, 2)]
+    assert [shard_loader.split_range(0, 10, 3, k) for k in range(3)] == [(0, 3), (3, 6), (6, 10)]
 
 
 def test_resume_mid_epoch_gives_the_rest_of_the_epoch(wds_dir):
@@ -225,13 +225,13 @@ def wds_run(wds_dir, tmp_path_factory):
                  "WANDB_DATA_DIR": out}.items():
         mp.setenv(k, v)
     seen = []
-    real = shards.ShardLoader._collate
+    real = shard_loader.ShardLoader._collate
 
     def spy(self, batch, step):
         b = real(self, batch, step)
         seen.append((id(self), self.epoch, b["idx"].tolist()))
         return b
-    mp.setattr(shards.ShardLoader, "_collate", spy)
+    mp.setattr(shard_loader.ShardLoader, "_collate", spy)
     threads = torch.get_num_threads()
     try:
         train.main(TINY + ["data.name=wds", f"data.root={wds_dir}", f"out_dir={out}", "log.tensorboard=true",
@@ -284,3 +284,41 @@ def test_tensorboard_and_wandb_hold_the_metrics_scalars(wds_run):
             assert any(e.step == step and e.value == pytest.approx(v, rel=1e-6) for e in acc.Scalars(tag)), tag
             assert any(r.get(f"{stage}/step") == step and r.get(tag) == pytest.approx(v, rel=1e-12)
                        for r in rows), tag
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_trainer_reads_disjoint_samples_covering_the_epoch(wds_dir, tmp_path):
+    """torchrun, 2 ranks (gloo), 2 loader workers each: stage 1 on the shards for 2 epochs. Per epoch the ranks'
+    batches hold disjoint samples, each at most once, N // G steps of them (G = 16: 96 of the 100 samples, the 4
+    left over differing between epochs as the plan says); every id a rank reads is in that rank's part of the plan,
+    and the two parts together are all 100 samples; the trainer ran N // G steps per epoch."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(root, "tests", "wds_rank_worker.py")
+    args = TINY + ["stage=mae", "data.name=wds", f"data.root={wds_dir}", f"out_dir={tmp_path}", "data.num_workers=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+           str(tmp_path), *args]
+    r = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", MAECT_FAULT=""),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    seen = [json.load(open(tmp_path / f"ids-rank{k}.json")) for k in range(2)]
+    data = load_data("wds", wds_dir, "train")
+    from maect.validation import load_config
+    seed = load_config(args).seed                       # the trainer's loader: seed=cfg.seed (maect.train.make_loader)
+    plan = [loader(data, batch_size=8, rank=k, world=2, num_workers=2, seed=seed) for k in range(2)]
+    steps = len(plan[0])
+    assert steps == 100 // 16
+    left = []
+    for epoch in (0, 1):
+        ids = [sum((b for _, e, b in s if e == epoch), []) for s in seen]
+        assert [len(x) for x in ids] == [steps * 8] * 2
+        assert all(len(set(x)) == len(x) for x in ids)
+        assert not set(ids[0]) & set(ids[1])
+        parts = [set(torch.cat(p.worker_parts(epoch)).tolist()) for p in plan]
+        assert set(ids[0]) <= parts[0] and set(ids[1]) <= parts[1]
+        assert parts[0] | parts[1] == set(range(100)) and not parts[0] & parts[1]
+        left.append(set(range(100)) - set(ids[0]) - set(ids[1]))
+        assert len(left[-1]) == 100 - steps * 16
+    assert left[0] != left[1]
+    assert max(rec["step"] for rec in metrics(str(tmp_path), "mae")) == 2 * steps
