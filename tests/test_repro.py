@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from maect import train
+from maect.heads import FeatureQueue
 from maect.config import PRESET_DIR
 from maect.validation import load_config
 from maect.heads import NNCLRHead
@@ -112,7 +113,7 @@ def test_pipeline_equals_stages_one_by_one_and_monitors(tmp_path, monkeypatch, c
     difference). The same runs check that nn_acc counts view 0's picked neighbour only, the neighbour-quality
     record, and the final k-NN's progress lines."""
     picks = []
-    real_lookup = train.FeatureQueue.lookup
+    real_lookup = FeatureQueue.lookup
     labels = train.load_data("fashion_mnist", "", "train").labels
 
     def lookup(self, z, ids, k, generator=None):
@@ -126,7 +127,7 @@ def test_pipeline_equals_stages_one_by_one_and_monitors(tmp_path, monkeypatch, c
     run_inproc(common + ["stage=pipeline", f"out_dir={tmp_path}/pipe"])
     run_inproc(common + ["stage=mae", f"out_dir={tmp_path}/one"])
     run_inproc(common + ["stage=head", f"out_dir={tmp_path}/one", f"init={tmp_path}/one/mae/checkpoint-final.pth"])
-    monkeypatch.setattr(train.FeatureQueue, "lookup", lookup)
+    monkeypatch.setattr(FeatureQueue, "lookup", lookup)
     run_inproc(common + ["stage=ct", f"out_dir={tmp_path}/one", f"init={tmp_path}/one/head/checkpoint-final.pth"])
     monkeypatch.undo()
     a = load_checkpoint(str(tmp_path / "pipe/ct/checkpoint-final.pth"))
