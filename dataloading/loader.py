@@ -180,9 +180,9 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
     data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
     if isinstance(data, shards.ShardData):     # WebDataset shards: the streaming loader (shard_loader.py)
-        return shard_loader.build_shard_loader(data, cfg_data, img_size=img_size, in_chans=in_chans, batch_size=batch_size,
-                                         rank=rank, world=world, seed=seed, num_views=num_views,
-                                         crop_scale=crop_scale, ctaug=ctaug, device=device)
+        return shard_loader.build_shard_loader(data, cfg_data, img_size=img_size, in_chans=in_chans,
+                                               batch_size=batch_size, rank=rank, world=world, seed=seed,
+                                               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device)
     if not isinstance(data, (ArrayData, ImageFiles)):
         raise TypeError(f"unsupported dataset type {type(data).__name__}")
     choice = cfg_data.loader

@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import torch
 
-from .dispatch_cache import CACHE_NAME, FORMAT, Cache, cache_dir  # noqa: F401  (part of this API)
+from .dispatch_cache import CACHE_NAME, Cache, cache_dir
 
 logger = logging.getLogger("maect.kernels")
 

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from maect import train
-from maect.heads import FeatureQueue
 from maect.config import PRESET_DIR
 from maect.validation import load_config
-from maect.heads import NNCLRHead
+from maect.heads import FeatureQueue, NNCLRHead
 from maect.hub import load_checkpoint
 from test_nnclr import ROOT, TINY
 

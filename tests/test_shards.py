@@ -15,6 +15,7 @@ from maect.dataloading import export, shard_loader
 from maect.dataloading.datasets import ArrayData, check_source, fashion_mnist, load_data, load_eval_data
 from maect.dataloading.images import DataError, decode_image
 from maect.dataloading.loader import TrainLoader
+from wds_rank_worker import collate_spy
 
 PER_CLASS, SHARD = 10, 37        # 100 samples per split in shards of 37, 37, 26: uneven on purpose
 
@@ -225,15 +226,7 @@ def wds_run(wds_dir, tmp_path_factory):
                  "WANDB_DATA_DIR": out}.items():
         mp.setenv(k, v)
     seen = []
-    real = shard_loader.ShardLoader._collate
-
-    def spy(self, batch, step):
-        b = real(self, batch, step)
-        if not hasattr(self, "spy_number"):     # not id(self): a freed loader's address can be reused
-            self.spy_number = len({k for k, _, _ in seen})
-        seen.append((self.spy_number, self.epoch, b["idx"].tolist()))
-        return b
-    mp.setattr(shard_loader.ShardLoader, "_collate", spy)
+    mp.setattr(shard_loader.ShardLoader, "_collate", collate_spy(seen))
     threads = torch.get_num_threads()
     try:
         train.main(TINY + ["data.name=wds", f"data.root={wds_dir}", f"out_dir={out}", "log.tensorboard=true",
