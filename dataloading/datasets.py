@@ -30,6 +30,7 @@ import csv
 import gzip
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,21 +223,40 @@ def image_folder_split(root: str, split: str) -> ImageFolder:
     return ImageFolder(sub, class_folders(train), classes_from=train)
 
 
+def read_text(path: str, what: str) -> list[str]:
+    """The lines of a text file the data sources read (file lists, label files), without line ends: UTF-8, with or
+    without a byte-order mark (Excel's "CSV UTF-8" writes one), or UTF-16 with its BOM (Excel's "Unicode text");
+    LF, CRLF or CR line ends. A BOM never becomes part of the first line. Undecodable bytes are a DataError naming
+    the file (`what`), the line and the encoding tried."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        enc = "utf-16"                                    # the BOM gives the byte order; the codec drops it
+    else:
+        enc = "utf-8-sig"                                 # drops a UTF-8 BOM, reads plain UTF-8 unchanged
+    try:
+        text = raw.decode(enc)
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{what} {path!r} line {line}: byte {raw[exc.start:exc.start + 1]!r} at offset {exc.start} is "
+                        f"not {enc.replace('-sig', '')} text (save it as UTF-8)") from None
+    return text.splitlines()
+
+
 def read_file_list(path: str) -> list[str]:
     """The paths in a file list: one per line, relative to the list's folder or absolute; blank lines and # lines
-    ignored; a path listed twice is an error naming both lines (two sample ids for one image would let a query
-    find itself in the NN queue)."""
+    ignored (read_text: UTF-8 or UTF-16, a BOM, any line ends); a path listed twice is an error naming both lines
+    (two sample ids for one image would let a query find itself in the NN queue)."""
     base, files, line_of = os.path.dirname(os.path.abspath(path)), [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            s = line.strip()
-            if not s or s.startswith("#"):
-                continue
-            p = os.path.normpath(os.path.join(base, s))
-            if p in line_of:
-                raise DataError(f"file list {path!r}: line {n} repeats line {line_of[p]} ({s})")
-            line_of[p] = n
-            files.append(p)
+    for n, line in enumerate(read_text(path, "file list"), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        p = os.path.normpath(os.path.join(base, s))
+        if p in line_of:
+            raise DataError(f"file list {path!r}: line {n} repeats line {line_of[p]} ({s})")
+        line_of[p] = n
+        files.append(p)
     if not files:
         raise DataError(f"file list {path!r} names no files")
     return files
@@ -250,26 +270,43 @@ def _sort_classes(names) -> list[str]:
         return sorted(names)
 
 
+HEADER = ({"path", "file", "filename", "image"}, {"label", "class", "target"}, {"split"})   # names a header may use
+
+
+def is_header(row: list[str]) -> bool:
+    """A label file's header: path,label[,split] (or file / filename / image, class / target), any case."""
+    return len(row) in (2, 3) and all(c.lower() in names for c, names in zip(row, HEADER))
+
+
 def read_label_csv(path: str) -> tuple[list[str], dict[str, list]]:
-    """(classes, {'train': [(abs path, class index)], 'test': [...]}) from a CSV of path,label[,split]."""
-    base, rows, line_of = os.path.dirname(os.path.abspath(path)), [], {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            if n == 1 and [c.lower() for c in row] in (["path", "label"], ["path", "label", "split"]):
-                continue
-            if len(row) not in (2, 3) or not row[0] or not row[1]:
-                raise DataError(f"label file {path!r} line {n}: expected path,label[,split], got {row}")
-            split = (row[2] if len(row) == 3 else "train").lower()
-            if split not in ("train", "val", "test"):
-                raise DataError(f"label file {path!r} line {n}: split must be train or val, got {row[2]!r}")
-            p = os.path.normpath(os.path.join(base, row[0]))
-            if p in line_of:
-                raise DataError(f"label file {path!r}: line {n} repeats the path of line {line_of[p]} ({row[0]})")
-            line_of[p] = n
-            rows.append((p, row[1], "train" if split == "train" else "test"))
+    """(classes, {'train': [(abs path, class index)], 'test': [...]}) from a label file of rows path,label[,split]:
+    comma-separated (a .tsv file: tab-separated), read by read_text (UTF-8 / UTF-16, a BOM, any line ends). The
+    first row that is not blank or # is a header when its cells are header names (is_header), else data. A label
+    that is a negative integer is an error naming the line (an unlabelled file is left out of the label file)."""
+    base, rows, line_of, first = os.path.dirname(os.path.abspath(path)), [], {}, True
+    delim = "\t" if path.lower().endswith(".tsv") else ","
+    for n, row in enumerate(csv.reader(read_text(path, "label file"), delimiter=delim), 1):
+        row = [c.strip() for c in row]
+        if not row or not any(row) or row[0].startswith("#"):
+            continue
+        if first and is_header(row):
+            first = False
+            continue
+        first = False
+        if len(row) not in (2, 3) or not row[0] or not row[1]:
+            sep = "tab" if delim == "\t" else "comma"
+            raise DataError(f"label file {path!r} line {n}: expected path,label[,split] ({sep}-separated), got {row}")
+        if re.fullmatch(r"-\d+", row[1]):
+            raise DataError(f"label file {path!r} line {n}: label {row[1]} is negative; a class is a name or an "
+                            f"integer >= 0 (leave unlabelled files out of the label file)")
+        split = (row[2] if len(row) == 3 else "train").lower()
+        if split not in ("train", "val", "test"):
+            raise DataError(f"label file {path!r} line {n}: split must be train or val, got {row[2]!r}")
+        p = os.path.normpath(os.path.join(base, row[0]))
+        if p in line_of:
+            raise DataError(f"label file {path!r}: line {n} repeats the path of line {line_of[p]} ({row[0]})")
+        line_of[p] = n
+        rows.append((p, row[1], "train" if split == "train" else "test"))
     classes = _sort_classes(r[1] for r in rows)
     if not classes:
         raise DataError(f"label file {path!r} has no rows (path,label[,split])")
