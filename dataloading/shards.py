@@ -14,7 +14,10 @@ sample has several); it decodes by images.decode_image, the rule image folders u
 sample's `cls` member when it has one, else -1 (unlabelled). Members whose name has no dot, or starts with '.', are
 ignored. A sample without an image is reported like a bad image file (the loaders stop naming it, or leave it out
 with data.skip_corrupt=true); a key that reappears later in the same shard, a `cls` that is not an integer, a member
-that runs past the end of the file (a truncated shard) or a file that is not a tar file are errors naming the shard.
+that runs past the end of the file, a shard that does not end in the tar end-of-archive marker (two zero blocks:
+a shard cut inside a header, at a header boundary, inside a member's padding or inside the marker; check_end) or a
+block that is neither a header nor the marker, and a file that is not a tar file are errors naming the shard, the
+byte offset and the last member read: never the samples before the cut, read as if they were the whole shard.
 
 Sample ids. Shards are indexed once when the data are opened (their tar headers and `cls` members are read; every
 rank reads the same index): sample id = position in the listed shard order, then in tar order within the shard. The
