@@ -404,7 +404,8 @@ def load_data(name: str, root: str | None, split: str, labels: str = ""):
 def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
     """The labelled split ('train': the k-NN bank / probe training set, 'test': the queries) that evaluation and
     the k-NN monitors read: the source itself for fashion_mnist / imagefolder, data.labels for folder / filelist,
-    for wds the val-*.tar shards of a data.root folder or the shards data.labels names.
+    for wds the val-*.tar shards of a data.root folder or the shards data.labels names. Only its labelled samples
+    (labelled_only: unlabelled ones are left out and counted, never scored as wrong answers).
     NoLabels (a ValueError) says why there are none."""
     if name in ("folder", "filelist"):
         why = check_source(name, root or "", labels)
@@ -413,5 +414,27 @@ def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
         if not labels:
             raise NoLabels(f"data.name={name} has no labels (set data.labels=DIR with train/ and val/ class "
                            f"folders, or a CSV of path,label[,split])")
-        return labelled_split(labels, split)
-    return load_data(name, root, split, labels if name == "wds" else "")
+        return labelled_only(labelled_split(labels, split), split, name)
+    return labelled_only(load_data(name, root, split, labels if name == "wds" else ""), split, name)
+
+
+def labelled_only(data, split: str, name: str = ""):
+    """data without its unlabelled samples (label -1: a WebDataset sample without a cls member, a file data.labels
+    does not name), with data.unlabelled = how many were left out; the count and the first such sample are logged.
+    Every protocol (k-NN, probe, low-shot, k-means, the monitors and the pipeline's closing table) reads labelled
+    samples only: an unlabelled query scored as a wrong answer would lower the accuracy without a word.
+    NoLabels names the split when none of its samples has a label."""
+    bad = data.labels < 0
+    n = int(bad.sum())
+    what = f"the {'val' if split == 'test' else split} split" + (f" of data.name={name}" if name else "") + \
+        (f" ({data.root})" if getattr(data, "root", "") else "")
+    how = " (no cls member)" if name == "wds" else ""
+    if n and n == len(data):
+        raise NoLabels(f"none of the {n} samples of {what} has a label{how}: nothing to evaluate on")
+    if n:
+        first = data.files[int(bad.nonzero()[0, 0])] if hasattr(data, "files") else int(bad.nonzero()[0, 0])
+        log.warning(f"data: {n} of {len(data)} samples of {what} have no label{how} (first: {first}): left out of "
+                    f"evaluation, which reads the {len(data) - n} labelled ones")
+        data = data.subset((~bad).nonzero()[:, 0])
+    data.unlabelled = n
+    return data
