@@ -17,11 +17,14 @@ Everywhere: hidden files and folders (names starting with '.') are skipped; syml
 
 data.labels (folder and filelist only; MAE and contrastive tuning need no labels): a class-folder tree DIR (DIR/train
 and DIR/val as for imagefolder) or a CSV file of rows `path,label[,split]` (path relative to the CSV's folder or
-absolute; label a class name; split train (default) or val; an optional header row `path,label[,split]`; blank and
-# lines ignored; class index = rank among the sorted distinct labels, numeric order when all are integers).
+absolute; label a class name or an integer >= 0; split train (default) or val; the first row that is not blank or #
+is a header when its cells are header names, `path,label[,split]` (read_label_csv); blank and # lines ignored;
+class index = rank among the sorted distinct labels, numeric order when all are integers; UTF-8 or UTF-16 with a
+BOM, any line ends (read_text); a .tsv file is tab-separated).
 Evaluation and the k-NN monitors read the labelled train split as the bank and the val split as queries
-(load_eval_data); a training file gets the label of the labelled entry with the same absolute path (no symlink
-resolution), else -1, and the nn_acc monitor runs only when every training file has one.
+(load_eval_data, which leaves unlabelled samples out and counts them); a training file gets the label of the labelled
+entry with the same absolute path (no symlink resolution), else -1, and the nn_acc monitor runs only when every
+training file has one.
 Files decode by images.decode_image (the one rule for PIL modes; see images.py).
 """
 from __future__ import annotations
