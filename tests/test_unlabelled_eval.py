@@ -113,3 +113,12 @@ def test_trainer_on_train_shards_without_cls_runs_with_the_label_monitors_off(sh
         assert os.path.exists(tmp_path / stage / "checkpoint-final.pth")
     assert log.count("k-NN monitor and final k-NN off: none of the 100 samples of the train split") == 1
     assert log.count("nn_acc monitor off: 100 of 100 samples have no cls member (data.name=wds)") == 1
+
+
+def test_shards_to_shards_export_keeps_unlabelled_samples(shards, tmp_path):
+    """Evaluation leaves unlabelled samples out; an export of shards to shards copies them (bytes as stored)."""
+    from maect.dataloading import load_data
+    export.main(["--out", str(tmp_path), "--format", "wds", "--data", "wds", "--root", str(shards / "part")])
+    src, out = (load_data("wds", root, "test") for root in (str(shards / "part"), str(tmp_path)))
+    assert len(out) == 100 and torch.equal(out.labels, src.labels) and int((out.labels < 0).sum()) > 0
+    assert all(src.read(i) == out.read(i) for i in range(len(src)))
