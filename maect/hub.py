@@ -394,14 +394,17 @@ def _fix_pos_embed(out: dict) -> tuple[torch.Tensor, list[str]]:
     return pe, notes
 
 
-def load_encoder(src, use_ema: bool = False, strict: bool = True) -> tuple[MaskedAutoencoderViT, dict]:
+def load_encoder(src, use_ema: bool = False, strict: bool = True,
+                 path: str | None = None) -> tuple[MaskedAutoencoderViT, dict]:
     """An encoder (no decoder), eval mode, from a path (.pth checkpoint, .safetensors file, or a folder with
     model.safetensors + config.json) or a loaded checkpoint / state dict in any layout of the module docstring. Returns (model, info) with info: pool, img_size, in_chans, model_cfg, data (name/root when
     recorded), config (maect Config or None), ema (the EMA encoder was loaded), format (maect | mae_pretrain |
     finetune | encoder), missing (our encoder keys absent from the file, e.g. norm.* for fc_norm fine-tunes),
     unexpected (file keys not loaded: decoder, head, ...), notes (each mapping and skipped group in words), source.
-    strict=False ignores weights the encoder has no place for (reported in notes) instead of raising."""
-    name = src if isinstance(src, str) else "<in-memory checkpoint>"
+    strict=False ignores weights the encoder has no place for (reported in notes) instead of raising.
+    path: the file an in-memory checkpoint `src` was read from (its export record beside it is read, and messages
+    name it)."""
+    name = src if isinstance(src, str) else (path or "<in-memory checkpoint>")
     heads = tpool = rec = None
     if is_safetensors(src):
         ckpt, tcfg = load_safetensors(src)
@@ -412,7 +415,7 @@ def load_encoder(src, use_ema: bool = False, strict: bool = True) -> tuple[Maske
         ckpt = load_checkpoint(src) if isinstance(src, str) else src
     try:
         if rec is None:
-            rec, where = recorded_config(src, ckpt)
+            rec, where = recorded_config(src if isinstance(src, str) else path, ckpt)
             if rec is not None:
                 heads, tpool = rec.get("num_heads"), rec.get("pool")
         cfg = None

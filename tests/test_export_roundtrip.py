@@ -89,3 +89,24 @@ def test_missing_or_wrong_record_is_refused_in_one_line(tmp_path):
                                          "count") as e:
         hub.load_encoder(out)
     assert "JSON maect.export writes beside a .pth" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_init_from_an_export_keeps_its_heads(tmp_path):
+    """stage=head init=EXPORT (stage_init.load_for_nnclr) builds the encoder the export records: the timm .pth with
+    its JSON beside it, the mae file, the safetensors folder (it used to be refused as 'does not exist')."""
+    import types
+
+    from maect import stage_init
+    D, H, img, p, pool_mode = SIZES["192d_6heads_cls"]
+    ckpt = source(tmp_path, D, H, img, p, pool_mode)
+    want = features(ckpt, img)[0]
+    cfg = C.Config()
+    cfg.nnclr = C.NNCLRCfg(proj_hidden=32, proj_dim=16, pred_hidden=32, queue_size=64)
+    di = types.SimpleNamespace(device=torch.device("cpu"))
+    x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(1))
+    for fmt, out in (("timm", tmp_path / "t.pth"), ("mae", tmp_path / "m.pth"), ("safetensors", tmp_path / "st")):
+        export.main(["--ckpt", ckpt, "--format", fmt, "--out", str(out)])
+        encoder, _, _ = stage_init.load_for_nnclr(cfg, di, str(out))
+        assert encoder.num_heads == H, fmt
+        with torch.no_grad():
+            assert torch.equal(pool(encoder.eval().forward_features(x), pool_mode), want), fmt
