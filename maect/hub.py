@@ -141,10 +141,14 @@ def recorded_config(src, ckpt) -> tuple[dict | None, str]:
     side = os.path.splitext(src)[0] + ".json"
     if os.path.abspath(side) == os.path.abspath(src) or not os.path.isfile(side):
         return None, ""
+    text = ""
     try:
-        with open(side) as f:
-            rec = json.load(f)
+        with open(side, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        rec = json.loads(text)
     except (OSError, ValueError) as exc:
+        if '"timm_kwargs"' not in text:
+            return None, ""                   # some other JSON beside the weights: not an export record
         raise ValueError(f"the export record {side!r} beside the weights cannot be read: {exc}") from None
     if isinstance(rec, dict) and "num_heads" in rec and "timm_kwargs" in rec:
         return rec, side

@@ -110,3 +110,18 @@ def test_init_from_an_export_keeps_its_heads(tmp_path):
         assert encoder.num_heads == H, fmt
         with torch.no_grad():
             assert torch.equal(pool(encoder.eval().forward_features(x), pool_mode), want), fmt
+
+
+def test_a_json_that_is_not_an_export_record_is_ignored_a_broken_record_named(tmp_path):
+    D, H, img, p, pool_mode = SIZES["192d_6heads_cls"]
+    ckpt = source(tmp_path, D, H, img, p, pool_mode)
+    out = str(tmp_path / "enc.pth")
+    export.main(["--ckpt", ckpt, "--format", "timm", "--out", out])
+    side = tmp_path / "enc.json"
+    text = side.read_text()
+    side.write_text(text[:len(text) // 2])                   # a record cut short: named, not silently 3 heads
+    with pytest.raises(ValueError, match="the export record .*enc.json' beside the weights cannot be read"):
+        hub.load_encoder(out)
+    side.write_text("{not json")                            # someone else's file: the weights load on their own
+    model, info = hub.load_encoder(out)
+    assert model.num_heads == hub.HEADS_BY_DIM[D] and any("no maect config" in n for n in info["notes"])
