@@ -17,11 +17,14 @@ Everywhere: hidden files and folders (names starting with '.') are skipped; syml
 
 data.labels (folder and filelist only; MAE and contrastive tuning need no labels): a class-folder tree DIR (DIR/train
 and DIR/val as for imagefolder) or a CSV file of rows `path,label[,split]` (path relative to the CSV's folder or
-absolute; label a class name; split train (default) or val; an optional header row `path,label[,split]`; blank and
-# lines ignored; class index = rank among the sorted distinct labels, numeric order when all are integers).
+absolute; label a class name or an integer >= 0; split train (default) or val; the first row that is not blank or #
+is a header when its cells are header names, `path,label[,split]` (read_label_csv); blank and # lines ignored;
+class index = rank among the sorted distinct labels, numeric order when all are integers; UTF-8 or UTF-16 with a
+BOM, any line ends (read_text); a .tsv file is tab-separated).
 Evaluation and the k-NN monitors read the labelled train split as the bank and the val split as queries
-(load_eval_data); a training file gets the label of the labelled entry with the same absolute path (no symlink
-resolution), else -1, and the nn_acc monitor runs only when every training file has one.
+(load_eval_data, which leaves unlabelled samples out and counts them); a training file gets the label of the labelled
+entry with the same absolute path (no symlink resolution), else -1, and the nn_acc monitor runs only when every
+training file has one.
 Files decode by images.decode_image (the one rule for PIL modes; see images.py).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import csv
 import gzip
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,21 +226,40 @@ def image_folder_split(root: str, split: str) -> ImageFolder:
     return ImageFolder(sub, class_folders(train), classes_from=train)
 
 
+def read_text(path: str, what: str) -> list[str]:
+    """The lines of a text file the data sources read (file lists, label files), without line ends: UTF-8, with or
+    without a byte-order mark (Excel's "CSV UTF-8" writes one), or UTF-16 with its BOM (Excel's "Unicode text");
+    LF, CRLF or CR line ends. A BOM never becomes part of the first line. Undecodable bytes are a DataError naming
+    the file (`what`), the line and the encoding tried."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        enc = "utf-16"                                    # the BOM gives the byte order; the codec drops it
+    else:
+        enc = "utf-8-sig"                                 # drops a UTF-8 BOM, reads plain UTF-8 unchanged
+    try:
+        text = raw.decode(enc)
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataError(f"{what} {path!r} line {line}: byte {raw[exc.start:exc.start + 1]!r} at offset {exc.start} is "
+                        f"not {enc.replace('-sig', '')} text (save it as UTF-8)") from None
+    return text.splitlines()
+
+
 def read_file_list(path: str) -> list[str]:
     """The paths in a file list: one per line, relative to the list's folder or absolute; blank lines and # lines
-    ignored; a path listed twice is an error naming both lines (two sample ids for one image would let a query
-    find itself in the NN queue)."""
+    ignored (read_text: UTF-8 or UTF-16, a BOM, any line ends); a path listed twice is an error naming both lines
+    (two sample ids for one image would let a query find itself in the NN queue)."""
     base, files, line_of = os.path.dirname(os.path.abspath(path)), [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            s = line.strip()
-            if not s or s.startswith("#"):
-                continue
-            p = os.path.normpath(os.path.join(base, s))
-            if p in line_of:
-                raise DataError(f"file list {path!r}: line {n} repeats line {line_of[p]} ({s})")
-            line_of[p] = n
-            files.append(p)
+    for n, line in enumerate(read_text(path, "file list"), 1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        p = os.path.normpath(os.path.join(base, s))
+        if p in line_of:
+            raise DataError(f"file list {path!r}: line {n} repeats line {line_of[p]} ({s})")
+        line_of[p] = n
+        files.append(p)
     if not files:
         raise DataError(f"file list {path!r} names no files")
     return files
@@ -250,26 +273,43 @@ def _sort_classes(names) -> list[str]:
         return sorted(names)
 
 
+HEADER = ({"path", "file", "filename", "image"}, {"label", "class", "target"}, {"split"})   # names a header may use
+
+
+def is_header(row: list[str]) -> bool:
+    """A label file's header: path,label[,split] (or file / filename / image, class / target), any case."""
+    return len(row) in (2, 3) and all(c.lower() in names for c, names in zip(row, HEADER))
+
+
 def read_label_csv(path: str) -> tuple[list[str], dict[str, list]]:
-    """(classes, {'train': [(abs path, class index)], 'test': [...]}) from a CSV of path,label[,split]."""
-    base, rows, line_of = os.path.dirname(os.path.abspath(path)), [], {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            if n == 1 and [c.lower() for c in row] in (["path", "label"], ["path", "label", "split"]):
-                continue
-            if len(row) not in (2, 3) or not row[0] or not row[1]:
-                raise DataError(f"label file {path!r} line {n}: expected path,label[,split], got {row}")
-            split = (row[2] if len(row) == 3 else "train").lower()
-            if split not in ("train", "val", "test"):
-                raise DataError(f"label file {path!r} line {n}: split must be train or val, got {row[2]!r}")
-            p = os.path.normpath(os.path.join(base, row[0]))
-            if p in line_of:
-                raise DataError(f"label file {path!r}: line {n} repeats the path of line {line_of[p]} ({row[0]})")
-            line_of[p] = n
-            rows.append((p, row[1], "train" if split == "train" else "test"))
+    """(classes, {'train': [(abs path, class index)], 'test': [...]}) from a label file of rows path,label[,split]:
+    comma-separated (a .tsv file: tab-separated), read by read_text (UTF-8 / UTF-16, a BOM, any line ends). The
+    first row that is not blank or # is a header when its cells are header names (is_header), else data. A label
+    that is a negative integer is an error naming the line (an unlabelled file is left out of the label file)."""
+    base, rows, line_of, first = os.path.dirname(os.path.abspath(path)), [], {}, True
+    delim = "\t" if path.lower().endswith(".tsv") else ","
+    for n, row in enumerate(csv.reader(read_text(path, "label file"), delimiter=delim), 1):
+        row = [c.strip() for c in row]
+        if not row or not any(row) or row[0].startswith("#"):
+            continue
+        if first and is_header(row):
+            first = False
+            continue
+        first = False
+        if len(row) not in (2, 3) or not row[0] or not row[1]:
+            sep = "tab" if delim == "\t" else "comma"
+            raise DataError(f"label file {path!r} line {n}: expected path,label[,split] ({sep}-separated), got {row}")
+        if re.fullmatch(r"-\d+", row[1]):
+            raise DataError(f"label file {path!r} line {n}: label {row[1]} is negative; a class is a name or an "
+                            f"integer >= 0 (leave unlabelled files out of the label file)")
+        split = (row[2] if len(row) == 3 else "train").lower()
+        if split not in ("train", "val", "test"):
+            raise DataError(f"label file {path!r} line {n}: split must be train or val, got {row[2]!r}")
+        p = os.path.normpath(os.path.join(base, row[0]))
+        if p in line_of:
+            raise DataError(f"label file {path!r}: line {n} repeats the path of line {line_of[p]} ({row[0]})")
+        line_of[p] = n
+        rows.append((p, row[1], "train" if split == "train" else "test"))
     classes = _sort_classes(r[1] for r in rows)
     if not classes:
         raise DataError(f"label file {path!r} has no rows (path,label[,split])")
@@ -367,7 +407,8 @@ def load_data(name: str, root: str | None, split: str, labels: str = ""):
 def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
     """The labelled split ('train': the k-NN bank / probe training set, 'test': the queries) that evaluation and
     the k-NN monitors read: the source itself for fashion_mnist / imagefolder, data.labels for folder / filelist,
-    for wds the val-*.tar shards of a data.root folder or the shards data.labels names.
+    for wds the val-*.tar shards of a data.root folder or the shards data.labels names. Only its labelled samples
+    (labelled_only: unlabelled ones are left out and counted, never scored as wrong answers).
     NoLabels (a ValueError) says why there are none."""
     if name in ("folder", "filelist"):
         why = check_source(name, root or "", labels)
@@ -376,5 +417,27 @@ def load_eval_data(name: str, root: str | None, split: str, labels: str = ""):
         if not labels:
             raise NoLabels(f"data.name={name} has no labels (set data.labels=DIR with train/ and val/ class "
                            f"folders, or a CSV of path,label[,split])")
-        return labelled_split(labels, split)
-    return load_data(name, root, split, labels if name == "wds" else "")
+        return labelled_only(labelled_split(labels, split), split, name)
+    return labelled_only(load_data(name, root, split, labels if name == "wds" else ""), split, name)
+
+
+def labelled_only(data, split: str, name: str = ""):
+    """data without its unlabelled samples (label -1: a WebDataset sample without a cls member, a file data.labels
+    does not name), with data.unlabelled = how many were left out; the count and the first such sample are logged.
+    Every protocol (k-NN, probe, low-shot, k-means, the monitors and the pipeline's closing table) reads labelled
+    samples only: an unlabelled query scored as a wrong answer would lower the accuracy without a word.
+    NoLabels names the split when none of its samples has a label."""
+    bad = data.labels < 0
+    n = int(bad.sum())
+    what = f"the {'val' if split == 'test' else split} split" + (f" of data.name={name}" if name else "") + \
+        (f" ({data.root})" if getattr(data, "root", "") else "")
+    how = " (no cls member)" if name == "wds" else ""
+    if n and n == len(data):
+        raise NoLabels(f"none of the {n} samples of {what} has a label{how}: nothing to evaluate on")
+    if n:
+        first = data.files[int(bad.nonzero()[0, 0])] if hasattr(data, "files") else int(bad.nonzero()[0, 0])
+        log.warning(f"data: {n} of {len(data)} samples of {what} have no label{how} (first: {first}): left out of "
+                    f"evaluation, which reads the {len(data) - n} labelled ones")
+        data = data.subset((~bad).nonzero()[:, 0])
+    data.unlabelled = n
+    return data

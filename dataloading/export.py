@@ -118,8 +118,11 @@ def write_shards(data, out_dir: str, prefix: str, shard_size: int = 10000, image
                     ext = os.path.splitext(name)[1].lstrip(".").lower()
                     if size:
                         raise ValueError("--size applies to array sources; image files are stored as they are")
-                    with open(name, "rb") as g:
-                        raw = g.read()
+                    if hasattr(data, "read"):             # shards: the image member's bytes
+                        raw = data.read(i)
+                    else:
+                        with open(name, "rb") as g:
+                            raw = g.read()
                 sample = {"__key__": f"{i:0{kw}d}", ext: raw}
                 if labels[i] >= 0:
                     sample["cls"] = str(int(labels[i])).encode()
@@ -137,7 +140,8 @@ def export_wds(out: str, data: str = "fashion_mnist", root: str | None = None, l
     out_paths = {"train": write_shards(load_data(data, root, "train", labels), out, "train", shard_size,
                                        image_format, size, limit)}
     try:
-        val = load_eval_data(data, root, "test", labels)
+        # shards -> shards keeps the val samples without cls (evaluation leaves them out, an export copies them)
+        val = (load_data if data == "wds" else load_eval_data)(data, root, "test", labels)
     except NoLabels as e:
         print(f"export: no evaluation split ({e}); train shards only")
         return out_paths

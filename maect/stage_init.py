@@ -20,8 +20,8 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
     """Encoder (+ head and queue when the checkpoint has them) for stages 2/3."""
     if not init:
         raise C.ConfigError("stage head/ct needs init=CHECKPOINT (an MAE, official MAE/timm or head checkpoint)")
-    ck = hub.load_checkpoint(init)
-    encoder, info = hub.load_encoder(ck)
+    ck = {} if hub.is_safetensors(init) else hub.load_checkpoint(init)      # a safetensors export has no head
+    encoder, info = hub.load_encoder(init if hub.is_safetensors(init) else ck, path=init)
     if info["config"] is None:
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
     n = cfg.nnclr

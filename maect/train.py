@@ -192,9 +192,10 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
     n_rank = per_rank(s.batch_size, di.world, f"{stage}.batch_size")
     labelled = data.has_labels      # nn_acc compares a sample's label with its queue neighbour's
     if not labelled and di.is_main:
-        log_once(f"nn_acc monitor off: {int((data.labels < 0).sum())} of {len(data)} training files have no label "
-                 f"(data.name={cfg.data.name}" + (f", data.labels={cfg.data.labels})" if cfg.data.labels else
-                                                  "; set data.labels=DIR|CSV to turn it on)"))
+        why = ("samples have no cls member (data.name=wds)" if cfg.data.name == "wds" else
+               f"training files have no label (data.name={cfg.data.name}" +
+               (f", data.labels={cfg.data.labels})" if cfg.data.labels else "; set data.labels=DIR|CSV to turn it on)"))
+        log_once(f"nn_acc monitor off: {int((data.labels < 0).sum())} of {len(data)} {why}")
     queue.check_admissible(s.topk, len(data))
     # MAE-CTaug (ct.aug) augments stage 2's views too: the published recipe trains the head on them
     loader = make_loader(cfg, di, data, s, 2, cfg.ct.aug, n_rank)

@@ -195,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-before", default=None, help="the checkpoint before CT (the MAE stage's): its decoder "
                                                        "draws the reconstructions, its encoder the left embedding")
     p.add_argument("--out", required=True, help="folder for reconstruction.png and embedding.png")
-    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist (default: the "
+    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist | wds (default: the "
                                                 "checkpoint's)")
     p.add_argument("--data-root", default=None, help="data directory or file list (default: the checkpoint's)")
     p.add_argument("--labels", default=None, help="folder / filelist: their labels (default: the checkpoint's "

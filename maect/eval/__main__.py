@@ -1,12 +1,14 @@
 """python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder|folder|
-       filelist] [--data-root DIR] [--labels DIR|CSV] [--skip-corrupt] [--pool cls|mean] [--device auto|cpu|cuda]
+       filelist|wds] [--data-root DIR] [--labels DIR|CSV] [--skip-corrupt] [--pool cls|mean] [--device auto|cpu|cuda]
        [--out results.json] [--export-features DIR] [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
 
 Loads the encoder (maect.hub.load_encoder), extracts train/test features once (or reuses the cache in
 --export-features DIR when its metadata matches), runs the protocols on the features, prints a table and writes
 the JSON. The checkpoint records the pooling, image size and data set; flags override them. Labels: image folders
 label every split by the training split's class folders; folder / filelist sources are evaluated on their labels
-(--labels, default the checkpoint's data.labels). Image files pass the training loader's file checks first.
+(--labels, default the checkpoint's data.labels); WebDataset shards (wds) by their cls members. Samples without a
+label (a shard sample without cls) are left out of every protocol, and counted in the log, the table and the JSON
+(unlabelled_left_out). Image files pass the training loader's file checks first.
 Feature rows with NaN/inf (an encoder that diverged) stop the run with one line counting them per split, before any
 protocol runs and before anything is cached (maect.eval.features.check_finite).
 """
@@ -35,11 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m maect.eval", description=__doc__.split("\n\n")[1])
     p.add_argument("--ckpt", required=True, help="maect or official MAE checkpoint (.pth)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated subset of {PROTOCOLS}")
-    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist (default: the "
-                   "checkpoint's data set)")
-    p.add_argument("--data-root", default=None, help="data directory (imagefolder: with train/ and val/)")
+    p.add_argument("--data", default=None, help="fashion_mnist | imagefolder | folder | filelist | wds "
+                   "(default: the checkpoint's data set)")
+    p.add_argument("--data-root", default=None, help="data directory (imagefolder: with train/ and val/; wds: a folder of train-*.tar and val-*.tar, or "
+                   "the training shards' pattern)")
     p.add_argument("--labels", default=None, help="folder/filelist: labels, a DIR with train/ and val/ class folders "
-                   "or a CSV of path,label[,split] (default: the checkpoint's data.labels)")
+                   "or a CSV of path,label[,split]; wds with a shard pattern: the evaluation shards' pattern "
+                   "(default: the checkpoint's data.labels)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out bad image files (logged) instead of stopping")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's model.pool")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
@@ -92,9 +96,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def split_features(model, info: dict, args, split: str, data_name: str, data_root, pool: str, device, labels=""):
-    """(features [N, D] on device, labels [N] on device, num_classes, source) for one split, from the cache when
-    its metadata matches, else from the encoder (then written to the cache). The metadata holds the class names,
-    so a cache written under another class-to-index mapping is not reused. Data errors exit with one line."""
+    """(features [N, D] on device, labels [N] on device, num_classes, source, unlabelled) for one split, from the
+    cache when its metadata matches, else from the encoder (then written to the cache). The metadata holds the class
+    names, so a cache written under another class-to-index mapping is not reused. Unlabelled samples (a shard sample
+    without cls) are left out by load_eval_data, which logs their count (`unlabelled`); the metadata records it, so
+    a cache written with them in is not reused. Data errors exit with one line."""
     from maect.dataloading import DataError, eval_batches, load_eval_data
     from maect.dataloading.datasets import check_source
     limit = args.train_limit if split == "train" else args.test_limit
@@ -108,13 +114,13 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
         raise SystemExit(f"maect.eval: {exc}") from None
     meta = dict(feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
                              data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema),
-                labels=labels or "", classes=list(data.classes))
+                labels=labels or "", classes=list(data.classes), unlabelled_left_out=data.unlabelled)
     prefix = os.path.join(args.export_features, split) if args.export_features else None
     hit = load_cached(prefix, meta) if prefix else None
     if hit is not None:
         f, y, stored = hit
         check_finite("cached features", **{split: f})   # a cache written before caches refused non-finite rows
-        return f.to(device), y.to(device), stored["num_classes"], "cache"
+        return f.to(device), y.to(device), stored["num_classes"], "cache", data.unlabelled
     n = len(data) if limit is None else min(limit, len(data))
     try:
         batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"],
@@ -125,7 +131,7 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
         raise SystemExit(f"maect.eval: {exc}") from None
     if prefix:
         cache_features(prefix, f, y, dict(meta, num_classes=int(data.num_classes)))
-    return f, y, int(data.num_classes), "encoder"
+    return f, y, int(data.num_classes), "encoder", data.unlabelled
 
 
 def run(args) -> dict:
@@ -144,11 +150,12 @@ def run(args) -> dict:
            "lowshot_preprocess": args.lowshot_preprocess,
            "protocols": {}, "seconds": {}}
     t0 = time.perf_counter()
-    tr_f, tr_y, C, src_tr = split_features(model, info, args, "train", data_name, data_root, pool, device, labels)
-    te_f, te_y, _, src_te = split_features(model, info, args, "test", data_name, data_root, pool, device, labels)
+    tr_f, tr_y, C, src_tr, un_tr = split_features(model, info, args, "train", data_name, data_root, pool, device,
+                                                   labels)
+    te_f, te_y, _, src_te, un_te = split_features(model, info, args, "test", data_name, data_root, pool, device, labels)
     res["seconds"]["features"] = time.perf_counter() - t0
     res.update(num_classes=C, n_train=int(tr_f.shape[0]), n_test=int(te_f.shape[0]), dim=int(tr_f.shape[1]),
-               feature_source={"train": src_tr, "test": src_te})
+               feature_source={"train": src_tr, "test": src_te}, unlabelled_left_out={"train": un_tr, "test": un_te})
     P = res["protocols"]
     for name in args.protocols:
         t = time.perf_counter()
@@ -194,6 +201,9 @@ def table(res: dict) -> str:
     w = max(len(r[0]) for r in rows) if rows else 10
     head = (f"{os.path.basename(res['ckpt'])}: {res['data']} train {res['n_train']} / test {res['n_test']}, "
             f"pool={res['pool']}, D={res['dim']}")
+    left = {s: n for s, n in res.get("unlabelled_left_out", {}).items() if n}
+    if left:
+        head += " (unlabelled, left out: " + ", ".join(f"{n} {s}" for s, n in left.items()) + ")"
     return "\n".join([head, "-" * (w + 16)] + [f"{a:<{w}}  {b:>14}" for a, b in rows])
 
 

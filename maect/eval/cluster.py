@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect.progress import Progress
-from maect.eval.features import check_finite
+from maect.eval.features import check_finite, check_labels
 
 DIST_BUDGET = 1 << 24     # distances per block
 
@@ -127,6 +127,7 @@ def cluster_eval(features: Tensor, labels: Tensor, num_classes: int | None = Non
     before normalising, which would turn an inf row into NaN), counted under the name `split`."""
     from sklearn.metrics import normalized_mutual_info_score
     check_finite("cluster_eval", **{split: features})
+    check_labels("cluster_eval", **{split: labels})          # -1 would index the contingency table from the end
     k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     x = F.normalize(features.float(), dim=1, eps=1e-12) if normalize else features.float()
     res = kmeans(x, k, restarts=restarts, max_iter=max_iter, seed=seed, progress=progress)

@@ -61,6 +61,22 @@ def check_finite(where: str, **splits: Tensor) -> None:
         f"(k-NN, k-means and the probe would report a chance-level number)", counts)
 
 
+def check_labels(where: str, num_classes: int | None = None, **splits: Tensor) -> None:
+    """Raise ValueError when a split's labels [N] hold a negative value (-1: an unlabelled sample) or, for the split
+    named 'train' (the k-NN bank, the probe's and low-shot's training set), a value >= num_classes; `where` starts
+    the message, which counts the bad labels per split. An unlabelled query would count as a wrong answer and an
+    unlabelled bank row would vote for a class that does not exist: evaluation's data (load_eval_data) leaves
+    unlabelled samples out and says how many; a caller passing them here gets this error, never a number."""
+    for name, y in splits.items():
+        neg = int((y < 0).sum())
+        if neg:
+            raise ValueError(f"{where}: {neg} of {y.numel()} {name} labels are negative (-1: unlabelled samples); "
+                             f"leave them out first (maect.dataloading.load_eval_data does, and counts them)")
+        if name == "train" and num_classes is not None and y.numel() and int(y.max()) >= num_classes:
+            raise ValueError(f"{where}: train label {int(y.max())} is outside the {num_classes} classes "
+                             f"(num_classes={num_classes})")
+
+
 @contextmanager
 def eval_mode(net: torch.nn.Module):
     """Every module of `net` in eval mode inside the block, and each module's own training flag restored after it

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect import kernels
-from maect.eval.features import check_finite
+from maect.eval.features import check_finite, check_labels
 
 SIM_BUDGET = 1 << 26    # similarities per chunk (256 MiB fp32 in the reference path's [chunk, N_train] matrix)
 
@@ -54,7 +54,7 @@ def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int | list[i
 
     k: one int or several (one top-max(k) search serves all). num_classes: default max label + 1.
     chunk: test queries per queue_topk call; default keeps chunk * N <= SIM_BUDGET.
-    Raises ValueError for bad shapes or k, NonFiniteFeatures (a ValueError) for NaN/inf feature rows.
+    Raises ValueError for bad shapes or k, a negative or out-of-range bank label, NonFiniteFeatures (a ValueError) for NaN/inf feature rows.
     """
     ks = [k] if isinstance(k, int) else sorted(set(k))
     kmax = ks[-1]
@@ -69,6 +69,7 @@ def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int | list[i
                          f"overflows float32 below that (the DINO protocol uses 0.07)")
     check_finite("knn", train=train_f, test=test_f)
     C = int(num_classes) if num_classes is not None else int(train_y.max()) + 1
+    check_labels("knn", C, train=train_y)             # a -1 bank label would vote for no class (or crash)
     bank, query = prepare(train_f, test_f.to(train_f.device), standardize)
     bank_y = train_y.to(bank.device).long()
     chunk = chunk or max(1, min(4096, SIM_BUDGET // max(N, 1)))
@@ -97,7 +98,9 @@ def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int = 20, T
 def knn_accuracy(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, k: int | list[int] = 20,
                  T: float = 0.07, num_classes: int | None = None, chunk: int | None = None,
                  standardize: bool = False):
-    """Top-1 accuracy in percent: a float for an int k, {k: float} for a list of k."""
+    """Top-1 accuracy in percent: a float for an int k, {k: float} for a list of k. Labels must be >= 0
+    (features.check_labels: an unlabelled query would count as wrong)."""
+    check_labels("knn", test=test_y)
     scores = knn_scores(train_f, train_y, test_f, k, T, num_classes, chunk, standardize)
     y = test_y.to(train_f.device).long()
     # one .item() (device sync) per k: fine for a once-per-epoch monitor

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from maect.progress import Progress
-from maect.eval.features import check_finite
+from maect.eval.features import check_finite, check_labels
 
 LAMBDA = 0.00025          # lam * n, i.e. lam = LAMBDA / n_train
 SHOTS = (1, 2, 5)
@@ -99,6 +99,7 @@ def lowshot(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, sh
     if preprocessing not in PREPROCESSING:
         raise ValueError(f"lowshot: preprocessing={preprocessing!r}: choose one of {PREPROCESSING}")
     check_finite("lowshot", train=train_f, test=test_f)
+    check_labels("lowshot", train=train_y, test=test_y)     # -1 would be a class of its own
     mean = train_f.double().mean(0) if preprocessing == "column" else None   # full train split, before subsetting
     x_test = test_f.double().cpu().numpy() if preprocessing == "row_train_only" else preprocess(test_f, mean)
     y_all, y_test = train_y.cpu().numpy(), test_y.cpu().numpy()

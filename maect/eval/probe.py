@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from maect.progress import Progress
-from maect.eval.features import check_finite
+from maect.eval.features import check_finite, check_labels
 
 LRS = (0.1, 0.05, 0.03, 0.02, 0.01)   # base lrs; the actual lr is base * batch / 256
 
@@ -113,6 +113,7 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
                          f"BatchNorm cannot normalise a single sample)")
     dev = torch.device(device) if device is not None else train_f.device
     C = int(num_classes) if num_classes is not None else int(max(train_y.max(), test_y.max())) + 1
+    check_labels("linear_probe", C, train=train_y, test=test_y)
     f, y = train_f.to(dev).float(), train_y.to(dev).long()
     tr, va = holdout_split(f.shape[0], val_frac, seed)
     tr, va = tr.to(dev), va.to(dev)
