@@ -129,9 +129,40 @@ class Checkpoints:
 
 
 def check_resume_config(ck: dict, cfg: C.Config, path: str) -> None:
+    """ConfigError (one line naming each changed key with the checkpoint's and the run's value) when the checkpoint
+    at path was written with a config that differs from cfg outside RESUME_FREE."""
     bad = config_mismatches(ck.get("args", {}), cfg)
     if bad:
-        raise C.ConfigError(f"refusing to resume from {path}: it was written with another config:\n  " + "\n  ".join(bad))
+        raise C.ConfigError(f"refusing to resume from {path}: it was written with another config ({'; '.join(bad)}); "
+                            f"run with the checkpoint's values, or start a new run in another out_dir")
+
+
+def read_args(path: str) -> dict | None:
+    """The config a checkpoint was written with (its 'args'), read without loading its tensors into memory (mmap);
+    None for a file that cannot be read (resume skips those with a warning) or that records none."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    args = ck.get("args") if isinstance(ck, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def check_resume_run(cfg: C.Config) -> None:
+    """resume=auto: each stage's checkpoint that the run would continue from (checkpoint-final.pth of a finished
+    stage, which is skipped; else the newest readable one) against cfg, before anything is written (config.yaml
+    included). ConfigError naming the changed keys; the keys in RESUME_FREE may change."""
+    if cfg.resume != "auto":
+        return
+    for stage in C.stages(cfg):
+        d = os.path.join(cfg.out_dir, stage)
+        cands = [os.path.join(d, "checkpoint-final.pth"), os.path.join(d, "checkpoint-latest.pth")]
+        cands += sorted(glob.glob(os.path.join(d, "checkpoint-[0-9]*.pth")), reverse=True)
+        for p in cands:
+            args = read_args(p) if os.path.exists(p) else None
+            if args is not None:
+                check_resume_config({"args": args}, cfg, p)
+                break
 
 
 # ------------------------------------------------------------------------------------------------ fault injection

@@ -28,7 +28,7 @@ from maect.dataloading.datasets import check_source
 from maect import config as C
 from maect import dist, hub, loggers, preempt
 from maect.atomic import write_json
-from maect.checkpoint import Checkpoints, check_resume_config, code_version, set_rng_state
+from maect.checkpoint import Checkpoints, check_resume_config, check_resume_run, code_version, set_rng_state
 from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epoch, nnclr_one_epoch,  # noqa: F401
                           optimizer_step, running_stats, step_generator)
 from maect.eval.features import NonFiniteFeatures
@@ -38,7 +38,7 @@ from maect.models import attention as attn
 from maect.models.vit import num_params
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups
 from maect.steplog import Meter, Tracker  # noqa: F401  (Meter: re-exported for callers of maect.train)
-from maect.stage_init import check_encoder, load_for_nnclr, load_head
+from maect.stage_init import check_encoder, load_for_nnclr, load_head, shape_mismatch
 from maect.validation import load_config, validate_data
 
 log = logging.getLogger("maect")
@@ -102,10 +102,17 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)   # model.grad_checkpointing (models/vit.py)
     if cfg.init:  # continue MAE pretraining from any encoder hub reads; the decoder too when the file has one
-        sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
-        enc_keys = [k for k in model.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
-        enc, rep = hub.convert_state_dict(sd, enc_keys)
+        try:
+            sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
+            enc_keys = [k for k in model.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
+            enc, rep = hub.convert_state_dict(sd, enc_keys)
+        except (ValueError, KeyError) as exc:
+            raise C.ConfigError(f"init={cfg.init}: {str(exc).splitlines()[0]}") from None
         dec = {k: v for k, v in sd.items() if k.startswith("decoder") or k == "mask_token"}
+        bad = shape_mismatch({**enc, **dec}, model.state_dict())
+        if bad:
+            raise C.ConfigError(f"init={cfg.init} does not fit the model.* of this run ({bad}): set model.* (or the "
+                                f"preset) to the size it was trained with")
         missing = model.load_state_dict({**enc, **dec}, strict=False).missing_keys
         log.info(f"[mae] init {cfg.init}: {'; '.join(rep['notes'])}" + (f"; fresh decoder ({len(missing)} tensors)" if missing else ""))
     micro = per_rank(s.batch_size, di.world, "mae.batch_size", s.accum_steps)
@@ -299,6 +306,7 @@ def run(cfg: C.Config) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     attn.set_backend(cfg.model.attention)
+    check_resume_run(cfg)      # resume=auto: every stage's checkpoint has this config, before config.yaml is written
     os.makedirs(cfg.out_dir, exist_ok=True)
     if di.is_main:
         C.dump(cfg, os.path.join(cfg.out_dir, "config.yaml"))
