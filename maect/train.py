@@ -302,6 +302,8 @@ def run(cfg: C.Config) -> dict:
     why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
     if why:
         raise C.ConfigError(why)
+    if cfg.init and not os.path.exists(cfg.init):
+        raise C.ConfigError(f"init={cfg.init}: no such file")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
