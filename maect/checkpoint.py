@@ -148,6 +148,43 @@ def read_args(path: str) -> dict | None:
     return args if isinstance(args, dict) else None
 
 
+def unreadable(path: str) -> str | None:
+    """Why the checkpoint at path cannot be read (one line naming it), or None. Reads the file's index and records
+    (mmap: no tensor is loaded), so a truncated or foreign file is caught before any work."""
+    import argparse
+    torch.serialization.add_safe_globals([argparse.Namespace])   # official MAE 'args' (as hub.load_checkpoint)
+    if os.path.isdir(path):
+        return f"{path!r} is a folder, not a checkpoint file"
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(4)
+    size = os.path.getsize(path)
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        return f"checkpoint {path!r} is truncated ({size} bytes: its zip index is missing; a copy cut short?)"
+    if head[:2] != b"PK" and head[:1] != b"\x80":      # torch.save writes a zip; the legacy format, a pickle
+        return f"{path!r} is not a torch checkpoint (it starts with {head!r}, {size} bytes)"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):         # the legacy (non-zip) format cannot be mmapped: read it whole
+            return f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {_first(exc)}"
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc2:
+            return f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {_first(exc2)}"
+    except Exception as exc:
+        return f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {_first(exc)}"
+    return None
+
+
+def _first(exc: BaseException) -> str:
+    """The line of an exception's message that names the cause (torch's weights_only refusal puts it last)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    line = next((ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln),
+                lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line}"
+
+
 def check_resume_run(cfg: C.Config) -> None:
     """resume=auto: each stage's checkpoint that the run would continue from (checkpoint-final.pth of a finished
     stage, which is skipped; else the newest readable one) against cfg, before anything is written (config.yaml

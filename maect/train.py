@@ -28,7 +28,8 @@ from maect.dataloading.datasets import check_source
 from maect import config as C
 from maect import dist, hub, loggers, preempt
 from maect.atomic import write_json
-from maect.checkpoint import Checkpoints, check_resume_config, check_resume_run, code_version, set_rng_state
+from maect.checkpoint import (Checkpoints, check_resume_config, check_resume_run, code_version, set_rng_state,
+                              unreadable)
 from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epoch, nnclr_one_epoch,  # noqa: F401
                           optimizer_step, running_stats, step_generator)
 from maect.eval.features import NonFiniteFeatures
@@ -49,6 +50,21 @@ def stage_dir(cfg: C.Config, stage: str) -> str:
     d = os.path.join(cfg.out_dir, stage)
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def check_out_dir(cfg: C.Config) -> None:
+    """out_dir and the folders a run writes in it (a folder per stage, tb/ and wandb/ for the loggers) are folders
+    this process can write, before any work: ConfigError naming the path otherwise."""
+    sub = list(C.stages(cfg)) + (["tb"] if cfg.log.tensorboard else []) + (["wandb"] if cfg.log.wandb else [])
+    for p in [cfg.out_dir] + [os.path.join(cfg.out_dir, d) for d in sub]:
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise C.ConfigError(f"out_dir={cfg.out_dir}: {p} is a file, not a folder")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as exc:
+        raise C.ConfigError(f"out_dir={cfg.out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
+        raise C.ConfigError(f"out_dir={cfg.out_dir}: the folder is not writable")
 
 
 def maybe_compile(cfg: C.Config, model: nn.Module, backend: str = "inductor") -> None:
@@ -302,8 +318,11 @@ def run(cfg: C.Config) -> dict:
     why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
     if why:
         raise C.ConfigError(why)
-    if cfg.init and not os.path.exists(cfg.init):
-        raise C.ConfigError(f"init={cfg.init}: no such file")
+    if cfg.init:
+        why = f"{cfg.init!r} does not exist" if not os.path.exists(cfg.init) else unreadable(cfg.init)
+        if why:
+            raise C.ConfigError(f"init={cfg.init}: {why}")
+    check_out_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
