@@ -189,3 +189,35 @@ def test_bad_out_dirs_and_checkpoints_are_one_line_before_any_work(tmp_path):
             main(TINY + [f"out_dir={tmp_path / 'o'}", *args])
         msg = str(e.value.code)
         assert msg.startswith("maect.train: ") and line in msg and "\n" not in msg, (args, msg)
+
+
+# ------------------------------------------------------------------------------------------ resume, changed config
+def test_resume_with_a_changed_config_is_refused_and_config_yaml_kept(tmp_path):
+    """resume=auto with changed keys: refused in one line naming each key with the checkpoint's and the run's
+    value, whether the stage finished (checkpoint-final.pth) or not (checkpoint-latest.pth), and config.yaml keeps
+    the values the checkpoints were trained with. Keys that change no number (log.*, keep_last,
+    model.grad_checkpointing) may change. Before: a finished stage was skipped with exit status 0 and config.yaml
+    rewritten with the new values."""
+    from test_accum import image_folder
+    root = image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    base = TINY + ["stage=mae", "data.name=folder", f"data.root={root}", "smoke=2", "ckpt_every=1", f"out_dir={out}"]
+    main(base)
+    saved = (out / "config.yaml").read_text()
+    for state in ("finished", "unfinished"):
+        if state == "unfinished":           # a run stopped before its end: only numbered / latest checkpoints
+            os.remove(out / "mae" / "checkpoint-final.pth")
+        with pytest.raises(SystemExit) as e:
+            main(base + ["resume=auto", "mae.blr=0.01", "mae.mask_ratio=0.5"])
+        msg = str(e.value.code)
+        ckpt = "checkpoint-final.pth" if state == "finished" else "checkpoint-latest.pth"
+        assert msg.startswith(f"maect.train: refusing to resume from {out / 'mae' / ckpt}: it was written with "
+                              f"another config (mae.blr: checkpoint 0.0015 vs run 0.01; mae.mask_ratio: checkpoint "
+                              f"0.75 vs run 0.5)") and "\n" not in msg, msg
+        assert (out / "config.yaml").read_text() == saved, state
+    main(base + ["resume=auto", "keep_last=3", "model.grad_checkpointing=true", "log.tensorboard=false"])
+    assert (out / "mae" / "checkpoint-final.pth").exists()
+    now = (out / "config.yaml").read_text()
+    assert "keep_last: 3" in now and "grad_checkpointing: true" in now
+    assert now.replace("keep_last: 3", "keep_last: 2").replace("resume: auto", "resume: ''").replace("grad_checkpointing: true",
+                                                                "grad_checkpointing: false") == saved
