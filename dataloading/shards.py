@@ -108,17 +108,15 @@ def index_shard(path: str) -> ShardIndex:
     try:
         end = os.path.getsize(path)
         with tarfile.open(path, "r:") as tf:
-            last = prev = None
-            for m in members(path, tf, end, lambda: prev):
-                prev = m
+            last = None
+            for m in tf:
                 if not m.isfile():
                     continue
                 key, ext = base_plus_ext(m.name)
                 if key is None or os.path.basename(m.name).startswith("."):
                     continue
                 if m.offset_data + m.size > end:
-                    raise DataError(f"shard {path!r} is truncated at byte {end}: member {m.name!r} (data bytes "
-                                    f"{m.offset_data}..{m.offset_data + m.size}) runs past the end of the file")
+                    raise DataError(f"shard {path!r} is truncated: member {m.name!r} runs past the end of the file")
                 if key != last:
                     if key in samples:
                         raise DataError(f"shard {path!r}: sample {key!r} appears twice (member {m.name!r} is not "
@@ -134,7 +132,6 @@ def index_shard(path: str) -> ShardIndex:
                         raise DataError(f"shard {path!r}: {m.name!r} is not an integer class ({raw[:20]!r})") from None
                 elif ext in IMAGE_EXTS:
                     samples[key].setdefault("img", []).append((ext, m.offset_data, m.size))
-            check_end(path, tf, end, prev)
     except tarfile.TarError as exc:
         raise DataError(f"shard {path!r} is not a readable (uncompressed) tar file: {exc}") from None
     except OSError as exc:
@@ -148,48 +145,6 @@ def index_shard(path: str) -> ShardIndex:
             idx.image_ext[i], idx.offset[i], idx.size[i] = ext, off, size
         idx.label[i] = s.get("cls", -1)
     return idx
-
-
-def members(path: str, tf: tarfile.TarFile, end: int, prev):
-    """tf's members in order; a read error after the first member (tarfile's 'unexpected end of data': the file
-    ends inside a member's padding) is the truncation DataError of check_end, naming the offset and prev()."""
-    while True:
-        try:
-            m = tf.next()
-        except tarfile.ReadError:
-            if prev() is None:
-                raise
-            truncated(path, tf.offset, end, prev())
-        if m is None:
-            return
-        yield m
-
-
-def truncated(path: str, at: int, end: int, last) -> None:
-    after = f"after member {last.name!r}" if last is not None else "before any member"
-    raise DataError(f"shard {path!r} is truncated: it ends at byte {end}, {after} (its header, data and padding "
-                    f"end at byte {at}), without the end-of-archive marker (two 512-byte zero blocks); the samples "
-                    f"after that member are lost (copy the shard again or re-export it)")
-
-
-def check_end(path: str, tf: tarfile.TarFile, end: int, last) -> None:
-    """Refuse a shard that does not end in the end-of-archive marker, two zero blocks of 512 bytes (POSIX tar; what
-    tarfile, GNU tar and webdataset's TarWriter write). Python's tarfile stops reading, without an error, at a header
-    cut short, a header that is not one, or the end of the file: so a shard cut inside a header, at a header
-    boundary, inside a member's padding or inside the end marker would be read as the samples before the cut.
-    tf.offset, after the members are read, is where the next header or the end marker starts; DataError names the
-    shard, that offset, the last member read and what was found there."""
-    at = tf.offset
-    with open(path, "rb") as f:
-        f.seek(at)
-        tail = f.read(2 * tarfile.BLOCKSIZE)
-    if len(tail) == 2 * tarfile.BLOCKSIZE and not tail.strip(b"\0"):
-        return
-    if tail[:tarfile.BLOCKSIZE].strip(b"\0") and len(tail) >= tarfile.BLOCKSIZE:
-        after = f"after member {last.name!r}" if last is not None else "before any member"
-        raise DataError(f"shard {path!r}: the block at byte {at} ({after}) is neither a tar header nor the end "
-                        f"marker (a corrupt or overwritten shard); the samples from there on cannot be read")
-    truncated(path, at, end, last)
 
 
 class _Names:
