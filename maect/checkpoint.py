@@ -177,6 +177,16 @@ def unreadable(path: str) -> str | None:
     return None
 
 
+def one_line(msg: str) -> str:
+    """The line of a (multi-line) load error that names the cause: torch's load_state_dict lists every tensor
+    under a heading; the first 'size mismatch' line names a tensor and both shapes."""
+    lines = [ln.strip() for ln in str(msg).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    hit = next((ln for ln in lines if ln.startswith("size mismatch")), None)
+    return f"{lines[0]} {hit} (and {sum(ln.startswith('size mismatch') for ln in lines) - 1} more)" if hit else lines[0]
+
+
 def _first(exc: BaseException) -> str:
     """The line of an exception's message that names the cause (torch's weights_only refusal puts it last)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]

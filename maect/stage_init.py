@@ -25,7 +25,8 @@ def load_for_nnclr(cfg: C.Config, di, init: str):
         ck = hub.load_checkpoint(init)
         encoder, info = hub.load_encoder(ck)
     except ValueError as exc:      # truncated / not a checkpoint / weights of another layout: one line
-        raise C.ConfigError(f"init={init}: {str(exc).splitlines()[0].replace('<in-memory checkpoint>: ', '')}") from None
+        from maect.checkpoint import one_line
+        raise C.ConfigError(f"init={init}: {one_line(str(exc)).replace('<in-memory checkpoint>: ', '')}") from None
     if info["config"] is None:
         log.info(f"[init] {init}: encoder inferred from weights ({info['model_cfg'].embed_dim}d x {info['model_cfg'].depth})")
     encoder = match_size(cfg, encoder, info, init)

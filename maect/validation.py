@@ -155,8 +155,8 @@ def _check_mae(s: MAECfg) -> None:
     _need(0.0 <= s.mask_ratio < 1.0, f"mae.mask_ratio={s.mask_ratio} must be in [0, 1)")
     _positive("mae.epochs", s.epochs)
     _need(0 <= s.warmup_epochs < s.epochs, f"mae.warmup_epochs={s.warmup_epochs} must be >= 0 and below mae.epochs="
-                                           f"{s.epochs} (a warmup as long as the run never reaches the peak lr and "
-                                           f"never decays): shorten mae.warmup_epochs with mae.epochs")
+                                           f"{s.epochs} (the lr must reach its peak before the run ends, then decay): "
+                                           f"shorten mae.warmup_epochs with mae.epochs")
     _need(s.batch_size >= 1, f"mae.batch_size={s.batch_size} must be positive")
     _need(s.accum_steps >= 1, f"mae.accum_steps={s.accum_steps} must be >= 1")
     _need(s.batch_size % s.accum_steps == 0,

@@ -136,7 +136,7 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
 def run(args) -> dict:
     from maect.hub import load_encoder   # imported here: the protocols above need no checkpoint code
     device = resolve_device(args.device)
-    from maect.checkpoint import unreadable
+    from maect.checkpoint import one_line, unreadable
     from maect.hub import is_safetensors
     why = None if is_safetensors(args.ckpt) or not os.path.isfile(args.ckpt) else unreadable(args.ckpt)
     if why:         # truncated, foreign: named before anything is loaded
@@ -144,7 +144,7 @@ def run(args) -> dict:
     try:
         model, info = load_encoder(args.ckpt, use_ema=args.use_ema, strict=not args.non_strict)
     except (ValueError, FileNotFoundError) as exc:      # missing, truncated, foreign or unsupported weights
-        msg = str(exc).strip().splitlines()[0].replace("pass strict=False to ignore them", STRICT_ADVICE)
+        msg = one_line(str(exc)).replace("pass strict=False to ignore them", STRICT_ADVICE)
         raise SystemExit(f"maect.eval: --ckpt {msg}") from None
     if args.non_strict and info["unexpected"]:
         log.warning(f"[eval] --non-strict: {'; '.join(n for n in info['notes'] if 'strict=False' in n)}")
@@ -286,6 +286,9 @@ def main(argv=None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     out = out_path(args)
     why = check_out(out)
+    if not why and args.export_features and os.path.exists(args.export_features) and \
+            not os.path.isdir(args.export_features):
+        why = f"--export-features {args.export_features} is a file, not a folder for the feature cache"
     if why:
         sys.exit(f"maect.eval: {why}")
     try:
