@@ -487,6 +487,13 @@ def test_cli_keeps_what_it_computed_and_names_each_setting_it_skips(tmp_path, mo
     assert res["not_run"] == {"lowshot 2-shot": "a class has 1 train image, fewer than 2",
                               "lowshot 5-shot": "a class has 1 train image, fewer than 5"}
     assert {"k5", "k10"} <= set(res["protocols"]["knn"])
+    # a k above the bank (13 train features here) is named, the k that fits is reported
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv[:-2] + ["--knn-k", "20", "--protocols", "knn"])
+    assert str(e.value.code).startswith("maect.eval: not run on this data: knn k=20: k=20 exceeds the 13 train "
+                                        "features (the k-NN bank)")
+    assert set(json.loads(out.read_text())["protocols"]["knn"]) == {"T", "standardize", "k10"}
 
 
 def test_cli_names_an_unreadable_checkpoint_and_offers_a_flag_for_extra_weights(tmp_path):

@@ -178,6 +178,8 @@ def run(args) -> dict:
                  f"{device})")
         if name == "knn":
             ks = [k for k in sorted({10, args.knn_k}) if k <= tr_f.shape[0]]   # why_not: at least one fits the bank
+            res["not_run"].update({f"knn k={k}": f"k={k} exceeds the {tr_f.shape[0]} train features (the k-NN bank)"
+                                   for k in sorted({10, args.knn_k}) if k > tr_f.shape[0]})
             acc = knn_accuracy(tr_f, tr_y, te_f, te_y, k=ks, T=args.knn_T, num_classes=C,
                                standardize=args.knn_standardize)
             P["knn"] = {"T": args.knn_T, "standardize": args.knn_standardize, **{f"k{k}": a for k, a in acc.items()}}
