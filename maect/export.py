@@ -5,14 +5,9 @@ the EMA encoder with --ema when the checkpoint has one, under timm / official MA
   timm: a flat state dict; timm.create_model(<timm_model>, **<timm_kwargs>).load_state_dict(sd, strict=True) then
         model.forward_head(model.forward_features(x), pre_logits=True) (= model(x), num_classes=0) gives our
         pool(forward_features(x), pool) up to fp32 rounding.
-  mae:  {'model': state_dict, 'maect_export': the JSON below}, the layout of the official encoder-only
-        mae_pretrain_vit_*.pth files (official main_finetune / main_linprobe read checkpoint['model'] with
-        strict=False and report head.* / fc_norm.* missing; the extra entry is not read).
-and a JSON beside OUT (OUT with its extension replaced by .json) with the sizes, heads, MLP ratio, LayerNorm eps,
-qkv bias, pooling and timm call. The weights alone do not say how many attention heads split the width, nor which
-pooling made the features: maect.hub.load_encoder reads them back from this record (a timm-format .pth has room
-for tensors only, so keep the JSON beside it; a mae-format file also carries it inside), and refuses a width with no
-standard head count when no record is found.
+  mae:  {'model': state_dict}, the layout of the official encoder-only mae_pretrain_vit_*.pth files (official
+        main_finetune / main_linprobe read it with strict=False and report head.* / fc_norm.* missing).
+and a JSON beside OUT (OUT with its extension replaced by .json) with the sizes, pooling and timm call.
   safetensors: OUT is a folder; it gets model.safetensors (the timm state dict, tensors only: loading it runs no
         code) and config.json in timm's local-folder / model-hub layout (architecture, num_classes, global_pool,
         model_args, pretrained_cfg; timm's save_for_hf writes the same fields), plus a "maect" entry with the
@@ -109,10 +104,8 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
     sizes = dict(img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size,
                  embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads)
     name, kw = timm_spec(sizes, model.in_chans, pool)
-    blk = model.blocks[0]
     meta = {"arch": hub.arch_name(*(sizes[k] for k in SIZE_KEYS)), **sizes, "in_chans": model.in_chans,
-            "mlp_ratio": blk.mlp.fc1.out_features / model.embed_dim, "norm_eps": model.norm.eps,
-            "qkv_bias": blk.attn.qkv.bias is not None, "pool": pool, "format": fmt, "ema": info["ema"],
+            "pool": pool, "format": fmt, "ema": info["ema"],
             "source": os.path.abspath(ckpt), "source_format": info["format"],
             "timm_model": name, "timm_kwargs": kw,
             "timm_usage": f"timm.create_model({name!r}, pretrained=False, "
@@ -125,7 +118,7 @@ def export(ckpt: str, fmt: str, out: str, ema: bool = False, pool: str | None = 
         meta["timm_usage"] = "timm.create_model('local-dir:<this folder>', pretrained=True)"
         write_safetensors(sd, out, timm_config(name, kw, sizes, model.in_chans, info["data"], meta))
         return meta
-    hub.save_checkpoint(sd if fmt == "timm" else {"model": sd, "maect_export": meta}, out)
+    hub.save_checkpoint(sd if fmt == "timm" else {"model": sd}, out)
     write_json(meta_path, meta)
     return meta
 

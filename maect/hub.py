@@ -9,15 +9,12 @@ parameter names (all offline, nothing is downloaded):
   - official MAE pretrain   {'model': encoder + decoder_* + mask_token, 'optimizer', 'epoch', 'args': Namespace}
   - official MAE fine-tune  {'model': encoder + head.* (+ fc_norm.* instead of norm.* when global_pool=True)}
   - timm VisionTransformer  a flat state dict (+ head.*; fc_norm.* for global_pool='avg' models)
-  - encoder-only            mae_pretrain_vit_*.pth, maect.export outputs (timm / mae format: the sizes, heads and
-                            pooling come from the export's record: the 'maect_export' entry of a mae-format file,
-                            else the JSON maect.export writes beside the .pth, OUT.json; see recorded_config)
+  - encoder-only            mae_pretrain_vit_*.pth, maect.export outputs
   - safetensors             a `.safetensors` file, or a folder holding `model.safetensors` + `config.json` in timm's
                             local-folder / model-hub layout (`python -m maect.export --format safetensors`, or a
-                            timm model folder); the number of heads and the pooling come from config.json (its
-                            'maect' entry when maect.export wrote it, else `model_args.num_heads` or the named
-                            architecture's, `global_pool`: 'token' -> cls, 'avg' -> mean), or from the file's own
-                            header metadata ('config', the same JSON) for a bare file
+                            timm model folder); the width's number of heads and the pooling come from config.json
+                            (`model_args.num_heads`, `global_pool`: 'token' -> cls, 'avg' -> mean), or from the
+                            file's own header metadata ('config', the same JSON) for a bare file
 wrapped in any nesting of containers ('model', 'state_dict', 'model_ema', ...) and key prefixes ('module.' from DDP
 and EMA wrappers, '_orig_mod.' from torch.compile, 'model.', 'encoder.'), in any order (find_state_dict).
 
@@ -111,57 +108,12 @@ def load_safetensors(path: str) -> tuple[dict, dict | None]:
 
 
 def timm_hints(config: dict | None) -> tuple[int | None, str | None]:
-    """(num_heads, pool) a timm config.json records: its 'maect' entry (maect.export's record), else
-    model_args.num_heads or, when model_args leaves it out, the named architecture's (export.TIMM_MODELS: timm's
-    defaults for those names), and global_pool ('token' -> 'cls', 'avg' -> 'mean'; top level or model_args).
-    None where it says nothing."""
+    """(num_heads, pool) a timm config.json records: model_args.num_heads, global_pool ('token' -> 'cls',
+    'avg' -> 'mean'; top level or model_args). None where it says nothing (a registry model's defaults)."""
     if not config:
         return None, None
-    from maect.export import TIMM_MODELS    # imported here: export imports this module
-    rec = config.get("maect") if isinstance(config.get("maect"), dict) else {}
     args = config.get("model_args") or {}
-    arch = TIMM_MODELS.get(str(config.get("architecture", "")).split(".")[0])
-    heads = rec.get("num_heads") or args.get("num_heads") or (arch[4] if arch else None)
-    return heads, rec.get("pool") or TIMM_POOL.get(args.get("global_pool", config.get("global_pool")))
-
-
-# what maect.export records about the encoder (besides pool), and the values this module's ViT is built with
-RECORDED_SIZES = ("img_size", "patch_size", "embed_dim", "depth", "in_chans")
-VIT_CONSTANTS = {"mlp_ratio": 4.0, "norm_eps": 1e-6, "qkv_bias": True}
-
-
-def recorded_config(src, ckpt) -> tuple[dict | None, str]:
-    """(record, where) of a maect.export output: the 'maect_export' entry of a loaded checkpoint dict (mae format),
-    else for a path the JSON beside it (OUT.json, which maect.export writes for the timm and mae formats), when
-    that JSON is an export record (it has num_heads and timm_kwargs); (None, '') otherwise."""
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("maect_export"), dict):
-        return ckpt["maect_export"], "its 'maect_export' entry"
-    if not isinstance(src, str) or is_safetensors(src):
-        return None, ""
-    side = os.path.splitext(src)[0] + ".json"
-    if os.path.abspath(side) == os.path.abspath(src) or not os.path.isfile(side):
-        return None, ""
-    try:
-        with open(side) as f:
-            rec = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"the export record {side!r} beside the weights cannot be read: {exc}") from None
-    if isinstance(rec, dict) and "num_heads" in rec and "timm_kwargs" in rec:
-        return rec, side
-    return None, ""
-
-
-def check_record(rec: dict, where: str, m: ModelCfg) -> None:
-    """Refuse weights whose export record disagrees with them (a JSON from another export) or records a ViT
-    this module does not build (another MLP ratio, LayerNorm eps or qkv bias): ValueError naming the key."""
-    for k in RECORDED_SIZES:
-        if k in rec and rec[k] != getattr(m, k):
-            raise ValueError(f"{where} records {k}={rec[k]} but the weights have {k}={getattr(m, k)}: the record "
-                             f"belongs to other weights")
-    for k, v in VIT_CONSTANTS.items():
-        if k in rec and rec[k] != v:
-            raise ValueError(f"{where} records {k}={rec[k]}; maect's ViT is built with {k}={v}, so it cannot "
-                             f"compute this encoder's features")
+    return args.get("num_heads"), TIMM_POOL.get(args.get("global_pool", config.get("global_pool")))
 
 
 def model_from_cfg(m: ModelCfg, decoder: bool) -> MaskedAutoencoderViT:
@@ -191,10 +143,8 @@ def infer_model_cfg(sd: dict, num_heads: int | None = None) -> ModelCfg:
     img = int(round(L ** 0.5)) * p
     heads = num_heads or HEADS_BY_DIM.get(D)
     if heads is None:
-        raise ValueError(f"the weights do not record the number of attention heads, and width {D} has no standard "
-                         f"count (known widths: {sorted(HEADS_BY_DIM)}): load a maect checkpoint (its config), or "
-                         f"keep the JSON maect.export writes beside a .pth export (or config.json beside "
-                         f"model.safetensors)")
+        raise ValueError(f"cannot infer the number of heads for width {D} (known widths: {sorted(HEADS_BY_DIM)}); "
+                         f"load through a maect checkpoint with its config")
     if D % heads:
         raise ValueError(f"width {D} is not divisible by num_heads={heads}")
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
@@ -402,28 +352,18 @@ def load_encoder(src, use_ema: bool = False, strict: bool = True) -> tuple[Maske
     unexpected (file keys not loaded: decoder, head, ...), notes (each mapping and skipped group in words), source.
     strict=False ignores weights the encoder has no place for (reported in notes) instead of raising."""
     name = src if isinstance(src, str) else "<in-memory checkpoint>"
-    heads = tpool = rec = None
+    heads = tpool = None
     if is_safetensors(src):
         ckpt, tcfg = load_safetensors(src)
         heads, tpool = timm_hints(tcfg)
-        rec = (tcfg or {}).get("maect") if isinstance((tcfg or {}).get("maect"), dict) else None
-        where = "its config's 'maect' entry"
     else:
         ckpt = load_checkpoint(src) if isinstance(src, str) else src
     try:
-        if rec is None:
-            rec, where = recorded_config(src, ckpt)
-            if rec is not None:
-                heads, tpool = rec.get("num_heads"), rec.get("pool")
         cfg = None
         if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) and "model" in ckpt["args"]:
             cfg = from_dict(ckpt["args"])
         sd, notes, ema = find_state_dict(ckpt, use_ema)
         mcfg = cfg.model if cfg is not None else infer_model_cfg(sd, num_heads=heads)
-        if rec is not None and cfg is None:
-            check_record(rec, where, mcfg)
-            notes.append(f"maect export record ({where}): num_heads {rec.get('num_heads')}, pool "
-                         f"{rec.get('pool')!r}")
         model = model_from_cfg(mcfg, decoder=False)
         enc, rep = convert_state_dict(sd, model.state_dict().keys(), strict=strict)
         model.load_state_dict(enc, strict=True)
