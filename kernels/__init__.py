@@ -282,7 +282,9 @@ def _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized) -> str:
 def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
                queue_ids: Tensor | None = None, normalized: bool = True):
     """Top-k cosine neighbours of each query row in the queue; see kernels/queue_topk.py for the contract and
-    kernels/dispatch.py for how the backend is chosen."""
+    kernels/dispatch.py for how the backend is chosen. k: any integer operator.index takes (numpy, 0-d tensor)."""
+    if queue.dim() == 2:
+        k = _queue_topk.as_k(k, queue.shape[0])
     backend = _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized)
     impl = _impl(_queue_topk, "queue_topk", backend)
     if impl is None:

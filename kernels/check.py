@@ -199,6 +199,30 @@ def format_table(res: dict) -> str:
     return "\n".join(out)
 
 
+def check_args(a) -> str | None:
+    """Why the arguments cannot describe a training run (one line), or None: the preset and overrides load and pass
+    the config checks, --world-size divides every stage's global batch (mae: times mae.accum_steps), and --bank
+    holds at least eval.knn_k samples."""
+    from maect.config import ConfigError
+    from maect.validation import load_config
+    try:
+        cfg = load_config([f"preset={a.preset}", *a.overrides])
+    except ConfigError as exc:
+        return str(exc)
+    world = a.world_size if a.world_size is not None else (torch.cuda.device_count() if a.device == "cuda" else 1)
+    if world < 1:
+        return f"--world-size={a.world_size} must be >= 1"
+    for name in ("mae", "head", "ct"):
+        s = getattr(cfg, name)
+        accum = s.accum_steps if name == "mae" else 1
+        if s.batch_size % (world * accum):
+            return (f"--world-size={world} does not divide {name}.batch_size={s.batch_size}"
+                    + (f" x mae.accum_steps={accum}" if accum > 1 else "") + " (batch sizes are global)")
+    if a.bank is not None and a.bank < cfg.eval.knn_k:
+        return f"--bank={a.bank} is smaller than eval.knn_k={cfg.eval.knn_k}: the k-NN bank needs at least k samples"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m maect.kernels.check", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help="preset name or YAML path (default tiny)")
@@ -211,6 +235,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print("maect.kernels.check: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    why = check_args(a)
+    if why:
+        print(f"maect.kernels.check: {why}", file=sys.stderr)
         return 2
     if a.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "0")

@@ -20,7 +20,9 @@ Rules every backend follows (the reference below is the specification)
       returned (a query row with a NaN/inf entry has none; a queue row with one is never a neighbour). A row with
       fewer than k admissible entries is padded at the end with value -inf and index -1 (an all-excluded or
       non-finite query row is all -inf / -1); callers that need k neighbours must check for -1.
-    * k must satisfy 1 <= k <= Q; otherwise ValueError. B == 0 returns empty [0, k] tensors.
+    * k: an integer (Python int, numpy integer, 0-d integer tensor: anything operator.index takes, bool excluded)
+      with 1 <= k <= Q; another type is a TypeError, a value outside the range a ValueError naming Q.
+      B == 0 returns empty [0, k] tensors.
     * normalized=False L2-normalises query and queue rows (eps 1e-12) inside the op; the inputs are not modified.
 """
 from __future__ import annotations
@@ -28,6 +30,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def as_k(k, Q: int) -> int:
+    """k as a Python int (numpy integers and 0-d integer tensors through operator.index); TypeError for a bool, a
+    float or anything else that is not an integer, ValueError unless 1 <= k <= Q (the queue size)."""
+    import operator
+    if isinstance(k, bool) or getattr(k, "dtype", None) in (torch.bool, bool) or type(k).__name__ == "bool_":
+        raise TypeError(f"queue_topk: k={k!r} is a bool; pass the number of neighbours as an integer")
+    if isinstance(k, Tensor) and k.dim() != 0:
+        raise TypeError(f"queue_topk: k must be one integer, got a tensor of shape {tuple(k.shape)}")
+    try:
+        k_int = operator.index(k)
+    except TypeError:
+        raise TypeError(f"queue_topk: k={k!r} ({type(k).__name__}) must be an integer (int, numpy integer or 0-d "
+                        f"integer tensor)") from None
+    if k_int < 1:
+        raise ValueError(f"queue_topk: k={k_int} must be >= 1")
+    if k_int > Q:
+        raise ValueError(f"queue_topk: k={k_int} exceeds the queue size Q={Q}")
+    return k_int
 
 
 def check_inputs(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None, queue_ids: Tensor | None) -> None:
@@ -40,8 +62,7 @@ def check_inputs(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | Non
         raise ValueError(f"queue_topk: query and queue must share a float dtype (fp32/bf16/fp16), got {query.dtype} and {queue.dtype}")
     if query.device != queue.device:
         raise ValueError(f"queue_topk: query on {query.device}, queue on {queue.device}")
-    if not isinstance(k, int) or k < 1 or k > queue.shape[0]:
-        raise ValueError(f"queue_topk: k={k} must satisfy 1 <= k <= queue size Q={queue.shape[0]}")
+    as_k(k, queue.shape[0])
     if (exclude_ids is None) != (queue_ids is None):
         raise ValueError("queue_topk: pass both exclude_ids and queue_ids, or neither")
     if exclude_ids is not None:

@@ -129,9 +129,87 @@ class Checkpoints:
 
 
 def check_resume_config(ck: dict, cfg: C.Config, path: str) -> None:
+    """ConfigError (one line naming each changed key with the checkpoint's and the run's value) when the checkpoint
+    at path was written with a config that differs from cfg outside RESUME_FREE."""
     bad = config_mismatches(ck.get("args", {}), cfg)
     if bad:
-        raise C.ConfigError(f"refusing to resume from {path}: it was written with another config:\n  " + "\n  ".join(bad))
+        raise C.ConfigError(f"refusing to resume from {path}: it was written with another config ({'; '.join(bad)}); "
+                            f"run with the checkpoint's values, or start a new run in another out_dir")
+
+
+def read_args(path: str) -> dict | None:
+    """The config a checkpoint was written with (its 'args'), read without loading its tensors into memory (mmap);
+    None for a file that cannot be read (resume skips those with a warning) or that records none."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    args = ck.get("args") if isinstance(ck, dict) else None
+    return args if isinstance(args, dict) else None
+
+
+def unreadable(path: str) -> str | None:
+    """Why the checkpoint at path cannot be read (one line naming it), or None. Reads the file's index and records
+    (mmap: no tensor is loaded), so a truncated or foreign file is caught before any work."""
+    import argparse
+    torch.serialization.add_safe_globals([argparse.Namespace])   # official MAE 'args' (as hub.load_checkpoint)
+    if os.path.isdir(path):
+        return f"{path!r} is a folder, not a checkpoint file"
+    import zipfile
+    with open(path, "rb") as f:
+        head = f.read(4)
+    size = os.path.getsize(path)
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        return f"checkpoint {path!r} is truncated ({size} bytes: its zip index is missing; a copy cut short?)"
+    if head[:2] != b"PK" and head[:1] != b"\x80":      # torch.save writes a zip; the legacy format, a pickle
+        return f"{path!r} is not a torch checkpoint (it starts with {head!r}, {size} bytes)"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):         # the legacy (non-zip) format cannot be mmapped: read it whole
+            return f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {_first(exc)}"
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc2:
+            return f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {_first(exc2)}"
+    except Exception as exc:
+        return f"checkpoint {path!r} cannot be read (truncated or not a torch checkpoint?): {_first(exc)}"
+    return None
+
+
+def one_line(msg: str) -> str:
+    """The line of a (multi-line) load error that names the cause: torch's load_state_dict lists every tensor
+    under a heading; the first 'size mismatch' line names a tensor and both shapes."""
+    lines = [ln.strip() for ln in str(msg).strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    hit = next((ln for ln in lines if ln.startswith("size mismatch")), None)
+    return f"{lines[0]} {hit} (and {sum(ln.startswith('size mismatch') for ln in lines) - 1} more)" if hit else lines[0]
+
+
+def _first(exc: BaseException) -> str:
+    """The line of an exception's message that names the cause (torch's weights_only refusal puts it last)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    line = next((ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln),
+                lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line}"
+
+
+def check_resume_run(cfg: C.Config) -> None:
+    """resume=auto: each stage's checkpoint that the run would continue from (checkpoint-final.pth of a finished
+    stage, which is skipped; else the newest readable one) against cfg, before anything is written (config.yaml
+    included). ConfigError naming the changed keys; the keys in RESUME_FREE may change."""
+    if cfg.resume != "auto":
+        return
+    for stage in C.stages(cfg):
+        d = os.path.join(cfg.out_dir, stage)
+        cands = [os.path.join(d, "checkpoint-final.pth"), os.path.join(d, "checkpoint-latest.pth")]
+        cands += sorted(glob.glob(os.path.join(d, "checkpoint-[0-9]*.pth")), reverse=True)
+        for p in cands:
+            args = read_args(p) if os.path.exists(p) else None
+            if args is not None:
+                check_resume_config({"args": args}, cfg, p)
+                break
 
 
 # ------------------------------------------------------------------------------------------------ fault injection

@@ -185,6 +185,13 @@ def _coerce(key: str, value, default, ftype: str = ""):
             raise ConfigError(f"config key {key!r}: expected {len(default)} comma-separated numbers, got {value!r}")
         return tuple(_coerce(key, v, d) for v, d in zip(value, default))
     if isinstance(default, str):
+        # a bool here is YAML's reading of true/false/yes/no/on/off: never a name or a path (log.wandb=false would
+        # be a W&B project named "False"); a list / mapping is not one value
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r} (YAML reads an unquoted "
+                              f"true/false/yes/no/on/off as a boolean: quote the word, or leave the key empty)")
+        if isinstance(value, (list, tuple, dict)):
+            raise ConfigError(f"config key {key!r}: expected one string, got {value!r}")
         return "" if value is None else str(value)
     raise ConfigError(f"config key {key!r}: unsupported type {type(default).__name__}")
 
@@ -261,9 +268,20 @@ def parse_config(args: list[str]) -> Config:
             cfg.preset = v
     for k, v in pairs:
         if k != "preset":
-            set_key(cfg, k, yaml.safe_load(v) if v != "" else "")
+            set_key(cfg, k, cli_value(cfg, k, v))
     apply_smoke(cfg)
     return cfg
+
+
+def cli_value(cfg: Config, key: str, v: str):
+    """A command-line value as set_key takes it: YAML for numbers, booleans and tuples; the text as typed for a
+    string key (fused_optimizer=off is 'off', not YAML's False), YAML only when it is quoted ('' is empty)."""
+    obj = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p, None)
+    if isinstance(obj, str) and not v.startswith(("'", '"')):
+        return v
+    return yaml.safe_load(v) if v != "" else ""
 
 
 SMOKE_BATCH = 16

@@ -64,7 +64,13 @@ class Sinks:
             return
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+            tb = os.path.join(cfg.out_dir, "tb")
+            if os.path.exists(tb) and not os.path.isdir(tb):
+                raise LoggerError(f"log.tensorboard=true: {tb} is a file, not a folder for the event files")
+            try:
+                self.tb = SummaryWriter(tb)
+            except OSError as exc:
+                raise LoggerError(f"log.tensorboard=true: cannot write event files in {tb} ({exc.strerror or exc})") from None
             log.info(f"log: TensorBoard event files in {os.path.join(cfg.out_dir, 'tb')}")
         if cfg.log.wandb:
             import wandb

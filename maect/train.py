@@ -28,7 +28,8 @@ from maect.dataloading.datasets import check_source
 from maect import config as C
 from maect import dist, hub, loggers, preempt
 from maect.atomic import write_json
-from maect.checkpoint import Checkpoints, check_resume_config, code_version, set_rng_state
+from maect.checkpoint import (Checkpoints, check_resume_config, check_resume_run, code_version, set_rng_state,
+                              unreadable)
 from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epoch, nnclr_one_epoch,  # noqa: F401
                           optimizer_step, running_stats, step_generator)
 from maect.eval.features import NonFiniteFeatures
@@ -38,7 +39,7 @@ from maect.models import attention as attn
 from maect.models.vit import num_params
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups
 from maect.steplog import Meter, Tracker  # noqa: F401  (Meter: re-exported for callers of maect.train)
-from maect.stage_init import check_encoder, load_for_nnclr, load_head
+from maect.stage_init import check_encoder, load_for_nnclr, load_head, shape_mismatch
 from maect.validation import load_config, validate_data
 
 log = logging.getLogger("maect")
@@ -49,6 +50,21 @@ def stage_dir(cfg: C.Config, stage: str) -> str:
     d = os.path.join(cfg.out_dir, stage)
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def check_out_dir(cfg: C.Config) -> None:
+    """out_dir and the folders a run writes in it (a folder per stage, tb/ and wandb/ for the loggers) are folders
+    this process can write, before any work: ConfigError naming the path otherwise."""
+    sub = list(C.stages(cfg)) + (["tb"] if cfg.log.tensorboard else []) + (["wandb"] if cfg.log.wandb else [])
+    for p in [cfg.out_dir] + [os.path.join(cfg.out_dir, d) for d in sub]:
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise C.ConfigError(f"out_dir={cfg.out_dir}: {p} is a file, not a folder")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    except OSError as exc:
+        raise C.ConfigError(f"out_dir={cfg.out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(cfg.out_dir, os.W_OK | os.X_OK):
+        raise C.ConfigError(f"out_dir={cfg.out_dir}: the folder is not writable")
 
 
 def maybe_compile(cfg: C.Config, model: nn.Module, backend: str = "inductor") -> None:
@@ -102,10 +118,17 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     model = hub.model_from_cfg(cfg.model, decoder=True).to(di.device)
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)   # model.grad_checkpointing (models/vit.py)
     if cfg.init:  # continue MAE pretraining from any encoder hub reads; the decoder too when the file has one
-        sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
-        enc_keys = [k for k in model.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
-        enc, rep = hub.convert_state_dict(sd, enc_keys)
+        try:
+            sd, _, _ = hub.find_state_dict(hub.load_checkpoint(cfg.init))
+            enc_keys = [k for k in model.state_dict() if not (k.startswith("decoder") or k == "mask_token")]
+            enc, rep = hub.convert_state_dict(sd, enc_keys)
+        except (ValueError, KeyError) as exc:
+            raise C.ConfigError(f"init={cfg.init}: {str(exc).splitlines()[0]}") from None
         dec = {k: v for k, v in sd.items() if k.startswith("decoder") or k == "mask_token"}
+        bad = shape_mismatch({**enc, **dec}, model.state_dict())
+        if bad:
+            raise C.ConfigError(f"init={cfg.init} does not fit the model.* of this run ({bad}): set model.* (or the "
+                                f"preset) to the size it was trained with")
         missing = model.load_state_dict({**enc, **dec}, strict=False).missing_keys
         log.info(f"[mae] init {cfg.init}: {'; '.join(rep['notes'])}" + (f"; fresh decoder ({len(missing)} tensors)" if missing else ""))
     micro = per_rank(s.batch_size, di.world, "mae.batch_size", s.accum_steps)
@@ -296,10 +319,16 @@ def run(cfg: C.Config) -> dict:
     why = check_source(cfg.data.name, cfg.data.root, cfg.data.labels)   # data paths, before any work
     if why:
         raise C.ConfigError(why)
+    if cfg.init:
+        why = f"{cfg.init!r} does not exist" if not os.path.exists(cfg.init) else unreadable(cfg.init)
+        if why:
+            raise C.ConfigError(f"init={cfg.init}: {why}")
+    check_out_dir(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     attn.set_backend(cfg.model.attention)
+    check_resume_run(cfg)      # resume=auto: every stage's checkpoint has this config, before config.yaml is written
     os.makedirs(cfg.out_dir, exist_ok=True)
     if di.is_main:
         C.dump(cfg, os.path.join(cfg.out_dir, "config.yaml"))

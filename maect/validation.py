@@ -49,6 +49,7 @@ def validate_config(cfg: Config) -> None:
     maect.train runs right after opening the data."""
     _check_choices(cfg)
     _check_run(cfg)
+    _check_model_keys(cfg.model)
     run = stages(cfg)
     depth = None
     if "mae" in run:   # the model is built from model.* (stages head/ct take the encoder from init=)
@@ -61,6 +62,11 @@ def validate_config(cfg: Config) -> None:
         _check_ct(cfg.ct, depth)
     if "head" in run or "ct" in run:
         _check_eval(cfg.eval, final=cfg.stage in ("pipeline", "ct_pipeline"))
+
+
+FUSED = ("auto", "apex", "torch", "off")           # maect.optim.build_optimizer's
+YAML_SWITCHES = ("true", "false", "yes", "no", "on", "off", "y", "n", "1", "0", "none", "null")
+WANDB_FORBIDDEN = ("/", "\\", "#", "?", "%", ":")  # characters W&B refuses in a project name
 
 
 def _check_choices(cfg: Config) -> None:
@@ -78,6 +84,14 @@ def _check_choices(cfg: Config) -> None:
     _need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
     _need(cfg.precision in ("auto", "bf16", "fp32"), f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
+    _need(cfg.fused_optimizer in FUSED, f"fused_optimizer={cfg.fused_optimizer!r}: choose one of {', '.join(FUSED)}")
+    _need(bool(cfg.out_dir.strip()), "out_dir='' : name the run's output folder (e.g. out_dir=runs/tiny)")
+    _need(cfg.log.wandb.lower() not in YAML_SWITCHES, f"log.wandb={cfg.log.wandb!r} is a switch word, not a W&B "
+                                                      f"project name: log.wandb= (empty) turns W&B off, "
+                                                      f"log.wandb=PROJECT turns it on")
+    bad = sorted(set(cfg.log.wandb) & set(WANDB_FORBIDDEN))
+    _need(not bad and len(cfg.log.wandb) <= 128, f"log.wandb={cfg.log.wandb!r}: a W&B project name has at most 128 "
+                                                  f"characters, none of {' '.join(WANDB_FORBIDDEN)} ('' turns W&B off)")
     _need(cfg.resume in ("", "auto"),
           f"resume={cfg.resume!r}: use resume=auto (continue from out_dir's latest checkpoints)")
     _need(bool(cfg.init) or cfg.stage not in ("head", "ct", "ct_pipeline"),
@@ -92,11 +106,21 @@ def _check_run(cfg: Config) -> None:
     _need(cfg.log_every >= 1, f"log_every={cfg.log_every} must be >= 1 (steps between progress lines)")
     _need(cfg.signal_every >= 1, f"signal_every={cfg.signal_every} must be >= 1 (steps between stop-flag checks)")
     _need(cfg.max_skips >= 0, f"max_skips={cfg.max_skips} must be >= 0 (non-finite steps tolerated in a row)")
-    for key in ("ckpt_every", "keep_last", "threads"):
+    for key in ("ckpt_every", "ckpt_epochs", "keep_last", "threads", "smoke"):
         _need(getattr(cfg, key) >= 0, f"{key}={getattr(cfg, key)} must be >= 0")
     _need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
     _need(0 <= cfg.data.dali_hw_decoder_load <= 1,
           f"data.dali_hw_decoder_load={cfg.data.dali_hw_decoder_load} must be in [0, 1]")
+
+
+def _check_model_keys(m: ModelCfg) -> None:
+    """The model.* keys every stage reads (stages head / ct compare them with init's encoder: stage_init)."""
+    from maect.models.vit import ARCHS
+    _need(m.arch == "custom" or m.arch in ARCHS, f"model.arch={m.arch!r}: choose one of {sorted(ARCHS)} or 'custom'")
+    for k in ("patch_size", "embed_dim", "depth", "num_heads"):
+        _need(getattr(m, k) >= 0, f"model.{k}={getattr(m, k)} must be >= 0 (0: the arch's own)")
+    for k in ("img_size", "in_chans"):
+        _need(getattr(m, k) >= 1, f"model.{k}={getattr(m, k)} must be >= 1")
 
 
 def _check_model(m: ModelCfg, mask_ratio: float) -> int:
@@ -130,8 +154,9 @@ def _check_model(m: ModelCfg, mask_ratio: float) -> int:
 def _check_mae(s: MAECfg) -> None:
     _need(0.0 <= s.mask_ratio < 1.0, f"mae.mask_ratio={s.mask_ratio} must be in [0, 1)")
     _positive("mae.epochs", s.epochs)
-    _need(0 <= s.warmup_epochs <= s.epochs, f"mae.warmup_epochs={s.warmup_epochs} must lie in [0, mae.epochs="
-                                            f"{s.epochs}] (a longer warmup never reaches the peak lr)")
+    _need(0 <= s.warmup_epochs < s.epochs, f"mae.warmup_epochs={s.warmup_epochs} must be >= 0 and below mae.epochs="
+                                           f"{s.epochs} (the lr must reach its peak before the run ends, then decay): "
+                                           f"shorten mae.warmup_epochs with mae.epochs")
     _need(s.batch_size >= 1, f"mae.batch_size={s.batch_size} must be positive")
     _need(s.accum_steps >= 1, f"mae.accum_steps={s.accum_steps} must be >= 1")
     _need(s.batch_size % s.accum_steps == 0,
@@ -188,6 +213,7 @@ def check_tuned_from_block(t: int, depth: int, source: str) -> None:
 def _check_eval(e: EvalCfg, final: bool) -> None:
     from maect.eval.knn import min_temperature
     _need(e.knn_k >= 1, f"eval.knn_k={e.knn_k} must be >= 1")
+    _need(math.isfinite(e.knn_T), f"eval.knn_T={e.knn_T} must be finite")
     _need(e.knn_T > min_temperature(e.knn_k), f"eval.knn_T={e.knn_T} must exceed {min_temperature(e.knn_k):.4f}: "
                                               f"exp(s / T) over eval.knn_k={e.knn_k} neighbours overflows float32")
     banks = ("monitor", "final") if final else ("monitor",)

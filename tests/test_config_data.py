@@ -53,7 +53,8 @@ MONITOR_BELOW_K = "eval.monitor_train=10 is smaller than eval.knn_k=20: the moni
     (["ct.batch_size=1", "nnclr.queue_size=16384"], "ct.batch_size=1: the NNCLR head's BatchNorm"),
     (["mae.accum_steps=0"], "mae.accum_steps=0 must be >= 1"),
     (["mae.batch_size=100", "mae.accum_steps=3"], "mae.batch_size=100 must be divisible by mae.accum_steps=3"),
-    (["mae.warmup_epochs=11"], "mae.warmup_epochs=11.0 must lie in \\[0, mae.epochs=10.0\\]"),
+    (["mae.warmup_epochs=11"], "mae.warmup_epochs=11.0 must be >= 0 and below mae.epochs=10.0"),
+    (["mae.warmup_epochs=10"], "mae.warmup_epochs=10.0 must be >= 0 and below mae.epochs=10.0"),
     (["head.warmup_frac=1.5"], "head.warmup_frac=1.5 must lie in \\[0, 1\\]"),
     (["mae.mask_ratio=0.99"], "mae.mask_ratio=0.99 keeps 0 of the 49 patches"),
     (["mae.mask_ratio=0"], "mae.mask_ratio=0.0 keeps 49 of the 49 patches"),
@@ -232,3 +233,139 @@ def test_flip_rate_and_ctaug_ops_are_sane():
     hsv = A._hsv_to_rgb(A._rgb_to_hsv(x))
     assert torch.allclose(hsv, x, atol=1e-5)
     assert os.path.exists("/usr/share/datasets/fashion-mnist")
+
+
+# every config key: a value it takes, and values it must refuse (each a one-line ConfigError naming the key). A new
+# key without a row fails test_every_key_has_a_row. The run checked: preset=tiny stage=pipeline (every section).
+KEY_TABLE = {
+    "preset": ("tiny", ["nope"]),
+    "stage": ("mae", ["train", "true"]),
+    "out_dir": ("runs/x", ["", "  "]),
+    "init": ("x.pth", []),                  # any text is a path: maect.train checks it exists before any work
+    "seed": (3, [-1, 1.5, 2 ** 17, "true"]),
+    "device": ("cpu", ["gpu", "true"]),
+    "precision": ("fp32", ["fp16", "true"]),
+    "threads": (1, [-1, 1.5]),
+    "log_every": (5, [0, -1]),
+    "fused_optimizer": ("off", ["fast", "yes", "false"]),
+    "resume": ("auto", ["always", "yes"]),
+    "ckpt_every": (10, [-1]),
+    "ckpt_epochs": (0, [-1]),
+    "keep_last": (0, [-1]),
+    "max_skips": (0, [-1]),
+    "signal_every": (1, [0]),
+    "smoke": (2, [-1, 0.5, "true"]),
+    "model.arch": ("custom", ["vit_x", "true"]),
+    "model.img_size": (32, [0, 30]),
+    "model.patch_size": (7, [-1, 5]),
+    "model.in_chans": (1, [0, -3]),
+    "model.embed_dim": (64, [-4, 18, 30]),
+    "model.depth": (2, [-1, 0]),
+    "model.num_heads": (2, [-1, 5]),
+    "model.decoder_embed_dim": (32, [0, 30]),
+    "model.decoder_depth": (1, [0]),
+    "model.decoder_num_heads": (2, [0, 3]),
+    "model.pool": ("cls", ["max", "true"]),
+    "model.attention": ("math", ["fast"]),
+    "model.compile": ("true", ["maybe", 1]),
+    "model.compile_mode": ("max-autotune", ["turbo"]),
+    "model.grad_checkpointing": ("true", ["maybe", 2]),
+    "data.name": ("fashion_mnist", ["mnist", "true"]),
+    "data.root": ("/data", []),             # a path: maect.train / maect.eval check it before any work
+    "data.labels": ("", ["x.csv", "true"]),
+    "data.loader": ("cpu", ["gpu", "true"]),
+    "data.num_workers": (2, [-1]),
+    "data.skip_corrupt": ("true", ["maybe"]),
+    "data.dali_hw_decoder_load": (0.0, [1.5, -0.1, ".nan"]),
+    "data.shuffle_buffer": (1, [0]),
+    "mae.epochs": (2, [0, -1, ".inf", ".nan"]),
+    "mae.warmup_epochs": (0, [-1, 10, 11]),
+    "mae.batch_size": (128, [0]),
+    "mae.accum_steps": (2, [0, 3]),
+    "mae.blr": (1e-3, [0, ".nan", ".inf"]),
+    "mae.weight_decay": (0, [-0.1, ".inf"]),
+    "mae.mask_ratio": (0.5, [1, -0.1, 0.99]),
+    "mae.norm_pix_loss": ("false", ["maybe"]),
+    "mae.crop_scale": ("0.5,1", ["0.5,0.2", "0,1", "0.2", "0.2,1.5"]),
+    "mae.num_views": (2, [0]),
+    "nnclr.proj_hidden": (32, [0]),
+    "nnclr.proj_dim": (32, [0]),
+    "nnclr.pred_hidden": (32, [0]),
+    "nnclr.queue_size": (512, [0, 100]),
+    "nnclr.queue_dtype": ("bf16", ["fp16", "true"]),
+    "head.epochs": (1, [0, ".inf"]),
+    "head.warmup_frac": (0.5, [1.5, -0.1]),
+    "head.batch_size": (128, [1, 0]),
+    "head.blr": (1e-3, [0]),
+    "head.weight_decay": (0, [-1]),
+    "head.tau": (0.1, [0, -0.1]),
+    "head.topk": (2, [0, 10 ** 9]),
+    "head.crop_scale": ("0.5,1", ["0.5,0.2"]),
+    "ct.epochs": (1, [0]),
+    "ct.warmup_frac": (0, [2]),
+    "ct.batch_size": (128, [1]),
+    "ct.blr": (1e-3, [0]),
+    "ct.weight_decay": (0, [-1]),
+    "ct.head_blr": (1e-3, [0]),
+    "ct.head_weight_decay": (0, [-1]),
+    "ct.tau": (0.2, [0]),
+    "ct.topk": (5, [0, 10 ** 9]),
+    "ct.target_ema": (0.9, [1.5, -0.1]),
+    "ct.encoder_ema": (0.9, [1.5]),
+    "ct.llrd": (0.5, [0, 1.5]),
+    "ct.tuned_from_block": (1, [-2, 4]),
+    "ct.aug": ("true", ["maybe"]),
+    "ct.crop_scale": ("0.5,1", ["1,0.5"]),
+    "eval.knn_k": (10, [0]),
+    "eval.knn_T": (0.1, [0, ".inf"]),
+    "eval.monitor_train": (0, [-1, 10]),
+    "eval.monitor_test": (0, [-1]),
+    "eval.final_train": (0, [-1, 10]),
+    "eval.final_test": (0, [-1]),
+    "eval.use_ema": ("true", ["maybe"]),
+    "log.tensorboard": ("true", ["maybe"]),
+    "log.wandb": ("my-project", ["false", "off", "true", "a/b", "x" * 129]),
+}
+
+
+def test_every_key_has_a_row():
+    from maect.config import Config, _all_keys
+    assert set(KEY_TABLE) == set(_all_keys(Config()))
+
+
+@pytest.mark.parametrize("key", sorted(KEY_TABLE))
+def test_each_key_takes_only_its_documented_values(key):
+    """The good value loads (and is stored as given); each bad one is a ConfigError whose one line names the key.
+    Before: log.wandb=false / off became a W&B project named 'False', smoke=-1 trained 0 steps, fused_optimizer=fast
+    silently ran plain AdamW, ckpt_epochs=-1 was taken."""
+    base = ["preset=tiny", "stage=pipeline"]
+    good, bads = KEY_TABLE[key]
+    load_config(base + [f"{key}={good}"])
+    name = key if key != "preset" else "preset"
+    for bad in bads:
+        with pytest.raises(ConfigError) as e:
+            load_config(base + [f"{key}={bad}"])
+        msg = str(e.value)
+        assert "\n" not in msg and (name in msg or (key.startswith("model.") and "model." in msg)), (key, bad, msg)
+
+
+def test_string_keys_refuse_yaml_booleans_and_lists():
+    """A preset file's unquoted `wandb: false` reaches a string key as YAML's False: refused naming the key, for
+    every string key (before: it became the text 'False'). On the command line a string key takes the text as
+    typed, so fused_optimizer=off is 'off'."""
+    from maect.config import Config, _all_keys, set_key
+    cfg = Config()
+    def get(k):
+        obj = cfg
+        for p in k.split("."):
+            obj = getattr(obj, p)
+        return obj
+    str_keys = [k for k in _all_keys(cfg) if isinstance(get(k), str)]
+    assert "log.wandb" in str_keys and "out_dir" in str_keys
+    for k in str_keys:
+        for v in (False, True, ["a"]):
+            with pytest.raises(ConfigError, match=f"config key '{k}': expected"):
+                set_key(Config(), k, v)
+    assert load_config(["preset=tiny", "fused_optimizer=off"]).fused_optimizer == "off"
+    assert load_config(["preset=tiny", "log.wandb=''"]).log.wandb == ""
+    assert load_config(["preset=tiny", "log.wandb="]).log.wandb == ""

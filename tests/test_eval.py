@@ -418,3 +418,107 @@ def test_summary_is_knn_and_kmeans_of_the_same_features_and_formats_a_table():
     bad = (good[0], good[1], good[2].clone().index_fill_(0, torch.tensor([0]), float("nan")), good[3])
     with pytest.raises(NonFiniteFeatures):
         summarize({"MAE": bad}, num_classes=C)
+
+
+# ------------------------------------------------------------------------------------------ degenerate data
+def class_folders(root, counts: dict) -> str:
+    """An image folder root/{train,val}/<class>/*.png: counts {class: (n_train, n_val)} of random 28x28 images."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for cls, (n_tr, n_va) in counts.items():
+        for split, n in (("train", n_tr), ("val", n_va)):
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(
+                    os.path.join(root, split, cls, f"{i}.png"))
+    return str(root)
+
+
+def rgb_checkpoint(path) -> str:
+    """A 28-px, 3-channel, 32-d x 2-block encoder with the maect config that describes it (image folders decode to
+    RGB)."""
+    from maect import hub
+    from maect.config import Config, to_dict
+    cfg = Config()
+    m = cfg.model
+    m.arch, m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads = "custom", 28, 7, 3, 32, 2, 2
+    m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.pool = 16, 1, 2, "mean"
+    torch.manual_seed(0)
+    torch.save({"model": hub.model_from_cfg(m, decoder=True).state_dict(), "args": to_dict(cfg)}, path)
+    return str(path)
+
+
+def test_cli_on_one_class_says_why_each_protocol_cannot_run(tmp_path):
+    """A folder with one class: exit != 0 with one line naming, per protocol, why it cannot run, and the JSON is
+    written with those reasons. Before: a scikit-learn traceback from the low-shot fit, and no JSON at all."""
+    from maect.eval.__main__ import main
+    ckpt = rgb_checkpoint(tmp_path / "tiny.pth")
+    root = class_folders(tmp_path / "imgs", {"only": (12, 6)})
+    out = tmp_path / "res.json"
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", str(ckpt), "--data", "imagefolder", "--data-root", root, "--out", str(out),
+              "--probe-epochs", "1", "--kmeans-restarts", "1"])
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("maect.eval: not run on this data: knn: the train split has 1 class "
+                                              "(12 features): a classification accuracy needs at least 2")
+    res = json.loads(out.read_text())
+    assert set(res["not_run"]) == {"knn", "probe", "lowshot", "cluster"} and res["protocols"] == {}
+
+
+def test_cli_keeps_what_it_computed_and_names_each_setting_it_skips(tmp_path, monkeypatch):
+    """Two classes, one with a single training image: the 2- and 5-shot settings are named as not run (a class has
+    1 image), the rest runs; then a protocol that fails (here an injected error in k-means) leaves the JSON of the
+    protocols computed before it. Before: shot_split silently took 1 image for that class in every setting."""
+    from maect.eval import __main__ as ev
+    ckpt = rgb_checkpoint(tmp_path / "tiny.pth")
+    root = class_folders(tmp_path / "imgs", {"a": (12, 5), "b": (1, 5)})
+    out = tmp_path / "res.json"
+
+    def broken(*a, **k):
+        raise RuntimeError("k-means failed")
+    monkeypatch.setattr(ev, "cluster_eval", broken)
+    argv = ["--ckpt", str(ckpt), "--data", "imagefolder", "--data-root", root, "--out", str(out),
+            "--probe-epochs", "1", "--knn-k", "5"]
+    with pytest.raises(RuntimeError, match="k-means failed"):
+        ev.main(argv)
+    res = json.loads(out.read_text())
+    assert set(res["protocols"]) == {"knn", "probe", "lowshot"}
+    assert set(res["protocols"]["lowshot"]) == {"1-shot", "1%"}
+    assert res["not_run"] == {"lowshot 2-shot": "a class has 1 train image, fewer than 2",
+                              "lowshot 5-shot": "a class has 1 train image, fewer than 5"}
+    assert {"k5", "k10"} <= set(res["protocols"]["knn"])
+    # a k above the bank (13 train features here) is named, the k that fits is reported
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv[:-2] + ["--knn-k", "20", "--protocols", "knn"])
+    assert str(e.value.code).startswith("maect.eval: not run on this data: knn k=20: k=20 exceeds the 13 train "
+                                        "features (the k-NN bank)")
+    assert set(json.loads(out.read_text())["protocols"]["knn"]) == {"T", "standardize", "k10"}
+
+
+def test_cli_names_an_unreadable_checkpoint_and_offers_a_flag_for_extra_weights(tmp_path):
+    """A truncated .pth, a file of another format, a missing path: one line naming the file (before: a 12-line
+    traceback). Weights the encoder has no place for: the advice is a flag of this command (--non-strict), which
+    then evaluates the rest; before, the message said strict=False, which no flag offered."""
+    from maect.eval.__main__ import main
+    ckpt = rgb_checkpoint(tmp_path / "tiny.pth")
+    raw = open(ckpt, "rb").read()
+    (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 2])
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for path, line in ((tmp_path / "cut.pth", "is truncated"), (tmp_path / "text.pth", "is not a torch checkpoint"),
+                       (tmp_path / "none.pth", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(path), "--out", str(tmp_path / "r.json")])
+        msg = str(e.value.code)
+        assert msg.startswith(f"maect.eval: --ckpt ") and line in msg and str(path) in msg and "\n" not in msg, msg
+    ck = torch.load(ckpt, weights_only=True)
+    ck["model"]["blocks.0.ls1.gamma"] = torch.ones(32)          # layer scale: a ViT variant maect does not build
+    torch.save(ck, tmp_path / "ls.pth")
+    root = class_folders(tmp_path / "imgs", {"a": (12, 4), "b": (12, 4)})
+    argv = ["--ckpt", str(tmp_path / "ls.pth"), "--data", "imagefolder", "--data-root", root, "--protocols", "knn",
+            "--knn-k", "5", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = str(e.value.code)
+    assert "ls1.gamma (1 tensors)" in msg and "--non-strict evaluates without them" in msg and "strict=False" not in msg
+    assert 0 <= main(argv + ["--non-strict"])["protocols"]["knn"]["k5"] <= 100

@@ -222,8 +222,10 @@ def test_train_head_init_from_official_checkpoint(tmp_path):
                 "args": argparse.Namespace(model="mae_vit_custom")}, path)
     cfg = C.Config()
     cfg.nnclr = C.NNCLRCfg(proj_hidden=32, proj_dim=16, pred_hidden=32, queue_size=64)
+    cfg.model.arch = "custom"       # sizes left 0: the encoder's (the default vit_b16 would be refused: 768 != 192)
     encoder, head, queue = stage_init.load_for_nnclr(cfg, types.SimpleNamespace(device=torch.device("cpu")), path)
     assert encoder.embed_dim == 192 and encoder.depth == 2 and not encoder.has_decoder
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.patch_size) == (192, 2, 16)
 
 
 # ------------------------------------------------------------------------------------------------ export

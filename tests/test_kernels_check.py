@@ -58,3 +58,24 @@ def test_check_exits_1_on_a_mismatch(fresh, capsys):
         D.set_timer(None)
     out = capsys.readouterr().out
     assert "NO: mismatch: row 0" in out and "MISMATCH or ERROR" in out
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["mae.blr=abc"], "config key 'mae.blr': expected a number, got 'abc'"),
+    (["nokey=1"], "unknown config key 'nokey'"),
+    (["head.batch_size=1"], "head.batch_size=1: the NNCLR head's BatchNorm needs at least 2 samples"),
+    (["--bank", "5"], "--bank=5 is smaller than eval.knn_k=20"),
+    (["--world-size", "3"], "--world-size=3 does not divide mae.batch_size=256 (batch sizes are global)"),
+    (["--world-size", "2", "mae.accum_steps=256"], "--world-size=2 does not divide mae.batch_size=256 x "
+                                                   "mae.accum_steps=256"),
+    (["--world-size", "0"], "--world-size=0 must be >= 1"),
+])
+def test_bad_arguments_are_one_line_before_any_measurement(fresh, capsys, monkeypatch, argv, line):
+    """Exit status 2 and one line on stderr naming the value; nothing is measured. Before: a traceback for an
+    unknown preset or a bad override, --bank below k failed deep in the k-NN case, and --world-size 3 silently
+    measured N = 256 // 3 = 85 rows per rank (no run of that batch exists)."""
+    monkeypatch.setattr(check, "run", lambda *a, **k: pytest.fail("measured despite bad arguments"))
+    assert check.main(["--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("maect.kernels.check: ") and line in err, err

@@ -370,3 +370,26 @@ def test_kernels_compile_for_sm90():
                        timeout=400)
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0
+
+
+def test_integer_like_k_is_taken_and_bad_k_named():
+    """k from numpy or a 0-d integer tensor (an argsort result, a config read by numpy) is the same k as the int;
+    a float, a bool or a 1-element tensor is a TypeError saying it must be an integer, and k outside [1, Q] a
+    ValueError naming Q. Before: np.int64(2) was refused with 'k=2 must satisfy 1 <= k <= Q'."""
+    import numpy as np
+    from maect.kernels import queue_topk
+    q, e, _, _, _, _ = make(3, 17, 16, torch.float32)
+    want = queue_topk(q, e, 2)
+    for k in (np.int64(2), np.int32(2), np.uint8(2), torch.tensor(2), torch.tensor(2, dtype=torch.int32)):
+        got = queue_topk(q, e, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), type(k)
+    for k, match in ((2.0, r"k=2.0 \(float\) must be an integer"), (np.float32(2), "must be an integer"),
+                     (torch.tensor(2.0), "must be an integer"), (True, "k=True is a bool"),
+                     (np.bool_(True), "is a bool"), (torch.tensor(True), "is a bool"),
+                     (torch.tensor([2]), r"one integer, got a tensor of shape \(1,\)"), ("2", "must be an integer")):
+        with pytest.raises(TypeError, match=match):
+            queue_topk(q, e, k)
+    for k, match in ((0, "k=0 must be >= 1"), (np.int64(18), "k=18 exceeds the queue size Q=17"),
+                     (-1, "k=-1 must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            queue_topk(q, e, k)

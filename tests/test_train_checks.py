@@ -113,3 +113,111 @@ def test_init_encoder_must_match_the_loader_and_ct_settings(tmp_path):
                                                     "has 4 blocks \\(init=m.pth\\)")]:
         with pytest.raises(ConfigError, match=match):
             check_encoder(load_config(TINY + ["stage=ct_pipeline", "init=m.pth", *args]), enc, "m.pth")
+
+
+# ------------------------------------------------------------------------------------------ init of another size
+def test_init_of_another_size_is_refused_before_any_step(tmp_path):
+    """stage=ct_pipeline / head from an encoder whose width differs from model.*: one line naming the key and both
+    sizes, before any step and with no checkpoint. Before: the head stage trained and recorded the config's size,
+    then stage 3 (and maect.eval on the head checkpoint) died in load_state_dict with a 12-line traceback."""
+    from types import SimpleNamespace
+    from maect.stage_init import load_for_nnclr
+    init = tiny_encoder_checkpoint(tmp_path / "m.pth")           # TINY: 32-d x 4 blocks, 4 heads, patch 4
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    for over, line in ((["model.embed_dim=48"], "model.embed_dim=48, but the encoder of init="),
+                       (["model.depth=6"], "model.depth=6, but the encoder of init="),
+                       (["model.arch=vit_s16", "model.embed_dim=0", "model.depth=0", "model.num_heads=0",
+                         "model.patch_size=0"], "model.arch=vit_s16 (patch_size 16), but the encoder of init=")):
+        cfg = load_config(TINY + ["stage=ct_pipeline", f"init={init}", *over])
+        with pytest.raises(ConfigError, match=line.replace("(", "\\(").replace(")", "\\)")) as e:
+            load_for_nnclr(cfg, cpu, init)
+        assert "\n" not in str(e.value) and "width x depth x heads 32x4x4, patch 4" in str(e.value)
+    # the CLI: one line, no stage trained
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["stage=ct_pipeline", f"init={init}", "model.embed_dim=48", f"out_dir={tmp_path / 'run'}"])
+    assert str(e.value.code).startswith("maect.train: model.embed_dim=48, but the encoder of init=")
+    assert not list((tmp_path / "run").rglob("*.pth"))
+    # a size the config leaves open (custom, 0) is the encoder's, so the stage's checkpoints record it
+    cfg = load_config(TINY + ["stage=head", f"init={init}", "model.embed_dim=0", "model.num_heads=0"])
+    enc = load_for_nnclr(cfg, cpu, init)[0]
+    assert (cfg.model.embed_dim, cfg.model.num_heads) == (32, 4) == (enc.embed_dim, enc.num_heads)
+    # weights without a config (official / timm layout) do not record the head count: the config's is used
+    wide = ["model.embed_dim=192", "model.num_heads=6"]       # 192: hub guesses 3 heads from the width alone
+    torch.save({"model": hub.model_from_cfg(load_config(TINY + wide).model, decoder=False).state_dict()},
+               tmp_path / "bare.pth")
+    cfg = load_config(TINY + ["stage=head", f"init={tmp_path / 'bare.pth'}", *wide])
+    enc = load_for_nnclr(cfg, cpu, str(tmp_path / "bare.pth"))[0]
+    assert enc.num_heads == 6 and cfg.model.num_heads == 6
+    assert hub.load_encoder(str(tmp_path / "bare.pth"))[0].num_heads == 3
+
+
+def test_head_checkpoint_of_a_sized_run_is_readable(tmp_path):
+    """A head stage from an init whose size the config states correctly writes a checkpoint that maect.hub (and so
+    maect.eval and stage 3) rebuilds with the same encoder: the frozen encoder's features are the init's."""
+    from test_accum import image_folder
+    init = tiny_encoder_checkpoint(tmp_path / "m.pth")
+    root = image_folder(tmp_path / "imgs")
+    cfg = load_config(TINY + ["stage=head", f"init={init}", "model.embed_dim=0", "data.name=folder",
+                              f"data.root={root}", "smoke=1", "head.batch_size=16", f"out_dir={tmp_path / 'out'}"])
+    path = train.run(cfg)["head_checkpoint"]
+    enc, info = hub.load_encoder(path)
+    ref = hub.load_encoder(init)[0]
+    x = torch.randn(2, 3, 28, 28)
+    assert info["model_cfg"].embed_dim == 32 and torch.equal(enc.forward_features(x), ref.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------ bad paths: one line
+def test_bad_out_dirs_and_checkpoints_are_one_line_before_any_work(tmp_path):
+    """out_dir (or the TensorBoard folder in it) that is a file, an init that is truncated, a folder, or not a
+    checkpoint: one line naming the path, exit != 0, before the data is opened. Before: FileExistsError tracebacks
+    (15 lines for the TensorBoard folder) and a 13-line traceback for a truncated init."""
+    init = tiny_encoder_checkpoint(tmp_path / "m.pth")
+    raw = open(init, "rb").read()
+    (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 3])
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "run" / "tb").parent.mkdir()
+    (tmp_path / "run" / "tb").write_text("")
+    cases = [([f"out_dir={tmp_path / 'file'}"], f"out_dir={tmp_path / 'file'}: {tmp_path / 'file'} is a file"),
+             ([f"out_dir={tmp_path / 'run'}", "log.tensorboard=true"], f"{tmp_path / 'run' / 'tb'} is a file"),
+             (["stage=head", f"init={tmp_path / 'cut.pth'}"], "is truncated"),
+             (["stage=head", f"init={tmp_path / 'text.pth'}"], "is not a torch checkpoint (it starts with b'hell'"),
+             (["stage=head", f"init={tmp_path}"], "is a folder, not a checkpoint file"),
+             (["stage=head", f"init={tmp_path / 'none.pth'}"], "does not exist")]
+    for args, line in cases:
+        with pytest.raises(SystemExit) as e:
+            main(TINY + [f"out_dir={tmp_path / 'o'}", *args])
+        msg = str(e.value.code)
+        assert msg.startswith("maect.train: ") and line in msg and "\n" not in msg, (args, msg)
+
+
+# ------------------------------------------------------------------------------------------ resume, changed config
+def test_resume_with_a_changed_config_is_refused_and_config_yaml_kept(tmp_path):
+    """resume=auto with changed keys: refused in one line naming each key with the checkpoint's and the run's
+    value, whether the stage finished (checkpoint-final.pth) or not (checkpoint-latest.pth), and config.yaml keeps
+    the values the checkpoints were trained with. Keys that change no number (log.*, keep_last,
+    model.grad_checkpointing) may change. Before: a finished stage was skipped with exit status 0 and config.yaml
+    rewritten with the new values."""
+    from test_accum import image_folder
+    root = image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    base = TINY + ["stage=mae", "data.name=folder", f"data.root={root}", "smoke=2", "ckpt_every=1", f"out_dir={out}"]
+    main(base)
+    saved = (out / "config.yaml").read_text()
+    for state in ("finished", "unfinished"):
+        if state == "unfinished":           # a run stopped before its end: only numbered / latest checkpoints
+            os.remove(out / "mae" / "checkpoint-final.pth")
+        with pytest.raises(SystemExit) as e:
+            main(base + ["resume=auto", "mae.blr=0.01", "mae.mask_ratio=0.5"])
+        msg = str(e.value.code)
+        ckpt = "checkpoint-final.pth" if state == "finished" else "checkpoint-latest.pth"
+        assert msg.startswith(f"maect.train: refusing to resume from {out / 'mae' / ckpt}: it was written with "
+                              f"another config (mae.blr: checkpoint 0.0015 vs run 0.01; mae.mask_ratio: checkpoint "
+                              f"0.75 vs run 0.5)") and "\n" not in msg, msg
+        assert (out / "config.yaml").read_text() == saved, state
+    main(base + ["resume=auto", "keep_last=3", "model.grad_checkpointing=true", "log.tensorboard=false"])
+    assert (out / "mae" / "checkpoint-final.pth").exists()
+    now = (out / "config.yaml").read_text()
+    assert "keep_last: 3" in now and "grad_checkpointing: true" in now
+    assert now.replace("keep_last: 3", "keep_last: 2").replace("resume: auto", "resume: ''").replace("grad_checkpointing: true",
+                                                                "grad_checkpointing: false") == saved

@@ -31,6 +31,8 @@ from maect.eval.probe import linear_probe
 
 log = logging.getLogger("maect")
 PROTOCOLS = ("knn", "probe", "lowshot", "cluster")
+STRICT_ADVICE = ("--non-strict evaluates without them (the features then come from another model than the one "
+                 "trained)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export-features", default=None, metavar="DIR",
                    help="cache features here (DIR/train.*, DIR/test.*) and reuse them when the metadata matches")
     p.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's EMA encoder")
+    p.add_argument("--non-strict", action="store_true", help="load the encoder even when the checkpoint holds weights "
+                   "it has no place for (a ViT variant it does not implement: the features then come from another "
+                   "model than the one trained; the log names the weights left out)")
     p.add_argument("--batch-size", type=int, default=256, help="encoder batch size for feature extraction")
     p.add_argument("--train-limit", type=int, default=None, help="use the first N train images")
     p.add_argument("--test-limit", type=int, default=None, help="use the first N test images")
@@ -137,7 +142,18 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
 def run(args) -> dict:
     from maect.hub import load_encoder   # imported here: the protocols above need no checkpoint code
     device = resolve_device(args.device)
-    model, info = load_encoder(args.ckpt, use_ema=args.use_ema)
+    from maect.checkpoint import one_line, unreadable
+    from maect.hub import is_safetensors
+    why = None if is_safetensors(args.ckpt) or not os.path.isfile(args.ckpt) else unreadable(args.ckpt)
+    if why:         # truncated, foreign: named before anything is loaded
+        raise SystemExit(f"maect.eval: --ckpt {why}")
+    try:
+        model, info = load_encoder(args.ckpt, use_ema=args.use_ema, strict=not args.non_strict)
+    except (ValueError, FileNotFoundError) as exc:      # missing, truncated, foreign or unsupported weights
+        msg = one_line(str(exc)).replace("pass strict=False to ignore them", STRICT_ADVICE)
+        raise SystemExit(f"maect.eval: --ckpt {msg}") from None
+    if args.non_strict and info["unexpected"]:
+        log.warning(f"[eval] --non-strict: {'; '.join(n for n in info['notes'] if 'strict=False' in n)}")
     model.to(device)
     pool = args.pool or info.get("pool") or "cls"
     recorded = info.get("data") or {}
@@ -156,13 +172,21 @@ def run(args) -> dict:
     res["seconds"]["features"] = time.perf_counter() - t0
     res.update(num_classes=C, n_train=int(tr_f.shape[0]), n_test=int(te_f.shape[0]), dim=int(tr_f.shape[1]),
                feature_source={"train": src_tr, "test": src_te}, unlabelled_left_out={"train": un_tr, "test": un_te})
-    P = res["protocols"]
+    P, res["not_run"] = res["protocols"], {}
+    out = out_path(args)
     for name in args.protocols:
+        why = why_not(name, args, tr_y, te_y, C)
+        if why:                 # recorded and reported; the other protocols still run
+            res["not_run"][name] = why
+            log.warning(f"[eval] {name} not run: {why}")
+            continue
         t = time.perf_counter()
         log.info(f"[eval] {name} on {tr_f.shape[0]} train / {te_f.shape[0]} test features (D={tr_f.shape[1]}, "
                  f"{device})")
         if name == "knn":
-            ks = sorted({10, args.knn_k})
+            ks = [k for k in sorted({10, args.knn_k}) if k <= tr_f.shape[0]]   # why_not: at least one fits the bank
+            res["not_run"].update({f"knn k={k}": f"k={k} exceeds the {tr_f.shape[0]} train features (the k-NN bank)"
+                                   for k in sorted({10, args.knn_k}) if k > tr_f.shape[0]})
             acc = knn_accuracy(tr_f, tr_y, te_f, te_y, k=ks, T=args.knn_T, num_classes=C,
                                standardize=args.knn_standardize)
             P["knn"] = {"T": args.knn_T, "standardize": args.knn_standardize, **{f"k{k}": a for k, a in acc.items()}}
@@ -170,7 +194,9 @@ def run(args) -> dict:
             P["probe"] = linear_probe(tr_f, tr_y, te_f, te_y, num_classes=C, epochs=args.probe_epochs,
                                       batch_size=args.probe_batch, seed=args.seed, progress="probe")
         elif name == "lowshot":
-            P["lowshot"] = lowshot(tr_f, tr_y, te_f, te_y, seed=args.seed, max_iter=args.lowshot_max_iter,
+            shots, short = lowshot_shots(tr_y)
+            res["not_run"].update({f"lowshot {s}-shot": why for s, why in short.items()})
+            P["lowshot"] = lowshot(tr_f, tr_y, te_f, te_y, shots=shots, seed=args.seed, max_iter=args.lowshot_max_iter,
                                    preprocessing=args.lowshot_preprocess, progress="low-shot")
         elif name == "cluster":
             f, y = (tr_f, tr_y) if args.cluster_split == "train" else (te_f, te_y)
@@ -179,7 +205,66 @@ def run(args) -> dict:
                                  split=args.cluster_split)
         res["seconds"][name] = time.perf_counter() - t
         log.info(f"[eval] {name} done in {res['seconds'][name]:.1f} s")
+        write_json(out, res, default=float)     # atomic, after every protocol: a later failure keeps this one
     return res
+
+
+def out_path(args) -> str:
+    """--out, default eval_<ckpt name>.json next to the checkpoint."""
+    return args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                    f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")
+
+
+def check_out(path: str) -> str | None:
+    """Why the results JSON cannot be written at path (one line), or None; checked before any feature is computed."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--out {path} is a folder; name the JSON file (e.g. {os.path.join(path, 'eval.json')})"
+    if not os.path.isdir(d):
+        return f"--out {path}: the folder {d} does not exist" if not os.path.exists(d) else \
+            f"--out {path}: {d} is a file, not a folder"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"--out {path}: the folder {d} is not writable"
+    return None
+
+
+def _class_counts(y: torch.Tensor) -> torch.Tensor:
+    return torch.unique(y[y >= 0].cpu(), return_counts=True)[1]
+
+
+def why_not(name: str, args, tr_y: torch.Tensor, te_y: torch.Tensor, num_classes: int) -> str | None:
+    """Why protocol `name` cannot give a meaningful number on these labels (one line naming the count), or None.
+    Every protocol needs a test split and 2 classes in the train split (an accuracy over one class measures
+    nothing); k-NN a train bank of at least k=10 or --knn-k features; the probe 2 features beside its validation
+    split; k-means (k = the number of classes) at least k features in the split it clusters. Low-shot settings that
+    need more images of a class than it has are left out one by one (lowshot_shots)."""
+    n_tr, n_te, counts = int(tr_y.numel()), int(te_y.numel()), _class_counts(tr_y)
+    if name != "cluster" or args.cluster_split == "test":
+        if n_te == 0:
+            return "the test split has no labelled feature"
+    if counts.numel() < 2:
+        return (f"the train split has {counts.numel()} class{'es' * (counts.numel() != 1)} ({n_tr} features): a "
+                f"classification accuracy needs at least 2")
+    if name == "knn" and n_tr < min(10, args.knn_k):
+        return f"k={min(10, args.knn_k)} exceeds the {n_tr} train features (the k-NN bank)"
+    if name == "probe":
+        n_val = max(1, int(round(0.1 * n_tr)))
+        if n_tr - n_val < 2:
+            return f"{n_tr} train features leave {n_tr - n_val} beside the probe's validation split of {n_val} (needs 2)"
+    if name == "cluster":
+        n = n_tr if args.cluster_split == "train" else n_te
+        if n < num_classes:
+            return f"k-means with k={num_classes} classes needs at least {num_classes} features; the {args.cluster_split} split has {n}"
+    return None
+
+
+def lowshot_shots(tr_y: torch.Tensor) -> tuple[tuple, dict]:
+    """(the low-shot settings every class has images for, {shots: why not} for the others)."""
+    from maect.eval.lowshot import SHOTS
+    counts = _class_counts(tr_y)
+    least = int(counts.min()) if counts.numel() else 0
+    ok = tuple(s for s in SHOTS if s <= least)
+    return ok, {s: f"a class has {least} train image{'s' * (least != 1)}, fewer than {s}" for s in SHOTS if s > least}
 
 
 def table(res: dict) -> str:
@@ -211,15 +296,23 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not logging.getLogger().handlers:   # progress lines (maect.progress) on stdout, like maect.train's
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    out = out_path(args)
+    why = check_out(out)
+    if not why and args.export_features and os.path.exists(args.export_features) and \
+            not os.path.isdir(args.export_features):
+        why = f"--export-features {args.export_features} is a file, not a folder for the feature cache"
+    if why:
+        sys.exit(f"maect.eval: {why}")
     try:
         res = run(args)
     except NonFiniteFeatures as e:
         sys.exit(f"maect.eval: {e}")
     print(table(res))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                   f"eval_{os.path.splitext(os.path.basename(args.ckpt))[0]}.json")
     write_json(out, res, default=float)   # default=float: numpy scalars
     print(f"wrote {out}")
+    if res["not_run"]:
+        sys.exit("maect.eval: not run on this data: " + "; ".join(f"{k}: {v}" for k, v in res["not_run"].items())
+                 + f" (the rest is in {out})")
     return res
 
 
