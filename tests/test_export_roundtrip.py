@@ -102,6 +102,7 @@ def test_init_from_an_export_keeps_its_heads(tmp_path):
     want = features(ckpt, img)[0]
     cfg = C.Config()
     cfg.nnclr = C.NNCLRCfg(proj_hidden=32, proj_dim=16, pred_hidden=32, queue_size=64)
+    cfg.model.arch = "custom"       # sizes left 0: the export's (a preset of another size is refused by name)
     di = types.SimpleNamespace(device=torch.device("cpu"))
     x = torch.randn(3, 3, img, img, generator=torch.Generator().manual_seed(1))
     for fmt, out in (("timm", tmp_path / "t.pth"), ("mae", tmp_path / "m.pth"), ("safetensors", tmp_path / "st")):
