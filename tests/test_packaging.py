@@ -140,6 +140,20 @@ def test_editable_install_maps_kernels_and_dataloading(editable, tmp_path):
                        src / "dataloading" / "__init__.py", src / "csrc"], (cwd, got)
 
 
+def test_editable_venv_sees_this_interpreters_packages(editable):
+    """The fixture's venv imports torch, setuptools and wheel from the files this interpreter imports (inside a
+    venv: the venv's, not its base interpreter's, which may lack wheel or hold an older setuptools)."""
+    py, _ = editable
+    code = "import torch, setuptools, wheel; print(torch.__file__, setuptools.__file__, wheel.__file__)"
+    r = run_py(code, python=py, cwd=py.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import setuptools
+    import torch
+    import wheel
+    assert [str(Path(p).resolve()) for p in r.stdout.split()] == [
+        str(Path(m.__file__).resolve()) for m in (torch, setuptools, wheel)]
+
+
 @pytest.mark.parametrize("name", ["setup", "maect", "bench", "tests"])
 def test_repository_folders_are_not_maect_submodules(editable, name):
     """In a checkout (its root on sys.path, as `python -m ...` puts it there) the repository's other top-level
