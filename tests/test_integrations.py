@@ -264,10 +264,79 @@ def test_nnclr_find_nn_ties_dtypes_errors():
         nnclr_find_nn(z, queue, topk=0)
     with pytest.raises(ValueError, match="both"):
         nnclr_find_nn(z, queue, queue_id, None)
-    bad = z.clone()
-    bad[3] = float("nan")
-    with pytest.raises(ValueError, match=r"rows \[3\]"):
-        nnclr_find_nn(bad, queue)
+    with pytest.raises(ValueError, match="Q >= topk=65"):
+        nnclr_find_nn(z, queue, topk=65)
+    with pytest.raises(ValueError, match="float tensor"):
+        nnclr_find_nn(z.long(), queue)
+
+
+def same(a, b):
+    """Bitwise equal, NaN equal to NaN (a picked NaN row)."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def test_non_finite_rows_pick_what_the_replaced_code_picks():
+    """A NaN row in z: solo-learn's max, MAE-CT's max / topk and lightly's argmax return index 0 (their all-NaN
+    similarity row); a NaN or inf row in the queue / bank: every row gets the first NaN entry, as their max /
+    argmax; a row whose entries are all its own id: MAE-CT's -1 similarities, its pick. The adapters return the
+    same, and agree with each other on normalised inputs."""
+    z, queue, queue_id, ids = queue_case(B=16, Q=256, D=16)
+    z[3] = float("nan")
+    z[5, 2] = float("inf")
+    assert torch.equal(nnclr_find_nn(z, queue)[0], solo_find_nn(z, queue)[0])
+    assert int(nnclr_find_nn(z, queue)[0][3]) == 0 == int(solo_find_nn(z, queue)[0][3])
+    bank_idx = ml.nearest_index(z, queue)
+    assert torch.equal(bank_idx, lightly_lines(z, queue)) and torch.equal(bank_idx, nnclr_find_nn(z, queue)[0])
+    for topk in (1, 20):
+        torch.manual_seed(4)
+        want = maect_head_find_nn(z, queue, queue_id, ids, 0 if topk == 1 else topk)
+        torch.manual_seed(4)
+        got = nnclr_find_nn(z, queue, queue_id, ids, topk=topk)
+        assert torch.equal(got[0], want[0]) and same(got[1], want[1])
+    q2 = queue.clone()
+    q2[40] = float("nan")
+    q2[7, 0] = float("inf")
+    for zz in (z, F.normalize(torch.randn(16, 16), dim=1)):
+        got, want = nnclr_find_nn(zz, q2), solo_find_nn(zz, q2)
+        assert torch.equal(got[0], want[0]) and same(got[1], want[1])
+        assert torch.equal(ml.nearest_index(zz, q2), lightly_lines(zz, q2))
+    ref, ours = pair(256, 16, seed=5)
+    for m in (ref, ours):
+        m.bank[9] = float("nan")
+    x = torch.randn(8, 16)
+    x[2] = float("nan")
+    assert same(ref(x), ours(x)) and same(ours(x)[0], ref.bank[9])
+    own = torch.full((256,), 7)                                      # every entry is the query's own sample
+    own[200:] = torch.arange(56) + 1000
+    zz, ii = F.normalize(torch.randn(4, 16), dim=1), torch.full((4,), 7)
+    torch.manual_seed(5)
+    want = maect_head_find_nn(zz, queue, own, ii, 64)                # 56 admissible: 8 more from its own
+    torch.manual_seed(5)
+    assert torch.equal(nnclr_find_nn(zz, queue, own, ii, topk=64)[0], want[0])
+
+
+def lightly_lines(x, bank):
+    return (F.normalize(x, dim=1) @ F.normalize(bank, dim=1).t()).argmax(dim=1)
+
+
+def test_fp64_is_searched_as_the_replaced_code_does():
+    """fp64 z and queue / output and bank, which solo-learn, MAE-CT and lightly accept: the adapters run their lines
+    in fp64 and return the same indices and rows (fp64)."""
+    z, queue, queue_id, ids = queue_case(B=16, Q=256, D=16)
+    z, queue = z.double(), queue.double()
+    got, want = nnclr_find_nn(z, queue), solo_find_nn(z, queue)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[1].dtype == torch.float64
+    torch.manual_seed(6)
+    want = maect_head_find_nn(z, queue, queue_id, ids, 20)
+    torch.manual_seed(6)
+    assert torch.equal(nnclr_find_nn(z, queue, queue_id, ids, topk=20)[0], want[0])
+    assert torch.equal(nnclr_find_nn(z.float(), queue)[0], solo_find_nn(z.float().double(), queue)[0])
+    ref, ours = pair(512, 16, seed=7)
+    ref, ours = ref.double(), ours.double()
+    x = torch.randn(32, 16, dtype=torch.float64)
+    out = ours(x, update=True)
+    assert out.dtype == torch.float64 and torch.equal(out, ref(x, update=True))
+    assert torch.equal(ours.bank, ref.bank)
 
 
 # ---- MAE random_masking: MAE's published algorithm ------------------------------------------------------------
@@ -325,6 +394,26 @@ def test_mae_patch_random_masking():
     assert model.random_masking.__func__ is TinyMAEEncoder.random_masking
     with pytest.raises(TypeError, match="random_masking"):
         mae.patch_random_masking(torch.nn.Linear(2, 2))
+
+
+def test_patched_model_pickles():
+    """torch.save of a patched model (the whole module, as MAE's checkpoints of the model object would) and
+    torch.load give a model that still runs maect's random_masking, with the same draws as before the save."""
+    import io
+    model = mae.patch_random_masking(TinyMAEEncoder())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.random_masking is mae.random_masking
+    x = torch.randn(3, 16, 8)
+    torch.manual_seed(13)
+    want = model.forward_encoder(x, 0.75)
+    torch.manual_seed(13)
+    got = loaded.forward_encoder(x, 0.75)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    del loaded.random_masking
+    assert loaded.random_masking.__func__ is TinyMAEEncoder.random_masking
 
 
 def test_swap_in_bench_quick():
