@@ -396,6 +396,25 @@ def test_mae_patch_random_masking():
         mae.patch_random_masking(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.parametrize("order", ["maect first", "lightly first"])
+def test_grouped_import_trap_warns(tmp_path, order):
+    """maect's NNMemoryBankModule imported above lightly's grouped import of the same name: the script runs
+    lightly's class, silently before; now a UserWarning names the file and line. The other order is quiet."""
+    ours = "from maect.integrations.lightly import NNMemoryBankModule\n"
+    theirs = "from lightly.models.modules import NNCLRProjectionHead, NNMemoryBankModule, NNCLRPredictionHead\n"
+    script = tmp_path / "train_nnclr.py"
+    script.write_text((ours + theirs if order == "maect first" else theirs + ours) +
+                      "print(NNMemoryBankModule.__module__)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    if order == "maect first":
+        assert r.stdout.strip() == "lightly.models.modules.nn_memory_bank"
+        assert f"{script}:2: UserWarning: line 2 rebinds NNMemoryBankModule imported from " \
+               "maect.integrations.lightly at line 1" in r.stderr
+    else:
+        assert r.stdout.strip() == "maect.integrations.lightly" and "UserWarning" not in r.stderr
+
+
 def test_patched_model_pickles():
     """torch.save of a patched model (the whole module, as MAE's checkpoints of the model object would) and
     torch.load give a model that still runs maect's random_masking, with the same draws as before the save."""

@@ -13,6 +13,12 @@ search (lightly.models.utils.most_similar_index: normalise, einsum, argmax) and 
 """
 from __future__ import annotations
 
+import ast
+import os
+import sys
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.nn_memory_bank import NNMemoryBankModule as _LightlyNNMemoryBankModule
@@ -108,3 +114,50 @@ def most_similar_index(x: Tensor, y: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return torch.empty(0, x.shape[1], dtype=torch.long, device=x.device)
     return torch.stack([nearest_index(x[b], y[b], "most_similar_index") for b in range(x.shape[0])])
+
+
+def _importer_file() -> str | None:
+    """The source file of the module whose import statement is importing this one (None: an interactive session,
+    or an import from a string)."""
+    f = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename
+        if not (name.startswith("<frozen") or "importlib" in name or name == __file__ or
+                name.endswith(os.path.join("integrations", "__init__.py"))):
+            return name if os.path.isfile(name) else None
+        f = f.f_back
+    return None
+
+
+def shadowing_imports(path: str) -> list[str]:
+    """The grouped-import trap in the source at path: `from maect.integrations.lightly import NNMemoryBankModule`
+    above a `from lightly... import ..., NNMemoryBankModule, ...` that binds the same name again, so the script runs
+    lightly's class. Returns one line per such later import ("line L rebinds NAME imported from maect at line M")."""
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    ours: dict[str, int] = {}
+    found = []
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and n.level == 0),
+                   key=lambda n: n.lineno)
+    for node in nodes:
+        for alias in node.names:
+            local = alias.asname or alias.name
+            if node.module == __name__ and alias.name in __all__:
+                ours[local] = node.lineno
+            elif (node.module == "lightly" or node.module.startswith("lightly.")) and local in ours:
+                found.append(f"line {node.lineno} rebinds {local} imported from {__name__} at line {ours[local]}")
+    return found
+
+
+def _warn_if_shadowed() -> None:
+    path = _importer_file()
+    lines = shadowing_imports(path) if path else []
+    if lines:
+        warnings.warn_explicit(f"{'; '.join(lines)}: that name is lightly's class again, and maect's is not used. "
+                               f"Import from {__name__} after lightly's imports, or drop the name from lightly's "
+                               f"import.", UserWarning, path, int(lines[0].split()[1]))
+
+
+_warn_if_shadowed()
