@@ -208,7 +208,9 @@ def choose(op: str, t: Tensor, L: int, D: int, backend: str | None = None, input
                          why_not(op, b, t.device.type, interpreter=False) for b in MASKING_BACKENDS[op]
                          if b != "ref" and b not in impls}
             return p
-    return dispatch.choose(key, problem, table).pick
+    dev = t.device.type
+    return dispatch.choose(key, problem, table, backends=lambda: {
+        b: why_not(op, b, dev, interpreter=False) for b in MASKING_BACKENDS[op]}).pick
 
 
 def decisions() -> dict[str, str]:
@@ -248,13 +250,24 @@ def _impl(module, op: str, backend: str):
 
 
 def _topk_impls(device: str) -> dict:
-    """queue_topk's candidates besides the reference on this device (never the Triton interpreter)."""
+    """queue_topk's candidates besides the reference on this device (never the Triton interpreter): the torch path
+    in the op's contract everywhere, the Triton kernel on CUDA, the compiled op on CPU."""
+    impls = {"torch": _cand.queue_topk_torch}
     if device == "cuda" and _triton_available():
-        return {"triton": _queue_topk.queue_topk_triton}
+        impls["triton"] = _queue_topk.queue_topk_triton
     if device == "cpu" and _cpp_available():
         from . import _cpp
-        return {"cpp": _cpp.queue_topk}
-    return {}
+        impls["cpp"] = _cpp.queue_topk
+    return impls
+
+
+def _topk_why_not(device: str) -> dict[str, str | None]:
+    """queue_topk's backends -> None where one can run on device, else why not (dispatch.stale's input)."""
+    return {"ref": None, "torch": None,
+            "triton": ("Triton runs on CUDA (the interpreter is a correctness tool, never timed)" if device != "cuda"
+                       else None if _triton_available() else "triton is not importable"),
+            "cpp": ("the compiled ops are CPU ops" if device != "cpu" else None if _cpp_available() else
+                    "the csrc extension did not load (MAECT_CPP=0, or its log line says why)")}
 
 
 def _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized) -> str:
@@ -268,15 +281,9 @@ def _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized) -> str:
         def problem():
             p = _cand.topk_problem(query, queue, k, exclude_ids, queue_ids, normalized,
                                    _topk_impls(query.device.type), key)
-            dev = query.device.type
-            p.not_run = {b: why for b, why in (
-                ("triton", "Triton runs on CUDA (the interpreter is a correctness tool, never timed)"
-                 if dev != "cuda" else (None if _triton_available() else "triton is not importable")),
-                ("cpp", "the compiled ops are CPU ops" if dev != "cpu" else (
-                    None if _cpp_available() else "the csrc extension did not load (its log line says why)")))
-                if why is not None}
+            p.not_run = {b: why for b, why in _topk_why_not(query.device.type).items() if why is not None}
             return p
-    return dispatch.choose(key, problem, default).pick
+    return dispatch.choose(key, problem, default, backends=lambda: _topk_why_not(query.device.type)).pick
 
 
 def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
@@ -286,7 +293,7 @@ def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None 
     if queue.dim() == 2:
         k = _queue_topk.as_k(k, queue.shape[0])
     backend = _topk_backend(query, queue, k, exclude_ids, queue_ids, normalized)
-    impl = _impl(_queue_topk, "queue_topk", backend)
+    impl = _cand.queue_topk_torch if backend == "torch" else _impl(_queue_topk, "queue_topk", backend)
     if impl is None:
         return _queue_topk.queue_topk_ref(query, queue, k, exclude_ids, queue_ids, normalized)
     return impl(query, queue, k, exclude_ids, queue_ids, normalized)

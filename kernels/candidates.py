@@ -2,8 +2,9 @@
 call's own), the rule that compares a candidate with the reference, and the torch path a user would otherwise run.
 
 queue_topk (contract: kernels/queue_topk.py)
-    candidates: 'cpp' (compiled CPU op) on CPU, 'triton' on CUDA, 'ref' (queue_topk_ref) everywhere
-    torch path: 'torch mm+topk' = (q @ eᵀ).topk(k) in the input dtype (no exclusion: a baseline, never picked);
+    candidates: 'cpp' (compiled CPU op) on CPU, 'triton' on CUDA, 'ref' (queue_topk_ref) and 'torch'
+    (queue_topk_torch: the torch path in the op's contract) everywhere, so no backend slower than it is picked
+    torch path: 'torch mm+topk' = (q @ eᵀ).topk(k) in the input dtype (no exclusion: timed for the ratio only);
     on CUDA with fp32 inputs also 'official autocast' (normalise both, q @ eᵀ under bf16 autocast, the self-id mask,
     topk: the published NNCLR lookup as its training code runs it)
     slice: the first rows of the query, at most ROWS[device] rows and rows x Q <= SIMS[device] similarities
@@ -107,6 +108,37 @@ def check_topk(query, queue, k, exclude_ids, queue_ids, normalized, out, ref) ->
             return (f"row {b}: {why}: indices {i[b, :8].tolist()} values {[round(x, 6) for x in v[b, :8].tolist()]}; "
                     f"reference {ri[b, :8].tolist()} {[round(x, 6) for x in rv[b, :8].tolist()]}")
     return None
+
+
+def queue_topk_torch(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
+                     queue_ids: Tensor | None = None, normalized: bool = True) -> tuple[Tensor, Tensor]:
+    """The torch path as a backend in queue_topk's contract (kernels/queue_topk.py): the fp32 similarity matrix
+    (queue_topk_ref's similarity_ref: the same matmul and exclusion; its non-finite masking only for the rows that
+    need it), then one torch.topk of k + 1 per row. A row whose k + 1 best are finite and whose k-th value is strictly above the (k + 1)-th holds
+    exactly its k best, ordered by value, then index (the tie rule); the other rows (a tie at the k-th value, fewer
+    than k + 1 admissible entries, or k = Q) are selected by the reference's select_topk_ref. Costs one [B, Q]
+    matrix, as the torch path; the same values as the reference, bitwise, on the same inputs."""
+    _qt.check_inputs(query, queue, k, exclude_ids, queue_ids)
+    B, Q = query.shape[0], queue.shape[0]
+    if B == 0 or k >= Q:
+        return _qt.select_topk_ref(_qt.similarity_ref(query, queue, exclude_ids, queue_ids, normalized), k)
+    q, e = query.float(), queue.float()
+    if not normalized:
+        q, e = F.normalize(q, dim=1, eps=1e-12), F.normalize(e, dim=1, eps=1e-12)
+    sim = q @ e.t()                          # similarity_ref's product; its masks only where a row needs them:
+    if exclude_ids is not None:              # topk ranks NaN first, so a NaN / inf among a row's k + 1 best
+        sim.masked_fill_(exclude_ids.view(-1, 1).long() == queue_ids.view(1, -1).long(), float("-inf"))
+    v, i = sim.topk(k + 1, dim=1)            # sends the row to the reference's select below
+    redo = ~torch.isfinite(v).all(1) | (v[:, k] == v[:, k - 1])
+    v, i = v[:, :k], i[:, :k]
+    i, by_index = i.sort(dim=1)                                   # equal values: the lower index first
+    v, by_value = v.gather(1, by_index).sort(dim=1, descending=True, stable=True)
+    i = i.gather(1, by_value)
+    if bool(redo.any()):
+        rows = redo.nonzero()[:, 0]
+        part = sim[rows]
+        v[rows], i[rows] = _qt.select_topk_ref(part.masked_fill(~torch.isfinite(part), float("-inf")), k)
+    return v, i
 
 
 def official_lookup(q: Tensor, e: Tensor, k: int, ids, qids):

@@ -166,7 +166,7 @@ def table_rows(op, shape, key, d: D.Decision) -> list[dict]:
     rows = []
     for name, ms in d.ms.items():
         base = name == d.torch_path
-        is_baseline = name not in ("ref",) and name.startswith(("torch", "official"))
+        is_baseline = name.startswith(("torch ", "official "))   # "torch" alone: the verified candidate
         rows.append({"op": op, "shape": shape, "backend": name + (" *" if name == d.pick else ""),
                      "verified": "torch path" if is_baseline else ("yes (reference)" if name == "ref" else "yes"),
                      "ms": ms, "x_torch": 1.0 if base else d.ratio(name), "pick": name == d.pick})

@@ -17,7 +17,10 @@ decide(problem): run the reference once; run every candidate on the same inputs 
 (a Triton compile failure included) or that the op's rule rejects (logged as a defect with the first bad row);
 time the survivors and the plain torch path a user would otherwise run (timer: CUDA events on GPU, perf_counter on
 CPU; one warm-up call, then repetitions until the budget, at most MAX_REPS, median); pick the fastest verified
-backend (the reference is one); log one line with every candidate's time and its ratio to the torch path.
+backend (the reference is one, and so is the torch path in the op's contract: kernels/candidates.py, so no backend
+slower than it is picked); log one line with every candidate's time and its ratio to the torch path.
+A decision taken from the cache or from rank 0 whose backend cannot run in this process (MAECT_CPP=0, a build that
+did not load, Triton missing), or that was measured without a backend that can run now, is decided again (stale()).
 The Triton interpreter is never a candidate (kernels/candidates.py lists Triton backends on CUDA only).
 Cost: at most BUDGET_S seconds of timing per key (MAECT_DISPATCH_BUDGET_S overrides; the verification and the
 warm-up calls, which include a Triton compile on GPU, come on top and are reported apart).
@@ -371,11 +374,35 @@ def forced(timer: Callable | None = None):
         _forcing, _forcing_timer = prev
 
 
+def stale(d: Decision, backends: dict[str, str | None]) -> str | None:
+    """Why a decision made elsewhere (the cache file, rank 0) does not hold in this process, else None.
+    backends: every backend of the op -> None where it can run here, else why not (a switch such as MAECT_CPP=0, a
+    missing build, another device). Stale: its pick cannot run here, or it was measured without a backend that can
+    run here now (switched off then, or added since)."""
+    why = backends.get(d.pick, "not a backend of this op")
+    if why is not None:
+        return f"its backend '{d.pick}' cannot run here ({why})"
+    if d.ms:
+        unmeasured = [b for b, w in backends.items() if w is None and b not in d.ms and b not in d.dropped]
+        if unmeasured:
+            return f"it was measured without {', '.join(repr(b) for b in unmeasured)}, which can run here now"
+    return None
+
+
+def backends_missing(d: Decision, backends: dict[str, str | None]) -> str | None:
+    """Why d's pick cannot run here (rank 0's decision on a rank whose backends differ), else None."""
+    why = backends.get(d.pick, "not a backend of this op")
+    return None if why is None else f"its backend '{d.pick}' cannot run here ({why})"
+
+
 def choose(key: str, problem: Callable[[], Problem] | None, fallback: str, *, force: bool = False,
-           timer: Callable | None = None) -> Decision:
+           timer: Callable | None = None, backends: Callable[[], dict[str, str | None]] | None = None) -> Decision:
     """The decision for key (module docstring order). problem: builds the measurement (called only when one runs;
     None: table mode, never measure); fallback: the table's pick (table mode without a cached decision, or a rank
-    that waited for rank 0 in vain). force: measure even if a decision is known (python -m maect.kernels.check).
+    that waited for rank 0 in vain; it can always run here). force: measure even if a decision is known (python -m
+    maect.kernels.check). backends: the op's backends -> None or why one cannot run here (see stale): a cached or
+    received decision that is stale is decided again (one log line), so a backend switched off (MAECT_CPP=0) or
+    unavailable never runs whatever the cache holds.
     Distributed: rank 0 resolves the key and publishes the decision; every other rank runs what rank 0 chose."""
     made = _forcing
     if made is not None:
@@ -385,13 +412,22 @@ def choose(key: str, problem: Callable[[], Problem] | None, fallback: str, *, fo
             return _decisions[key]
         op = key.split("|")[-3]
         info = _dist_info()
+        avail = backends() if backends is not None else None
         if info is not None and info[0] != 0 and not force:
             d = _receive(info[2], key, WAIT_S) or Decision(pick=fallback, source="table (rank 0 silent)")
+            if avail is not None and (why := backends_missing(d, avail)) is not None:
+                logger.info("maect: dispatch %s [%s]: rank 0's decision is not used: %s; this rank runs the table's "
+                            "choice '%s'", op, short_key(key), why, fallback)
+                d = Decision(pick=fallback, source="table (rank 0's pick cannot run here)")
         else:
             d = None
             if not force:
                 entry = cache().get(key)
                 d = Decision.from_json(entry, f"cache {cache().path}") if entry is not None else None
+                if d is not None and avail is not None and (why := stale(d, avail)) is not None:
+                    logger.info("maect: dispatch %s [%s]: the cached decision is not used: %s; deciding again", op,
+                                short_key(key), why)
+                    d = None
             if d is None:
                 d = decide(problem(), timer=timer) if problem is not None else \
                     Decision(pick=fallback, source="table (MAECT_DISPATCH=table)")

@@ -303,3 +303,110 @@ def test_two_gloo_ranks_run_the_same_backend(tmp_path):
     assert r0["pick"] == r1["pick"] == "fast"
     assert r0["source"] == "measured" and r1["source"] == "rank 0 (measured)"
     assert r0["built"] == [0] and r1["built"] == []               # rank 1 did not measure: it ran rank 0's pick
+
+
+# ------------------------------------------------------------------------------ the torch path is a candidate
+def test_queue_topk_torch_follows_the_contract():
+    """queue_topk_torch (the torch path in queue_topk's contract) equals the reference bitwise, values and indices:
+    exact ties (duplicated rows, an all-zero queue), self exclusion down to padding, NaN / inf rows on either side,
+    k = Q, B = 0, bf16, normalized=False. Both compute the same similarity matrix, so equality is exact."""
+    q, e, k, ids, qids = topk_inputs(B=40)
+    q[5] = float("nan")
+    q[6, 0] = float("inf")
+    e[11] = float("nan")
+    e[12, 0] = float("inf")
+    cases = [(q, e, k, ids, qids, True), (q, e, 1, None, None, True), (q, e, e.shape[0], ids, qids, True),
+             (q[:0], e, k, ids[:0], qids, True), (q.bfloat16(), e.bfloat16(), k, ids, qids, True),
+             (q * 3, e * 2, k, ids, qids, False), (q, torch.zeros_like(e), 7, None, None, True)]
+    few = torch.zeros(4, dtype=torch.long)                          # queue of 6 rows, 4 of them the query's id
+    cases.append((q[:3], e[:6], 3, few[:3], torch.tensor([0, 0, 0, 0, 1, 2]), True))
+    for args in cases:
+        v, i = C.queue_topk_torch(*args)
+        rv, ri = qt.queue_topk_ref(*args)
+        assert torch.equal(i, ri) and torch.equal(v, rv), args[2]
+    assert "torch" in kernels._topk_impls("cpu") and "torch" in kernels._topk_impls("cuda")
+
+
+@pytest.mark.parametrize("torch_ms, pick", [(42.5, "torch"), (90.0, "cpp")])
+def test_torch_path_wins_when_it_is_faster(measure, torch_ms, pick):
+    """Injected timings, lightly's bank on CPU as measured (B=16, Q=65536: torch path 42.5 ms, the compiled op
+    67 ms): the torch path in the op's contract is a candidate, so it is picked when it is the fastest, and the
+    faster backend when it is not. 'cpp' stands in for the compiled op (the reference's code: no build needed)."""
+    D.set_timer(timer_of({"ref": 120.0, "cpp": 67.0, "torch": torch_ms, "torch mm+topk": 42.0}))
+    measure.setattr(kernels, "_topk_impls", lambda device: {"torch": C.queue_topk_torch, "cpp": qt.queue_topk_ref})
+    q, e, k, ids, qids = topk_inputs()
+    v, i = kernels.queue_topk(q, e, k, ids, qids)
+    assert list(kernels.decisions().values()) == [pick]
+    rv, ri = qt.queue_topk_ref(q, e, k, ids, qids)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+
+
+# ------------------------------------------------------------------------------ a backend switched off
+def test_stale_decisions():
+    """A decision from the cache or rank 0 is stale when its pick cannot run here, or when it was measured without
+    a backend that can run here now; otherwise it holds."""
+    d = D.Decision(pick="cpp", source="cache", ms={"ref": 5.0, "cpp": 1.0, "torch mm+topk": 2.0})
+    ok = {"ref": None, "cpp": None, "triton": "Triton runs on CUDA"}
+    assert D.stale(d, ok) is None
+    assert "'cpp' cannot run here (MAECT_CPP=0)" in D.stale(d, {**ok, "cpp": "MAECT_CPP=0"})
+    assert "without 'torch'" in D.stale(d, {**ok, "torch": None})
+    d.dropped["torch"] = "mismatch: row 0"
+    assert D.stale(d, {**ok, "torch": None}) is None               # measured and dropped: holds
+
+
+SWITCHED_OFF = r"""
+import json, logging, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+torch.set_num_threads(1)
+from maect import kernels
+from maect.kernels import candidates as C, dispatch as D
+g = torch.Generator().manual_seed(0)
+q = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+e = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+x = torch.randn(4, 16, 32, generator=g)
+ids_restore = torch.argsort(torch.rand(4, 16, generator=g), dim=1)
+tok = torch.randn(1, 1, 32, generator=g)
+pos = torch.randn(1, 17, 32, generator=g)
+xv = torch.randn(4, 5, 32, generator=g)
+# a warm cache, as a run with the compiled ops writes it: each op's measured pick is a compiled / one-pass backend
+ms = {"ref": 5.0, "cpp": 1.0, "torch": 4.0, "gather": 3.0, "fused": 0.5, "torch mm+topk": 2.0}
+keys = {C.topk_key(q, e, 2, None): "cpp",
+        C.masking_key("random_masking", x, 16, 32, False): "cpp",
+        C.masking_key("decoder_input", xv, 16, 32, False): "fused",
+        C.masking_key("unshuffle", xv[:, 1:], 16, 32, False): "cpp"}
+for key, pick in keys.items():
+    D.cache().put(key, D.Decision(pick=pick, source="measured", ms=ms).to_json())
+D.clear()
+with torch.no_grad():
+    v, i = kernels.queue_topk(q, e, 2)
+    assert torch.equal(i, kernels.queue_topk_ref(q, e, 2)[1])
+    noise = torch.rand(4, 16, generator=g)
+    got, want = kernels.random_masking(x, 0.75, noise), kernels.random_masking_ref(x, 0.75, noise)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    out = kernels.decoder_input(xv, tok, ids_restore, pos)
+    assert torch.equal(out, kernels.decoder_input_ref(xv, tok, ids_restore, pos))
+    out = kernels.unshuffle(xv[:, 1:], tok, ids_restore)
+    assert torch.equal(out, kernels.unshuffle_ref(xv[:, 1:], tok, ids_restore))
+print("ran", json.dumps(kernels.decisions()))
+"""
+
+
+@pytest.mark.parametrize("mode", ["measure", "table"])
+def test_a_backend_switched_off_runs_with_a_warm_cache(tmp_path, mode):
+    """MAECT_CPP=0 (the documented switch for the compiled ops) with a cache whose decisions name them (and the
+    one-pass decoder_input, which without the compiled op would be the Triton kernel on a CPU tensor): every op
+    runs, the references' results, each cached decision re-decided with one log line naming why (in table mode:
+    the table's choice, never a measurement). Before, queue_topk raised "'_OpNamespace' 'maect' object has no
+    attribute 'queue_topk'" and decoder_input "0 active drivers"."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # as a training run: no interpreter
+    env.update(MAECT_CPP="0", MAECT_DISPATCH=mode, MAECT_CACHE_DIR=str(tmp_path / "cache"), MAECT_KERNELS="1")
+    env.pop("MAECT_MASKING", None)
+    r = subprocess.run([sys.executable, "-c", SWITCHED_OFF], env=env, capture_output=True, text=True, timeout=300)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ran = json.loads(r.stdout.split("ran ", 1)[1])
+    assert len(ran) == 4 and not set(ran.values()) & {"cpp", "fused", "triton"}, ran
+    assert r.stdout.count("the cached decision is not used: its backend") == 4
+    assert "cannot run here (the csrc extension did not load (MAECT_CPP=0" in r.stdout

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maect.eval import (cache_features, cluster_eval, extract_features, feature_meta, hungarian_accuracy, kmeans,
                         knn_accuracy, knn_predict, linear_probe, load_cached, lowshot)
@@ -111,8 +112,33 @@ def knn_bruteforce(train_f, train_y, test_f, k, T, C, standardize=False):
     return torch.tensor(preds), min(gaps)
 
 
+def knn_decided_rows(train_f, train_y, test_f, k, T, C, standardize):
+    """Rows whose k-NN prediction no fp32 rounding can change: the exact (fp64) k-th and (k+1)-th similarities
+    differ by more than 2 delta, and the best class's vote exceeds the second's by a factor above exp(2 delta / T)
+    (each vote is a sum of terms exp(s / T), each off by a factor of at most exp(delta / T)). delta bounds how far
+    one fp32 computation of a cosine can be from the exact one: (D + 8) u for the dot product and 4 (D + 4) u for
+    the normalisation (u = 2^-24), plus, with standardisation, 4 N u for the fp32 mean and std (sums of N terms,
+    features within a few sd). Elsewhere (a near tie) the two implementations may pick either side."""
+    u = 2.0 ** -24
+    N, D = train_f.shape
+    delta = (D + 8) * u + 4 * (D + 4) * u + (4 * N * u if standardize else 0.0)
+    a, b = train_f.double(), test_f.double()
+    if standardize:
+        mu, sd = a.mean(0), a.std(0)
+        a, b = (a - mu) / (sd + 1e-6), (b - mu) / (sd + 1e-6)
+    sim = F.normalize(b, dim=1) @ F.normalize(a, dim=1).t()
+    top = sim.topk(min(k + 1, N), dim=1)
+    clear = (top.values[:, k - 1] - top.values[:, k] > 2 * delta) if N > k else torch.ones(len(b), dtype=torch.bool)
+    votes = torch.zeros(len(b), C, dtype=torch.float64).scatter_add_(
+        1, train_y[top.indices[:, :k]], torch.exp(top.values[:, :k] / T))
+    two = votes.topk(2, dim=1).values
+    return clear & (two[:, 0] > two[:, 1] * math.exp(2 * delta / T))
+
+
 @pytest.mark.parametrize("k,standardize,chunk", [(20, False, None), (10, True, 37), (1, False, 1000)])
 def test_knn_matches_bruteforce(k, standardize, chunk):
+    """knn_predict against the brute-force vote: the same prediction on every row whose neighbour set and vote are
+    decided beyond rounding (knn_decided_rows, over 90% of them here); near ties may go either way."""
     C, N, M, D = 7, 701, 213, 24                                  # odd sizes on purpose
     g = torch.Generator().manual_seed(k)
     tr_f = torch.randn(N, D, generator=g) + 0.5                   # offset: standardisation does something
@@ -121,8 +147,10 @@ def test_knn_matches_bruteforce(k, standardize, chunk):
     tr_copy, te_copy = tr_f.clone(), te_f.clone()
     pred = knn_predict(tr_f, tr_y, te_f, k=k, T=0.07, num_classes=C, chunk=chunk, standardize=standardize)
     ref, gap = knn_bruteforce(tr_f, tr_y, te_f, k, 0.07, C, standardize)
-    print(f"k={k} std={standardize}: {int((pred != ref).sum())} mismatches, smallest relative vote gap {gap:.2e}")
-    assert torch.equal(pred, ref)
+    clear = knn_decided_rows(tr_f, tr_y, te_f, k, 0.07, C, standardize)
+    print(f"k={k} std={standardize}: {int((pred != ref).sum())} mismatches, smallest relative vote gap {gap:.2e}, "
+          f"{int(clear.sum())} of {len(clear)} rows decided beyond rounding")
+    assert torch.equal(pred[clear], ref[clear]) and clear.float().mean() > 0.9
     assert torch.equal(tr_f, tr_copy) and torch.equal(te_f, te_copy)   # inputs unchanged
 
 

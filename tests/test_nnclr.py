@@ -132,26 +132,218 @@ def losses(path):
     return [r["loss"] for r in map(json.loads, open(path)) if "loss" in r]
 
 
+# ------------------------------------------------------------------------------ comparing runs through picks
+U32 = 2.0 ** -24      # fp32 unit roundoff
+ZTOL = 2e-3           # how far rounding alone moves a normalised projection before any pick differs (see below)
+
+
+def pick_steps(folder, rank_rows=None) -> list[dict]:
+    """The records of tests/pick_recorder.py in folder, one entry per lookup call (one per step): the query rows by
+    (sample id, view) -> (z row, candidate list, picked index), and the queue (features, ids) the step searched.
+    Every rank of a step searches the same queue (the global batch is enqueued); rank 0's copy is kept."""
+    files = {}
+    for name in os.listdir(folder):
+        rank, call = name[:-3].split("_")
+        files.setdefault(int(call[4:]), {})[int(rank[4:])] = os.path.join(folder, name)
+    steps = []
+    for call in sorted(files):
+        recs = [torch.load(files[call][r]) for r in sorted(files[call])]
+        rows = {}
+        for rec in recs:
+            n = len(rec["ids"]) // 2           # the lookup gets view 0's rows, then view 1's
+            for j in range(len(rec["ids"])):
+                rows[(int(rec["ids"][j]), int(j >= n))] = (rec["z"][j], rec["cand"][j], int(rec["idx"][j]))
+        steps.append({"rows": rows, "features": recs[0]["features"], "queue_ids": recs[0]["queue_ids"]})
+    return steps
+
+
+def _exact_sims(z, features, own_id, queue_ids):
+    """fp64 similarities of a row's fp32 inputs (exact: fp32 products and their sum fit fp64 to ~2^-50), own id
+    excluded (-inf), as queue_topk's admissible set."""
+    s = features.double() @ z.double()
+    return s.masked_fill(queue_ids == own_id, float("-inf"))
+
+
+def compare_picks(a: list[dict], b: list[dict], ztol: float = ZTOL) -> tuple[int | None, str]:
+    """Compare two runs' neighbour picks step by step. Returns (t, why): t = the first step where a pick differs
+    (None: none differs), which every later step is allowed to diverge from. AssertionError for a discrepancy.
+
+    The rule (derived from the math of the lookup): run r picks position p of its top-k list computed in fp32 from
+    its inputs z_r, e_r. Let S_r = the exact (fp64) similarities of those inputs; each fp32 dot product of d terms is
+    within gamma = d u / (1 - d u) * sum_d |z_d e_d| of the exact one, in any summation order and with or without FMA
+    (u = 2^-24). With delta = max_j |S_a[j] - S_b[j]| (what the runs' inputs differ by), the fp32 values of the two
+    runs differ by at most eps = delta + 2 gamma, so their top-(p+1) lists are in the same order whenever every gap
+    between consecutive entries of sorted S_a, down to position p+1, exceeds 2 eps. Such a pick is *determined*: it
+    must be equal in both runs (else AssertionError: a real discrepancy). Where a gap is within 2 eps (a near tie)
+    the picks may differ; the first step where one does is returned, and the runs are compared no further (from
+    that step on they train on different neighbours). Before that step the queries must also agree to ztol (the
+    inputs themselves differ only by rounding: else AssertionError), so a large difference cannot widen eps."""
+    assert len(a) == len(b), f"{len(a)} vs {len(b)} lookup steps"
+    for t, (sa, sb) in enumerate(zip(a, b)):
+        assert sa["rows"].keys() == sb["rows"].keys(), f"step {t + 1}: different query rows"
+        assert torch.equal(sa["queue_ids"], sb["queue_ids"]), f"step {t + 1}: different queue ids"
+        dq = (sa["features"] - sb["features"]).abs().max().item()
+        assert dq <= ztol, f"step {t + 1}: queues differ by {dq:.2e} > {ztol:g} before any pick differed"
+        first_diff = None
+        for key, (za, ca, ia) in sa["rows"].items():
+            zb, cb, ib = sb["rows"][key]
+            dz = (za - zb).abs().max().item()
+            assert dz <= ztol, f"step {t + 1} row {key}: queries differ by {dz:.2e} > {ztol:g} before any pick differed"
+            pa, pb = (ca == ia).nonzero(), (cb == ib).nonzero()
+            assert len(pa) == len(pb) == 1 and int(pa) == int(pb), \
+                f"step {t + 1} row {key}: picked position {pa.flatten().tolist()} vs {pb.flatten().tolist()}"
+            if ia == ib:
+                continue
+            p = int(pa)
+            s_a = _exact_sims(za, sa["features"], key[0], sa["queue_ids"])
+            s_b = _exact_sims(zb, sb["features"], key[0], sb["queue_ids"])
+            ok = torch.isfinite(s_a) & torch.isfinite(s_b)
+            d = za.numel()
+            gamma = d * U32 / (1 - d * U32) * max(float((sa["features"].double().abs() @ za.double().abs()).max()),
+                                                  float((sb["features"].double().abs() @ zb.double().abs()).max()))
+            eps = float((s_a - s_b)[ok].abs().max()) + 2 * gamma
+            top = s_a.topk(min(p + 2, len(s_a))).values
+            gap = float((top[:-1] - top[1:]).min())
+            assert gap <= 2 * eps, (f"step {t + 1} row {key}: picked {ia} vs {ib} at position {p}, but the pick is "
+                                    f"determined: the smallest gap of the top-{p + 2} is {gap:.3g} > 2 eps = "
+                                    f"{2 * eps:.3g}")
+            first_diff = first_diff or (f"step {t + 1} row {key}: picks {ia} vs {ib} at a near tie (gap {gap:.3g} "
+                                        f"<= 2 eps = {2 * eps:.3g})")
+        if first_diff:
+            return t, first_diff
+    return None, "no pick differs"
+
+
+def compare_curves(stage, la, lb, a, b) -> int:
+    """The losses of two runs of a stage: equal to rtol 1e-4 (fp32 reductions in another order) up to the first
+    step whose neighbour picks differ (compare_picks' rule), free from then on. Returns how many steps compared."""
+    assert len(la) == len(lb) == len(a) == len(b) > 0, (stage, len(la), len(lb), len(a), len(b))
+    t, why = compare_picks(a, b)
+    n = len(la) if t is None else t
+    print(f"{stage}: losses of steps 1-{n} of {len(la)} compared ({why})")
+    assert torch.allclose(torch.tensor(la[:n]), torch.tensor(lb[:n]), rtol=1e-4, atol=1e-5), (stage, la, lb)
+    return n
+
+
+def run_recorded(args, folder, nproc=1) -> None:
+    """run_train's command with tests/pick_recorder.py in front of maect.train: every pick recorded in folder."""
+    rec = os.path.join(ROOT, "tests", "pick_recorder.py")
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable]) + [rec, str(folder)] + args
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "MAECT_FAULT": ""}
+    r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
-    """gloo, 2 ranks x 32 vs 1 process x 64: same samples, augmentations and masks, so the same loss curve
-    (fp32 reductions in another order: rtol 1e-4). Covers MAE (DDP) and head+CT (SyncBatchNorm, all_gather
-    with gradients, queue enqueue of the global batch)."""
+    """gloo, 2 ranks x 32 vs 1 process x 64: same samples, augmentations and masks. Each 2-rank stage starts from
+    the one-process run's previous stage (init=), so every stage is compared from the same weights. Covers MAE (DDP)
+    and head + CT (SyncBatchNorm, all_gather with gradients, queue enqueue of the global batch).
+
+    Rule: MAE's curve has no discrete choice that rounding can flip (the masks come from the same noise): its losses
+    agree to rtol 1e-4 (fp32 reductions in another order) at every step. The head and CT curves pass through a
+    nearest-neighbour pick, which a near tie flips under another summation order (then the loss moves by ~1e-3):
+    they agree to rtol 1e-4 up to the first step where a pick differs, and every pick before it and at it that
+    differs must be a near tie by compare_picks' rule (its margin within the rounding bound of the two runs'
+    inputs; a pick whose margin exceeds it must be equal). tests: test_pick_rule_* build both cases on purpose."""
     steps = ["mae.epochs=0.016", "head.epochs=0.0053", "ct.epochs=0.0053"]   # 15, 5, 5 steps of 64 on 60000
-    run_train(TINY + steps + [f"out_dir={tmp_path}/one"])
-    run_train(TINY + steps + [f"out_dir={tmp_path}/two"], nproc=2)
-    for stage in ("mae", "head", "ct"):
-        a, b = losses(tmp_path / f"one/{stage}/metrics.jsonl"), losses(tmp_path / f"two/{stage}/metrics.jsonl")
-        print(stage, a, b)
-        assert len(a) == len(b) > 0
-        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), stage
-    q1 = load_checkpoint(str(tmp_path / "one/ct/checkpoint-final.pth"))["queue"]
-    q2 = load_checkpoint(str(tmp_path / "two/ct/checkpoint-final.pth"))["queue"]
-    diff = (q1["features"] - q2["features"]).abs().max().item()
-    print(f"queue features max |diff| 1 vs 2 ranks: {diff:.2e}")
-    # unit vectors; the 2-rank BatchNorm computes var as E[x^2]-E[x]^2 over all-reduced sums (one process: two-pass),
-    # which moves single entries of the normalised projections by up to ~1e-4..1e-3 after a few steps
-    assert torch.equal(q1["ids"], q2["ids"]) and diff < 2e-3
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_recorded(TINY + steps + [f"out_dir={one}"], tmp_path / "picks_one")
+    run_train(TINY + steps + ["stage=mae", f"out_dir={two}"], nproc=2)
+    run_recorded(TINY + steps + ["stage=head", f"out_dir={two}", f"init={one}/mae/checkpoint-final.pth"],
+                 tmp_path / "picks_two_head", nproc=2)
+    run_recorded(TINY + steps + ["stage=ct", f"out_dir={two}", f"init={one}/head/checkpoint-final.pth"],
+                 tmp_path / "picks_two_ct", nproc=2)
+    a, b = losses(one / "mae/metrics.jsonl"), losses(two / "mae/metrics.jsonl")
+    print("mae", a, b)
+    assert len(a) == len(b) > 0 and torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+    picks_one = pick_steps(tmp_path / "picks_one")
+    n_head = len(losses(one / "head/metrics.jsonl"))
+    compared = {}
+    for stage, mine in (("head", picks_one[:n_head]), ("ct", picks_one[n_head:])):
+        la, lb = losses(one / f"{stage}/metrics.jsonl"), losses(two / f"{stage}/metrics.jsonl")
+        print(stage, la, lb)
+        compared[stage] = compare_curves(stage, la, lb, mine, pick_steps(tmp_path / f"picks_two_{stage}"))
+    q1 = load_checkpoint(str(one / "ct/checkpoint-final.pth"))["queue"]
+    q2 = load_checkpoint(str(two / "ct/checkpoint-final.pth"))["queue"]
+    assert torch.equal(q1["ids"], q2["ids"])
+    if compared["ct"] == len(losses(one / "ct/metrics.jsonl")):     # no pick differed: the queues agree too
+        diff = (q1["features"] - q2["features"]).abs().max().item()
+        print(f"queue features max |diff| 1 vs 2 ranks: {diff:.2e}")
+        # unit vectors; the 2-rank BatchNorm computes var as E[x^2]-E[x]^2 over all-reduced sums (one process:
+        # two-pass), which moves single entries of the normalised projections by up to ~1e-4..1e-3 after a few steps
+        assert diff < ZTOL
+
+
+def _two_orders(z, e):
+    """The similarities of z [D] with the rows of e [Q, D] summed in two fixed fp32 orders (first to last, and last
+    to first): exact products, then a sequential sum, so each is the same on every CPU."""
+    prod = (e * z).float()
+    fwd, rev = torch.zeros(len(e)), torch.zeros(len(e))
+    for d in range(prod.shape[1]):        # elementwise fp32 adds (cumsum would accumulate in fp64 on CPU)
+        fwd, rev = fwd + prod[:, d], rev + prod[:, -1 - d]
+    return fwd, rev
+
+
+def _near_tie(D=16, Q=6, seed=0):
+    """z [D] and a queue e [Q, D] of unit rows whose entries 0 and 1 are within an ulp of each other in similarity
+    to z, and which the two summation orders of _two_orders rank differently; every other entry is far below."""
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(D, generator=g), dim=0)
+    for _ in range(2000):
+        e = F.normalize(torch.randn(Q, D, generator=g), dim=1)
+        e[0] = F.normalize(z + 0.3 * e[0], dim=0)
+        e[1] = F.normalize(e[0] + 1e-7 * torch.randn(D, generator=g), dim=0)
+        e[2:] = F.normalize(e[2:] - 2 * z, dim=1)              # far below entries 0 and 1
+        fwd, rev = _two_orders(z, e)
+        if int(fwd.argmax()) != int(rev.argmax()):
+            return z, e
+    raise AssertionError("no near tie found")
+
+
+def _synthetic_run(z, e, sims, pick_offset=0, steps=3):
+    """Records in pick_steps' layout for a run that searches the fixed queue e with query z at every step, its
+    similarities `sims` [Q] (one summation order); pick_offset: pick that far down the ranking (a wrong run)."""
+    order = sims.argsort(descending=True, stable=True)
+    cand = torch.cat([order[pick_offset:pick_offset + 1], order[:pick_offset]])[:1]    # top-1, as the run saw it
+    rows = {(7, 0): (z, cand, int(cand[0]))}
+    return [{"rows": rows, "features": e, "queue_ids": torch.arange(len(e))} for _ in range(steps)]
+
+
+def test_pick_rule_tolerates_a_built_near_tie():
+    """A queue with two entries whose similarities to the query differ by about an ulp, ranked differently by two
+    fp32 summation orders (both within the rounding bound): compare_picks finds the flip at step 1, calls it a near
+    tie, and compare_curves compares no loss from there (the losses after a flip differ by 1e-3)."""
+    z, e = _near_tie()
+    fwd, rev = _two_orders(z, e)
+    exact = e.double() @ z.double()
+    print(f"exact similarities {exact[:2].tolist()}: gap {float(exact[0] - exact[1]):.3g}; fp32 picks "
+          f"{int(fwd.argmax())} (first to last) vs {int(rev.argmax())} (last to first)")
+    a, b = _synthetic_run(z, e, fwd), _synthetic_run(z, e, rev)
+    t, why = compare_picks(a, b)
+    assert t == 0 and "near tie" in why
+    assert compare_curves("built", [4.250135, 4.3, 4.2], [4.253910, 4.1, 4.4], a, b) == 0
+    assert compare_picks(a, a) == (None, "no pick differs")
+
+
+def test_pick_rule_fails_on_a_real_discrepancy():
+    """A deliberately wrong second run: it picks the second-best entry where that one is far below the best (a
+    determined pick), or its losses drift before any pick differs, or its queries drift beyond rounding. Each is
+    an AssertionError."""
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(16), dim=0)
+    e = F.normalize(torch.randn(6, 16), dim=1)
+    e[0] = F.normalize(z + 0.1 * e[0], dim=0)                 # a clear best entry
+    sims = _two_orders(z, e)[0]
+    good = _synthetic_run(z, e, sims)
+    with pytest.raises(AssertionError, match="determined"):
+        compare_picks(good, _synthetic_run(z, e, sims, pick_offset=1))
+    with pytest.raises(AssertionError):
+        compare_curves("drift", [4.25, 4.2, 4.1], [4.25, 4.21, 4.1], good, good)
+    moved = [dict(s, rows={k: (v[0] + 1e-2, v[1], v[2]) for k, v in s["rows"].items()}) for s in good]
+    with pytest.raises(AssertionError, match="queries differ"):
+        compare_picks(good, moved)
 
 
 @pytest.mark.slow

@@ -81,19 +81,45 @@ def test_this_interpreter_imports_one_tree():
     assert data.parent in (home / "dataloading", pkg.parent / "dataloading"), (pkg, data)
 
 
+def see_running_interpreter(py: Path) -> None:
+    """Make the venv of `py` import what this interpreter imports (torch, setuptools, wheel), whatever this
+    interpreter is: the system's Python, or a venv whose own packages differ from its base interpreter's (there
+    `python -m venv --system-site-packages` would reach the base's packages, e.g. an old setuptools without wheel).
+    A .pth file in the venv's site-packages lists this interpreter's sys.path entries beyond its standard library,
+    except the checkout itself and the editable finders' hooks; it sorts after the venv's own .pth files, so the
+    venv's editable maect is found first. Paths listed in a .pth are plain entries: their own .pth files (this
+    interpreter's editable maect) are not run."""
+    import sysconfig
+    stdlib = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")}
+    keep = []
+    for p in sys.path:
+        if not p or not Path(p).is_dir():
+            continue                                   # '' (the cwd), zip archives, finder hooks
+        rp = Path(p).resolve()
+        if rp == ROOT or ROOT in rp.parents or rp in stdlib or rp.name == "lib-dynload":
+            continue                                   # the checkout; the standard library (the venv has its own)
+        keep.append(str(rp))
+    out = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "zz_running_interpreter.pth").write_text("".join(p + "\n" for p in keep))
+
+
 @pytest.fixture(scope="module")
 def editable(tmp_path_factory):
     """A copy of the checkout installed editable (pip install -e, as ./setup.sh does) into a fresh virtual
-    environment that sees this interpreter's packages (torch) but not its maect: (venv python, copy)."""
+    environment that sees this interpreter's packages (torch, setuptools, wheel: see_running_interpreter) but not
+    its maect: (venv python, copy)."""
     base = tmp_path_factory.mktemp("editable")
     src = base / "clone"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "runs", "out", "*.egg-info", "__pycache__",
                                                              ".triton_cache", ".pytest_cache", "*.so"))
     venv = base / "venv"
-    r = subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     py = venv / "bin" / "python"
+    see_running_interpreter(py)
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
                         "--no-build-isolation", "--disable-pip-version-check", "-e", str(src)],
                        capture_output=True, text=True, timeout=300)
@@ -112,6 +138,20 @@ def test_editable_install_maps_kernels_and_dataloading(editable, tmp_path):
         got = [Path(p) for p in r.stdout.split()]
         assert got == [src / "maect" / "__init__.py", src / "kernels" / "__init__.py",
                        src / "dataloading" / "__init__.py", src / "csrc"], (cwd, got)
+
+
+def test_editable_venv_sees_this_interpreters_packages(editable):
+    """The fixture's venv imports torch, setuptools (and wheel, where installed) from the files this interpreter
+    imports (inside a venv: the venv's, not its base interpreter's, which may lack wheel or hold an older
+    setuptools)."""
+    import importlib.util
+    py, _ = editable
+    names = ["torch", "setuptools"] + (["wheel"] if importlib.util.find_spec("wheel") else [])   # setuptools >= 70.1
+    code = f"import {', '.join(names)}; print({', '.join(n + '.__file__' for n in names)})"        # needs no wheel
+    r = run_py(code, python=py, cwd=py.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mine = [str(Path(importlib.import_module(n).__file__).resolve()) for n in names]
+    assert [str(Path(p).resolve()) for p in r.stdout.split()] == mine
 
 
 @pytest.mark.parametrize("name", ["setup", "maect", "bench", "tests"])

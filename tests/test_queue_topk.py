@@ -226,13 +226,15 @@ def nonfinite_inputs(dtype):
 
 
 def check_nonfinite(q, e, ex, qi, normalized, v, i):
-    """The rule of every backend: non-finite similarities are never returned; non-finite query rows are empty."""
+    """The rule of every backend: non-finite similarities are never returned; non-finite query rows are empty.
+    The finite rows: check_topk (identical indices wherever the ranking leads by more than the rounding noise; a
+    near tie may rank either way under another summation order)."""
     rv, ri = queue_topk_ref(q, e, v.shape[1], ex, qi, normalized)
     assert (ri[[1, 3]] == -1).all() and (rv[[1, 3]] == float("-inf")).all()
     assert not torch.isin(ri, torch.tensor([7, 40, 41], device=ri.device)).any()
-    assert torch.equal(i.cpu(), ri.cpu()), f"indices differ: {(i.cpu() != ri.cpu()).sum().item()}"
-    fin = torch.isfinite(rv)
-    assert torch.equal(torch.isfinite(v), fin) and (v[fin] - rv[fin]).abs().max().item() <= tol_for(q.shape[1])
+    assert (i[[1, 3]].cpu() == -1).all() and (v[[1, 3]].cpu() == float("-inf")).all()
+    assert not torch.isin(i.cpu(), torch.tensor([7, 40, 41])).any()
+    check_topk(q, e, v.shape[1], ex, qi, normalized, v, i)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")     # numpy inside the interpreter, on purpose

@@ -45,15 +45,13 @@ def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None) ->
 def patch_random_masking(model: torch.nn.Module) -> torch.nn.Module:
     """Make model.random_masking (MAE's MaskedAutoencoderViT method, called as self.random_masking(x, mask_ratio)
     in forward_encoder) run `random_masking` above; returns the model. The instance attribute shadows the class's
-    method, so only this model changes; `del model.random_masking` restores the original. TypeError when the model
-    has no callable random_masking (not written in MAE's structure)."""
+    method, so only this model changes; `del model.random_masking` restores the original. The patched model
+    pickles (torch.save(model) / torch.load(..., weights_only=False)) and still runs maect's op once loaded, where
+    maect is importable. TypeError when the model has no callable random_masking (not written in MAE's
+    structure)."""
     if not callable(getattr(model, "random_masking", None)):
         raise TypeError(f"patch_random_masking: {type(model).__name__} has no random_masking method to replace "
                         f"(expected MAE's MaskedAutoencoderViT structure)")
 
-    def _random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None):
-        return random_masking(x, mask_ratio, noise)
-
-    _random_masking.__doc__ = random_masking.__doc__
-    model.random_masking = _random_masking
+    model.random_masking = random_masking      # a module-level function: a patched model pickles (torch.save)
     return model
