@@ -69,14 +69,10 @@ if tl is not None and _INTERPRET:
     def _cumsum(x, axis):
         return tl.associative_scan(x, axis, tl.standard._sum_combine)
 
-    def _argmax(x, axis):   # (max, leftmost index of the max); the interpreter reads only x
-        return tl.reduce((x, tl.zeros(x.shape, tl.int32)), axis, tl.standard._argmax_combine_tie_break_left)
+    def _min(x, axis):
+        return tl.reduce(x, axis, tl.standard._elementwise_min)
 elif tl is not None:
-    _sum, _max, _cumsum = tl.sum, tl.max, tl.cumsum
-
-    @_jit
-    def _argmax(x, axis: tl.constexpr):
-        return tl.max(x, axis, return_indices=True, return_indices_tie_break_left=True)
+    _sum, _max, _min, _cumsum = tl.sum, tl.max, tl.min, tl.cumsum
 
 # key(-inf, index 0): the largest key a -inf value packs to. Stored keys <= EMPTY_KEY hold no admissible entry.
 EMPTY_KEY = (-2139095041 << 32) + 2147483647
@@ -124,6 +120,8 @@ def _scan_kernel(
     TILES,      # tiles per program along the queue (runtime: any split is exact)
     M: tl.constexpr, HAS_IDS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDENT: tl.constexpr,     # BLOCK_D >= D: one query block for the whole scan, no D loop (a flat tile loop that
+                                # the compiler pipelines); else D is covered in chunks of BLOCK_D per tile
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -134,60 +132,71 @@ def _scan_kernel(
     pos = tl.arange(0, BLOCK_N)
     if HAS_IDS:
         ex = tl.load(ex_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    # the query block, loaded once when one BLOCK_D covers D (the launcher's choice for D <= 512)
-    q_res = tl.load(q_ptr + rows64[:, None] * stride_qb + dd[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
-    if DOT_F32:  # the interpreter's tl.dot mishandles bf16; bf16 x bf16 products are exact in fp32
-        q_res = q_res.to(tl.float32)
     if NORMALIZE:
-        qf = q_res.to(tl.float32)
-        qsq = _sum(qf * qf, 1)
-        for d0 in range(BLOCK_D, D, BLOCK_D):   # D > BLOCK_D: the rest of the row
+        qsq = tl.zeros([BLOCK_B], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
             d = d0 + dd
             qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
             qsq += _sum(qc * qc, 1)
         inv_q = 1.0 / tl.maximum(tl.sqrt(qsq), 1e-12)
+    if RESIDENT:   # the query block, loaded once
+        q_res = tl.load(q_ptr + rows64[:, None] * stride_qb + dd[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
+        if DOT_F32:  # the interpreter's tl.dot mishandles bf16; bf16 x bf16 products are exact in fp32
+            q_res = q_res.to(tl.float32)
+    # queue tile addresses: one 64-bit base per tile, 32-bit offsets inside it (the tile spans < 2^31 elements)
+    e_off = pos[None, :] * stride_eq + dd[:, None] * stride_ed                        # [BLOCK_D, BLOCK_N] int32
+    d_ok = (dd < D)[:, None]
 
     t_lo = pid_s * TILES
     t_hi = tl.minimum(t_lo + TILES, NT)
     for t in range(t_lo, t_hi):
-        cols = t * BLOCK_N + pos
+        col0 = t * BLOCK_N
+        cols = col0 + pos
         col_ok = cols < Q
-        cols64 = cols.to(tl.int64)
-        e = tl.load(e_ptr + cols64[None, :] * stride_eq + dd[:, None] * stride_ed,
-                    mask=(dd < D)[:, None] & col_ok[None, :], other=0.0)              # [BLOCK_D, BLOCK_N]
-        if DOT_F32:
-            e = e.to(tl.float32)
-        s = tl.dot(q_res, e, input_precision=PRECISION)                               # [BLOCK_B, BLOCK_N] fp32
-        if NORMALIZE:
-            ef = e.to(tl.float32)
-            esq = _sum(ef * ef, 0)
-        for d0 in range(BLOCK_D, D, BLOCK_D):   # D > BLOCK_D: further chunks (query chunks reloaded from cache)
-            d = d0 + dd
-            qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
-                         mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-            ec = tl.load(e_ptr + cols64[None, :] * stride_eq + d[:, None] * stride_ed,
-                         mask=(d < D)[:, None] & col_ok[None, :], other=0.0)
+        e_tile = e_ptr + col0.to(tl.int64) * stride_eq
+        if RESIDENT:
+            e = tl.load(e_tile + e_off, mask=d_ok & col_ok[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
             if DOT_F32:
-                qc = qc.to(tl.float32)
-                ec = ec.to(tl.float32)
-            s = tl.dot(qc, ec, s, input_precision=PRECISION)
+                e = e.to(tl.float32)
+            s = tl.dot(q_res, e, input_precision=PRECISION)                              # [BLOCK_B, BLOCK_N] fp32
             if NORMALIZE:
-                ecf = ec.to(tl.float32)
-                esq += _sum(ecf * ecf, 0)
+                ef = e.to(tl.float32)
+                esq = _sum(ef * ef, 0)
+        else:
+            s = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+            esq = tl.zeros([BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + dd
+                qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
+                             mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+                ec = tl.load(e_tile + d0 * stride_ed + e_off, mask=(d < D)[:, None] & col_ok[None, :], other=0.0)
+                if DOT_F32:
+                    qc = qc.to(tl.float32)
+                    ec = ec.to(tl.float32)
+                s = tl.dot(qc, ec, s, input_precision=PRECISION)
+                if NORMALIZE:
+                    ecf = ec.to(tl.float32)
+                    esq += _sum(ecf * ecf, 0)
         if NORMALIZE:
             s = s * inv_q[:, None] * (1.0 / tl.maximum(tl.sqrt(esq), 1e-12))[None, :]
-        ok = (s == s) & col_ok[None, :]                     # NaN never ranks; out-of-range columns neither
+        # admissible: column in range (an additive -inf per column), not excluded by id. NaN needs no test: the
+        # maxima below are NaN-ignoring (maxnum), and an all-NaN row is stored as empty (below)
+        s = s + tl.where(col_ok, 0.0, float("-inf"))[None, :]
         if HAS_IDS:
             qid = tl.load(qid_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-            ok = ok & (ex[:, None] != qid[None, :])
-        s = tl.where(ok, s, float("-inf"))
+            s = tl.where(ex[:, None] != qid[None, :], s, float("-inf"))
         out = keys_ptr + rows64 * (NT * M) + t * M
         for m in tl.static_range(M):
-            v, p = _argmax(s, 1)
-            good = v < float("inf")                         # +inf (or a NaN that slipped through): recompute tile
-            key = tl.where(good, _pack(tl.where(good, v, 0.0), t * BLOCK_N + p), _NONFINITE)
+            # the row's maximum, then its leftmost position (the tie rule): a max per element, then an equality
+            # test and an integer min, instead of a (value, index) argmax combine
+            v = _max(s, 1)
+            p = _min(tl.where(s == v[:, None], pos[None, :], BLOCK_N), 1)
+            empty = v != v                                  # every entry NaN: as a row of -inf (no admissible one)
+            good = (v < float("inf")) | empty               # +inf: the select recomputes the tile exactly
+            vk = tl.where(empty | ~good, float("-inf"), v)
+            key = tl.where(good, _pack(vk, col0 + tl.where(empty, 0, p)), _NONFINITE)
             tl.store(out + m, key, mask=row_ok)
             if m + 1 < M:
                 s = tl.where(pos[None, :] == p[:, None], float("-inf"), s)

@@ -276,12 +276,16 @@ class TopkPlan:
             raise ValueError(f"queue_topk_triton: splits={S} must be >= 1")
         tiles = triton.cdiv(NT, S)
         S = triton.cdiv(NT, tiles)
+        # unit strides along D (a copy only for a strided view): the compiled kernel then knows them (Triton makes
+        # an argument equal to 1 a constant), loads 16-byte vectors and keeps 32-bit offsets inside a tile
+        query = query if query.stride(1) == 1 else query.contiguous()
+        queue = queue if queue.stride(1) == 1 else queue.contiguous()
         strides = (query.stride(0), query.stride(1), queue.stride(0), queue.stride(1))
         self.grid = (row_blocks, S)
         self.scan_args = (query, queue, ex, qid, self.keys, B, Q, D, NT, *strides, tiles)
         self.scan_meta = dict(M=M, HAS_IDS=has_ids, NORMALIZE=not normalized, PRECISION=precision,
                               DOT_F32=interp and query.dtype == torch.bfloat16, BLOCK_B=block_b, BLOCK_N=BN,
-                              BLOCK_D=block_d, **({} if interp else dict(num_warps=cfg["warps"],
+                              BLOCK_D=block_d, RESIDENT=block_d >= D, **({} if interp else dict(num_warps=cfg["warps"],
                                                                          num_stages=cfg["stages"])))
         self.select_args = (query, queue, ex, qid, self.keys, self.keys.view(torch.int32), bag, self.out_v,
                             self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized))
