@@ -6,9 +6,11 @@ _scan_kernel  (the fused GEMM; grid = (query row blocks, queue splits))
     A program keeps BLOCK_B query rows resident and streams queue tiles of BLOCK_N rows. Per tile it computes
     S = q_blk @ e_tileᵀ with tl.dot (fp32 accumulation; tf32 for fp32 inputs unless told otherwise), applies the
     id exclusion and range mask (-inf), drops NaN (never a maximum), and stores each row's M best entries of the
-    tile as packed int64 keys into keys[B, NT, M] (NT = number of tiles). A NaN or +inf maximum is stored as
+    tile as packed int64 keys into keys[B, NT, M] (NT = number of tiles). A +inf maximum is stored as
     NONFINITE_KEY: the select kernel then recomputes that tile exactly, where the non-finite rule applies.
-    Work per similarity: the MMA, a compare for the ids, a NaN test, and M (value, index) max reductions.
+    Work per similarity: the MMA, an add (range), an id compare and select, a maxnum (NaN), the int32 packing of
+    value and position (shift, two logic ops, a subtract), then M integer maxima (an equality select between them).
+    The stored values are S truncated by < BLOCK_N ulp (the packing); delta_for's block_n term covers it.
 
 _select_kernel  (one program per query row)
     1. t = the k-th largest stored value of the row (32-step bisection on the order-preserving integer of the fp32
@@ -114,6 +116,7 @@ def _scan_kernel(
     e_ptr,      # queue [Q, D] same dtype, strides (stride_eq, stride_ed); read only
     ex_ptr,     # exclude_ids [B] integer, contiguous; read only when HAS_IDS
     qid_ptr,    # queue_ids [Q] integer, contiguous; read only when HAS_IDS
+    einv_ptr,   # [Q] fp32 1 / max(|e_j|, 1e-12) (the launcher's, any summation order), contiguous; read when NORMALIZE
     keys_ptr,   # out: keys [B, NT, M] int64, contiguous; this program writes its rows x its tiles
     B, Q, D, NT,
     stride_qb, stride_qd, stride_eq, stride_ed,
@@ -132,10 +135,11 @@ def _scan_kernel(
     pos = tl.arange(0, BLOCK_N)
     if HAS_IDS:
         ex = tl.load(ex_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    if NORMALIZE:
+    if NORMALIZE:   # the query rows' norms, in chunks of 32 (an fp32 copy of the whole block would take registers)
         qsq = tl.zeros([BLOCK_B], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + dd
+        d32 = tl.arange(0, 32)
+        for d0 in range(0, D, 32):
+            d = d0 + d32
             qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
             qsq += _sum(qc * qc, 1)
@@ -156,17 +160,17 @@ def _scan_kernel(
         cols = col0 + pos
         col_ok = cols < Q
         e_tile = e_ptr + col0.to(tl.int64) * stride_eq
+        if HAS_IDS:   # issued before the MMA, which hides its latency
+            qid = tl.load(qid_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        if NORMALIZE:
+            einv = tl.load(einv_ptr + cols, mask=col_ok, other=0.0)
         if RESIDENT:
             e = tl.load(e_tile + e_off, mask=d_ok & col_ok[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
             if DOT_F32:
                 e = e.to(tl.float32)
             s = tl.dot(q_res, e, input_precision=PRECISION)                              # [BLOCK_B, BLOCK_N] fp32
-            if NORMALIZE:
-                ef = e.to(tl.float32)
-                esq = _sum(ef * ef, 0)
         else:
             s = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-            esq = tl.zeros([BLOCK_N], tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + dd
                 qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
@@ -176,30 +180,31 @@ def _scan_kernel(
                     qc = qc.to(tl.float32)
                     ec = ec.to(tl.float32)
                 s = tl.dot(qc, ec, s, input_precision=PRECISION)
-                if NORMALIZE:
-                    ecf = ec.to(tl.float32)
-                    esq += _sum(ecf * ecf, 0)
         if NORMALIZE:
-            s = s * inv_q[:, None] * (1.0 / tl.maximum(tl.sqrt(esq), 1e-12))[None, :]
-        # admissible: column in range (an additive -inf per column), not excluded by id. NaN needs no test: the
-        # maxima below are NaN-ignoring (maxnum), and an all-NaN row is stored as empty (below)
-        s = s + tl.where(col_ok, 0.0, float("-inf"))[None, :]
+            s = s * inv_q[:, None] * einv[None, :]
+        # admissible: column in range (an additive -inf per column, last tile only), not excluded by id; NaN -> -inf
+        # by a NaN-ignoring max (maxnum), one instruction
+        if col0 + BLOCK_N > Q:                              # only the queue's last tile is ragged
+            s = s + tl.where(col_ok, 0.0, float("-inf"))[None, :]
         if HAS_IDS:
-            qid = tl.load(qid_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
             s = tl.where(ex[:, None] != qid[None, :], s, float("-inf"))
+        s = tl.maximum(s, float("-inf"))
+        # one int32 per entry: ord(S) with its low log2(BLOCK_N) bits replaced by BLOCK_N - 1 - position, so one
+        # integer max finds the largest truncated value and, among equal ones, the lowest position (the tie rule).
+        # The truncation lowers S by < BLOCK_N ulp (covered by delta_for's block_n term); -0.0 ranks a few ulp below
+        # +0.0 here (the select's exact re-score folds them); finite values stay above ord(-inf), +inf stays +inf
+        sb = s.to(tl.int32, bitcast=True)
+        kk = ((sb ^ ((sb >> 31) & 0x7FFFFFFF)) | (BLOCK_N - 1)) - pos[None, :]
         out = keys_ptr + rows64 * (NT * M) + t * M
         for m in tl.static_range(M):
-            # the row's maximum, then its leftmost position (the tie rule): a max per element, then an equality
-            # test and an integer min, instead of a (value, index) argmax combine
-            v = _max(s, 1)
-            p = _min(tl.where(s == v[:, None], pos[None, :], BLOCK_N), 1)
-            empty = v != v                                  # every entry NaN: as a row of -inf (no admissible one)
-            good = (v < float("inf")) | empty               # +inf: the select recomputes the tile exactly
-            vk = tl.where(empty | ~good, float("-inf"), v)
-            key = tl.where(good, _pack(vk, col0 + tl.where(empty, 0, p)), _NONFINITE)
+            km = _max(kk, 1)
+            o = km & (-BLOCK_N)                             # the truncated ord(S)
+            p = (BLOCK_N - 1) - (km & (BLOCK_N - 1))
+            key = tl.where(o < 0x7F800000, (o.to(tl.int64) << 32) + (2147483647 - (col0 + p)).to(tl.int64),
+                           _NONFINITE)                     # +inf: the select recomputes the tile exactly
             tl.store(out + m, key, mask=row_ok)
             if m + 1 < M:
-                s = tl.where(pos[None, :] == p[:, None], float("-inf"), s)
+                kk = tl.where(kk == km[:, None], -2147483647 - 1, kk)
 
 
 @_device_fn
