@@ -6,11 +6,13 @@ _scan_kernel  (the fused GEMM; grid = (query row blocks, queue splits))
     A program keeps BLOCK_B query rows resident and streams queue tiles of BLOCK_N rows. Per tile it computes
     S = q_blk @ e_tileᵀ with tl.dot (fp32 accumulation; tf32 for fp32 inputs unless told otherwise), applies the
     id exclusion and range mask (-inf), drops NaN (never a maximum), and stores each row's M best entries of the
-    tile as packed int64 keys into keys[B, NT, M] (NT = number of tiles). A +inf maximum is stored as
-    NONFINITE_KEY: the select kernel then recomputes that tile exactly, where the non-finite rule applies.
+    tile into keys[B, 2 NT M] int32 (NT = number of tiles; slots [t M, t M + M) of a row), each as one int32:
+    ord(S) with its low log2(BLOCK_N) bits replaced by BLOCK_N - 1 - position (the select kernel unpacks it to the
+    int64 key below). A +inf maximum unpacks to NONFINITE_KEY: the select kernel then recomputes that tile exactly,
+    where the non-finite rule applies.
     Work per similarity: the MMA, an add (range), an id compare and select, a maxnum (NaN), the int32 packing of
     value and position (shift, two logic ops, a subtract), then M integer maxima (an equality select between them).
-    The stored values are S truncated by < BLOCK_N ulp (the packing); delta_for's block_n term covers it.
+    The stored values are S lowered by <= BLOCK_N - 1 ulp (the packing); delta_for's block_n term covers it.
 
 _select_kernel  (one program per query row)
     1. t = the k-th largest stored value of the row (32-step bisection on the order-preserving integer of the fp32
@@ -29,7 +31,7 @@ _select_kernel  (one program per query row)
        Keys are unique (value, index) pairs, so the positions are a permutation; no sort, no insertion loop.
     4. The bag, unpacked: values [k] fp32 descending, indices [k] int64 (padding -inf / -1).
 
-Key packing (both kernels): key = ord(v) << 32 | (2^31 - 1 - index), ord() maps fp32 bits to int32 in the order of the
+Key packing (the select kernel): key = ord(v) << 32 | (2^31 - 1 - index), ord() maps fp32 bits to int32 in the order of the
 floats (-0.0 folded into +0.0 first). Larger key = ranks first: higher value, then the lower index (the tie rule).
 """
 from __future__ import annotations
@@ -110,6 +112,15 @@ def _key_index(key):
     return 2147483647 - (key & 0x7FFFFFFF).to(tl.int32)
 
 
+@_device_fn
+def _unpack(km, t, BLOCK_N: tl.constexpr):
+    """int64 key of the scan's packed int32 km of tile t: (truncated ord(S), column t BLOCK_N + position);
+    NONFINITE_KEY for a +inf value (the tile is then recomputed exactly)."""
+    o = km & (-BLOCK_N)
+    col = t * BLOCK_N + (BLOCK_N - 1) - (km & (BLOCK_N - 1))
+    return tl.where(o < 0x7F800000, (o.to(tl.int64) << 32) + (2147483647 - col).to(tl.int64), _NONFINITE)
+
+
 @_kernel
 def _scan_kernel(
     q_ptr,      # query [B, D] fp32/bf16/fp16, strides (stride_qb, stride_qd); read only
@@ -117,7 +128,8 @@ def _scan_kernel(
     ex_ptr,     # exclude_ids [B] integer, contiguous; read only when HAS_IDS
     qid_ptr,    # queue_ids [Q] integer, contiguous; read only when HAS_IDS
     einv_ptr,   # [Q] fp32 1 / max(|e_j|, 1e-12) (the launcher's, any summation order), contiguous; read when NORMALIZE
-    keys_ptr,   # out: keys [B, NT, M] int64, contiguous; this program writes its rows x its tiles
+    keys_ptr,   # out: packed keys int32 [B, 2 NT M], contiguous; this program writes slots [t M, t M + M) of its rows
+                #      for its tiles (the select kernel uses the row's 2 NT M slots as scratch afterwards)
     B, Q, D, NT,
     stride_qb, stride_qd, stride_eq, stride_ed,
     TILES,      # tiles per program along the queue (runtime: any split is exact)
@@ -191,18 +203,14 @@ def _scan_kernel(
         s = tl.maximum(s, float("-inf"))
         # one int32 per entry: ord(S) with its low log2(BLOCK_N) bits replaced by BLOCK_N - 1 - position, so one
         # integer max finds the largest truncated value and, among equal ones, the lowest position (the tie rule).
-        # The truncation lowers S by < BLOCK_N ulp (covered by delta_for's block_n term); -0.0 ranks a few ulp below
+        # The truncation lowers S by <= BLOCK_N - 1 ulp (delta_for's block_n term); -0.0 ranks a few ulp below
         # +0.0 here (the select's exact re-score folds them); finite values stay above ord(-inf), +inf stays +inf
         sb = s.to(tl.int32, bitcast=True)
         kk = ((sb ^ ((sb >> 31) & 0x7FFFFFFF)) | (BLOCK_N - 1)) - pos[None, :]
-        out = keys_ptr + rows64 * (NT * M) + t * M
+        out = keys_ptr + rows64 * (2 * NT * M) + t * M
         for m in tl.static_range(M):
-            km = _max(kk, 1)
-            o = km & (-BLOCK_N)                             # the truncated ord(S)
-            p = (BLOCK_N - 1) - (km & (BLOCK_N - 1))
-            key = tl.where(o < 0x7F800000, (o.to(tl.int64) << 32) + (2147483647 - (col0 + p)).to(tl.int64),
-                           _NONFINITE)                     # +inf: the select recomputes the tile exactly
-            tl.store(out + m, key, mask=row_ok)
+            km = _max(kk, 1)                                # stored as is: the select kernel unpacks it (_unpack)
+            tl.store(out + m, km, mask=row_ok)
             if m + 1 < M:
                 kk = tl.where(kk == km[:, None], -2147483647 - 1, kk)
 
@@ -258,8 +266,8 @@ def _select_kernel(
     e_ptr,      # queue [Q, D], strides (stride_eq, stride_ed); read only
     ex_ptr,     # exclude_ids [B] (HAS_IDS); read only
     qid_ptr,    # queue_ids [Q] (HAS_IDS); read only
-    keys_ptr,   # keys [B, NT, M] int64 from _scan_kernel; read only here
-    scratch_ptr,  # the same buffer as int32 [B, 2 NT M]: this row's stretch holds its candidate and tile lists
+    keys_ptr,   # packed keys int32 [B, 2 NT M] from _scan_kernel (slots [0, NT M) of a row); read, then
+                #   this row's 2 NT M slots hold its candidate and tile lists (scratch)
     bag_ptr,    # scratch [B, KP] int64
     out_v_ptr,  # out: values [B, K] fp32, contiguous
     out_i_ptr,  # out: indices [B, K] int64, contiguous
@@ -288,8 +296,9 @@ def _select_kernel(
     # 1. the stored keys and the threshold t (k-th largest finite stored value in tiles without non-finite keys)
     tt = tl.arange(0, NTP)
     mm = tl.arange(0, M)
-    row_keys = keys_ptr + b64 * NT * M
-    keys = tl.load(row_keys + tt[:, None] * M + mm[None, :], mask=(tt < NT)[:, None], other=_EMPTY)   # [NTP, M]
+    row_keys = keys_ptr + b64 * (2 * NT * M)
+    km = tl.load(row_keys + tt[:, None] * M + mm[None, :], mask=(tt < NT)[:, None], other=0)          # [NTP, M]
+    keys = tl.where((tt < NT)[:, None], _unpack(km, tt[:, None], BLOCK_N), _EMPTY)
     nonfin = _max((keys == _NONFINITE).to(tl.int32), 1) > 0                                          # [NTP]
     live = (keys > _EMPTY) & (keys != _NONFINITE) & (~nonfin)[:, None]
     o = (keys >> 32).to(tl.int32)                                                                      # ord(S)
@@ -319,7 +328,7 @@ def _select_kernel(
     n_cand = _sum(cand_f.to(tl.int32), 0)
     f_pos = _cumsum(flag.to(tl.int32), 0) - 1
     n_flag = _sum(flag.to(tl.int32), 0)
-    scratch = scratch_ptr + b64 * NT * M * 2             # 2 NT M int32 slots: [candidate columns | flagged tiles]
+    scratch = row_keys                                   # 2 NT M int32 slots: [candidate columns | flagged tiles]
     tl.debug_barrier()                                   # every thread has read its keys before they are overwritten
     tl.store(scratch + c_pos, cols_f, mask=cand_f)
     tl.store(scratch + NT * M + f_pos, tt, mask=flag)

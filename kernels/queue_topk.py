@@ -94,8 +94,8 @@ def queue_topk_ref(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | N
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton (CUDA): GEMM with a per-tile top-M epilogue, then an exact per-row select. Kernels and the argument for
-# exactness: kernels/_queue_topk_kernels.py. Extra memory: keys [B, ceil(Q / BLOCK_N), M] int64 (16 MiB at
-# B=2048, Q=65536, BLOCK_N=128, M=2) and a [B, KP] int64 scratch; never O(B x Q) values.
+# exactness: kernels/_queue_topk_kernels.py. Extra memory: keys [B, 2 ceil(Q / BLOCK_N) M] int32 (32 MiB at
+# B=2048, Q=65536, BLOCK_N=64, M=2; the scan writes half) and a [B, KP] int64 scratch; never O(B x Q) values.
 #
 # Exactness: the GEMM's values S (tf32 for fp32 inputs) only prune; every returned value is re-scored exactly (R)
 # and the k best R are selected with the tie rule. The pruning margin covers |S - R| for rows of norm <= 1 + 2^-4
@@ -127,9 +127,9 @@ MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (64 x 256 bf
 # precision of the scan's fp32 dot ("tf32" | "tf32x3" | "ieee"; ignored for bf16/fp16), programs per SM targeted
 # by the queue split.
 DEFAULT_CONFIGS = {
-    ("bf16", 32): dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=0, M=2, warps=4, stages=1, CH=32, warps2=4, precision="tf32",
+    ("bf16", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=2, warps=4, stages=1, CH=32, warps2=4, precision="tf32",
                        per_sm=2),
-    ("bf16", 128): dict(BLOCK_B=64, BLOCK_N=128, BLOCK_D=0, M=4, warps=4, stages=1, CH=64, warps2=4,
+    ("bf16", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=4, warps=4, stages=1, CH=64, warps2=4,
                         precision="tf32", per_sm=2),
     ("fp32", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=2, warps=4, stages=3, CH=32, warps2=4, precision="tf32",
                        per_sm=2),
@@ -182,9 +182,9 @@ def delta_for(dtype: torch.dtype, precision: str, D: int, normalize: bool, block
     products with fp32 accumulation (4x slack for the tensor cores' internal order), plus the input rounding of the
     fp32 dot: tf32 rounds each input to 11 significant bits (2^-9 per product, with margin), 3xtf32 ~2^-17.
     sum|q_d e_d| <= |q| |e| (Cauchy-Schwarz). normalize: both sides divide by norms computed in fp32 (8 (D + 4) u).
-    block_n: the scan stores S with its low log2(block_n) bits replaced by the position (S lowered by < block_n
-    ulp <= block_n 2u |S|)."""
-    eps_s = (D + 16) * 4 * _U + block_n * 2 * _U
+    block_n: the scan stores S with its low log2(block_n) bits replaced by the position (S lowered by <= block_n - 1
+    ulp <= (block_n - 1) 2u |S|)."""
+    eps_s = (D + 16) * 4 * _U + (block_n - 1) * 2 * _U
     if dtype == torch.float32:
         eps_s += {"tf32": 2.0 ** -9, "tf32x3": 2.0 ** -17, "ieee": 0.0}[precision]
     eps = eps_s + (D + 4) * _U + (8 * (D + 4) * _U if normalize else 0.0)
@@ -270,7 +270,7 @@ class TopkPlan:
         ex = exclude_ids.contiguous() if has_ids else self.out_i     # dummy pointer when HAS_IDS is False
         qid = queue_ids.contiguous() if has_ids else self.out_i
         precision = cfg["precision"] if query.dtype == torch.float32 else "tf32"
-        self.keys = torch.empty(B, NT, M, device=dev, dtype=torch.int64)
+        self.keys = torch.empty(B, 2 * NT * M, device=dev, dtype=torch.int32)   # scan's packed keys, select's scratch
         bag = torch.empty(B, KP, device=dev, dtype=torch.int64)
         row_blocks = triton.cdiv(max(B, 1), block_b)
         S = splits if splits is not None else _num_splits(row_blocks, NT, cfg["per_sm"], dev)
@@ -292,7 +292,7 @@ class TopkPlan:
                               DOT_F32=interp and query.dtype == torch.bfloat16, BLOCK_B=block_b, BLOCK_N=BN,
                               BLOCK_D=block_d, RESIDENT=block_d >= D, **({} if interp else dict(num_warps=cfg["warps"],
                                                                          num_stages=cfg["stages"])))
-        self.select_args = (query, queue, ex, qid, self.keys, self.keys.view(torch.int32), bag, self.out_v,
+        self.select_args = (query, queue, ex, qid, self.keys, bag, self.out_v,
                             self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized, BN))
         self.select_meta = dict(M=M, NTP=NTP, KP=KP, CH=ch, BLOCK_N=BN, BLOCK_D=min(block_d, 256), HAS_IDS=has_ids,
                                 NORMALIZE=not normalized,
