@@ -6,9 +6,13 @@ _scan_kernel  (the fused GEMM; grid = (query row blocks, queue splits))
     A program keeps BLOCK_B query rows resident and streams queue tiles of BLOCK_N rows. Per tile it computes
     S = q_blk @ e_tileᵀ with tl.dot (fp32 accumulation; tf32 for fp32 inputs unless told otherwise), applies the
     id exclusion and range mask (-inf), drops NaN (never a maximum), and stores each row's M best entries of the
-    tile as packed int64 keys into keys[B, NT, M] (NT = number of tiles). A NaN or +inf maximum is stored as
-    NONFINITE_KEY: the select kernel then recomputes that tile exactly, where the non-finite rule applies.
-    Work per similarity: the MMA, a compare for the ids, a NaN test, and M (value, index) max reductions.
+    tile into keys[B, 2 NT M] int32 (NT = number of tiles; slots [t M, t M + M) of a row), each as one int32:
+    ord(S) with its low log2(BLOCK_N) bits replaced by BLOCK_N - 1 - position (the select kernel unpacks it to the
+    int64 key below). A +inf maximum unpacks to NONFINITE_KEY: the select kernel then recomputes that tile exactly,
+    where the non-finite rule applies.
+    Work per similarity: the MMA, an add (range), an id compare and select, a maxnum (NaN), the int32 packing of
+    value and position (shift, two logic ops, a subtract), then M integer maxima (an equality select between them).
+    The stored values are S lowered by <= BLOCK_N - 1 ulp (the packing); delta_for's block_n term covers it.
 
 _select_kernel  (one program per query row)
     1. t = the k-th largest stored value of the row (32-step bisection on the order-preserving integer of the fp32
@@ -27,7 +31,7 @@ _select_kernel  (one program per query row)
        Keys are unique (value, index) pairs, so the positions are a permutation; no sort, no insertion loop.
     4. The bag, unpacked: values [k] fp32 descending, indices [k] int64 (padding -inf / -1).
 
-Key packing (both kernels): key = ord(v) << 32 | (2^31 - 1 - index), ord() maps fp32 bits to int32 in the order of the
+Key packing (the select kernel): key = ord(v) << 32 | (2^31 - 1 - index), ord() maps fp32 bits to int32 in the order of the
 floats (-0.0 folded into +0.0 first). Larger key = ranks first: higher value, then the lower index (the tie rule).
 """
 from __future__ import annotations
@@ -69,14 +73,10 @@ if tl is not None and _INTERPRET:
     def _cumsum(x, axis):
         return tl.associative_scan(x, axis, tl.standard._sum_combine)
 
-    def _argmax(x, axis):   # (max, leftmost index of the max); the interpreter reads only x
-        return tl.reduce((x, tl.zeros(x.shape, tl.int32)), axis, tl.standard._argmax_combine_tie_break_left)
+    def _min(x, axis):
+        return tl.reduce(x, axis, tl.standard._elementwise_min)
 elif tl is not None:
-    _sum, _max, _cumsum = tl.sum, tl.max, tl.cumsum
-
-    @_jit
-    def _argmax(x, axis: tl.constexpr):
-        return tl.max(x, axis, return_indices=True, return_indices_tie_break_left=True)
+    _sum, _max, _min, _cumsum = tl.sum, tl.max, tl.min, tl.cumsum
 
 # key(-inf, index 0): the largest key a -inf value packs to. Stored keys <= EMPTY_KEY hold no admissible entry.
 EMPTY_KEY = (-2139095041 << 32) + 2147483647
@@ -112,18 +112,31 @@ def _key_index(key):
     return 2147483647 - (key & 0x7FFFFFFF).to(tl.int32)
 
 
+@_device_fn
+def _unpack(km, t, BLOCK_N: tl.constexpr):
+    """int64 key of the scan's packed int32 km of tile t: (truncated ord(S), column t BLOCK_N + position);
+    NONFINITE_KEY for a +inf value (the tile is then recomputed exactly)."""
+    o = km & (-BLOCK_N)
+    col = t * BLOCK_N + (BLOCK_N - 1) - (km & (BLOCK_N - 1))
+    return tl.where(o < 0x7F800000, (o.to(tl.int64) << 32) + (2147483647 - col).to(tl.int64), _NONFINITE)
+
+
 @_kernel
 def _scan_kernel(
     q_ptr,      # query [B, D] fp32/bf16/fp16, strides (stride_qb, stride_qd); read only
     e_ptr,      # queue [Q, D] same dtype, strides (stride_eq, stride_ed); read only
     ex_ptr,     # exclude_ids [B] integer, contiguous; read only when HAS_IDS
     qid_ptr,    # queue_ids [Q] integer, contiguous; read only when HAS_IDS
-    keys_ptr,   # out: keys [B, NT, M] int64, contiguous; this program writes its rows x its tiles
+    einv_ptr,   # [Q] fp32 1 / max(|e_j|, 1e-12) (the launcher's, any summation order), contiguous; read when NORMALIZE
+    keys_ptr,   # out: packed keys int32 [B, 2 NT M], contiguous; this program writes slots [t M, t M + M) of its rows
+                #      for its tiles (the select kernel uses the row's 2 NT M slots as scratch afterwards)
     B, Q, D, NT,
     stride_qb, stride_qd, stride_eq, stride_ed,
     TILES,      # tiles per program along the queue (runtime: any split is exact)
     M: tl.constexpr, HAS_IDS: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDENT: tl.constexpr,     # BLOCK_D >= D: one query block for the whole scan, no D loop (a flat tile loop that
+                                # the compiler pipelines); else D is covered in chunks of BLOCK_D per tile
 ):
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -134,63 +147,72 @@ def _scan_kernel(
     pos = tl.arange(0, BLOCK_N)
     if HAS_IDS:
         ex = tl.load(ex_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    # the query block, loaded once when one BLOCK_D covers D (the launcher's choice for D <= 512)
-    q_res = tl.load(q_ptr + rows64[:, None] * stride_qb + dd[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
-    if DOT_F32:  # the interpreter's tl.dot mishandles bf16; bf16 x bf16 products are exact in fp32
-        q_res = q_res.to(tl.float32)
-    if NORMALIZE:
-        qf = q_res.to(tl.float32)
-        qsq = _sum(qf * qf, 1)
-        for d0 in range(BLOCK_D, D, BLOCK_D):   # D > BLOCK_D: the rest of the row
-            d = d0 + dd
+    if NORMALIZE:   # the query rows' norms, in chunks of 32 (an fp32 copy of the whole block would take registers)
+        qsq = tl.zeros([BLOCK_B], tl.float32)
+        d32 = tl.arange(0, 32)
+        for d0 in range(0, D, 32):
+            d = d0 + d32
             qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
                          mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
             qsq += _sum(qc * qc, 1)
         inv_q = 1.0 / tl.maximum(tl.sqrt(qsq), 1e-12)
+    if RESIDENT:   # the query block, loaded once
+        q_res = tl.load(q_ptr + rows64[:, None] * stride_qb + dd[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (dd < D)[None, :], other=0.0)
+        if DOT_F32:  # the interpreter's tl.dot mishandles bf16; bf16 x bf16 products are exact in fp32
+            q_res = q_res.to(tl.float32)
+    # queue tile addresses: one 64-bit base per tile, 32-bit offsets inside it (the tile spans < 2^31 elements)
+    e_off = pos[None, :] * stride_eq + dd[:, None] * stride_ed                        # [BLOCK_D, BLOCK_N] int32
+    d_ok = (dd < D)[:, None]
 
     t_lo = pid_s * TILES
     t_hi = tl.minimum(t_lo + TILES, NT)
     for t in range(t_lo, t_hi):
-        cols = t * BLOCK_N + pos
+        col0 = t * BLOCK_N
+        cols = col0 + pos
         col_ok = cols < Q
-        cols64 = cols.to(tl.int64)
-        e = tl.load(e_ptr + cols64[None, :] * stride_eq + dd[:, None] * stride_ed,
-                    mask=(dd < D)[:, None] & col_ok[None, :], other=0.0)              # [BLOCK_D, BLOCK_N]
-        if DOT_F32:
-            e = e.to(tl.float32)
-        s = tl.dot(q_res, e, input_precision=PRECISION)                               # [BLOCK_B, BLOCK_N] fp32
-        if NORMALIZE:
-            ef = e.to(tl.float32)
-            esq = _sum(ef * ef, 0)
-        for d0 in range(BLOCK_D, D, BLOCK_D):   # D > BLOCK_D: further chunks (query chunks reloaded from cache)
-            d = d0 + dd
-            qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
-                         mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-            ec = tl.load(e_ptr + cols64[None, :] * stride_eq + d[:, None] * stride_ed,
-                         mask=(d < D)[:, None] & col_ok[None, :], other=0.0)
-            if DOT_F32:
-                qc = qc.to(tl.float32)
-                ec = ec.to(tl.float32)
-            s = tl.dot(qc, ec, s, input_precision=PRECISION)
-            if NORMALIZE:
-                ecf = ec.to(tl.float32)
-                esq += _sum(ecf * ecf, 0)
-        if NORMALIZE:
-            s = s * inv_q[:, None] * (1.0 / tl.maximum(tl.sqrt(esq), 1e-12))[None, :]
-        ok = (s == s) & col_ok[None, :]                     # NaN never ranks; out-of-range columns neither
-        if HAS_IDS:
+        e_tile = e_ptr + col0.to(tl.int64) * stride_eq
+        if HAS_IDS:   # issued before the MMA, which hides its latency
             qid = tl.load(qid_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-            ok = ok & (ex[:, None] != qid[None, :])
-        s = tl.where(ok, s, float("-inf"))
-        out = keys_ptr + rows64 * (NT * M) + t * M
+        if NORMALIZE:
+            einv = tl.load(einv_ptr + cols, mask=col_ok, other=0.0)
+        if RESIDENT:
+            e = tl.load(e_tile + e_off, mask=d_ok & col_ok[None, :], other=0.0)          # [BLOCK_D, BLOCK_N]
+            if DOT_F32:
+                e = e.to(tl.float32)
+            s = tl.dot(q_res, e, input_precision=PRECISION)                              # [BLOCK_B, BLOCK_N] fp32
+        else:
+            s = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + dd
+                qc = tl.load(q_ptr + rows64[:, None] * stride_qb + d[None, :] * stride_qd,
+                             mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+                ec = tl.load(e_tile + d0 * stride_ed + e_off, mask=(d < D)[:, None] & col_ok[None, :], other=0.0)
+                if DOT_F32:
+                    qc = qc.to(tl.float32)
+                    ec = ec.to(tl.float32)
+                s = tl.dot(qc, ec, s, input_precision=PRECISION)
+        if NORMALIZE:
+            s = s * inv_q[:, None] * einv[None, :]
+        # admissible: column in range (an additive -inf per column, last tile only), not excluded by id; NaN -> -inf
+        # by a NaN-ignoring max (maxnum), one instruction
+        if col0 + BLOCK_N > Q:                              # only the queue's last tile is ragged
+            s = s + tl.where(col_ok, 0.0, float("-inf"))[None, :]
+        if HAS_IDS:
+            s = tl.where(ex[:, None] != qid[None, :], s, float("-inf"))
+        s = tl.maximum(s, float("-inf"))
+        # one int32 per entry: ord(S) with its low log2(BLOCK_N) bits replaced by BLOCK_N - 1 - position, so one
+        # integer max finds the largest truncated value and, among equal ones, the lowest position (the tie rule).
+        # The truncation lowers S by <= BLOCK_N - 1 ulp (delta_for's block_n term); -0.0 ranks a few ulp below
+        # +0.0 here (the select's exact re-score folds them); finite values stay above ord(-inf), +inf stays +inf
+        sb = s.to(tl.int32, bitcast=True)
+        kk = ((sb ^ ((sb >> 31) & 0x7FFFFFFF)) | (BLOCK_N - 1)) - pos[None, :]
+        out = keys_ptr + rows64 * (2 * NT * M) + t * M
         for m in tl.static_range(M):
-            v, p = _argmax(s, 1)
-            good = v < float("inf")                         # +inf (or a NaN that slipped through): recompute tile
-            key = tl.where(good, _pack(tl.where(good, v, 0.0), t * BLOCK_N + p), _NONFINITE)
-            tl.store(out + m, key, mask=row_ok)
+            km = _max(kk, 1)                                # stored as is: the select kernel unpacks it (_unpack)
+            tl.store(out + m, km, mask=row_ok)
             if m + 1 < M:
-                s = tl.where(pos[None, :] == p[:, None], float("-inf"), s)
+                kk = tl.where(kk == km[:, None], -2147483647 - 1, kk)
 
 
 @_device_fn
@@ -244,8 +266,8 @@ def _select_kernel(
     e_ptr,      # queue [Q, D], strides (stride_eq, stride_ed); read only
     ex_ptr,     # exclude_ids [B] (HAS_IDS); read only
     qid_ptr,    # queue_ids [Q] (HAS_IDS); read only
-    keys_ptr,   # keys [B, NT, M] int64 from _scan_kernel; read only here
-    scratch_ptr,  # the same buffer as int32 [B, 2 NT M]: this row's stretch holds its candidate and tile lists
+    keys_ptr,   # packed keys int32 [B, 2 NT M] from _scan_kernel (slots [0, NT M) of a row); read, then
+                #   this row's 2 NT M slots hold its candidate and tile lists (scratch)
     bag_ptr,    # scratch [B, KP] int64
     out_v_ptr,  # out: values [B, K] fp32, contiguous
     out_i_ptr,  # out: indices [B, K] int64, contiguous
@@ -274,8 +296,9 @@ def _select_kernel(
     # 1. the stored keys and the threshold t (k-th largest finite stored value in tiles without non-finite keys)
     tt = tl.arange(0, NTP)
     mm = tl.arange(0, M)
-    row_keys = keys_ptr + b64 * NT * M
-    keys = tl.load(row_keys + tt[:, None] * M + mm[None, :], mask=(tt < NT)[:, None], other=_EMPTY)   # [NTP, M]
+    row_keys = keys_ptr + b64 * (2 * NT * M)
+    km = tl.load(row_keys + tt[:, None] * M + mm[None, :], mask=(tt < NT)[:, None], other=0)          # [NTP, M]
+    keys = tl.where((tt < NT)[:, None], _unpack(km, tt[:, None], BLOCK_N), _EMPTY)
     nonfin = _max((keys == _NONFINITE).to(tl.int32), 1) > 0                                          # [NTP]
     live = (keys > _EMPTY) & (keys != _NONFINITE) & (~nonfin)[:, None]
     o = (keys >> 32).to(tl.int32)                                                                      # ord(S)
@@ -305,7 +328,7 @@ def _select_kernel(
     n_cand = _sum(cand_f.to(tl.int32), 0)
     f_pos = _cumsum(flag.to(tl.int32), 0) - 1
     n_flag = _sum(flag.to(tl.int32), 0)
-    scratch = scratch_ptr + b64 * NT * M * 2             # 2 NT M int32 slots: [candidate columns | flagged tiles]
+    scratch = row_keys                                   # 2 NT M int32 slots: [candidate columns | flagged tiles]
     tl.debug_barrier()                                   # every thread has read its keys before they are overwritten
     tl.store(scratch + c_pos, cols_f, mask=cand_f)
     tl.store(scratch + NT * M + f_pos, tt, mask=flag)

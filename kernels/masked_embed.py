@@ -169,6 +169,8 @@ def _masked_embed_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, A_CAST: tl.constexpr, ROUND: tl.constexpr,
     OUT_BF16: tl.constexpr, UPCAST: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    OFF32: tl.constexpr = False,  # imgs has < 2^31 elements: pixel offsets in 32 bits (half the address registers;
+                                  # the launcher sets it for images without unit pixel stride, gathered per pixel)
 ):
     pid_n = tl.program_id(0)                     # fastest: neighbouring programs share the A rows (L2 reuse)
     pid_m = tl.program_id(1)
@@ -179,6 +181,8 @@ def _masked_embed_fwd_kernel(
     l = tl.load(keep_ptr + rows, mask=row_ok, other=0)                       # kept patch position, int64
     n = (rows // K).to(tl.int64)
     row_off = n * s_in + (l // GW) * P * s_ih + (l % GW) * P * s_iw           # the patch's top-left pixel
+    if OFF32:
+        row_off = row_off.to(tl.int32)
     kk0 = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
     for k0 in range(0, CPP, BLOCK_K):
@@ -225,14 +229,16 @@ def mask_indices_triton(noise: Tensor, len_keep: int, mask_dtype: torch.dtype) -
     return keep, mask, ids
 
 
-def _gemm_config(M: int, D: int, CPP: int) -> dict:
+def _gemm_config(M: int, D: int, CPP: int, unit_pixels: bool = True) -> dict:
     """Tiles: in the interpreter few big programs (its cost is per program and per loop trip); on GPU 128 x 128
     output tiles (64 wide when D is small) and 64-deep K steps, 8 warps, 3 stages (unmeasured on GPU;
-    bench/masked_gather.py times the result)."""
+    bench/masked_gather.py times the result). Images without unit pixel stride (channels_last) gather pixel by pixel
+    (no 16-byte vectors): 32-deep K steps, which compile without spills on sm_80 (64: 124 B)."""
     if _interpreting():
         return dict(BLOCK_M=min(128, _pow2(M)), BLOCK_N=min(256, _pow2(D)), BLOCK_K=min(256, _pow2(CPP)),
                     num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128 if D >= 128 else 64, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128 if D >= 128 else 64, BLOCK_K=64 if unit_pixels else 32, num_warps=8,
+                num_stages=3)
 
 
 class _MaskedPatchEmbed(torch.autograd.Function):
@@ -250,7 +256,7 @@ class _MaskedPatchEmbed(torch.autograd.Function):
         pos2 = pos.reshape(L, D) if pos is not None else None
         out = torch.empty(N, K, D, device=imgs.device, dtype=out_dtype)
         M, mm = N * K, weight.dtype
-        cfg = _gemm_config(M, D, CPP)
+        cfg = _gemm_config(M, D, CPP, imgs.stride(3) == 1)
         grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
         with _on(imgs.device):
             _masked_embed_fwd_kernel[grid](
@@ -261,7 +267,8 @@ class _MaskedPatchEmbed(torch.autograd.Function):
                 ROUND={torch.bfloat16: 1, torch.float16: 2}.get(mm, 0) if pos is not None else 0,
                 OUT_BF16=out_dtype == torch.bfloat16, UPCAST=_interpreting() and mm in (torch.bfloat16, torch.float16),
                 ACC64=mm == torch.float64,
-                PREC="tf32" if mm == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee", **cfg)
+                PREC="tf32" if mm == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+                OFF32=imgs.stride(3) != 1 and imgs.numel() < 2 ** 31, **cfg)
         ctx.save_for_backward(imgs, weight, ids_keep)
         ctx.pos_meta = None if pos is None else (pos.shape, pos.dtype, L)
         return out

@@ -115,8 +115,8 @@ def queue_topk_ref(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | N
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton (CUDA): GEMM with a per-tile top-M epilogue, then an exact per-row select. Kernels and the argument for
-# exactness: kernels/_queue_topk_kernels.py. Extra memory: keys [B, ceil(Q / BLOCK_N), M] int64 (16 MiB at
-# B=2048, Q=65536, BLOCK_N=128, M=2) and a [B, KP] int64 scratch; never O(B x Q) values.
+# exactness: kernels/_queue_topk_kernels.py. Extra memory: keys [B, 2 ceil(Q / BLOCK_N) M] int32 (32 MiB at
+# B=2048, Q=65536, BLOCK_N=64, M=2; the scan writes half) and a [B, KP] int64 scratch; never O(B x Q) values.
 #
 # Exactness: the GEMM's values S (tf32 for fp32 inputs) only prune; every returned value is re-scored exactly (R)
 # and the k best R are selected with the tie rule. The pruning margin covers |S - R| for rows of norm <= 1 + 2^-4
@@ -139,7 +139,7 @@ MAX_STORED = 8192      # stored keys per row (next_pow2(ceil(Q / BLOCK_N)) x M) 
 #                        longer queues are cut into slices whose results are merged exactly
 _U = 2.0 ** -24        # fp32 unit roundoff
 UNIT_NORM_SLACK = 1.0 + 2.0 ** -4
-MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (128 x 256 bf16 = 64 KiB of registers per block)
+MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (64 x 256 bf16 = 32 KiB of shared memory per program)
 
 # One entry per (dtype, k bucket): the shipped defaults, overridden per shape class by kernels/queue_topk_configs.json
 # when bench/tune_queue_topk.py --write-configs has measured one on a GPU. Fields: BLOCK_B query rows per scan
@@ -148,9 +148,9 @@ MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (128 x 256 b
 # precision of the scan's fp32 dot ("tf32" | "tf32x3" | "ieee"; ignored for bf16/fp16), programs per SM targeted
 # by the queue split.
 DEFAULT_CONFIGS = {
-    ("bf16", 32): dict(BLOCK_B=128, BLOCK_N=128, BLOCK_D=0, M=2, warps=8, stages=3, CH=32, warps2=4, precision="tf32",
+    ("bf16", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=2, warps=4, stages=1, CH=32, warps2=4, precision="tf32",
                        per_sm=2),
-    ("bf16", 128): dict(BLOCK_B=128, BLOCK_N=128, BLOCK_D=0, M=4, warps=8, stages=3, CH=64, warps2=4,
+    ("bf16", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=4, warps=4, stages=1, CH=64, warps2=4,
                         precision="tf32", per_sm=2),
     ("fp32", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=2, warps=4, stages=3, CH=32, warps2=4, precision="tf32",
                        per_sm=2),
@@ -197,13 +197,15 @@ def pick_config(dtype: torch.dtype, B: int, Q: int, k: int) -> dict:
     return {**base, **(tuned or {})}
 
 
-def delta_for(dtype: torch.dtype, precision: str, D: int, normalize: bool) -> float:
+def delta_for(dtype: torch.dtype, precision: str, D: int, normalize: bool, block_n: int = 1) -> float:
     """Pruning margin 2 eps with eps >= |S - R| / (|q| |e|): S = the scan's value, R = the exact re-score.
     |R - s*| <= (D + 4) u sum|q_d e_d| (fp32 products and sum); |S - s*| <= (D + 16) 4u sum|q_d e_d| for exact
     products with fp32 accumulation (4x slack for the tensor cores' internal order), plus the input rounding of the
     fp32 dot: tf32 rounds each input to 11 significant bits (2^-9 per product, with margin), 3xtf32 ~2^-17.
-    sum|q_d e_d| <= |q| |e| (Cauchy-Schwarz). normalize: both sides divide by norms computed in fp32 (8 (D + 4) u)."""
-    eps_s = (D + 16) * 4 * _U
+    sum|q_d e_d| <= |q| |e| (Cauchy-Schwarz). normalize: both sides divide by norms computed in fp32 (8 (D + 4) u).
+    block_n: the scan stores S with its low log2(block_n) bits replaced by the position (S lowered by <= block_n - 1
+    ulp <= (block_n - 1) 2u |S|)."""
+    eps_s = (D + 16) * 4 * _U + (block_n - 1) * 2 * _U
     if dtype == torch.float32:
         eps_s += {"tf32": 2.0 ** -9, "tf32x3": 2.0 ** -17, "ieee": 0.0}[precision]
     eps = eps_s + (D + 4) * _U + (8 * (D + 4) * _U if normalize else 0.0)
@@ -289,7 +291,7 @@ class TopkPlan:
         ex = exclude_ids.contiguous() if has_ids else self.out_i     # dummy pointer when HAS_IDS is False
         qid = queue_ids.contiguous() if has_ids else self.out_i
         precision = cfg["precision"] if query.dtype == torch.float32 else "tf32"
-        self.keys = torch.empty(B, NT, M, device=dev, dtype=torch.int64)
+        self.keys = torch.empty(B, 2 * NT * M, device=dev, dtype=torch.int32)   # scan's packed keys, select's scratch
         bag = torch.empty(B, KP, device=dev, dtype=torch.int64)
         row_blocks = triton.cdiv(max(B, 1), block_b)
         S = splits if splits is not None else _num_splits(row_blocks, NT, cfg["per_sm"], dev)
@@ -297,15 +299,22 @@ class TopkPlan:
             raise ValueError(f"queue_topk_triton: splits={S} must be >= 1")
         tiles = triton.cdiv(NT, S)
         S = triton.cdiv(NT, tiles)
+        # unit strides along D (a copy only for a strided view): the compiled kernel then knows them (Triton makes
+        # an argument equal to 1 a constant), loads 16-byte vectors and keeps 32-bit offsets inside a tile
+        query = query if query.stride(1) == 1 else query.contiguous()
+        queue = queue if queue.stride(1) == 1 else queue.contiguous()
         strides = (query.stride(0), query.stride(1), queue.stride(0), queue.stride(1))
         self.grid = (row_blocks, S)
-        self.scan_args = (query, queue, ex, qid, self.keys, B, Q, D, NT, *strides, tiles)
+        # normalized=False: the queue rows' inverse norms once per call (fp32 sums, no copy), not once per row block
+        einv = (1.0 / torch.linalg.vector_norm(queue, dim=1, dtype=torch.float32).clamp_min(1e-12) if not normalized
+                else self.out_v)                                       # dummy pointer when NORMALIZE is False
+        self.scan_args = (query, queue, ex, qid, einv, self.keys, B, Q, D, NT, *strides, tiles)
         self.scan_meta = dict(M=M, HAS_IDS=has_ids, NORMALIZE=not normalized, PRECISION=precision,
                               DOT_F32=interp and query.dtype == torch.bfloat16, BLOCK_B=block_b, BLOCK_N=BN,
-                              BLOCK_D=block_d, **({} if interp else dict(num_warps=cfg["warps"],
+                              BLOCK_D=block_d, RESIDENT=block_d >= D, **({} if interp else dict(num_warps=cfg["warps"],
                                                                          num_stages=cfg["stages"])))
-        self.select_args = (query, queue, ex, qid, self.keys, self.keys.view(torch.int32), bag, self.out_v,
-                            self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized))
+        self.select_args = (query, queue, ex, qid, self.keys, bag, self.out_v,
+                            self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized, BN))
         self.select_meta = dict(M=M, NTP=NTP, KP=KP, CH=ch, BLOCK_N=BN, BLOCK_D=min(block_d, 256), HAS_IDS=has_ids,
                                 NORMALIZE=not normalized,
                                 **({} if interp else dict(num_warps=cfg["warps2"] if NTP * M < 4096 else 8)))

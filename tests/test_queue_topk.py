@@ -289,6 +289,8 @@ def test_pruning_margin():
     assert qt.delta_for(torch.float32, "tf32", 256, False) > 2 * 2 ** -9
     assert qt.delta_for(torch.float32, "ieee", 256, False) == pytest.approx(d_bf16)
     assert qt.delta_for(torch.bfloat16, "tf32", 256, True) > qt.delta_for(torch.bfloat16, "tf32", 256, False) / 1.1
+    # the scan's stored values are S lowered by < BLOCK_N ulp (the position packed into the low bits)
+    assert qt.delta_for(torch.bfloat16, "tf32", 256, False, 128) >= d_bf16 + 2 * 127 * 2 * 2.0 ** -24
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -337,19 +339,19 @@ from triton.compiler import ASTSource
 from maect.kernels import _queue_topk_kernels as K
 
 def sig(dt, names):
-    ptr = dict(q_ptr=f"*{dt}", e_ptr=f"*{dt}", ex_ptr="*i64", qid_ptr="*i64", keys_ptr="*i64", scratch_ptr="*i32",
+    ptr = dict(q_ptr=f"*{dt}", e_ptr=f"*{dt}", ex_ptr="*i64", qid_ptr="*i64", einv_ptr="*fp32", keys_ptr="*i32",
                bag_ptr="*i64", out_v_ptr="*fp32", out_i_ptr="*i64", delta="fp32")
     return {n: ptr.get(n, "i32") for n in names}
 
-scan = ["q_ptr", "e_ptr", "ex_ptr", "qid_ptr", "keys_ptr", "B", "Q", "D", "NT", "stride_qb", "stride_qd",
+scan = ["q_ptr", "e_ptr", "ex_ptr", "qid_ptr", "einv_ptr", "keys_ptr", "B", "Q", "D", "NT", "stride_qb", "stride_qd",
         "stride_eq", "stride_ed", "TILES"]
-select = ["q_ptr", "e_ptr", "ex_ptr", "qid_ptr", "keys_ptr", "scratch_ptr", "bag_ptr", "out_v_ptr", "out_i_ptr",
+select = ["q_ptr", "e_ptr", "ex_ptr", "qid_ptr", "keys_ptr", "bag_ptr", "out_v_ptr", "out_i_ptr",
           "B", "Q", "D", "NT", "K", "stride_qb", "stride_qd", "stride_eq", "stride_ed", "delta"]
 cases = [  # the shipped bf16 config (query block resident), fp32 with tf32 and a D loop, the normalising variants
     (K._scan_kernel, sig("bf16", scan), dict(M=2, HAS_IDS=True, NORMALIZE=False, PRECISION="tf32", DOT_F32=False,
-                                              BLOCK_B=128, BLOCK_N=128, BLOCK_D=256), 8),
+                                              BLOCK_B=128, BLOCK_N=128, BLOCK_D=256, RESIDENT=True), 8),
     (K._scan_kernel, sig("fp32", scan), dict(M=4, HAS_IDS=False, NORMALIZE=True, PRECISION="tf32", DOT_F32=False,
-                                              BLOCK_B=64, BLOCK_N=64, BLOCK_D=64), 4),
+                                              BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, RESIDENT=False), 4),
     (K._select_kernel, sig("bf16", select), dict(M=2, NTP=512, KP=32, CH=32, BLOCK_N=128, BLOCK_D=256,
                                                  HAS_IDS=True, NORMALIZE=False), 4),
     (K._select_kernel, sig("fp32", select), dict(M=4, NTP=2048, KP=128, CH=64, BLOCK_N=64, BLOCK_D=64,
