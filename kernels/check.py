@@ -200,6 +200,10 @@ def format_table(res: dict) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:   # compile and read the kernels for GPU targets, no GPU needed: kernels/static_check.py
+        from . import static_check
+        return static_check.main(argv)
     p = argparse.ArgumentParser(prog="python -m maect.kernels.check", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help="preset name or YAML path (default tiny)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

@@ -302,3 +302,21 @@ class TopkPlan:
         if self.B:
             with self._on_device():
                 _K._select_kernel[(self.B,)](*self.select_args, **self.select_meta)
+
+
+def tune_grid(dt: str) -> list[dict]:
+    """The tuner's search space for the scan at the headline shape (bench/tune_queue_topk.py; the static check,
+    python -m maect.kernels.check --static, compiles each): config fields that replace the (dt, k bucket) default."""
+    grid = []
+    for bb in (64, 128):
+        for bn in (64, 128):
+            for m in (2, 4):
+                if dt == "bf16":
+                    for w, st in ((4, 3), (8, 3), (8, 4)):
+                        grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=0, M=m, warps=w, stages=st))
+                else:   # fp32 loops over D (a resident 256-wide fp32 query block needs 512 KiB of shared memory)
+                    for bd in (32, 64):
+                        for w, st in ((4, 3), (8, 3)):
+                            grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, M=m, warps=w, stages=st,
+                                             precision="tf32"))
+    return grid
