@@ -4,6 +4,7 @@ path, and write the decisions to the dispatch cache (what the first training cal
     python -m maect.kernels.check                                  # preset tiny, on CUDA when it is visible
     python -m maect.kernels.check --preset vit_l16 --device cuda --json bench/results/check_vit_l16.json
     python -m maect.kernels.check --preset tiny --device cpu
+    python -m maect.kernels.check --static [--arch sm_90 sm_80] [--predict] [--json F]   # no GPU: kernels/static_check.py
 
 Shapes (from the preset's config, batch per GPU = global batch / --world-size):
     queue_topk   the head and CT lookups: both views in one call, 2 x batch per GPU rows against the queue

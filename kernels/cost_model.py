@@ -16,14 +16,15 @@ Per SM, for the scan (query block BLOCK_B x queue tile BLOCK_N x feature depth D
 The bare GEMM (q @ queueᵀ in the input dtype, as bench/queue_lookup.py's "matmul (floor)": bf16 on the tensor cores,
 fp32 without TF32 on the FP32 units):
     T_gemm  = max(2 B Q D / (R x SMs x f), ((B + Q) D e + B Q e) / BW_hbm)       (its output is written once)
-The prediction is T_scan / T_gemm. What it leaves out: latency (a loop that waits on memory or on spilled values
-runs slower than its issue count says), the select kernel, launch overhead, tail effects below one tile per SM.
+The prediction is T_scan / T_gemm (for fp32 also against the GEMM in TF32, the scan's own precision). What it leaves
+out: latency (a loop that waits on memory or on spilled values runs slower than its issue count says), the select
+kernel, launch overhead, tail effects below one tile per SM.
 """
 from __future__ import annotations
 
 import math
 
-from .static_check import ARCHS, PREDICT_SHAPES
+from .static_check import PREDICT_SHAPES
 
 # Per-SM rates from NVIDIA's published figures (docs/performance.md cites them): FLOP per cycle per SM, dense.
 GPUS = {
@@ -42,9 +43,10 @@ def _find(rows, arch, kernel, name):
                  and any(u.get("predict") == name for u in r["uses"])), None)
 
 
-def gemm_seconds(gpu: dict, dt: str, B: int, Q: int, D: int) -> dict:
+def gemm_seconds(gpu: dict, dt: str, B: int, Q: int, D: int, tf32: bool = False) -> dict:
+    """The bare GEMM's time (fp32: on the FP32 units as the bench's floor, or with tf32=True on the tensor cores)."""
     e = 2 if dt == "bf16" else 4
-    rate = gpu["flop_per_clk"]["bf16" if dt == "bf16" else "fp32"]
+    rate = gpu["flop_per_clk"]["bf16" if dt == "bf16" else ("tf32" if tf32 else "fp32")]
     t_mma = 2 * B * Q * D / (rate * gpu["sms"] * gpu["clock_hz"])
     t_hbm = ((B + Q) * D * e + B * Q * e) / gpu["hbm_Bps"]
     return {"t_mma_us": t_mma * 1e6, "t_hbm_us": t_hbm * 1e6, "t_us": max(t_mma, t_hbm) * 1e6}
@@ -73,7 +75,7 @@ def scan_seconds(gpu: dict, row: dict, dt: str, B: int, Q: int, D: int) -> dict:
             "non_mma_instr_per_warp_per_tile": instr, "issue_cycles_per_tile": t_issue, "programs_per_sm": resident,
             "overlap": resident >= 2, "t_compute_us": t_comp * 1e6, "hbm_MB": hbm / 1e6, "l2_MB": l2 / 1e6,
             "t_mem_us": t_mem * 1e6, "t_us": max(t_comp, t_mem) * 1e6,
-            "launches": resident >= 1, "spill_bytes": row["spill_stores"] + row["spill_loads"]}
+            "launches": resident >= 1, "spill_bytes": [row["spill_stores"], row["spill_loads"]]}
 
 
 def predictions(rows: list[dict], archs) -> list[dict]:
@@ -90,6 +92,9 @@ def predictions(rows: list[dict], archs) -> list[dict]:
             else:
                 rec["scan"] = scan_seconds(gpu, row, dt, B, Q, D)
                 rec["predicted_scan_over_gemm"] = rec["scan"]["t_us"] / rec["gemm"]["t_us"]
+                if dt == "fp32":   # the same GEMM in TF32 (torch with allow_tf32): the scan's own precision
+                    rec["gemm_tf32"] = gemm_seconds(gpu, dt, B, Q, D, tf32=True)
+                    rec["predicted_scan_over_gemm_tf32"] = rec["scan"]["t_us"] / rec["gemm_tf32"]["t_us"]
             out.append(rec)
     return out
 
@@ -104,8 +109,11 @@ def format_predictions(preds: list[dict]) -> str:
             continue
         s = p["scan"]
         note = [] if s["launches"] else ["does not launch (fit 0): as if 1 program"]
-        if s["spill_bytes"]:
-            note.append(f"spills {s['spill_bytes']} B/thread: latency not modelled")
+        if any(s["spill_bytes"]):
+            note.append("spills {} / {} B per thread (stores / loads): latency not modelled".format(*s["spill_bytes"]))
+        if "predicted_scan_over_gemm_tf32" in p:
+            note.append(f"GEMM fp32 without TF32 (the bench's floor); vs a TF32 GEMM "
+                        f"({p['gemm_tf32']['t_us']:.1f} us): {p['predicted_scan_over_gemm_tf32']:.2f}")
         meas = f"{p['measured_scan_over_gemm']:.2f}" if p.get("measured_scan_over_gemm") else "-"
         lines.append(f"{p['gpu']:<16} {p['shape']:<26} {s['config']:<44} {s['mma_cycles_per_tile']:>8.0f} "
                      f"{s['issue_cycles_per_tile']:>9.0f} {s['programs_per_sm']:>3} {s['t_us']:>8.1f} "

@@ -10,8 +10,9 @@ MMA, the main loop's SASS instruction mix; and a static cost model of the queue 
 What is compiled: the launches themselves. Every launcher (queue_topk_triton, masked_patch_embed_triton and the
 masking ops) is called on meta tensors (no memory, no GPU) with the kernels' launch method replaced by a recorder, at
 the shapes of every preset (kernels/check.py cases(): the head / CT lookups, the final k-NN chunk, the MAE masking
-ops), at every (dtype, k, B, Q) shape class queue_topk's config table can pick from, and at every config of the
-tuner's search space (kernels/queue_topk.py tune_grid). Each distinct launch (kernel, argument specialisation,
+ops), at every (dtype, k, B, Q) shape class queue_topk's config table can pick from, at the integrations' k = 1
+search on rows normalised inside the op (maect/integrations: lightly's NNMemoryBankModule), and at every config of
+the tuner's search space (kernels/queue_topk.py tune_grid). Each distinct launch (kernel, argument specialisation,
 constexprs, warps, stages) is then compiled with triton.compile for each architecture, exactly as Triton's launcher
 would specialise it (its own binder: pointer alignment, unit strides), in worker processes with TRITON_INTERPRET
 unset (the kernel modules pick their GPU or interpreter helpers when imported). Triton's bundled tools read the
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import hashlib
 import importlib
 import io
 import json
@@ -201,10 +201,20 @@ def enumerate_launches(presets: list[str] | None = None, tuner=True, predict: bo
                         ctx.update(source="config table", shipped=True, shape=f"{dt} B={B} Q={Q} D=256 k={k}",
                                    per_sm=qt.pick_config(DTYPES[dt], B, Q, k)["per_sm"])
                         _topk_launch(qt, dt, B, Q, 256, k, True)
+        for dt in ("bf16", "fp32") if shipped else ():    # the lightly / NNCLR swap-ins (maect/integrations):
+            for d in (128, 256):                             # k = 1 on rows normalised inside (normalized=False)
+                for Q in qt.Q_BUCKETS:
+                    ctx.clear()
+                    per_sm = qt.pick_config(DTYPES[dt], 256, Q, 1)["per_sm"]
+                    ctx.update(source="integration", shipped=True, per_sm=per_sm,
+                               shape=f"{dt} B=256 Q={Q} D={d} k=1 normalized=False")
+                    qt.queue_topk_triton(_meta(256, d, dtype=DTYPES[dt]), _meta(Q, d, dtype=DTYPES[dt]), 1,
+                                         normalized=False)
         for spec in (tuner_space() if tuner is True else tuner or []):
             cfg = {**qt.DEFAULT_CONFIGS[(spec["dtype"], 32 if spec["k"] <= 32 else 128)], **spec["config"]}
             ctx.clear()
-            ctx.update(source="tuner", shipped=False, shape=_shape(spec), per_sm=cfg["per_sm"], tuner_key=spec_key(spec))
+            ctx.update(source="tuner", shipped=False, shape=_shape(spec), per_sm=cfg["per_sm"],
+                       tuner_key=spec_key(spec))
             try:
                 _topk_launch(qt, spec["dtype"], spec["B"], spec["Q"], spec["D"], spec["k"], True, cfg)
             except Exception as ex:   # the launcher refuses the config (e.g. too many stored keys): a finding
@@ -445,6 +455,8 @@ def _compile_job(job: dict) -> dict:
         out["constexprs"] = {k: v for k, v in named.items() if not k.startswith("stride")}
         out["specialised"] = {k: v for k, v in named.items() if k.startswith("stride")}
         out["num_warps"], out["num_stages"] = options.num_warps, options.num_stages
+        out["dtypes"] = ",".join(v[1:] for k, v in signature.items() if v.startswith("*") and v not in ("*i64", "*i32")
+                                 and not k.startswith(("ex", "qid", "keep", "ids", "scratch", "bag", "keys", "out_i")))
         from triton import knobs
         log = io.StringIO()
         with knobs.nvidia.scope(), contextlib.redirect_stdout(log):   # Triton prints its ptxas -v log (cold compile)
@@ -503,13 +515,24 @@ def failures(row: dict, assumed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _pool(workers: int):
-    """Spawned worker processes with TRITON_INTERPRET unset (the tests set it before the kernels import)."""
+@contextlib.contextmanager
+def _worker_env():
+    """Worker processes spawned inside start with TRITON_INTERPRET unset and without re-running the caller's __main__
+    (a script such as bench/tune_queue_topk.py sets TRITON_INTERPRET when imported; the workers' functions live in
+    this module). The caller's environment and __main__ are restored on exit (spawned children copy them at start,
+    and ProcessPoolExecutor starts them at submit, inside)."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     old = os.environ.pop("TRITON_INTERPRET", None)
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
     try:
-        return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        yield
     finally:
-        if old is not None:   # the spawned children copy the environment at their start: restored after
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            del main.__spec__
+        if old is not None:
             os.environ["TRITON_INTERPRET"] = old
 
 
@@ -523,8 +546,7 @@ def run(archs=("sm_90", "sm_80"), presets=None, tuner=True, predict=False, worke
             raise SystemExit(f"maect.kernels.check --static: unknown --arch {a!r} (known: {', '.join(ARCHS)})")
     t0 = time.perf_counter()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    with _worker_env():
         with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as p:   # imports in GPU mode
             launches, errors = p.submit(_enumerate_job, presets, tuner, predict, shipped).result()
         t_enum = time.perf_counter() - t0
@@ -539,9 +561,6 @@ def run(archs=("sm_90", "sm_80"), presets=None, tuner=True, predict=False, worke
                 if progress and (done % 10 == 0 or done == len(jobs)):
                     print(f"static check: {done}/{len(jobs)} compiled and read, {time.perf_counter() - t0:.0f} s",
                           file=sys.stderr, flush=True)
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
     ok = True
     for r in rows:
         uses = r["uses"]
@@ -558,6 +577,8 @@ def run(archs=("sm_90", "sm_80"), presets=None, tuner=True, predict=False, worke
     if predict:
         from . import cost_model
         res["predictions"] = cost_model.predictions(rows, archs)
+    for r in rows:   # the contexts, as short labels
+        r["used_by"] = sorted({_use_label(u) for u in r.pop("uses")})
     return res
 
 
@@ -580,14 +601,46 @@ def tuner_verdicts(res: dict) -> dict:
 def _label(r: dict) -> str:
     c = r.get("constexprs", {})
     keys = [k for k in ("BLOCK_B", "BLOCK_N", "BLOCK_D", "M", "BLOCK_M", "BLOCK_K", "NTP", "KP", "CH", "BLOCK_I",
-                        "BLOCK_L", "PRECISION", "PREC", "HAS_IDS", "A_CAST", "ACC64") if k in c]
-    return " ".join(f"{k}={c[k]}" for k in keys) + f" w{r.get('num_warps')}s{r.get('num_stages')}"
+                        "BLOCK_L", "P", "PRECISION", "PREC", "HAS_IDS", "A_CAST", "HAS_POS") if k in c]
+    return (" ".join(f"{k}={c[k]}" for k in keys) + f" w{r.get('num_warps')}s{r.get('num_stages')}" +
+            (f" [{r['dtypes']}]" if r.get("dtypes") else ""))
+
+
+def _use_label(u: dict) -> str:
+    where = f"{u['preset']} {u['label']}" if u.get("preset") else u.get("predict", "")
+    return " ".join(x for x in (u["source"] + ":", where, u.get("variant", ""), u.get("shape", ""),
+                                json.dumps(u["config"], sort_keys=True) if u.get("config") else "") if x)
 
 
 def _source(r: dict) -> str:
-    srcs = sorted({u.get("source") for u in r["uses"]})
-    presets = sorted({u["preset"] for u in r["uses"] if u.get("preset")})
+    srcs = sorted({u.split(":")[0] for u in r["used_by"]})
+    presets = sorted({u.split()[1] for u in r["used_by"] if u.startswith("preset:")})
     return ",".join(srcs) + (f" ({len(presets)} presets)" if presets else "")
+
+
+def summary(res: dict) -> str:
+    """Per architecture and kernel, over the shipped launches: clean / all, the most registers and spill bytes, the
+    largest shared memory, the smallest fit against the launcher's assumption, MMA where tl.dot runs on tensor cores."""
+    groups = {}
+    for r in res["rows"]:
+        if r["shipped"]:
+            groups.setdefault((r["arch"], r["kernel"]), []).append(r)
+    head = ("arch", "kernel", "shipped launches clean", "max regs", "max spill st/ld B", "max smem B",
+            "min fit vs need", "MMA where tensor-core dot")
+    body = []
+    for (arch, kernel), rs in sorted(groups.items()):
+        ok = [r for r in rs if "error" not in r]
+        dots = [r for r in ok if r["tensor_core_dot"]]
+        fits = [(r["fit"]["programs"] - r["assumed_per_sm"], f"{r['fit']['programs']} vs {r['assumed_per_sm']}")
+                for r in ok]
+        st, ld = (max((r[k] for r in ok), default=0) for k in ("spill_stores", "spill_loads"))
+        body.append((arch, kernel, f"{sum(r['clean'] for r in rs)}/{len(rs)}",
+                     str(max((r["regs"] for r in ok), default="-")), f"{st}/{ld}",
+                     str(max((r["shared"] for r in ok), default="-")), min(fits)[1] if fits else "-",
+                     (f"{sum(r['mma'] for r in dots)}/{len(dots)}" if dots else "-")))
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"   # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
 def format_table(res: dict) -> str:
@@ -616,6 +669,7 @@ def format_table(res: dict) -> str:
            "per thread: registers, spill bytes; per block: shared memory; fit = programs per SM by registers / by "
            "shared memory vs what the launcher assumes", line(head), line(["-" * w for w in widths])]
     out += [line(b) for b in body]
+    out += ["", summary(res)]
     n_ship = sum(r["shipped"] for r in res["rows"])
     n_bad = sum(r["shipped"] and not r["clean"] for r in res["rows"])
     n_tune_bad = sum(not r["shipped"] and not r["clean"] for r in res["rows"])

@@ -109,7 +109,7 @@ def test_shipped_launches_compile_clean():
     Triton's kernel hash in Triton's cache, so a second run only re-reads."""
     t0 = time.perf_counter()
     res = S.run(archs=("sm_90", "sm_80"), tuner=False, progress=False)
-    print(f"static check: {len(res['rows'])} compiles of {res['launches']} launches in {time.perf_counter() - t0:.0f} s")
+    print(f"static check: {len(res['rows'])} compiles of {res['launches']} launches, {time.perf_counter() - t0:.0f} s")
     assert not res["launch_errors"], res["launch_errors"]
     assert {r["kernel"] for r in res["rows"]} >= _launched_kernels()
     bad = [line for line in S.format_table(res).splitlines() if "FAIL" in line]
