@@ -145,3 +145,33 @@ def test_tuner_drops_configs_failing_static_check(monkeypatch):
     assert all("spills" in d["failures"][0] and d["config"]["BLOCK_N"] == 128 for d in out["static_dropped"])
     assert {(s["B"], s["Q"], s["D"], s["k"]) for s in seen} == {(2048, 65536, 256, 20)}
     assert tq.static_filter({0: grid}, lambda _: ("bf16", 1, 1, 1, 1), None, 1, {}) == {0: grid}   # unknown arch
+
+
+def test_cost_model_by_hand():
+    """kernels/cost_model.py's formulas on a stub scan row, worked by hand (H100 figures: 132 SMs, 1.83 GHz, 4096
+    bf16 FLOP/clk/SM, 3.35 TB/s): a 128 x 128 tile at D = 256 is 2 x 128 x 128 x 256 / 4096 = 2048 tensor cycles;
+    100 non-MMA instructions x 8 warps / 4 schedulers = 200 issue cycles; one program per SM: they add (2248); 16 row
+    blocks x 512 tiles over 132 SMs = 63 tiles per SM. The GEMM: 68.7 GFLOP at 989.4 TFLOP/s = 69.5 us against
+    (2048 + 65536) x 256 x 2 + 2048 x 65536 x 2 bytes at 3.35 TB/s = 90.5 us: memory-bound."""
+    from maect.kernels import cost_model as CM
+    gpu = CM.GPUS["sm_90"]
+    row = {"constexprs": {"BLOCK_B": 128, "BLOCK_N": 128, "BLOCK_D": 256, "M": 2}, "num_warps": 8,
+           "loop": {"body": {"integer": 60, "compare_select": 40, "mma": 16}, "nested": {"integer": 999, "mma": 16}},
+           "fit": {"programs": 1}, "spill_stores": 0, "spill_loads": 0}
+    s = CM.scan_seconds(gpu, row, "bf16", 2048, 65536, 256)
+    assert s["mma_cycles_per_tile"] == 2048 and s["issue_cycles_per_tile"] == 200 and not s["overlap"]
+    assert s["t_compute_us"] == pytest.approx(63 * 2248 / 1.83e9 * 1e6)
+    g = CM.gemm_seconds(gpu, "bf16", 2048, 65536, 256)
+    assert g["t_mma_us"] == pytest.approx(2 * 2048 * 65536 * 256 / (4096 * 132 * 1.83e9) * 1e6)
+    assert g["t_us"] == pytest.approx(((2048 + 65536) * 256 * 2 + 2048 * 65536 * 2) / 3.35e12 * 1e6)
+    row2 = {**row, "fit": {"programs": 2}, "constexprs": {**row["constexprs"], "BLOCK_D": 64}}
+    s2 = CM.scan_seconds(gpu, row2, "bf16", 2048, 65536, 256)   # nested D loop: 3 trips of 999 non-MMA instructions
+    assert s2["non_mma_instr_per_warp_per_tile"] == 100 + 3 * 999 and s2["overlap"]
+    assert s2["t_compute_us"] == pytest.approx(63 * max(2048, 3097 * 8 / 4) / 1.83e9 * 1e6)
+
+
+def test_static_cli_rejects_unknown_arch(capsys):
+    """--arch names only the architectures whose limits the check knows; anything else is a one-line error."""
+    from maect.kernels import check
+    assert check.main(["--static", "--arch", "sm_75"]) == 2
+    assert "unknown --arch 'sm_75' (known: sm_90, sm_80)" in capsys.readouterr().err
