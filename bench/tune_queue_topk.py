@@ -11,6 +11,10 @@ Flow (time budget --budget-s, default 330 s, compilation included; a run that hi
   B. every shape B in (256, 1024, 2048, 8192) x Q in (16384, 65536, 262144) x k in (1, 20, 64) x (bf16, fp32):
      the three best configs of A for that (dtype, k) and the default, against the baselines of bench/queue_lookup.py
      (bare GEMM, mm + topk, the official path; for fp32 also the official path under autocast).
+Before any of it, the static check (python -m maect.kernels.check --static; kernels/static_check.py) compiles every
+variant for this GPU's architecture on the CPU (no GPU time) and drops each one that spills registers, lacks tensor-
+core MMA, or fits fewer programs per SM than its per_sm assumes: the search space is the configs that compile clean
+(the dropped ones are listed in the JSON under "static_dropped", with the reason). --no-static-check skips it.
 Compilation runs first, in parallel worker processes (one per core, at most 16) that each call the op once on a small
 batch: the kernels do not specialise on B, Q or the split, so the compiled binaries they leave in Triton's cache
 (TRITON_CACHE_DIR; default <repo>/.triton_cache, git-ignored) are the ones the timed calls load. Times: CUDA events
@@ -54,22 +58,57 @@ SELECT_FIELDS = ("CH", "warps2")
 
 
 def scan_grid(dt: str, dry: bool) -> list[dict]:
-    """Scan configs to sweep at the headline shape (full configs: the defaults with these fields replaced)."""
+    """Scan configs to sweep at the headline shape (the defaults with these fields replaced): kernels/queue_topk.py
+    tune_grid, which the static check also compiles; --dry-run: one tiny config per dtype."""
     if dry:
         return [dict(BLOCK_N=32, M=2)] if dt == "bf16" else [dict(BLOCK_N=16, M=4)]
-    grid = []   # the points that compile with 0 spill bytes and fit 2 programs per SM on sm_90a and sm_80
-    for bb in (64,):
-        for bn in (64,):
-            for m in (2, 4):
-                if dt == "bf16":
-                    for w, st in ((4, 1),):
-                        grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=0, M=m, warps=w, stages=st))
-                else:   # fp32 loops over D (a resident 256-wide fp32 query block needs 512 KiB of shared memory)
-                    for bd in (64,):
-                        for w, st in ((4, 3),):
-                            grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, M=m, warps=w, stages=st,
-                                             precision="tf32"))
-    return grid
+    return qt.tune_grid(dt)
+
+
+def device_arch(device: torch.device) -> str | None:
+    """The static check's architecture for this GPU (sm_90 for --dry-run on CPU, the headline target); None when the
+    check has no limits for it."""
+    if device.type != "cuda":
+        return "sm_90"
+    major, minor = torch.cuda.get_device_capability(device)
+    return {(9, 0): "sm_90", (8, 0): "sm_80"}.get((major, minor))
+
+
+def static_verdicts(specs: list[dict], arch: str, workers: int) -> dict:
+    """{kernels.static_check.spec_key(spec): [failures]} from compiling each spec's launches for arch (no GPU)."""
+    from maect.kernels import static_check
+    return static_check.run(archs=(arch,), tuner=specs, shipped=False, workers=workers)["tuner_verdicts"]
+
+
+def static_filter(cands: dict, shape_of, arch: str | None, workers: int, out: dict) -> dict:
+    """cands {key: [configs (overrides of the default, or full)]} -> the same with every config that fails the static
+    check at shape_of(key) = (dtype, B, Q, D, k) dropped, each drop recorded in out["static_dropped"] with its
+    reasons; arch None: unchanged, with a line saying so."""
+    if arch is None:
+        print("static check: no limits known for this GPU's architecture; configs not filtered", flush=True)
+        return cands
+    from maect.kernels.static_check import spec_key
+
+    def spec(key, g):
+        dt, B, Q, d, k = shape_of(key)
+        return dict(dtype=dt, B=B, Q=Q, D=d, k=k, config=g)
+
+    specs = {spec_key(spec(key, g)): spec(key, g) for key, gs in cands.items() for g in gs}
+    t0 = time.perf_counter()
+    verdicts = static_verdicts(list(specs.values()), arch, workers) if specs else {}
+    kept = {}
+    for key, gs in cands.items():
+        kept[key] = []
+        for g in gs:
+            bad = verdicts.get(spec_key(spec(key, g)), ["no launch recorded"])
+            if bad:
+                out.setdefault("static_dropped", []).append({**spec(key, g), "arch": arch, "failures": bad})
+            else:
+                kept[key].append(g)
+    n_in, n_out = sum(map(len, cands.values())), sum(map(len, kept.values()))
+    print(f"static check ({arch}, no GPU time): {n_out}/{n_in} configs compile clean, {n_in - n_out} dropped, "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return kept
 
 
 def full_config(dt: str, k: int, over: dict) -> dict:
@@ -198,8 +237,11 @@ def run(args) -> dict:
            "triton_cache": os.environ["TRITON_CACHE_DIR"], "headline": [], "shapes": [], "partial": False}
 
     # A. the headline sweep
-    grids = {dt: ([{}] if n_grid else []) + scan_grid(dt, dry)[:n_grid] for dt in dtypes}
-    jobs = [(dt, head[1], k, full_config(dt, k, g), D) for dt in dtypes for k in ks for g in grids[dt]]
+    grids = {(dt, k): ([{}] if n_grid else []) + scan_grid(dt, dry)[:n_grid] for dt in dtypes for k in ks}
+    arch = device_arch(device)
+    if not args.no_static_check:
+        grids = static_filter(grids, lambda key: (key[0], *head, D, key[1]), arch, workers, out)
+    jobs = [(dt, head[1], k, full_config(dt, k, g), D) for dt in dtypes for k in ks for g in grids[(dt, k)]]
     t0 = time.perf_counter()
     compiled = compile_all(jobs, workers, deadline)
     out["compile_s"] = {"headline": round(time.perf_counter() - t0, 1)}
@@ -207,7 +249,7 @@ def run(args) -> dict:
         sh = Shape(dt, head[0], head[1], device)
         for k in ks:
             rec = {"dtype": dt, "B": head[0], "Q": head[1], "k": k, "variants": []}
-            for g in grids[dt]:
+            for g in grids[(dt, k)]:
                 cfg = full_config(dt, k, g)
                 c = compiled.get(job_key(dt, head[1], k, cfg), {"ok": False, "error": "not compiled"})
                 if not c["ok"]:
@@ -219,10 +261,15 @@ def run(args) -> dict:
                 rec["variants"].append(time_variant(sh, k, cfg, budget))
             best = best_of(rec["variants"])
             if best is not None and time.time() < deadline and not args.quick:   # the select kernel's knobs
+                knobs = []
                 for ch, w2 in ((64, 4),) if dry else ((32, 4), (64, 4), (32, 8), (64, 8)):
                     cfg = {**full_config(dt, k, {}), **best["config"], "CH": ch, "warps2": w2}
                     if cfg["CH"] == best["config"].get("CH") and cfg["warps2"] == best["config"].get("warps2"):
                         continue
+                    knobs.append(cfg)
+                if not args.no_static_check:
+                    knobs = static_filter({0: knobs}, lambda _: (dt, *head, D, k), arch, workers, out)[0]
+                for cfg in knobs:
                     rec["variants"].append(time_variant(sh, k, cfg, budget))
                 best = best_of(rec["variants"])
             rec["best"] = best
@@ -242,6 +289,8 @@ def run(args) -> dict:
     for dt, B, Q, k in points:
         c = top.get((dt, k), []) + [full_config(dt, k, {})]
         cands[(dt, B, Q, k)] = [dict(t) for t in {json.dumps(x, sort_keys=True): x for x in c}.values()]
+    if cands and not args.no_static_check:   # the default, or a config clean at the headline, may fail elsewhere
+        cands = static_filter(cands, lambda key: (key[0], key[1], key[2], D, key[3]), arch, workers, out)
     jobs = [(dt, Q, k, cfg, D) for (dt, B, Q, k), cs in cands.items() for cfg in cs]
     t0 = time.perf_counter()
     compiled = compile_all(jobs, workers, deadline) if jobs and time.time() < deadline else {}
@@ -330,6 +379,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--write-configs", nargs="?", const=str(qt.CONFIG_FILE), default=None,
                    help="write the best configs per shape class (default path: kernels/queue_topk_configs.json)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the Triton interpreter")
+    p.add_argument("--no-static-check", action="store_true",
+                   help="time every config, also those the static check (registers, spills, occupancy, MMA) fails")
     p.add_argument("--quick", action="store_true", help="a sample: headline k=20, defaults + 4 grid configs, no "
                    "sweep over shapes (bench/gpu_suite.py's step; the full tuning is a call of its own)")
     return p

@@ -4,6 +4,7 @@ path, and write the decisions to the dispatch cache (what the first training cal
     python -m maect.kernels.check                                  # preset tiny, on CUDA when it is visible
     python -m maect.kernels.check --preset vit_l16 --device cuda --json bench/results/check_vit_l16.json
     python -m maect.kernels.check --preset tiny --device cpu
+    python -m maect.kernels.check --static [--arch sm_90 sm_80] [--predict] [--json F]   # no GPU: kernels/static_check.py
 
 Shapes (from the preset's config, batch per GPU = global batch / --world-size):
     queue_topk   the head and CT lookups: both views in one call, 2 x batch per GPU rows against the queue
@@ -224,6 +225,10 @@ def check_args(a) -> str | None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--static" in argv:   # compile and read the kernels for GPU targets, no GPU needed: kernels/static_check.py
+        from . import static_check
+        return static_check.main(argv)
     p = argparse.ArgumentParser(prog="python -m maect.kernels.check", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help="preset name or YAML path (default tiny)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

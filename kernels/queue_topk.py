@@ -332,3 +332,24 @@ class TopkPlan:
         if self.B:
             with self._on_device():
                 _K._select_kernel[(self.B,)](*self.select_args, **self.select_meta)
+
+
+def tune_grid(dt: str) -> list[dict]:
+    """The tuner's search space for the scan at the headline shape (bench/tune_queue_topk.py; the static check,
+    python -m maect.kernels.check --static, compiles each and the tuner drops those that spill or do not fit on the
+    GPU it runs on): config fields that replace the (dt, k bucket) default. The shipped defaults (64 x 64, 4 warps)
+    are clean on sm_90a and sm_80; the wider blocks are clean on sm_90a only (on sm_80 mma.sync keeps the query
+    fragments in registers and a 128-row block spills), so an A100 tuner keeps the narrow ones."""
+    grid = []
+    for bb in (64, 128):
+        for bn in (64, 128):
+            for m in (2, 4):
+                if dt == "bf16":    # D resident: the tile loop is the only loop; 1-2 stages fit 2 programs per SM
+                    for w, st in ((4, 1), (4, 2), (8, 1), (8, 2)):
+                        grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=0, M=m, warps=w, stages=st))
+                elif bn == 64:      # fp32 loops over D (a resident 256-wide fp32 query block needs 512 KiB of smem)
+                    for bd in (32, 64):
+                        for w, st in ((4, 3), (8, 3)):
+                            grid.append(dict(BLOCK_B=bb, BLOCK_N=bn, BLOCK_D=bd, M=m, warps=w, stages=st,
+                                             precision="tf32"))
+    return grid
