@@ -5,8 +5,12 @@ the CPU for the whole global batch from one generator and each rank keeps its ow
 reproducible whatever the device, and N ranks see exactly the augmentations one process would.
 
 random_resized_crop: torchvision's sampling rule (10 tries of area-scale ~ U(scale), log-ratio ~ U(log ratio),
-    accept if the box fits; else a centre crop clamped to the ratio range), applied as one affine resample
-    (grid_sample, bicubic, align_corners=False) with the horizontal flip folded into the same affine.
+    accept if the box fits; else a centre crop clamped to the ratio range). The box has whole-pixel edges; by default
+    (antialias=True, config data.antialias) it is cut out and resized by F.interpolate(bicubic, antialias=True), the
+    resampling PIL's Image.resize(BICUBIC) does (kernel a=-0.5, support widened by the downscale factor), which the
+    published code runs through torchvision's RandomResizedCrop on PIL images; the flip follows. antialias=False: the
+    former path, one affine resample (grid_sample, bicubic a=-0.75, align_corners=False, no low-pass filter) with
+    the flip folded into the affine; it aliases when the crop is downscaled.
 MAE-CTaug ops (SPEC): colour jitter (brightness, contrast, saturation, hue, in a random order per sample),
     grayscale, Gaussian blur (sigma ~ U(0.1, 2.0); kernel size is open in SPEC: we use the odd size nearest
     10% of the image side, at least 3, as BYOL's 23 px at 224), solarize (threshold 0.5 = 128/255).
@@ -65,8 +69,21 @@ def rrc_boxes(d: Draw, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4,
     return torch.stack([top, left, hh, ww], dim=1)
 
 
-def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None = None, mode: str = "bicubic") -> Tensor:
-    """Crop boxes [N, 4] (top, left, h, w) of x [N, C, H, W] resized to out_size², optionally flipped."""
+def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None = None, mode: str = "bicubic",
+                   antialias: bool = True) -> Tensor:
+    """Crop boxes [N, 4] (top, left, h, w; whole pixels) of x [N, C, H, W] float resized to out_size², optionally
+    flipped (flip: bool [N]); clamped to [0, 1]. antialias=True: each box cut out and resized by
+    F.interpolate(mode, antialias=True) (PIL's resampling; one call per sample); False: one batched grid_sample
+    without antialiasing (the former path)."""
+    if antialias:
+        rows = []
+        for i, (top, left, h, w) in enumerate(boxes.round().long().tolist()):
+            crop = x[i:i + 1, :, top:top + h, left:left + w]
+            rows.append(F.interpolate(crop, size=(out_size, out_size), mode=mode, align_corners=False, antialias=True))
+        out = torch.cat(rows) if rows else x.new_empty(0, x.shape[1], out_size, out_size)
+        if flip is not None:
+            out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+        return out.clamp_(0, 1)
     N, _, H, W = x.shape
     top, left, h, w = (boxes[:, i].to(torch.float32) for i in range(4))
     # normalised coordinates (align_corners=False): pixel edge 0 -> -1, edge W -> +1
@@ -82,10 +99,13 @@ def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None 
     return out.clamp_(0, 1)
 
 
-def random_resized_crop_flip(x: Tensor, out_size: int, scale, d: Draw, flip_p: float = 0.5) -> Tensor:
+def random_resized_crop_flip(x: Tensor, out_size: int, scale, d: Draw, flip_p: float = 0.5,
+                             antialias: bool = True) -> Tensor:
+    """x [n, C, H, W] float in [0, 1] -> [n, C, out_size, out_size]: a RandomResizedCrop box (rrc_boxes) per sample,
+    bicubic resize (antialiased unless antialias=False), horizontal flip with probability flip_p."""
     boxes = rrc_boxes(d, x.shape[2], x.shape[3], scale=scale)
     flip = d.rand() < flip_p
-    return resample_boxes(x, boxes, out_size, h2d(flip, x.device))
+    return resample_boxes(x, boxes, out_size, h2d(flip, x.device), antialias=antialias)
 
 
 def resize(x: Tensor, out_size: int) -> Tensor:

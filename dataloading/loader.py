@@ -31,7 +31,8 @@ log = logging.getLogger("maect.data")
 class TrainLoader:
     def __init__(self, data, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, num_views: int = 1, crop_scale=(0.2, 1.0), ctaug: bool = False,
-                 device: str | torch.device = "cpu", num_workers: int = 0, skip_corrupt: bool = False):
+                 device: str | torch.device = "cpu", num_workers: int = 0, skip_corrupt: bool = False,
+                 antialias: bool = True):
         G = batch_size * world
         self.skip_corrupt, self.skipped = skip_corrupt, {}           # skipped: {path: reason}
         self._drop = None if isinstance(data, ArrayData) else bad_file_mask(data, skip_corrupt, self.skipped)
@@ -43,6 +44,7 @@ class TrainLoader:
         self.data, self.img_size, self.in_chans, self.n_valid = data, img_size, in_chans, n_valid
         self.n, self.rank, self.world, self.G, self.seed = batch_size, rank, world, G, seed
         self.num_views, self.crop_scale, self.ctaug = num_views, tuple(crop_scale), ctaug
+        self.antialias = antialias                   # the crop resize (augment.resample_boxes; data.antialias)
         self.device, self.num_workers = torch.device(device), num_workers
         self.epoch, self.start_step = 0, 0
         self.backend = "cpu-batched" if isinstance(data, ArrayData) else "cpu-pil"
@@ -65,7 +67,7 @@ class TrainLoader:
         views = []
         for v in range(self.num_views):
             d = A.Draw(g, self.G, sel)
-            y = A.random_resized_crop_flip(x, self.img_size, self.crop_scale, d)
+            y = A.random_resized_crop_flip(x, self.img_size, self.crop_scale, d, antialias=self.antialias)
             if self.ctaug:
                 y = A.ctaug_view(y, v, d)
             views.append(A.normalize(y, self.data.mean * (self.in_chans // len(self.data.mean)),
@@ -105,7 +107,8 @@ class TrainLoader:
             img = images[i].float().div_(255).unsqueeze(0)
             for v in range(self.num_views):
                 gi = torch.Generator().manual_seed(((self.seed * 1000003 + self.epoch) * 10000019 + i) * 8 + v)
-                per_view[v].append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1)))
+                per_view[v].append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1),
+                                                              antialias=self.antialias))
         g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) * 1000003 + step)
         views = []
         for v in range(self.num_views):
@@ -178,11 +181,14 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     (contract.first_batch_breach: shapes, dtypes, device, sample ids, labels, value range, normalisation); when it
     does not, 'auto' falls back to the CPU twin with one warning saying why, and 'dali' raises DataError with it.
     Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
-    data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
+    data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one),
+    data.antialias (bool, True: the crop resize antialiased as PIL's bicubic; False: the former unfiltered resample,
+    in every backend)."""
     if isinstance(data, shards.ShardData):     # WebDataset shards: the streaming loader (shard_loader.py)
         return shard_loader.build_shard_loader(data, cfg_data, img_size=img_size, in_chans=in_chans,
                                                batch_size=batch_size, rank=rank, world=world, seed=seed,
-                                               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device)
+                                               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device,
+                                               antialias=bool(getattr(cfg_data, "antialias", True)))
     if not isinstance(data, (ArrayData, ImageFiles)):
         raise TypeError(f"unsupported dataset type {type(data).__name__}")
     choice = cfg_data.loader
@@ -194,7 +200,8 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     if choice == "dali" and why_not and not why_not.startswith("device"):
         raise DataError(f"data.loader=dali: {why_not}")
     kw = dict(img_size=img_size, in_chans=in_chans, batch_size=batch_size, rank=rank, world=world, seed=seed,
-              num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt)
+              num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt,
+              antialias=bool(getattr(cfg_data, "antialias", True)))
     if choice == "dali" or (choice == "auto" and why_not is None):
         loader, failed = _checked_dali(data, cfg_data, kw)
         if loader is not None:

@@ -48,6 +48,8 @@ class DataCfg:
     skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
     dali_hw_decoder_load: float = 0.65  # share of JPEG decoding on the hardware decoder (A100/H100 nvJPEG)
     shuffle_buffer: int = 1000       # wds: samples in each loader worker's shuffle buffer
+    antialias: bool = True           # crop resize: antialiased bicubic as PIL's (published); False: the former
+                                     # unfiltered grid_sample bicubic (aliases when a crop is downscaled)
 
 
 @dataclass

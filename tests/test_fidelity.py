@@ -1,0 +1,153 @@
+"""Fidelity to the published MAE-CT code where maect once differed without a flag: the crop resize (antialiased as
+PIL's bicubic, data.antialias), the warmup formula of every stage and of the probe. Each flag is checked to reach
+the code path it names (docs/fidelity.md lists every remaining deviation)."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from maect.dataloading import ImageFolder, TrainLoader, build_loader
+from maect.dataloading import augment as A
+from maect.dataloading import dali as D
+from maect.dataloading.datasets import ArrayData
+
+DALI_MISSING = D.import_error()
+
+
+# ---------------------------------------------------------------------------------------------- crop resize
+def _abs_weight_sum(n: int, S: int) -> float:
+    """max over output pixels of sum |w| of the 1-D antialiased bicubic weights (n -> S pixels): the weights are
+    the outputs for unit impulses, so interpolating the identity gives them all at once."""
+    eye = torch.eye(n, dtype=torch.float64).view(n, 1, 1, n)
+    w = F.interpolate(eye, size=(1, S), mode="bicubic", align_corners=False, antialias=True).view(n, S)
+    return float(w.abs().sum(0).max())
+
+
+@pytest.mark.parametrize("factor", [1.34, 2.0])
+def test_crop_resize_matches_pil_bicubic(factor):
+    """A crop of n = round(S * factor) pixels resized to S = 112 by resample_boxes and by PIL (crop, then
+    resize(BICUBIC): what torchvision's RandomResizedCrop does to a PIL image in the published code).
+
+    Bound. PIL resamples an 8-bit image in two separable passes (horizontal, then vertical) with the same kernel
+    as torch's antialiased bicubic (a = -0.5, support widened by the downscale factor, normalised weights), in
+    fixed point (22 fractional bits: under 3e-4 of a level here), and rounds to a whole level after each pass.
+    Random pixels in [32, 223] keep every intermediate within [0, 255] (|w| sums to at most 1.25, and
+    95.5 x 1.25 < 127.5), so PIL's clipping never acts, and torch's float passes differ from PIL's only by the
+    two roundings: the first (<= 0.5 level) carried through the vertical weights (sum |w| = A), the second
+    <= 0.5. Per pixel |torch - PIL| <= (0.5 A + 0.5) / 255 + 1e-3 / 255 slack (fixed point and fp32), so the mean
+    too. The unfiltered path (data.antialias=false) is shown to miss that bound by far: it aliases."""
+    S = 112
+    n = int(round(S * factor))
+    rng = np.random.default_rng(0)
+    img = rng.integers(32, 224, (n + 9, n + 13, 3), dtype=np.uint8)
+    top, left = 5, 8
+    pil = np.asarray(Image.fromarray(img).crop((left, top, left + n, top + n)).resize((S, S), Image.BICUBIC))
+    pil = torch.from_numpy(pil.astype(np.float64) / 255)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    box = torch.tensor([[top, left, n, n]], dtype=torch.float64)
+    A_sum = _abs_weight_sum(n, S)
+    bound = (0.5 * A_sum + 0.5 + 1e-3) / 255
+    new = (A.resample_boxes(x, box, S)[0].permute(1, 2, 0).double() - pil).abs()
+    old = (A.resample_boxes(x, box, S, antialias=False)[0].permute(1, 2, 0).double() - pil).abs()
+    print(f"{n}->{S} ({n / S:.3f}x): mean |torch - PIL| antialiased {new.mean():.4f} (max {new.max():.4f}), "
+          f"unfiltered {old.mean():.4f} (max {old.max():.4f}); bound {bound:.4f} (sum |w| = {A_sum:.3f})")
+    assert A_sum <= 1.25
+    assert new.max() <= bound and new.mean() <= bound
+    assert old.mean() > 5 * bound
+
+
+def test_crop_resize_flip_and_box_edges():
+    """The antialiased path crops the box and flips left-right: a ramp R = x keeps its slope sign per flip, and a
+    box already at the output size is cut out exactly (weights of a 1:1 resize are the identity)."""
+    x = torch.arange(40, dtype=torch.float32).view(1, 1, 1, 40).expand(2, 3, 30, 40) / 64
+    box = torch.tensor([[3, 5, 16, 16], [0, 24, 16, 16]], dtype=torch.float64)
+    y = A.resample_boxes(x.contiguous(), box, 16, flip=torch.tensor([False, True]))
+    assert torch.equal(y[0], x[0, :, 3:19, 5:21])
+    assert torch.equal(y[1], x[1, :, 0:16, 24:40].flip(-1))
+
+
+def _noise_arrays(n=32, side=64, seed=0) -> ArrayData:
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
+    return ArrayData(img, torch.arange(n) % 2, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 2)
+
+
+def _noise_folder(root, n=16, side=64) -> ImageFolder:
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        os.makedirs(root / str(c), exist_ok=True)
+        for i in range(n // 2):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / str(c) / f"{i}.png")
+    return ImageFolder(str(root))
+
+
+KW = dict(img_size=16, in_chans=3, batch_size=8, rank=0, world=1, seed=0, num_views=2, crop_scale=(0.5, 1.0),
+          ctaug=False, device="cpu")
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_antialias_flag_reaches_the_torch_loader(antialias):
+    """data.antialias reaches TrainLoader (via build_loader) and its crops are resample_boxes' with that flag: the
+    loader's views equal the crops computed here from the same draws."""
+    data = _noise_arrays()
+    loader = build_loader(data, SimpleNamespace(loader="cpu", num_workers=0, antialias=antialias), **KW)
+    assert isinstance(loader, TrainLoader) and loader.antialias is antialias
+    b = next(iter(loader))
+    idx = b["idx"]
+    g = torch.Generator().manual_seed((0 * 1000003 + 0) * 1000003 + 0)      # TrainLoader._augment's step 0
+    x = data.images[idx].float().div_(255)
+    for v in range(2):
+        want = A.normalize(A.random_resized_crop_flip(x, 16, (0.5, 1.0), A.Draw(g, 8), antialias=antialias),
+                           data.mean, data.std)
+        assert torch.equal(b["views"][v], want)
+
+
+def _view_std(loader, data) -> float:
+    """Pixel std of view 0 (in [0, 1] units): i.i.d. noise downscaled keeps its variance when resampled without
+    a low-pass filter (each output is a few-tap interpolation of independent pixels) and loses most of it when
+    antialiased (averaging over ~(64 / 16)^2 x scale pixels)."""
+    b = next(iter(loader))
+    m, s = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+    return float((b["views"][0].cpu() * s + m).std())
+
+
+@pytest.mark.parametrize("kind", ["cpu-pil", pytest.param("dali-cpu", marks=pytest.mark.skipif(
+    DALI_MISSING is not None, reason=DALI_MISSING or ""))])
+def test_antialias_flag_reaches_file_loaders(tmp_path, kind):
+    """Image files, 64² i.i.d. uniform noise (std 0.29) cropped at scale >= 0.5 to 16²: with data.antialias=false
+    the views keep most of the noise's std (> 0.2: a bicubic interpolation of 4 x 4 independent pixels keeps
+    sqrt(sum w^2) >= 0.7 of it), antialiased they keep under half of it (< 0.14: each output averages over at
+    least ~2.8 x 2.8 input pixels). The torch twin and DALI (CPU mode) both honour the flag."""
+    data = _noise_folder(tmp_path / "noise")
+    stds = {}
+    for aa in (True, False):
+        cfg = SimpleNamespace(loader="dali" if kind.startswith("dali") else "cpu", num_workers=0, antialias=aa)
+        loader = build_loader(data, cfg, **KW)
+        assert loader.backend == kind and loader.antialias is aa
+        stds[aa] = _view_std(loader, data)
+    print(kind, {("antialiased" if k else "unfiltered"): round(v, 3) for k, v in stds.items()})
+    assert stds[False] > 0.2 and stds[True] < 0.14
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_antialias_flag_reaches_the_shard_loader(tmp_path, antialias):
+    """data.antialias reaches ShardLoader (via build_loader): a sample's views are the crops computed here with
+    that flag from the loader's per-sample generator."""
+    from maect.dataloading import export
+    from maect.dataloading.datasets import load_data
+    out = str(tmp_path / "wds")
+    export.main(["--out", out, "--format", "wds", "--limit", "2", "--shard-size", "8", "--image-format", "png"])
+    data = load_data("wds", out, "train")
+    loader = build_loader(data, SimpleNamespace(loader="cpu", num_workers=0, skip_corrupt=False, antialias=antialias),
+                          **{**KW, "img_size": 20, "batch_size": 4})
+    assert loader.antialias is antialias
+    i = 3
+    got = loader.views_of(i, data.read(i))
+    img = data.load(i).float().div_(255).unsqueeze(0)
+    for v in range(2):
+        gi = torch.Generator().manual_seed(((0 * 1000003 + 0) * 10000019 + i) * 8 + v)   # ShardLoader.views_of's
+        assert torch.equal(got[v], A.random_resized_crop_flip(img, 20, (0.5, 1.0), A.Draw(gi, 1), antialias=antialias))
