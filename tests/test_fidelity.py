@@ -1,6 +1,8 @@
 """Fidelity to the published MAE-CT code where maect once differed without a flag: the crop resize (antialiased as
 PIL's bicubic, data.antialias), the warmup formula of every stage and of the probe. Each flag is checked to reach
 the code path it names (docs/fidelity.md lists every remaining deviation)."""
+import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -14,6 +16,8 @@ from maect.dataloading import ImageFolder, TrainLoader, build_loader
 from maect.dataloading import augment as A
 from maect.dataloading import dali as D
 from maect.dataloading.datasets import ArrayData
+from maect.eval import probe
+from maect.optim import lr_factor, warmup_steps
 
 DALI_MISSING = D.import_error()
 
@@ -151,3 +155,90 @@ def test_antialias_flag_reaches_the_shard_loader(tmp_path, antialias):
     for v in range(2):
         gi = torch.Generator().manual_seed(((0 * 1000003 + 0) * 10000019 + i) * 8 + v)   # ShardLoader.views_of's
         assert torch.equal(got[v], A.random_resized_crop_flip(img, 20, (0.5, 1.0), A.Draw(gi, 1), antialias=antialias))
+
+
+# ---------------------------------------------------------------------------------------------- lr schedules
+def published_factor(step: int, total: int, frac: float) -> float:
+    """The published stage schedule (MAE-CT's schedules/: SequentialSchedule of LinearIncreasing(exclude_first,
+    exclude_last) up to end_percent = 100 frac, floored, then CosineDecreasing(exclude_last)), written out from
+    those classes' definitions: BasicSchedule.get_value adds 1 to total_steps for exclude_last, and 1 to step and
+    total_steps for exclude_first; progress = step / max(1, total_steps - 1)."""
+    W = int(total * frac)
+    if step < W:
+        s, n = step + 1, W + 2                      # exclude_first, exclude_last
+        return s / max(1, n - 1)
+    s, n = step - W, total - W + 1                  # exclude_last
+    return 1 - (1 - math.cos(math.pi * s / max(1, n - 1))) / 2
+
+
+@pytest.mark.parametrize("total", [1, 2, 5, 10, 13, 14, 100, 937])
+def test_stage_warmup_is_the_published_formula(total):
+    """lr_factor with warmup_steps(0.2 T) equals the published schedule at every step: the first step trains at
+    1 / (W + 1), not 0; W = floor(0.2 T) (T = 13, 14: round would give 3, floor gives 2); the cosine starts at 1
+    on step W. Exact up to float rounding (1e-12)."""
+    W = warmup_steps(0.2 * total)
+    assert W == (total // 5)
+    got = [lr_factor(s, total, W) for s in range(total)]
+    want = [published_factor(s, total, 0.2) for s in range(total)]
+    assert got == pytest.approx(want, abs=1e-12)
+    if W:
+        assert got[0] == pytest.approx(1 / (W + 1)) and got[W - 1] == pytest.approx(W / (W + 1))
+    assert got[W] == pytest.approx(1.0)                       # W = floor(0.2 T) < T
+    assert min(got) > 0
+
+
+def test_warmup_steps_floors_and_refuses_bad_values():
+    assert [warmup_steps(x) for x in (0, 0.999, 2.6, 2.9999, 3.0)] == [0, 0, 2, 2, 3]
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="warmup"):
+            warmup_steps(bad)
+
+
+def test_probe_schedule_is_the_published_probe_schedule(monkeypatch):
+    """The published probe (yamls/probe.yaml: legacy Linear to end_percent 10, then CosineAnnealing; no exclude
+    flags): step / (W - 1) during warmup (0 at the first step, 1 at step W - 1), then a cosine from 1 at step W
+    to exactly 0 at the last step; W = floor(0.1 T). train_heads uses it: with 15 steps W is 1 (round: 2)."""
+    T, W = 50, 5
+    got = [probe.lr_at(s, T, W) for s in range(T)]
+    assert got[:W + 1] == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1])
+    assert got[-1] == pytest.approx(0, abs=1e-12)
+    assert got[W + 1:] == pytest.approx([(1 + math.cos(math.pi * k / (T - W - 1))) / 2 for k in range(1, T - W)])
+    seen = []
+    real = probe.lr_at
+    monkeypatch.setattr(probe, "lr_at", lambda s, t, w: seen.append((s, t, w)) or real(s, t, w))
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(60, 4, generator=g), torch.randint(0, 3, (60,), generator=g)
+    probe.train_heads(f, y, 3, torch.tensor([0.1]), epochs=3, batch_size=12)        # 5 steps per epoch
+    assert [s for s, _, _ in seen] == list(range(15)) and {(t, w) for _, t, w in seen} == {(15, 1)}
+
+
+def _lrs(out_dir, stage) -> list[float]:
+    recs = [json.loads(x) for x in open(os.path.join(out_dir, stage, "metrics.jsonl"))]
+    return [r["lr"] for r in recs if "lr" in r and "loss" in r]
+
+
+@pytest.mark.slow
+def test_trainer_stages_follow_the_published_warmup(tmp_path):
+    """The trainer's logged lr (param group 0, log_every=1) at each step is base lr x lr_factor with the
+    published warmup. MAE: 6 steps of 64 on 60000 images (937 per epoch), warmup_epochs 0.0032 = 2.998 steps ->
+    W = 2 (round: 3), so steps 0-2 train at 1/3, 2/3, 1 of the base lr. Head: 8 steps, warmup_frac 0.2 -> W = 1
+    (round(1.6): 2), so step 0 at 1/2, step 1 at 1."""
+    from maect import train
+    from maect.validation import load_config
+    from test_nnclr import TINY
+    common = [a for a in TINY if not a.startswith(("mae.epochs", "head.epochs", "mae.warmup_epochs"))]
+    common += ["log_every=1", f"out_dir={tmp_path}"]
+    cfg = load_config(common + ["stage=mae", "mae.epochs=0.0064", "mae.warmup_epochs=0.0032"])
+    train.run(cfg)
+    base = train.mae_lr(cfg.mae)
+    lrs = _lrs(tmp_path, "mae")
+    assert len(lrs) == 6
+    assert lrs == pytest.approx([base * lr_factor(s, 6, 2) for s in range(6)], rel=1e-6)
+    assert lrs[:3] == pytest.approx([base / 3, 2 * base / 3, base], rel=1e-6)
+    cfg = load_config(common + ["stage=head", "head.epochs=0.008538", f"init={tmp_path}/mae/checkpoint-final.pth"])
+    train.run(cfg)
+    base = cfg.head.blr * 2 * cfg.head.batch_size / 256
+    lrs = _lrs(tmp_path, "head")
+    assert len(lrs) == 8
+    assert lrs == pytest.approx([base * lr_factor(s, 8, 1) for s in range(8)], rel=1e-6)
+    assert lrs[:2] == pytest.approx([base / 2, base], rel=1e-6)

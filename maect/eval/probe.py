@@ -1,8 +1,8 @@
 """Linear probe on frozen (cached) features: a sweep of learning rates trained in parallel in one pass.
 
 Head (official MAE linear probe): BatchNorm1d(D, affine=False, eps=1e-6) -> Linear(D, C), weight trunc-normal
-std 0.01, zero bias. SGD momentum 0.9, wd 0, batch 1024, 50 epochs, lr warmup for 10% of training then cosine
-to 0, per step. lr = base_lr * batch / 256 for base_lr in LRS.
+std 0.01, zero bias. SGD momentum 0.9, wd 0, batch 1024, 50 epochs, lr warmup for floor(10%) of the steps then
+cosine to 0, per step, in the published probe's form (lr_at). lr = base_lr * batch / 256 for base_lr in LRS.
 
 Why one pass is exact: the BN has no parameters and sees the same batches for every lr, so its output (and
 running statistics) is identical for all heads and is computed once. The heads are one tensor W [n_lr, D, C];
@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from maect.optim import warmup_steps
 from maect.progress import Progress
 from maect.eval.features import check_finite
 
@@ -40,10 +41,14 @@ def holdout_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[Tensor,
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
-    """Schedule factor in [0, 1]: linear warmup over `warmup` steps, then half-cosine to 0 at `total`."""
+    """Schedule factor in [0, 1] at optimizer step `step` (0-based) of `total`, warmup W = `warmup` steps: the
+    published probe's (yamls/probe.yaml: the legacy Linear then CosineAnnealing schedules, no exclude flags):
+    step / (W - 1) for step < W (0 at the first step, 1 at step W - 1), then (1 + cos(pi (step - W) /
+    (total - W - 1))) / 2 from 1 at step W to 0 at the last step. The training stages' warmup
+    (maect.optim.lr_factor) has another published form: (step + 1) / (W + 1)."""
     if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return step / max(1, warmup - 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup - 1)))
 
 
 def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int = 50, batch_size: int = 1024,
@@ -62,7 +67,7 @@ def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int
     # batches of a size-1 remainder are skipped: BatchNorm cannot normalise a single sample
     steps_per_epoch = N // batch_size + (N % batch_size > 1)
     total = epochs * steps_per_epoch
-    warmup = max(1, int(round(warmup_frac * total)))
+    warmup = warmup_steps(warmup_frac * total)                          # published: floor(0.1 total)
     step = 0
     bn.train()
     prog = Progress(progress, epochs, unit="epochs")
