@@ -108,11 +108,13 @@ def random_resized_crop_flip(x: Tensor, out_size: int, scale, d: Draw, flip_p: f
     return resample_boxes(x, boxes, out_size, h2d(flip, x.device), antialias=antialias)
 
 
-def resize(x: Tensor, out_size: int) -> Tensor:
-    """Deterministic eval transform for small images: the whole image resized to out_size (bicubic)."""
+def resize(x: Tensor, out_size: int, antialias: bool = True) -> Tensor:
+    """Deterministic eval transform for small images: the whole image x [n, C, H, W] resized to out_size² (bicubic;
+    antialiased as PIL's unless antialias=False)."""
     if x.shape[-1] == out_size and x.shape[-2] == out_size:
         return x
-    return F.interpolate(x, size=(out_size, out_size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return F.interpolate(x, size=(out_size, out_size), mode="bicubic", align_corners=False,
+                         antialias=antialias).clamp_(0, 1)
 
 
 # ------------------------------------------------------------------------------------------ colour ops

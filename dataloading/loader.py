@@ -120,22 +120,24 @@ class TrainLoader:
 
 
 def eval_batches(data, *, img_size: int, in_chans: int, batch_size: int = 512, device="cpu", limit: int | None = None,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, antialias: bool = True):
     """Deterministic eval images: arrays resized whole to img_size; image files resized (shorter side
-    img_size/0.875, bicubic) and centre-cropped (the 256/224 protocol). An iterator of (x [n, C, S, S], label [n]).
+    round(img_size/0.875), the longer one floored as torchvision's Resize does; bicubic) and centre-cropped (the
+    published 256/224 protocol). antialias (data.antialias): the resize antialiased as PIL's bicubic (the published
+    torchvision-on-PIL transform), or the former unfiltered bicubic. An iterator of (x [n, C, S, S], label [n]).
     Image files pass the training loader's checks first (shared.bad_file_mask): bad files and empty class folders
     raise naming them before any image is encoded, or with skip_corrupt are left out and logged; a file that passes
     the check but fails to decode raises naming it, or with skip_corrupt is left out of its batch. limit: the
     first `limit` usable samples."""
     if isinstance(data, ArrayData):
-        return _array_batches(data, img_size, in_chans, batch_size, device, limit)
+        return _array_batches(data, img_size, in_chans, batch_size, device, limit, antialias)
     if in_chans != 3:
         raise DataError(f"image files decode to RGB: model.in_chans must be 3, got {in_chans}")
     ids = torch.nonzero(~bad_file_mask(data, skip_corrupt, {})).flatten()[:limit]   # raises here, before encoding
-    return _file_batches(data, ids, img_size, batch_size, device, skip_corrupt)
+    return _file_batches(data, ids, img_size, batch_size, device, skip_corrupt, antialias)
 
 
-def _array_batches(data, img_size, in_chans, batch_size, device, limit):
+def _array_batches(data, img_size, in_chans, batch_size, device, limit, antialias):
     n = len(data) if limit is None else min(limit, len(data))
     mean, std = data.mean * (in_chans // len(data.mean)), data.std * (in_chans // len(data.std))
     for s in range(0, n, batch_size):
@@ -143,15 +145,15 @@ def _array_batches(data, img_size, in_chans, batch_size, device, limit):
         x = data.images[s:e].to(device).float().div_(255)
         if x.shape[1] == 1 and in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
-        yield A.normalize(A.resize(x, img_size), mean, std), data.labels[s:e].to(device)
+        yield A.normalize(A.resize(x, img_size, antialias), mean, std), data.labels[s:e].to(device)
 
 
-def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt):
+def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt, antialias):
     for chunk in ids.split(batch_size):
         imgs, keep = [], []
         for i in chunk.tolist():
             try:
-                imgs.append(_center_crop(data.load(i).float().div_(255), img_size))
+                imgs.append(_center_crop(data.load(i).float().div_(255), img_size, antialias))
             except ValueError as exc:                          # load() names the file (images.BadImage)
                 if not skip_corrupt:
                     raise
@@ -162,13 +164,16 @@ def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt):
             yield A.normalize(torch.cat(imgs).to(device), data.mean, data.std), data.labels[keep].to(device)
 
 
-def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+def _center_crop(img: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """img [C, H, W] in [0, 1] -> [1, C, size, size]: torchvision's Resize(round(size / 0.875)) (shorter side to
+    that, the longer one int(short x long / shorter), bicubic) then CenterCrop(size) (offsets int(round(d / 2)))."""
     import torch.nn.functional as F
     short = int(round(size / 0.875))
     C, H, W = img.shape
-    h, w = (short, max(short, round(W * short / H))) if H <= W else (max(short, round(H * short / W)), short)
-    img = F.interpolate(img.unsqueeze(0), size=(h, w), mode="bicubic", align_corners=False).clamp_(0, 1)
-    top, left = (h - size) // 2, (w - size) // 2
+    h, w = (short, max(short, int(short * W / H))) if H <= W else (max(short, int(short * H / W)), short)
+    img = F.interpolate(img.unsqueeze(0), size=(h, w), mode="bicubic", align_corners=False,
+                        antialias=antialias).clamp_(0, 1)
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
     return img[:, :, top:top + size, left:left + size]
 
 

@@ -242,3 +242,76 @@ def test_trainer_stages_follow_the_published_warmup(tmp_path):
     assert len(lrs) == 8
     assert lrs == pytest.approx([base * lr_factor(s, 8, 1) for s in range(8)], rel=1e-6)
     assert lrs[:2] == pytest.approx([base / 2, base], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- eval resize
+def test_eval_resize_matches_torchvision_on_pil(tmp_path):
+    """eval_batches on an image file: torchvision's Resize(round(S / 0.875)) + CenterCrop(S) on the PIL image (the
+    published test transform), written here with PIL: shorter side 73 for S = 64, longer int(73 x 300 / 200) =
+    109, crop offsets int(round(d / 2)). Same bound as the crop resize (random pixels in [32, 223]; two 8-bit
+    roundings in PIL; sum |w| <= 1.25); the unfiltered resize (antialias=False) misses it by far."""
+    S, short = 64, 73
+    rng = np.random.default_rng(2)
+    arr = rng.integers(32, 224, (200, 300, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "val" / "a")
+    os.makedirs(tmp_path / "train" / "a")
+    Image.fromarray(arr).save(tmp_path / "val" / "a" / "0.png")
+    Image.fromarray(arr).save(tmp_path / "train" / "a" / "0.png")
+    from maect.dataloading import eval_batches
+    from maect.dataloading.datasets import load_eval_data
+    data = load_eval_data("imagefolder", str(tmp_path), "test")
+    w = int(short * 300 / 200)
+    pil = Image.fromarray(arr).resize((w, short), Image.BICUBIC)
+    top, left = int(round((short - S) / 2)), int(round((w - S) / 2))
+    pil = torch.from_numpy(np.asarray(pil.crop((left, top, left + S, top + S))).astype(np.float64) / 255)
+    bound = (0.5 * max(_abs_weight_sum(300, w), _abs_weight_sum(200, short)) + 0.5 + 1e-3) / 255
+    m, s = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+    diffs = {}
+    for aa in (True, False):
+        x, _ = next(iter(eval_batches(data, img_size=S, in_chans=3, antialias=aa)))
+        diffs[aa] = ((x[0] * s + m).permute(1, 2, 0).double() - pil).abs()
+    print(f"mean |eval - torchvision on PIL|: antialiased {diffs[True].mean():.4f} (max {diffs[True].max():.4f}), "
+          f"unfiltered {diffs[False].mean():.4f}; bound {bound:.4f}")
+    assert diffs[True].max() <= bound + 1e-6 and diffs[False].mean() > 5 * bound
+
+
+def test_data_antialias_reaches_the_monitor_and_the_eval_cli(monkeypatch, tmp_path):
+    """The k-NN monitor passes data.antialias to eval_batches; maect.eval's --no-antialias passes False and keys
+    the feature cache on the resize (a cache written with the other resize is not reused)."""
+    from maect.eval import __main__ as E
+    from maect.eval import monitor as M
+    from maect.validation import load_config
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(data, **kw):
+        seen.append(kw["antialias"])
+        raise Stop
+
+    monkeypatch.setattr(M, "eval_batches", spy)
+    for flag in (True, False):
+        cfg = load_config(["preset=tiny", f"data.antialias={str(flag).lower()}"])
+        mon = M.KNNMonitor(cfg, "cpu", 10, 10)
+        with pytest.raises(Stop):
+            mon.features(torch.nn.Identity(), "mean")
+    assert seen == [True, False]
+    import maect.dataloading as Dl
+    from maect.eval.features import cache_features, feature_meta
+    monkeypatch.setattr(Dl, "eval_batches", spy)
+    args = E.parse_args(["--ckpt", "x.pth", "--no-antialias", "--export-features", str(tmp_path)])
+    args.ckpt = None                                                      # feature_meta without a file
+    call = (None, {"img_size": 28, "in_chans": 1}, args, "test", "fashion_mnist", None, "mean", "cpu")
+    with pytest.raises(Stop):
+        E.split_features(*call)
+    assert seen[-1] is False and E.parse_args(["--ckpt", "x.pth"]).no_antialias is False
+    classes = [str(c) for c in range(10)]
+    meta = dict(feature_meta(None, pool="mean", split="test", img_size=28, in_chans=1, data="fashion_mnist",
+                             data_root=None, limit=None), labels="", classes=classes, num_classes=10)
+    f, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
+    cache_features(str(tmp_path / "test"), f, y, meta)                    # written before the resize was recorded
+    with pytest.raises(Stop):
+        E.split_features(*call)
+    cache_features(str(tmp_path / "test"), f, y, dict(meta, resize="bicubic"))
+    assert E.split_features(*call)[3] == "cache"

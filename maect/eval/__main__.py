@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--labels", default=None, help="folder/filelist: labels, a DIR with train/ and val/ class folders "
                    "or a CSV of path,label[,split] (default: the checkpoint's data.labels)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out bad image files (logged) instead of stopping")
+    p.add_argument("--no-antialias", action="store_true",
+                   help="resize images without antialiasing (data.antialias=false; default: antialiased bicubic as "
+                        "PIL's, the published transform)")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's model.pool")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--out", default=None, help="results JSON (default: eval_<ckpt name>.json next to the ckpt)")
@@ -108,7 +111,8 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
         raise SystemExit(f"maect.eval: {exc}") from None
     meta = dict(feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
                              data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema),
-                labels=labels or "", classes=list(data.classes))
+                labels=labels or "", classes=list(data.classes),
+                resize="bicubic" if args.no_antialias else "bicubic antialiased")   # caches without it: recomputed
     prefix = os.path.join(args.export_features, split) if args.export_features else None
     hit = load_cached(prefix, meta) if prefix else None
     if hit is not None:
@@ -118,7 +122,8 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
     n = len(data) if limit is None else min(limit, len(data))
     try:
         batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"],
-                               batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt)
+                               batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt,
+                               antialias=not args.no_antialias)
         f, y = extract_features(model, batches, pool=pool, device=device, progress=f"features {split}", total=n,
                                 split=split)  # raises on NaN/inf
     except (DataError, FileNotFoundError) as exc:         # bad files (named), a model that does not take RGB
