@@ -315,3 +315,85 @@ def test_data_antialias_reaches_the_monitor_and_the_eval_cli(monkeypatch, tmp_pa
         E.split_features(*call)
     cache_features(str(tmp_path / "test"), f, y, dict(meta, resize="bicubic"))
     assert E.split_features(*call)[3] == "cache"
+
+
+# ---------------------------------------------------------------------------------------------- probe augmentation
+def test_probe_augment_trains_on_each_epochs_features():
+    """linear_probe(augment=fn) asks fn for the training rows' features once per epoch (rows = the train part of
+    the holdout split, epochs 0..E-1) and trains on them; validation and test use the given features. A feature
+    count that changes between epochs is refused."""
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(200, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
+    calls = []
+
+    def augment(rows, epoch):
+        calls.append((rows.clone(), epoch))
+        return f[rows] + 0.5 * torch.randn(len(rows), 8, generator=torch.Generator().manual_seed(epoch)), y[rows]
+    plain = probe.linear_probe(f, y, f[:50], y[:50], num_classes=3, epochs=3, batch_size=32)
+    aug = probe.linear_probe(f, y, f[:50], y[:50], num_classes=3, epochs=3, batch_size=32, augment=augment)
+    tr, va = probe.holdout_split(200)
+    assert [e for _, e in calls] == [0, 1, 2] and all(torch.equal(r, tr) for r, _ in calls)
+    assert aug["augmented"] and not plain["augmented"] and aug["n_val"] == len(va)
+    assert aug["val_acc_per_base_lr"] != plain["val_acc_per_base_lr"] or aug["test_acc"] != plain["test_acc"]
+    with pytest.raises(ValueError, match="epoch 1 gave features"):
+        probe.linear_probe(f, y, f, y, num_classes=3, epochs=2, batch_size=32,
+                           augment=lambda rows, e: (f[rows][:len(rows) - e], y[rows][:len(rows) - e]))
+
+
+class _PixelMeans(torch.nn.Module):
+    """A stand-in encoder: tokens = the image's pixels (C channels per token), so mean pooling gives each image's
+    per-channel mean."""
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward_features(self, x):
+        t = x.flatten(2).transpose(1, 2)
+        return torch.cat([t[:, :1], t], 1)
+
+
+def test_eval_probe_aug_crops_training_images_as_published(monkeypatch):
+    """maect.eval --probe-aug: the training loader behind the probe's features crops RandomResizedCrop(S, scale
+    (0.08, 1)) with flips (num_views 1, antialiased unless --no-antialias), the rows' images (labels follow), whole
+    batches of --batch-size, fresh draws each epoch."""
+    import maect.dataloading as Dl
+    from maect.eval import __main__ as E
+    built = []
+    real = Dl.TrainLoader
+
+    def spy(*a, **kw):
+        built.append(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(Dl, "TrainLoader", spy)
+    args = E.parse_args(["--ckpt", "x.pth", "--probe-aug", "--train-limit", "64", "--batch-size", "16"])
+    fn = E.probe_augment(_PixelMeans(), {"img_size": 28, "in_chans": 1}, args, "fashion_mnist", None, "", "mean",
+                         torch.device("cpu"), 64)
+    rows = torch.arange(5, 45)
+    f0, y0 = fn(rows, 0)
+    f1, y1 = fn(rows, 1)
+    assert len(built) == 1 and built[0]["crop_scale"] == (0.08, 1.0) and built[0]["num_views"] == 1
+    assert built[0]["antialias"] is True and built[0]["batch_size"] == 16
+    assert f0.shape == (32, 1) and y0.shape == (32,)                          # 40 rows -> 2 whole batches of 16
+    labels = Dl.fashion_mnist(None, "train").labels[5:45]
+    assert set(y0.tolist()) <= set(labels.tolist())
+    assert not torch.equal(f0, f1) or not torch.equal(y0, y1)                 # another epoch, other crops
+    with pytest.raises(SystemExit, match="63 training features but 64 usable"):
+        E.probe_augment(_PixelMeans(), {"img_size": 28, "in_chans": 1}, args, "fashion_mnist", None, "", "mean",
+                        torch.device("cpu"), 63)
+
+
+def test_eval_cli_probe_aug_end_to_end(tmp_path):
+    """python -m maect.eval --probe-aug on a tiny checkpoint: the probe reports it trained on augmented crops."""
+    from maect.config import Config, to_dict
+    from maect.eval.__main__ import main, table
+    from test_eval import tiny_model
+    cfg = Config()
+    cfg.model.arch, cfg.model.img_size, cfg.model.patch_size, cfg.model.in_chans = "custom", 28, 7, 1
+    cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads, cfg.model.pool = 32, 2, 2, "mean"
+    cfg.model.decoder_embed_dim, cfg.model.decoder_depth, cfg.model.decoder_num_heads = 16, 1, 2
+    ckpt = tmp_path / "tiny.pth"
+    torch.save({"model": tiny_model().state_dict(), "args": to_dict(cfg)}, ckpt)
+    res = main(["--ckpt", str(ckpt), "--protocols", "probe", "--probe-aug", "--probe-epochs", "2", "--train-limit",
+                "300", "--test-limit", "100", "--batch-size", "100", "--out", str(tmp_path / "r.json")])
+    p = res["protocols"]["probe"]
+    assert p["augmented"] and 0 <= p["test_acc"] <= 100 and "augmented crops" in table(res)

@@ -9,6 +9,11 @@ running statistics) is identical for all heads and is computed once. The heads a
 the loss is the SUM over heads of each head's mean cross-entropy, so head l's gradient is exactly the gradient
 it would get trained alone, and the SGD update is applied per head with its own lr (a [n_lr] lr vector).
 
+Augmentation (augment=..., maect.eval --probe-aug): the published probe trains on RandomResizedCrop(S, scale
+PROBE_CROP_SCALE, bicubic) + horizontal flip of the training images, so the frozen encoder runs on fresh crops every
+epoch; by default the heads train on the cached centre-crop features (50x cheaper). The one-pass identity holds
+either way: every head sees the same batches.
+
 Model selection: the lr is picked on a validation split held out from the training features (val_frac, seeded);
 the test accuracy reported is that head's (trained on the remaining 1 - val_frac). Test labels never influence
 the choice.
@@ -27,6 +32,7 @@ from maect.progress import Progress
 from maect.eval.features import check_finite
 
 LRS = (0.1, 0.05, 0.03, 0.02, 0.01)   # base lrs; the actual lr is base * batch / 256
+PROBE_CROP_SCALE = (0.08, 1.0)        # the published probe's kd_random_resized_crop (yamls/probe.yaml)
 
 
 def holdout_split(n: int, val_frac: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -52,9 +58,15 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int = 50, batch_size: int = 1024,
-                momentum: float = 0.9, warmup_frac: float = 0.1, seed: int = 0, progress: str = ""):
+                momentum: float = 0.9, warmup_frac: float = 0.1, seed: int = 0, progress: str = "",
+                epoch_data=None):
     """Train n_lr heads on f [N, D] float32 / y [N] int64 with per-head lrs [n_lr] (already scaled).
-    progress: a name for progress lines (epochs done, ETA). Returns (bn in eval mode, W [n_lr, D, C], b [n_lr, C])."""
+    epoch_data: None, or a callable epoch -> (f_e [N, D], y_e [N]) giving each epoch's training features instead
+    of f / y (augmented images; N the same every epoch, else ValueError). progress: a name for progress lines
+    (epochs done, ETA). Returns (bn in eval mode, W [n_lr, D, C], b [n_lr, C])."""
+    first = epoch_data(0) if epoch_data is not None else None
+    if first is not None:
+        f, y = first
     N, D = f.shape
     L, dev = lrs.numel(), f.device
     g = torch.Generator().manual_seed(seed)
@@ -71,7 +83,12 @@ def train_heads(f: Tensor, y: Tensor, num_classes: int, lrs: Tensor, epochs: int
     step = 0
     bn.train()
     prog = Progress(progress, epochs, unit="epochs")
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch_data is not None:
+            f, y = (first if epoch == 0 else epoch_data(epoch))
+            f, y = f.to(dev, torch.float32), y.to(dev, torch.long)
+            if f.shape != (N, D):
+                raise ValueError(f"linear probe: epoch {epoch} gave features {tuple(f.shape)}, epoch 0 {(N, D)}")
         perm = torch.randperm(N, generator=g).to(dev)
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
@@ -104,10 +121,14 @@ def head_accuracy(bn: nn.BatchNorm1d, W: Tensor, b: Tensor, f: Tensor, y: Tensor
 
 def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int | None = None,
                  epochs: int = 50, batch_size: int = 1024, base_lrs=LRS, val_frac: float = 0.1, seed: int = 0,
-                 device=None, progress: str = "") -> dict:
+                 device=None, progress: str = "", augment=None) -> dict:
     """Linear probe with lr selection on a held-out validation split.
 
     train_f [N, D], train_y [N], test_f [M, D], test_y [M]; runs on `device` (default train_f's device).
+    augment: None (the heads train on train_f), or a callable (rows int64 [n], epoch) -> (f [n', D], y [n']): the
+    features of freshly augmented images of the training rows `rows` (indices into train_f) for that epoch, n'
+    the same every epoch (the published probe's augmentation; maect.eval --probe-aug). The validation and test
+    features stay the unaugmented ones.
     Returns {'lr', 'base_lr', 'val_acc', 'test_acc', 'val_acc_per_base_lr', 'epochs', 'n_train', 'n_val'}
     (accuracies in %). Raises NonFiniteFeatures (a ValueError) for NaN/inf feature rows, ValueError for
     epochs < 1 or batch_size < 2 (the BatchNorm needs two samples per batch).
@@ -124,10 +145,11 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     lrs = torch.tensor([bl * batch_size / 256 for bl in base_lrs], dtype=torch.float32)
     with torch.enable_grad():
         bn, W, b = train_heads(f[tr], y[tr], C, lrs, epochs=epochs, batch_size=batch_size, seed=seed,
-                               progress=progress)
+                               progress=progress, epoch_data=None if augment is None else
+                               (lambda e: augment(tr.cpu(), e)))
     val = head_accuracy(bn, W, b, f[va], y[va])
     best = int(val.argmax())                # ties: the first (largest) lr
     test = head_accuracy(bn, W[best:best + 1], b[best:best + 1], test_f.to(dev).float(), test_y.to(dev).long())
     return {"lr": float(lrs[best]), "base_lr": float(base_lrs[best]), "val_acc": float(val[best]),
             "test_acc": float(test[0]), "val_acc_per_base_lr": {str(bl): float(a) for bl, a in zip(base_lrs, val)},
-            "epochs": epochs, "n_train": int(tr.numel()), "n_val": int(va.numel())}
+            "epochs": epochs, "n_train": int(tr.numel()), "n_val": int(va.numel()), "augmented": augment is not None}
