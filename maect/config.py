@@ -73,6 +73,7 @@ class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
     pred_hidden: int = 4096
     queue_size: int = 65536
     queue_dtype: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16: storage of the queue's features
+    loss_autocast: bool = False      # the NNCLR logits under the run's bf16 autocast (published); False: fp32 logits
 
 
 @dataclass

@@ -30,7 +30,7 @@ from maect import dist, hub, loggers, preempt
 from maect.atomic import write_json
 from maect.checkpoint import Checkpoints, check_resume_config, code_version, set_rng_state
 from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epoch, nnclr_one_epoch,  # noqa: F401
-                          optimizer_step, running_stats, step_generator)
+                          optimizer_step, running_stats, step_generator, uses_bf16)
 from maect.eval.features import NonFiniteFeatures
 from maect.eval.monitor import KNNMonitor, projected
 from maect.eval.summary import format_summary, summarize
@@ -219,6 +219,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"top-k {s.topk}, queue {queue.size}, {total} steps, "
              f"views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
              f"optimizer {opt_name}, loader {loader.backend}, queue {queue.features.dtype}, "
+             f"logits {'bf16' if cfg.nnclr.loss_autocast and uses_bf16(cfg.precision, di.device) else 'fp32'}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)

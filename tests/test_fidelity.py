@@ -397,3 +397,57 @@ def test_eval_cli_probe_aug_end_to_end(tmp_path):
                 "300", "--test-limit", "100", "--batch-size", "100", "--out", str(tmp_path / "r.json")])
     p = res["protocols"]["probe"]
     assert p["augmented"] and 0 <= p["test_acc"] <= 100 and "augmented crops" in table(res)
+
+
+# ---------------------------------------------------------------------------------------------- NNCLR logits precision
+def test_nnclr_loss_autocast_computes_the_logits_in_bf16(monkeypatch):
+    """nnclr_loss(amp=bf16 autocast) (nnclr.loss_autocast) hands cross_entropy bf16 logits, as the published code
+    under its bf16 autocast; amp=None hands it fp32 logits. Bound on the difference (unit roundoff u = 2^-9 in
+    bf16): the inputs' rounding moves a logit nn . q of unit vectors by <= 2u, the GEMM's bf16 output by <= u and
+    the bf16 division by tau by <= u / tau, so |delta logit| <= 4u / tau; |d CE / d logits|_1 <= 2, so
+    |loss_bf16 - loss_fp32| <= 8u / tau = 2^-6 / tau."""
+    from maect import losses
+    seen = []
+    real = F.cross_entropy
+
+    def spy(logits, target, *a, **kw):
+        seen.append(logits.dtype)
+        return real(logits, target, *a, **kw)
+    monkeypatch.setattr(losses.F, "cross_entropy", spy)
+    g = torch.Generator().manual_seed(0)
+    B, D, tau = 16, 32, 0.15
+    nn0, nn1 = (F.normalize(torch.randn(B, D, generator=g), dim=1) for _ in range(2))
+    p0, p1 = (torch.randn(B, D, generator=g, requires_grad=True) for _ in range(2))
+    fp32 = losses.nnclr_loss(nn0, nn1, p0, p1, tau)
+    bf16 = losses.nnclr_loss(nn0, nn1, p0, p1, tau, amp=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert seen == [torch.float32] * 2 + [torch.bfloat16] * 2
+    assert fp32.dtype == bf16.dtype == torch.float32
+    diff = abs(float((bf16 - fp32).detach()))
+    print(f"|loss with bf16 logits - fp32 logits| = {diff:.2e} (bound {2 ** -6 / tau:.3f})")
+    assert diff <= 2 ** -6 / tau
+    bf16.backward()
+    assert p0.grad is not None and torch.isfinite(p0.grad).all()
+
+
+def test_nnclr_loss_autocast_flag_reaches_the_step_and_is_checked(tmp_path, monkeypatch):
+    """nnclr.loss_autocast=true with precision=bf16 passes the run's autocast to nnclr_loss in stage 2 (the head
+    step); the default passes None (fp32 logits); with precision=fp32 the flag is a ConfigError naming both keys."""
+    from maect import engine, train
+    from maect.config import ConfigError
+    from maect.validation import load_config
+    from test_repro import SMALL
+    with pytest.raises(ConfigError, match="nnclr.loss_autocast=true .* precision=fp32"):
+        load_config(SMALL + ["precision=fp32", "nnclr.loss_autocast=true"])
+    seen = []
+    real = engine.nnclr_loss
+
+    def spy(*a, amp=None, **kw):
+        seen.append(amp)
+        return real(*a, amp=amp, **kw)
+    monkeypatch.setattr(engine, "nnclr_loss", spy)
+    common = SMALL + ["smoke=1", "precision=bf16", f"out_dir={tmp_path}"]
+    train.run(load_config(common + ["stage=mae"]))
+    init = f"init={tmp_path}/mae/checkpoint-final.pth"
+    train.run(load_config(common + ["stage=head", init, "nnclr.loss_autocast=true"]))
+    train.run(load_config(common + ["stage=head", init, f"out_dir={tmp_path}/b"]))
+    assert len(seen) == 2 and isinstance(seen[0], torch.autocast) and seen[1] is None
