@@ -188,6 +188,8 @@ def _coerce(key: str, value, default, ftype: str = ""):
             raise ConfigError(f"config key {key!r}: expected {len(default)} comma-separated numbers, got {value!r}")
         return tuple(_coerce(key, v, d) for v, d in zip(value, default))
     if isinstance(default, str):
+        if isinstance(value, bool):       # YAML 1.1 reads on/off/yes/no/true/false as booleans: the word meant
+            return "on" if value else "off"
         return "" if value is None else str(value)
     raise ConfigError(f"config key {key!r}: unsupported type {type(default).__name__}")
 

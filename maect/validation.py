@@ -78,6 +78,8 @@ def _check_choices(cfg: Config) -> None:
     _need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
     _need(cfg.device in ("auto", "cpu", "cuda"), f"device={cfg.device!r}: choose auto, cpu or cuda")
     _need(cfg.precision in ("auto", "bf16", "fp32"), f"precision={cfg.precision!r}: choose auto, bf16 or fp32")
+    _need(cfg.fused_optimizer in ("auto", "apex", "torch", "off"),
+          f"fused_optimizer={cfg.fused_optimizer!r}: choose auto, apex, torch or off")
     _need(cfg.resume in ("", "auto"),
           f"resume={cfg.resume!r}: use resume=auto (continue from out_dir's latest checkpoints)")
     _need(bool(cfg.init) or cfg.stage not in ("head", "ct", "ct_pipeline"),
