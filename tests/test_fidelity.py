@@ -477,6 +477,18 @@ def test_string_keys_take_yaml_boolean_words_and_fused_optimizer_is_checked():
         load_config(["preset=tiny", "fused_optimizer=fast"])
 
 
+@pytest.mark.parametrize("key", ["data.antialias", "nnclr.loss_autocast"])
+def test_new_boolean_keys_are_checked(key):
+    """The keys these fidelity flags add parse as strictly as every boolean key: true/false, else a ConfigError
+    naming the key and the value."""
+    from maect.config import ConfigError
+    from maect.validation import load_config
+    section, leaf = key.split(".")
+    assert getattr(getattr(load_config(["preset=tiny", "precision=bf16", f"{key}=true"]), section), leaf) is True
+    with pytest.raises(ConfigError, match=f"config key '{key}': expected true/false, got 'maybe'"):
+        load_config(["preset=tiny", f"{key}=maybe"])
+
+
 def test_every_flag_in_the_fidelity_table_exists():
     """Every flag docs/fidelity.md names is accepted where it says: config keys by load_config (the tiny preset, plus
     precision=bf16 where the flag needs it), maect.eval flags by its parser, environment variables and API

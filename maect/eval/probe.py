@@ -129,8 +129,8 @@ def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
     features of freshly augmented images of the training rows `rows` (indices into train_f) for that epoch, n'
     the same every epoch (the published probe's augmentation; maect.eval --probe-aug). The validation and test
     features stay the unaugmented ones.
-    Returns {'lr', 'base_lr', 'val_acc', 'test_acc', 'val_acc_per_base_lr', 'epochs', 'n_train', 'n_val'}
-    (accuracies in %). Raises NonFiniteFeatures (a ValueError) for NaN/inf feature rows, ValueError for
+    Returns {'lr', 'base_lr', 'val_acc', 'test_acc', 'val_acc_per_base_lr', 'epochs', 'n_train', 'n_val',
+    'augmented'} (accuracies in %). Raises NonFiniteFeatures (a ValueError) for NaN/inf feature rows, ValueError for
     epochs < 1 or batch_size < 2 (the BatchNorm needs two samples per batch).
     """
     check_finite("linear_probe", train=train_f, test=test_f)
