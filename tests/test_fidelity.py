@@ -56,12 +56,14 @@ def test_crop_resize_matches_pil_bicubic(factor):
     box = torch.tensor([[top, left, n, n]], dtype=torch.float64)
     A_sum = _abs_weight_sum(n, S)
     bound = (0.5 * A_sum + 0.5 + 1e-3) / 255
-    new = (A.resample_boxes(x, box, S)[0].permute(1, 2, 0).double() - pil).abs()
+    new = (A.resample_boxes(x, box, S)[0].permute(1, 2, 0).double() - pil).abs()           # one image
+    batch = (A.resample_boxes(x.expand(2, -1, -1, -1), box.expand(2, -1), S)[1].permute(1, 2, 0).double() - pil).abs()
     old = (A.resample_boxes(x, box, S, antialias=False)[0].permute(1, 2, 0).double() - pil).abs()
-    print(f"{n}->{S} ({n / S:.3f}x): mean |torch - PIL| antialiased {new.mean():.4f} (max {new.max():.4f}), "
-          f"unfiltered {old.mean():.4f} (max {old.max():.4f}); bound {bound:.4f} (sum |w| = {A_sum:.3f})")
+    print(f"{n}->{S} ({n / S:.3f}x): mean |torch - PIL| antialiased {new.mean():.4f} (max {new.max():.4f}; batched "
+          f"path {batch.mean():.4f}), unfiltered {old.mean():.4f} (max {old.max():.4f}); bound {bound:.4f} "
+          f"(sum |w| = {A_sum:.3f})")
     assert A_sum <= 1.25
-    assert new.max() <= bound and new.mean() <= bound
+    assert new.max() <= bound and new.mean() <= bound and batch.max() <= bound
     assert old.mean() > 5 * bound
 
 
@@ -73,6 +75,27 @@ def test_crop_resize_flip_and_box_edges():
     y = A.resample_boxes(x.contiguous(), box, 16, flip=torch.tensor([False, True]))
     assert torch.equal(y[0], x[0, :, 3:19, 5:21])
     assert torch.equal(y[1], x[1, :, 0:16, 24:40].flip(-1))
+
+
+@pytest.mark.parametrize("out_size", [16, 48])
+def test_batched_antialiased_resize_equals_interpolate_per_image(out_size):
+    """The batched path (aa_weights as two matrix products) against F.interpolate(antialias=True) on each box cut
+    out (the one-image path): 40 random RandomResizedCrop boxes of a 40 x 56 image, scale (0.08, 1), half flipped,
+    resized down (16) and up (48). Tolerance: torch computes the kernel positions (j - centre + 0.5) / max(s, 1) in
+    fp32, so with coordinates up to 56 each carries up to 56 x 2^-24 = 3.3e-6 of error; the kernel's slope is at
+    most 1.39, so each weight moves by <= 4.6e-6 and a pass's <= 4 max(s, 1) taps (15 here, but each tap's error
+    shrinks by 1 / max(s, 1)) by <= 4 x 4.6e-6 = 1.9e-5 per output of pixels in [0, 1]; two passes (the first's
+    error carried through sum |w| <= 1.25): <= 1.9e-5 x 2.25 = 4.2e-5; fp32 sums add under 1e-6. 5e-5 given."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 3, 40, 56, generator=g)
+    d = A.Draw(torch.Generator().manual_seed(1), 40)
+    boxes = A.rrc_boxes(d, 40, 56, scale=(0.08, 1.0))
+    flip = d.rand() < 0.5
+    got = A.resample_boxes(x, boxes, out_size, flip)
+    want = torch.cat([A.resample_boxes(x[i:i + 1], boxes[i:i + 1], out_size, flip[i:i + 1]) for i in range(40)])
+    err = (got - want).abs().max().item()
+    print(f"out {out_size}: max |batched - per image| = {err:.2e}")
+    assert err <= 5e-5 and flip.any() and not flip.all()
 
 
 def _noise_arrays(n=32, side=64, seed=0) -> ArrayData:
