@@ -245,8 +245,8 @@ def _lrs(out_dir, stage) -> list[float]:
 def test_trainer_stages_follow_the_published_warmup(tmp_path):
     """The trainer's logged lr (param group 0, log_every=1) at each step is base lr x lr_factor with the
     published warmup. MAE: 6 steps of 64 on 60000 images (937 per epoch), warmup_epochs 0.0032 = 2.998 steps ->
-    W = 2 (round: 3), so steps 0-2 train at 1/3, 2/3, 1 of the base lr. Head: 8 steps, warmup_frac 0.2 -> W = 1
-    (round(1.6): 2), so step 0 at 1/2, step 1 at 1."""
+    W = 2 (round: 3), so steps 0-2 train at 1/3, 2/3, 1 of the base lr. Head and CT: 8 steps, warmup_frac 0.2 ->
+    W = 1 (round(1.6): 2), so step 0 at 1/2, step 1 at 1."""
     from maect import train
     from maect.validation import load_config
     from test_nnclr import TINY
@@ -266,6 +266,11 @@ def test_trainer_stages_follow_the_published_warmup(tmp_path):
     assert len(lrs) == 8
     assert lrs == pytest.approx([base * lr_factor(s, 8, 1) for s in range(8)], rel=1e-6)
     assert lrs[:2] == pytest.approx([base / 2, base], rel=1e-6)
+    cfg = load_config(common + ["stage=ct", "ct.epochs=0.008538", f"init={tmp_path}/head/checkpoint-final.pth"])
+    train.run(cfg)
+    base = cfg.ct.head_blr * 2 * cfg.ct.batch_size / 256      # param group 0: the head's (stage 3 builds it first)
+    lrs = _lrs(tmp_path, "ct")
+    assert lrs == pytest.approx([base * lr_factor(s, 8, 1) for s in range(8)], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- eval resize
