@@ -5,8 +5,12 @@ the CPU for the whole global batch from one generator and each rank keeps its ow
 reproducible whatever the device, and N ranks see exactly the augmentations one process would.
 
 random_resized_crop: torchvision's sampling rule (10 tries of area-scale ~ U(scale), log-ratio ~ U(log ratio),
-    accept if the box fits; else a centre crop clamped to the ratio range), applied as one affine resample
-    (grid_sample, bicubic, align_corners=False) with the horizontal flip folded into the same affine.
+    accept if the box fits; else a centre crop clamped to the ratio range). The box has whole-pixel edges; by default
+    (antialias=True, config data.antialias) it is cut out and resized by F.interpolate(bicubic, antialias=True), the
+    resampling PIL's Image.resize(BICUBIC) does (kernel a=-0.5, support widened by the downscale factor), which the
+    published code runs through torchvision's RandomResizedCrop on PIL images; the flip follows. antialias=False: the
+    former path, one affine resample (grid_sample, bicubic a=-0.75, align_corners=False, no low-pass filter) with
+    the flip folded into the affine; it aliases when the crop is downscaled.
 MAE-CTaug ops (SPEC): colour jitter (brightness, contrast, saturation, hue, in a random order per sample),
     grayscale, Gaussian blur (sigma ~ U(0.1, 2.0); kernel size is open in SPEC: we use the odd size nearest
     10% of the image side, at least 3, as BYOL's 23 px at 224), solarize (threshold 0.5 = 128/255).
@@ -65,8 +69,54 @@ def rrc_boxes(d: Draw, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4,
     return torch.stack([top, left, hh, ww], dim=1)
 
 
-def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None = None, mode: str = "bicubic") -> Tensor:
-    """Crop boxes [N, 4] (top, left, h, w) of x [N, C, H, W] resized to out_size², optionally flipped."""
+def _cubic_aa(t: Tensor) -> Tensor:
+    """The bicubic kernel of antialiased resampling (PIL's and torch's antialias=True): a = -0.5, support 2."""
+    a, t = -0.5, t.abs()
+    inner = ((a + 2) * t - (a + 3)) * t * t + 1
+    outer = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t <= 1, inner, outer * (t < 2))
+
+
+def aa_weights(start: Tensor, length: Tensor, size_in: int, out_size: int) -> Tensor:
+    """Resampling weights float32 [N, out_size, size_in] of antialiased bicubic along one axis: output pixel i of
+    sample n reads the crop [start[n], start[n] + length[n]) (whole pixels) of an axis of size_in pixels, as
+    F.interpolate(bicubic, antialias=True) and PIL do it: scale s = length / out_size, centre s (i + 0.5) in crop
+    coordinates, kernel _cubic_aa((j - centre + 0.5) / max(s, 1)) over the crop's pixels j, weights normalised to
+    sum 1 (the kernel's support is 2 max(s, 1) pixels, so pixels outside it get 0, as in the reference's window).
+    fp32 positions, as torch's."""
+    start, length = start.to(torch.float32), length.to(torch.float32)
+    scale = length / out_size                                                             # [N]
+    centre = scale[:, None] * (torch.arange(out_size, dtype=torch.float32) + 0.5)         # [N, S]
+    j = torch.arange(size_in, dtype=torch.float32)[None, None, :] - start[:, None, None]  # [N, 1, size_in]
+    w = _cubic_aa((j + 0.5 - centre[..., None]) / scale.clamp(min=1)[:, None, None])
+    w = w * ((j >= 0) & (j < length[:, None, None]))
+    return w / w.sum(-1, keepdim=True)
+
+
+def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None = None, mode: str = "bicubic",
+                   antialias: bool = True) -> Tensor:
+    """Crop boxes [N, 4] (top, left, h, w; whole pixels) of x [N, C, H, W] float resized to out_size², optionally
+    flipped (flip: bool [N]); clamped to [0, 1]. antialias=True (bicubic): PIL's resampling. One image: the box cut
+    out and resized by F.interpolate(bicubic, antialias=True) (its cost follows the kernel's support); a batch: the
+    same weights (aa_weights) applied as two batched matrix products, one call for the whole batch on any device
+    (tests/test_fidelity.py checks both against each other and against PIL). antialias=False: one batched
+    grid_sample without antialiasing (mode bicubic a = -0.75, or bilinear; the former path)."""
+    if antialias and mode != "bicubic":
+        raise ValueError(f"resample_boxes: antialias=True resamples bicubic (PIL's), got mode={mode!r}")
+    if antialias and x.shape[0] == 1:
+        top, left, h, w = boxes[0].round().long().tolist()
+        out = F.interpolate(x[:, :, top:top + h, left:left + w], size=(out_size, out_size), mode="bicubic",
+                            align_corners=False, antialias=True)
+        if flip is not None:
+            out = torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
+        return out.clamp_(0, 1)
+    if antialias:
+        b = boxes.round()
+        wy = h2d(aa_weights(b[:, 0], b[:, 2], x.shape[2], out_size).to(x.dtype), x.device)   # [N, S, H]
+        wx = h2d(aa_weights(b[:, 1], b[:, 3], x.shape[3], out_size).to(x.dtype), x.device)   # [N, S, W]
+        if flip is not None:                                                                  # output columns reversed
+            wx = torch.where(flip.to(x.device).view(-1, 1, 1), wx.flip(1), wx)
+        return torch.einsum("nsh,nchw,ntw->ncst", wy, x, wx).clamp_(0, 1)
     N, _, H, W = x.shape
     top, left, h, w = (boxes[:, i].to(torch.float32) for i in range(4))
     # normalised coordinates (align_corners=False): pixel edge 0 -> -1, edge W -> +1
@@ -82,17 +132,22 @@ def resample_boxes(x: Tensor, boxes: Tensor, out_size: int, flip: Tensor | None 
     return out.clamp_(0, 1)
 
 
-def random_resized_crop_flip(x: Tensor, out_size: int, scale, d: Draw, flip_p: float = 0.5) -> Tensor:
+def random_resized_crop_flip(x: Tensor, out_size: int, scale, d: Draw, flip_p: float = 0.5,
+                             antialias: bool = True) -> Tensor:
+    """x [n, C, H, W] float in [0, 1] -> [n, C, out_size, out_size]: a RandomResizedCrop box (rrc_boxes) per sample,
+    bicubic resize (antialiased unless antialias=False), horizontal flip with probability flip_p."""
     boxes = rrc_boxes(d, x.shape[2], x.shape[3], scale=scale)
     flip = d.rand() < flip_p
-    return resample_boxes(x, boxes, out_size, h2d(flip, x.device))
+    return resample_boxes(x, boxes, out_size, h2d(flip, x.device), antialias=antialias)
 
 
-def resize(x: Tensor, out_size: int) -> Tensor:
-    """Deterministic eval transform for small images: the whole image resized to out_size (bicubic)."""
+def resize(x: Tensor, out_size: int, antialias: bool = True) -> Tensor:
+    """Deterministic eval transform for small images: the whole image x [n, C, H, W] resized to out_size² (bicubic;
+    antialiased as PIL's unless antialias=False)."""
     if x.shape[-1] == out_size and x.shape[-2] == out_size:
         return x
-    return F.interpolate(x, size=(out_size, out_size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    return F.interpolate(x, size=(out_size, out_size), mode="bicubic", align_corners=False,
+                         antialias=antialias).clamp_(0, 1)
 
 
 # ------------------------------------------------------------------------------------------ colour ops

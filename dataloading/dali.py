@@ -38,8 +38,8 @@ at 128 p=0.2 (view 1). Differences from the twin, all small: the jitter ops run 
 the image's mean luma, brightness, then saturation and hue) instead of torchvision's random order; hue rotates in
 YIQ space (fn.hsv) rather than shifting HSV hue; grayscale is fn.hsv's saturation 0 (Y = 0.299 R + 0.587 G +
 0.114 B, torchvision's weights); values are clamped after brightness/contrast and after hsv. The crop resize is
-DALI's antialiased bicubic (like PIL's, which torchvision's RandomResizedCrop uses); the twin's grid_sample is not
-antialiased.
+DALI's antialiased bicubic (like PIL's, which torchvision's RandomResizedCrop uses), as the twin's by default;
+data.antialias=false turns antialiasing off in both.
 
 Bad files: the loader runs data.validate(dali=True) first (shared.bad_file_mask), so a zero-byte, truncated or
 non-image file, a rejected mode or an empty class folder is reported by name (or skipped with skip_corrupt) before
@@ -93,7 +93,7 @@ def why_not(data, device) -> str | None:
 
 def build_pipeline(files: list[str], ids: list[int], *, batch_size: int, shard_id: int, num_shards: int, seed: int,
                    img_size: int, crop_scale, num_views: int, ctaug: bool, mean, std, device_id: int | None,
-                   num_threads: int, hw_decoder_load: float = 0.65):
+                   num_threads: int, hw_decoder_load: float = 0.65, antialias: bool = True):
     """A built DALI pipeline: outputs view_0 .. view_{num_views-1} (float CHW, normalised) and the sample ids
     (int32 [1] per sample). files/ids: the whole list; this pipeline reads contiguous shard shard_id of num_shards.
     device_id None: CPU operators only."""
@@ -111,7 +111,8 @@ def build_pipeline(files: list[str], ids: list[int], *, batch_size: int, shard_i
         views = []
         for v in range(num_views):
             y = fn.random_resized_crop(img, size=[S, S], random_area=list(crop_scale),
-                                       random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_CUBIC)
+                                       random_aspect_ratio=[3 / 4, 4 / 3], interp_type=types.INTERP_CUBIC,
+                                       antialias=antialias)
             if ctaug:
                 y = _ctaug(y, v, S)
             views.append(fn.crop_mirror_normalize(
@@ -193,7 +194,7 @@ class DaliLoader:
     def __init__(self, data: ImageFiles, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0,
                  world: int = 1, seed: int = 0, num_views: int = 1, crop_scale=(0.2, 1.0), ctaug: bool = False,
                  device: str | torch.device = "cpu", num_threads: int = 0, skip_corrupt: bool = False,
-                 hw_decoder_load: float = 0.65):
+                 hw_decoder_load: float = 0.65, antialias: bool = True):
         reason = why_not(data, "cuda")
         if reason:
             raise DataError(f"DaliLoader: {reason}")
@@ -201,7 +202,7 @@ class DaliLoader:
             raise DataError(f"image folders decode to RGB: model.in_chans must be 3, got {in_chans}")
         self.data, self.img_size, self.n, self.rank, self.world, self.seed = data, img_size, batch_size, rank, world, seed
         self.G, self.num_views, self.crop_scale, self.ctaug = batch_size * world, num_views, tuple(crop_scale), ctaug
-        self.device = torch.device(device)
+        self.device, self.antialias = torch.device(device), antialias
         self.device_id = None
         if self.device.type == "cuda":
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
@@ -234,7 +235,7 @@ class DaliLoader:
                            num_shards=self.world, seed=seed, img_size=self.img_size, crop_scale=self.crop_scale,
                            num_views=self.num_views, ctaug=self.ctaug, mean=self.data.mean, std=self.data.std,
                            device_id=self.device_id, num_threads=self.num_threads,
-                           hw_decoder_load=self.hw_decoder_load)
+                           hw_decoder_load=self.hw_decoder_load, antialias=self.antialias)
         names = [f"view_{v}" for v in range(self.num_views)] + ["idx"]
         return p, DALIGenericIterator(p, names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP,
                                       auto_reset=False)

@@ -31,7 +31,8 @@ log = logging.getLogger("maect.data")
 class TrainLoader:
     def __init__(self, data, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, num_views: int = 1, crop_scale=(0.2, 1.0), ctaug: bool = False,
-                 device: str | torch.device = "cpu", num_workers: int = 0, skip_corrupt: bool = False):
+                 device: str | torch.device = "cpu", num_workers: int = 0, skip_corrupt: bool = False,
+                 antialias: bool = True):
         G = batch_size * world
         self.skip_corrupt, self.skipped = skip_corrupt, {}           # skipped: {path: reason}
         self._drop = None if isinstance(data, ArrayData) else bad_file_mask(data, skip_corrupt, self.skipped)
@@ -43,6 +44,7 @@ class TrainLoader:
         self.data, self.img_size, self.in_chans, self.n_valid = data, img_size, in_chans, n_valid
         self.n, self.rank, self.world, self.G, self.seed = batch_size, rank, world, G, seed
         self.num_views, self.crop_scale, self.ctaug = num_views, tuple(crop_scale), ctaug
+        self.antialias = antialias                   # the crop resize (augment.resample_boxes; data.antialias)
         self.device, self.num_workers = torch.device(device), num_workers
         self.epoch, self.start_step = 0, 0
         self.backend = "cpu-batched" if isinstance(data, ArrayData) else "cpu-pil"
@@ -65,7 +67,7 @@ class TrainLoader:
         views = []
         for v in range(self.num_views):
             d = A.Draw(g, self.G, sel)
-            y = A.random_resized_crop_flip(x, self.img_size, self.crop_scale, d)
+            y = A.random_resized_crop_flip(x, self.img_size, self.crop_scale, d, antialias=self.antialias)
             if self.ctaug:
                 y = A.ctaug_view(y, v, d)
             views.append(A.normalize(y, self.data.mean * (self.in_chans // len(self.data.mean)),
@@ -105,7 +107,8 @@ class TrainLoader:
             img = images[i].float().div_(255).unsqueeze(0)
             for v in range(self.num_views):
                 gi = torch.Generator().manual_seed(((self.seed * 1000003 + self.epoch) * 10000019 + i) * 8 + v)
-                per_view[v].append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1)))
+                per_view[v].append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1),
+                                                              antialias=self.antialias))
         g = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) * 1000003 + step)
         views = []
         for v in range(self.num_views):
@@ -117,22 +120,24 @@ class TrainLoader:
 
 
 def eval_batches(data, *, img_size: int, in_chans: int, batch_size: int = 512, device="cpu", limit: int | None = None,
-                 skip_corrupt: bool = False):
+                 skip_corrupt: bool = False, antialias: bool = True):
     """Deterministic eval images: arrays resized whole to img_size; image files resized (shorter side
-    img_size/0.875, bicubic) and centre-cropped (the 256/224 protocol). An iterator of (x [n, C, S, S], label [n]).
+    round(img_size/0.875), the longer one floored as torchvision's Resize does; bicubic) and centre-cropped (the
+    published 256/224 protocol). antialias (data.antialias): the resize antialiased as PIL's bicubic (the published
+    torchvision-on-PIL transform), or the former unfiltered bicubic. An iterator of (x [n, C, S, S], label [n]).
     Image files pass the training loader's checks first (shared.bad_file_mask): bad files and empty class folders
     raise naming them before any image is encoded, or with skip_corrupt are left out and logged; a file that passes
     the check but fails to decode raises naming it, or with skip_corrupt is left out of its batch. limit: the
     first `limit` usable samples."""
     if isinstance(data, ArrayData):
-        return _array_batches(data, img_size, in_chans, batch_size, device, limit)
+        return _array_batches(data, img_size, in_chans, batch_size, device, limit, antialias)
     if in_chans != 3:
         raise DataError(f"image files decode to RGB: model.in_chans must be 3, got {in_chans}")
     ids = torch.nonzero(~bad_file_mask(data, skip_corrupt, {})).flatten()[:limit]   # raises here, before encoding
-    return _file_batches(data, ids, img_size, batch_size, device, skip_corrupt)
+    return _file_batches(data, ids, img_size, batch_size, device, skip_corrupt, antialias)
 
 
-def _array_batches(data, img_size, in_chans, batch_size, device, limit):
+def _array_batches(data, img_size, in_chans, batch_size, device, limit, antialias):
     n = len(data) if limit is None else min(limit, len(data))
     mean, std = data.mean * (in_chans // len(data.mean)), data.std * (in_chans // len(data.std))
     for s in range(0, n, batch_size):
@@ -140,15 +145,15 @@ def _array_batches(data, img_size, in_chans, batch_size, device, limit):
         x = data.images[s:e].to(device).float().div_(255)
         if x.shape[1] == 1 and in_chans == 3:
             x = x.expand(-1, 3, -1, -1)
-        yield A.normalize(A.resize(x, img_size), mean, std), data.labels[s:e].to(device)
+        yield A.normalize(A.resize(x, img_size, antialias), mean, std), data.labels[s:e].to(device)
 
 
-def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt):
+def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt, antialias):
     for chunk in ids.split(batch_size):
         imgs, keep = [], []
         for i in chunk.tolist():
             try:
-                imgs.append(_center_crop(data.load(i).float().div_(255), img_size))
+                imgs.append(_center_crop(data.load(i).float().div_(255), img_size, antialias))
             except ValueError as exc:                          # load() names the file (images.BadImage)
                 if not skip_corrupt:
                     raise
@@ -159,13 +164,16 @@ def _file_batches(data, ids, img_size, batch_size, device, skip_corrupt):
             yield A.normalize(torch.cat(imgs).to(device), data.mean, data.std), data.labels[keep].to(device)
 
 
-def _center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+def _center_crop(img: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """img [C, H, W] in [0, 1] -> [1, C, size, size]: torchvision's Resize(round(size / 0.875)) (shorter side to
+    that, the longer one int(short x long / shorter), bicubic) then CenterCrop(size) (offsets int(round(d / 2)))."""
     import torch.nn.functional as F
     short = int(round(size / 0.875))
     C, H, W = img.shape
-    h, w = (short, max(short, round(W * short / H))) if H <= W else (max(short, round(H * short / W)), short)
-    img = F.interpolate(img.unsqueeze(0), size=(h, w), mode="bicubic", align_corners=False).clamp_(0, 1)
-    top, left = (h - size) // 2, (w - size) // 2
+    h, w = (short, max(short, int(short * W / H))) if H <= W else (max(short, int(short * H / W)), short)
+    img = F.interpolate(img.unsqueeze(0), size=(h, w), mode="bicubic", align_corners=False,
+                        antialias=antialias).clamp_(0, 1)
+    top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
     return img[:, :, top:top + size, left:left + size]
 
 
@@ -178,11 +186,14 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     (contract.first_batch_breach: shapes, dtypes, device, sample ids, labels, value range, normalisation); when it
     does not, 'auto' falls back to the CPU twin with one warning saying why, and 'dali' raises DataError with it.
     Optional config keys (read with defaults until config.py has them): data.skip_corrupt (bool, False),
-    data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one)."""
+    data.dali_hw_decoder_load (float, 0.65: the share of JPEGs for the hardware decoder where the GPU has one),
+    data.antialias (bool, True: the crop resize antialiased as PIL's bicubic; False: the former unfiltered resample,
+    in every backend)."""
     if isinstance(data, shards.ShardData):     # WebDataset shards: the streaming loader (shard_loader.py)
         return shard_loader.build_shard_loader(data, cfg_data, img_size=img_size, in_chans=in_chans,
                                                batch_size=batch_size, rank=rank, world=world, seed=seed,
-                                               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device)
+                                               num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device,
+                                               antialias=bool(getattr(cfg_data, "antialias", True)))
     if not isinstance(data, (ArrayData, ImageFiles)):
         raise TypeError(f"unsupported dataset type {type(data).__name__}")
     choice = cfg_data.loader
@@ -194,7 +205,8 @@ def build_loader(data, cfg_data, *, img_size: int, in_chans: int, batch_size: in
     if choice == "dali" and why_not and not why_not.startswith("device"):
         raise DataError(f"data.loader=dali: {why_not}")
     kw = dict(img_size=img_size, in_chans=in_chans, batch_size=batch_size, rank=rank, world=world, seed=seed,
-              num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt)
+              num_views=num_views, crop_scale=crop_scale, ctaug=ctaug, device=device, skip_corrupt=skip_corrupt,
+              antialias=bool(getattr(cfg_data, "antialias", True)))
     if choice == "dali" or (choice == "auto" and why_not is None):
         loader, failed = _checked_dali(data, cfg_data, kw)
         if loader is not None:

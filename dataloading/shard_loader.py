@@ -100,7 +100,8 @@ class ShardLoader:
 
     def __init__(self, data: ShardData, *, img_size: int, in_chans: int, batch_size: int, rank: int = 0,
                  world: int = 1, seed: int = 0, num_views: int = 1, crop_scale=(0.2, 1.0), ctaug: bool = False,
-                 device="cpu", num_workers: int = 0, skip_corrupt: bool = False, shuffle_buffer: int = 1000):
+                 device="cpu", num_workers: int = 0, skip_corrupt: bool = False, shuffle_buffer: int = 1000,
+                 antialias: bool = True):
         G = batch_size * world
         if shuffle_buffer < 1:
             raise DataError(f"data.shuffle_buffer must be >= 1, got {shuffle_buffer}")
@@ -115,6 +116,7 @@ class ShardLoader:
         self.data, self.img_size, self.in_chans, self.n_valid = data, img_size, in_chans, n_valid
         self.n, self.rank, self.world, self.G, self.seed = batch_size, rank, world, G, seed
         self.num_views, self.crop_scale, self.ctaug = num_views, tuple(crop_scale), ctaug
+        self.antialias = antialias                   # the crop resize (augment.resample_boxes; data.antialias)
         self.device, self.num_workers, self.buffer = torch.device(device), num_workers, shuffle_buffer
         self.epoch, self.start_step = 0, 0
         self.backend = "cpu-wds"
@@ -153,7 +155,8 @@ class ShardLoader:
         out = []
         for v in range(self.num_views):
             gi = torch.Generator().manual_seed(((self.seed * 1000003 + self.epoch) * 10000019 + i) * 8 + v)
-            out.append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1)))
+            out.append(A.random_resized_crop_flip(img, self.img_size, self.crop_scale, A.Draw(gi, 1),
+                                                  antialias=self.antialias))
         return out
 
     def __iter__(self):

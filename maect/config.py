@@ -48,6 +48,8 @@ class DataCfg:
     skip_corrupt: bool = False       # bad image files: False -> stop naming them; True -> skip and log a count
     dali_hw_decoder_load: float = 0.65  # share of JPEG decoding on the hardware decoder (A100/H100 nvJPEG)
     shuffle_buffer: int = 1000       # wds: samples in each loader worker's shuffle buffer
+    antialias: bool = True           # crop resize: antialiased bicubic as PIL's (published); False: the former
+                                     # unfiltered grid_sample bicubic (aliases when a crop is downscaled)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class NNCLRCfg:                      # head and queue, shared by stages 2 and 3
     pred_hidden: int = 4096
     queue_size: int = 65536
     queue_dtype: str = "auto"        # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16: storage of the queue's features
+    loss_autocast: bool = False      # the NNCLR logits under the run's bf16 autocast (published); False: fp32 logits
 
 
 @dataclass

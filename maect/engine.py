@@ -29,9 +29,14 @@ from maect.steplog import Tracker
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run autocasts to bf16: precision=bf16, or auto on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(precision: str, device: torch.device):
-    """bf16 autocast for precision=bf16, or auto on CUDA; else a no-op context."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    """bf16 autocast for precision=bf16, or auto on CUDA (uses_bf16); else a no-op context."""
+    bf16 = uses_bf16(precision, device)
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
@@ -165,11 +170,12 @@ class NNCLRNet(nn.Module):
 
 
 def nnclr_step(ddp: nn.Module, queue, x0, x1, idx, label, gen, *, topk: int, tau: float, amp, labelled: bool,
-               poison: bool = False):
+               poison: bool = False, loss_autocast: bool = False):
     """Forward of both views, one queue lookup for both (the queue is read once; the same picks as two calls: one
     CPU stream of gen), NNCLR loss (maect.losses.nnclr_loss), backward. idx, label: [B] sample ids / labels.
     Returns (detached loss, z0 [B, d] fp32 normalised: what the queue stores, nn_acc: a device scalar, the share of
-    view 0's picked neighbours with the query's label, the published metric; None when not labelled)."""
+    view 0's picked neighbours with the query's label, the published metric; None when not labelled).
+    loss_autocast (nnclr.loss_autocast): the logits under amp too (bf16 where amp is; the published code), else fp32."""
     with amp:
         p0, p1, z0, z1 = ddp(x0, x1)
     z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
@@ -178,7 +184,7 @@ def nnclr_step(ddp: nn.Module, queue, x0, x1, idx, label, gen, *, topk: int, tau
     nn0, nn1, i0 = nn_[:n], nn_[n:], i[:n]
     # index -1: no admissible neighbour, never a match
     nn_acc = ((queue.labels[i0.clamp(min=0)] == label) & (i0 >= 0)).float().mean() if labelled else None
-    loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, tau)
+    loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, tau, amp=amp if loss_autocast else None)
     if poison:
         loss = loss * float("nan")
     loss.backward()
@@ -210,7 +216,8 @@ def nnclr_one_epoch(ddp, head, queue, opt, loader, t: Tracker, *, lrs: dict, s, 
         mark_step(cfg.model.compile_mode if cfg.model.compile else None)
         gen = step_generator(cfg.seed, t.stage, t.step)
         loss, z0, nn_acc = nnclr_step(ddp, queue, *b["views"], b["idx"], b["label"], gen, topk=s.topk, tau=s.tau,
-                                      amp=amp, labelled=t.nn_acc, poison=fault("nan", t.stage, t.step, di.rank))
+                                      amp=amp, labelled=t.nn_acc, poison=fault("nan", t.stage, t.step, di.rank),
+                                      loss_autocast=cfg.nnclr.loss_autocast)
         fault("crash", t.stage, t.step, di.rank)
         set_lr(opt, lrs, lr_factor(t.step, t.total, t.warm))
         gnorm, bad, ran = optimizer_step(opt, t.params, t.on_device)

@@ -67,10 +67,23 @@ def can_skip_on_device(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, torch.optim.Adam) and bool(opt.defaults.get("fused"))
 
 
+def warmup_steps(steps: float) -> int:
+    """The warmup length in optimizer steps, floored as the published code does (its Checkpoint.scale(floor=True)
+    for a share of training, whole epochs x updates per epoch for stage 1): steps = warmup_frac x total, or
+    warmup_epochs x steps per epoch. int [0, ...); ValueError for a negative or non-finite value."""
+    if not (math.isfinite(steps) and steps >= 0):
+        raise ValueError(f"warmup of {steps} steps: must be a finite number >= 0")
+    return int(steps)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup from 0, then cosine to 0, per step."""
-    if warmup > 0 and step < warmup:
-        return step / warmup
+    """The published MAE-CT schedule factor at optimizer step `step` (0-based) of `total`, warmup W = `warmup`
+    steps (warmup_steps): linear warmup (step + 1) / (W + 1) for step < W (the first step trains at 1 / (W + 1),
+    never at 0; the published LinearIncreasing with exclude_first and exclude_last), then a half cosine
+    (1 + cos(pi (step - W) / (total - W))) / 2 from 1 at step W towards 0 (CosineDecreasing with exclude_last:
+    the last step's factor is small but not 0). Used by stages 1-3."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if total <= warmup:
         return 1.0
     t = (step - warmup) / (total - warmup)

@@ -31,13 +31,13 @@ from maect.atomic import write_json
 from maect.checkpoint import (Checkpoints, check_resume_config, check_resume_run, code_version, set_rng_state,
                               unreadable)
 from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epoch, nnclr_one_epoch,  # noqa: F401
-                          optimizer_step, running_stats, step_generator)
+                          optimizer_step, running_stats, step_generator, uses_bf16)
 from maect.eval.features import NonFiniteFeatures
 from maect.eval.monitor import KNNMonitor, projected
 from maect.eval.summary import format_summary, summarize
 from maect.models import attention as attn
 from maect.models.vit import num_params
-from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups
+from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups, warmup_steps
 from maect.steplog import Meter, Tracker  # noqa: F401  (Meter: re-exported for callers of maect.train)
 from maect.stage_init import check_encoder, load_for_nnclr, load_head, shape_mismatch
 from maect.validation import load_config, validate_data
@@ -147,7 +147,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
         raise DataError(f"mae.accum_steps={s.accum_steps}: an epoch has {len(loader)} micro-batches of {micro} x "
                         f"{di.world} ranks (after skipped files), fewer than one accumulation window")
     total = cfg.smoke or max(1, round(s.epochs * spe))   # smoke=N: N steps (config.apply_smoke)
-    warm = round(s.warmup_epochs * spe)
+    warm = warmup_steps(s.warmup_epochs * spe)        # published: whole warmup epochs x updates per epoch
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, "
              f"optimizer {opt_name}, "
@@ -235,7 +235,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
         if "nn_epoch" in resume:
             nn_sum.copy_(resume["nn_epoch"])
     total = cfg.smoke or max(1, round(s.epochs * len(loader)))   # smoke=N: N steps (config.apply_smoke)
-    warm = round(s.warmup_frac * total)
+    warm = warmup_steps(s.warmup_frac * total)        # published: floor(0.2 total)
     n_enc = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
     log.info(f"[{stage}] trainable: head {num_params(head, True) / 1e6:.2f}M, encoder {n_enc / 1e6:.2f}M "
              f"(blocks {t}..{depth - 1} + norm)" if ct else f"[{stage}] encoder frozen; head {num_params(head, True) / 1e6:.2f}M")
@@ -243,6 +243,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"top-k {s.topk}, queue {queue.size}, {total} steps, "
              f"views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
              f"optimizer {opt_name}, loader {loader.backend}, queue {queue.features.dtype}, "
+             f"logits {'bf16' if cfg.nnclr.loss_autocast and uses_bf16(cfg.precision, di.device) else 'fp32'}, "
              f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
     head.train()
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)

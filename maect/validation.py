@@ -177,6 +177,9 @@ def _check_nnclr_stage(cfg: Config, name: str) -> None:
     for k in ("proj_hidden", "proj_dim", "pred_hidden", "queue_size"):
         _need(getattr(n, k) >= 1, f"nnclr.{k}={getattr(n, k)} must be >= 1")
     _need(n.queue_dtype in ("auto", "fp32", "bf16"), f"nnclr.queue_dtype={n.queue_dtype!r}: choose auto, fp32 or bf16")
+    _need(not n.loss_autocast or cfg.precision != "fp32",
+          "nnclr.loss_autocast=true computes the NNCLR logits under the run's bf16 autocast, but precision=fp32 has "
+          "none: set precision=bf16 (or auto on CUDA), or nnclr.loss_autocast=false")
     _positive(f"{name}.epochs", s.epochs)
     _need(0 <= s.warmup_frac <= 1, f"{name}.warmup_frac={s.warmup_frac} must lie in [0, 1] (a share of the stage)")
     # the head's BatchNorm normalises each view over the global batch (SyncBatchNorm / GlobalBatchNorm1d across

@@ -14,7 +14,7 @@ from PIL import Image
 from maect import hub, train
 from maect.validation import load_config
 from maect.dataloading import build_loader, load_data
-from maect.optim import build_optimizer, lr_factor, param_groups, set_lr
+from maect.optim import build_optimizer, lr_factor, param_groups, set_lr, warmup_steps
 from test_nnclr import TINY, run_train
 
 N_IMAGES, EPOCHS = 44, 2
@@ -45,7 +45,7 @@ def reference(cfg) -> dict:
                           in_chans=cfg.model.in_chans, batch_size=micro, rank=0, world=1, seed=cfg.seed, num_views=s.num_views, ctaug=False,
                           crop_scale=s.crop_scale, device=torch.device("cpu"))
     spe = len(loader) // accum
-    total, warm = round(s.epochs * spe), round(s.warmup_epochs * spe)
+    total, warm = round(s.epochs * spe), warmup_steps(s.warmup_epochs * spe)
     lr = train.mae_lr(s)
     opt, _ = build_optimizer(param_groups(model.named_parameters(), s.weight_decay), lr, fused=cfg.fused_optimizer,
                              device=torch.device("cpu"))

@@ -92,7 +92,7 @@ TINY = ["preset=tiny", "model.embed_dim=32", "model.depth=4", "model.num_heads=4
         "nnclr.pred_hidden=64", "nnclr.queue_size=256", "mae.batch_size=64", "head.batch_size=64", "ct.batch_size=64",
         "mae.epochs=0.0033", "head.epochs=0.0033", "ct.epochs=0.0033", "eval.monitor_train=500", "eval.monitor_test=100",
         "eval.final_train=500", "eval.final_test=100", "log_every=1", "threads=1",
-        "mae.warmup_epochs=0.003"]   # all warmup, as before; the preset's 0.5 epochs exceed this run (a ConfigError)
+        "mae.warmup_epochs=0.003"]   # warmup 2 of the 3 steps; the preset's 0.5 epochs exceed this run (a ConfigError)
 
 
 def run_train(args, nproc=1, env=None, ok=True, torchrun_args=()) -> subprocess.CompletedProcess:

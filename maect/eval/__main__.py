@@ -1,6 +1,7 @@
 """python -m maect.eval --ckpt PATH [--protocols knn,probe,lowshot,cluster] [--data fashion_mnist|imagefolder|folder|
        filelist|wds] [--data-root DIR] [--labels DIR|CSV] [--skip-corrupt] [--pool cls|mean] [--device auto|cpu|cuda]
-       [--out results.json] [--export-features DIR] [--knn-k 20] [--probe-epochs 50] [--train-limit N --test-limit N]
+       [--out results.json] [--export-features DIR] [--knn-k 20] [--probe-epochs 50] [--probe-aug] [--no-antialias]
+       [--train-limit N --test-limit N]
 
 Loads the encoder (maect.hub.load_encoder), extracts train/test features once (or reuses the cache in
 --export-features DIR when its metadata matches), runs the protocols on the features, prints a table and writes
@@ -11,6 +12,9 @@ label (a shard sample without cls) are left out of every protocol, and counted i
 (unlabelled_left_out). Image files pass the training loader's file checks first.
 Feature rows with NaN/inf (an encoder that diverged) stop the run with one line counting them per split, before any
 protocol runs and before anything is cached (maect.eval.features.check_finite).
+--probe-aug trains the linear probe as the published code does, on RandomResizedCrop(S, scale 0.08-1, bicubic) +
+flip of the training images, the encoder running on every epoch's crops (probe_augment); by default it trains on
+the cached centre-crop features.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from maect.eval.cluster import cluster_eval
 from maect.eval.features import NonFiniteFeatures, cache_features, check_finite, extract_features, feature_meta, load_cached
 from maect.eval.knn import knn_accuracy
 from maect.eval.lowshot import lowshot
-from maect.eval.probe import linear_probe
+from maect.eval.probe import PROBE_CROP_SCALE, linear_probe
 
 log = logging.getLogger("maect")
 PROTOCOLS = ("knn", "probe", "lowshot", "cluster")
@@ -47,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "or a CSV of path,label[,split]; wds with a shard pattern: the evaluation shards' pattern "
                    "(default: the checkpoint's data.labels)")
     p.add_argument("--skip-corrupt", action="store_true", help="leave out bad image files (logged) instead of stopping")
+    p.add_argument("--no-antialias", action="store_true",
+                   help="resize images without antialiasing (data.antialias=false; default: antialiased bicubic as "
+                        "PIL's, the published transform)")
     p.add_argument("--pool", default=None, choices=("cls", "mean"), help="default: the checkpoint's model.pool")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--out", default=None, help="results JSON (default: eval_<ckpt name>.json next to the ckpt)")
@@ -64,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--knn-standardize", action="store_true", help="standardise features (train mean/std) first")
     p.add_argument("--probe-epochs", type=int, default=50)
     p.add_argument("--probe-batch", type=int, default=1024)
+    p.add_argument("--probe-aug", action="store_true",
+                   help="train the probe on RandomResizedCrop(scale 0.08-1, bicubic) + flip of the training images, "
+                        "the published probe (the encoder runs every epoch; default: the cached centre-crop features)")
     p.add_argument("--lowshot-max-iter", type=int, default=1000)
     p.add_argument("--lowshot-preprocess", default="row", choices=("row", "row_train_only", "column"),
                    help="row: centre and L2-normalise every row on its own, train and test (MSN's protocol, which the "
@@ -119,7 +129,8 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
         raise SystemExit(f"maect.eval: {exc}") from None
     meta = dict(feature_meta(args.ckpt, pool=pool, split=split, img_size=info["img_size"], in_chans=info["in_chans"],
                              data=data_name, data_root=data_root, limit=limit, use_ema=args.use_ema),
-                labels=labels or "", classes=list(data.classes), unlabelled_left_out=data.unlabelled)
+                labels=labels or "", classes=list(data.classes), unlabelled_left_out=data.unlabelled,
+                resize="bicubic" if args.no_antialias else "bicubic antialiased")   # caches without it: recomputed
     prefix = os.path.join(args.export_features, split) if args.export_features else None
     hit = load_cached(prefix, meta) if prefix else None
     if hit is not None:
@@ -129,7 +140,8 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
     n = len(data) if limit is None else min(limit, len(data))
     try:
         batches = eval_batches(data, img_size=info["img_size"], in_chans=info["in_chans"],
-                               batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt)
+                               batch_size=args.batch_size, device=device, limit=limit, skip_corrupt=args.skip_corrupt,
+                               antialias=not args.no_antialias)
         f, y = extract_features(model, batches, pool=pool, device=device, progress=f"features {split}", total=n,
                                 split=split)  # raises on NaN/inf
     except (DataError, FileNotFoundError) as exc:         # bad files (named), a model that does not take RGB
@@ -137,6 +149,43 @@ def split_features(model, info: dict, args, split: str, data_name: str, data_roo
     if prefix:
         cache_features(prefix, f, y, dict(meta, num_classes=int(data.num_classes)))
     return f, y, int(data.num_classes), "encoder", data.unlabelled
+
+
+def probe_augment(model, info: dict, args, data_name: str, data_root, labels, pool: str, device, n_rows: int):
+    """linear_probe's augment for --probe-aug: (rows, epoch) -> pooled features (float32 [n', D], labels [n']) of
+    the training images behind feature rows `rows`, cropped RandomResizedCrop(S, PROBE_CROP_SCALE, bicubic,
+    antialiased unless --no-antialias) and flipped with p = 0.5, drawn afresh from (--seed, epoch); n' = rows
+    rounded down to whole batches of --batch-size (the training loader drops the last partial batch, as the
+    published probe's does). Feature row i is the i-th usable training sample (eval_batches' order)."""
+    from maect.dataloading import ArrayData, DataError, ImageFiles, TrainLoader, load_eval_data
+    from maect.dataloading.shared import bad_file_mask
+    data = load_eval_data(data_name, data_root, "train", labels)
+    if not isinstance(data, (ArrayData, ImageFiles)):
+        raise SystemExit(f"maect.eval: --probe-aug needs images or image files, not {type(data).__name__} "
+                         f"(--data {data_name})")
+    ids = (torch.arange(len(data)) if isinstance(data, ArrayData)
+           else torch.nonzero(~bad_file_mask(data, args.skip_corrupt, {})).flatten())[:args.train_limit]
+    if len(ids) != n_rows:
+        raise SystemExit(f"maect.eval: --probe-aug: {n_rows} training features but {len(ids)} usable training "
+                         f"images (a file failed to decode after its check; fix or remove it)")
+    loaders = {}
+
+    def features(rows: torch.Tensor, epoch: int):
+        if "L" not in loaders:                 # the same rows every epoch: one loader (its file checks run once)
+            sub = data.subset(ids[rows])
+            try:
+                loaders["L"] = TrainLoader(sub, img_size=info["img_size"], in_chans=info["in_chans"],
+                                           batch_size=min(args.batch_size, len(sub)), seed=args.seed, num_views=1,
+                                           crop_scale=PROBE_CROP_SCALE, device=device, skip_corrupt=args.skip_corrupt,
+                                           antialias=not args.no_antialias)
+            except DataError as exc:
+                raise SystemExit(f"maect.eval: --probe-aug: {exc}") from None
+        L = loaders["L"]
+        L.set_epoch(epoch)
+        return extract_features(model, ((b["views"][0], b["label"]) for b in L), pool=pool, device=device,
+                                progress=f"probe epoch {epoch + 1} augmented features", total=len(L) * L.n,
+                                split="augmented train")
+    return features
 
 
 def run(args) -> dict:
@@ -191,8 +240,10 @@ def run(args) -> dict:
                                standardize=args.knn_standardize)
             P["knn"] = {"T": args.knn_T, "standardize": args.knn_standardize, **{f"k{k}": a for k, a in acc.items()}}
         elif name == "probe":
+            aug = (probe_augment(model, info, args, data_name, data_root, labels, pool, device, tr_f.shape[0])
+                   if args.probe_aug else None)
             P["probe"] = linear_probe(tr_f, tr_y, te_f, te_y, num_classes=C, epochs=args.probe_epochs,
-                                      batch_size=args.probe_batch, seed=args.seed, progress="probe")
+                                      batch_size=args.probe_batch, seed=args.seed, progress="probe", augment=aug)
         elif name == "lowshot":
             shots, short = lowshot_shots(tr_y)
             res["not_run"].update({f"lowshot {s}-shot": why for s, why in short.items()})
@@ -275,7 +326,8 @@ def table(res: dict) -> str:
             rows.append((f"k-NN {k[0]}={k[1:]} (T={P['knn']['T']})", f"{v:.2f}"))
     if "probe" in P:
         p = P["probe"]
-        rows.append((f"linear probe (lr {p['lr']:.3g}, val {p['val_acc']:.1f})", f"{p['test_acc']:.2f}"))
+        aug = ", augmented crops" if p.get("augmented") else ""
+        rows.append((f"linear probe (lr {p['lr']:.3g}, val {p['val_acc']:.1f}{aug})", f"{p['test_acc']:.2f}"))
     for k, v in P.get("lowshot", {}).items():
         rows.append((f"low-shot {k} ({len(v['accs'])} split{'s' * (len(v['accs']) > 1)})",
                      f"{v['mean']:.2f} ± {v['std']:.2f}"))

@@ -42,7 +42,7 @@ class KNNMonitor:
         from maect.eval.features import extract_features
         m = self.cfg.model
         kw = dict(img_size=m.img_size, in_chans=m.in_chans, batch_size=500, device=self.device,
-                  skip_corrupt=self.cfg.data.skip_corrupt)
+                  skip_corrupt=self.cfg.data.skip_corrupt, antialias=self.cfg.data.antialias)
         self.error, out = None, []
         try:
             for split, data in (("train", self.train), ("test", self.test)):
