@@ -337,7 +337,8 @@ def test_data_antialias_reaches_the_monitor_and_the_eval_cli(monkeypatch, tmp_pa
     assert seen[-1] is False and E.parse_args(["--ckpt", "x.pth"]).no_antialias is False
     classes = [str(c) for c in range(10)]
     meta = dict(feature_meta(None, pool="mean", split="test", img_size=28, in_chans=1, data="fashion_mnist",
-                             data_root=None, limit=None), labels="", classes=classes, num_classes=10)
+                             data_root=None, limit=None), labels="", classes=classes, num_classes=10,
+                unlabelled_left_out=0)
     f, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)
     cache_features(str(tmp_path / "test"), f, y, meta)                    # written before the resize was recorded
     with pytest.raises(Stop):
