@@ -30,9 +30,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def find_browser() -> tuple[str | None, str | None]:
     """(chromium binary, chromedriver binary), None for each one missing."""
-    return (shutil.which("chromium") or shutil.which("chromium-browser"),
-            shutil.which("chromedriver") or (os.path.exists("/usr/bin/chromedriver") and "/usr/bin/chromedriver")
-            or None)
+    return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
 
 
 @contextmanager

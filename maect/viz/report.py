@@ -72,9 +72,9 @@ def cluster_view(f: Tensor, labels: Tensor | None, k: int, restarts: int = 10, s
     g = torch.Generator().manual_seed(seed)
     size = torch.bincount(assign_c, minlength=k)
     out = {"k": k, "inertia": res["inertia"], "size": size.tolist(), "nearest": [], "sample": [], "assign": assign_c}
-    for c in range(k):
-        members = (assign_c == c).nonzero()[:, 0]
-        by_dist = members[d_c[members].argsort(stable=True)]
+    by = d_c.argsort(stable=True)
+    by = by[assign_c[by].argsort(stable=True)]                       # grouped by cluster, nearest first in each
+    for by_dist in by.split(size.tolist()):
         rest = by_dist[show:]
         out["nearest"].append(by_dist[:show].tolist())
         out["sample"].append(rest[torch.randperm(len(rest), generator=g)[:show]].sort().values.tolist())
@@ -287,9 +287,9 @@ def write(out: str, encoders: list[Encoder], data, class_names=None, *, labelled
     for idx, _ in nn:
         shown.update(idx.flatten().tolist())
     names = write_thumbnails(data, shown, os.path.join(out, "thumbs"), thumb)
-    sizes = {source_image(data, q[0]).shape[0], source_image(data, q[-1]).shape[0]}
-    small = max(sizes) <= SMALL_IMAGE
-    t = max(1, SMALL_IMAGE // max(sizes)) * max(sizes) if small else 80
+    side = max(max(source_image(data, i).shape[:2]) for i in (q[0], q[-1]))   # the source's image size, px
+    small = side <= SMALL_IMAGE
+    t = max(1, SMALL_IMAGE // side) * side if small else 80         # small sources: a whole multiple of their pixels
 
     def cap(c): return html.escape(_class(class_names, c))
     body = [f"<h1>{html.escape(title)}</h1>",
