@@ -1,8 +1,8 @@
 """Open a maect.viz report in headless Chromium (Debian's chromium + chromium-driver, driven by selenium) from
 file://, check it, and optionally save a screenshot:
 
-    python tools/report_browser.py runs/tiny/report/index.html [--screenshot docs/img/report.png] [--width 1360]
-                                   [--height 1500]
+    python tools/report_browser.py runs/tiny/report/index.html [--screenshot report.png] [--width 1360]
+                                   [--height 1500] [--scroll-to '#clusters-1']
 
 Checks (check_page): the browser's console has no error; every request the page made is a file:// or data: URL
 (nothing tried the network) and none failed (Network.loadingFailed in the performance log, e.g. a missing
@@ -10,7 +10,7 @@ thumbnail); every <img> is complete with naturalWidth > 0. It prints the counts 
 and images. The browser starts with a fresh profile and everything that reaches out switched off
 (--disable-background-networking, --disable-component-update, --disable-sync, --disable-quic), so it runs on a
 machine without a network. Needs: apt-get install chromium chromium-driver; pip install selenium.
-The screenshot is the top --height px of the page at --width px, stored as a palette PNG (small, exact for the
+The screenshot is --height px of the page at --width px (from the top, or from the element --scroll-to selects), stored as a palette PNG (small, exact for the
 page's flat colours and grey thumbnails).
 """
 from __future__ import annotations
@@ -114,12 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--screenshot", default=None)
     p.add_argument("--width", type=int, default=1360)
     p.add_argument("--height", type=int, default=1500)
+    p.add_argument("--scroll-to", default=None, metavar="CSS", help="screenshot from this element down")
     a = p.parse_args(argv)
     if not os.path.isfile(a.page):
         sys.exit(f"report_browser: {a.page!r}: no such file")
     with chromium(a.width, a.height) as d:
         r = check_page(d, a.page)
         if a.screenshot:
+            if a.scroll_to:
+                d.execute_script("document.querySelector(arguments[0]).scrollIntoView()", a.scroll_to)
             screenshot(d, a.screenshot)
     print(f"{a.page}: {r['images']} images ({len(r['broken'])} not loaded), {r['cluster_groups']} cluster groups "
           f"with {r['clusters']} clusters, {r['rows']} neighbour rows, {len(r['errors'])} console errors, "
