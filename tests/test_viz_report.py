@@ -227,3 +227,25 @@ def test_bad_values_are_one_line_errors(tmp_path):
         viz.main(["--ckpt", p["ct"], "--out", str(tmp_path / "o"), "--k", "50", "--limit", "20", "--method", "pca"])
     with pytest.raises(SystemExit):
         viz.parse_args(["--ckpt", "x", "--out", "y", "--topk", "0"])
+
+
+@pytest.mark.slow
+def test_pipeline_on_unlabelled_images_writes_its_report(tmp_path, browser, capsys):
+    """An unlabelled folder (no final k-NN, no closing table): the pipeline still ends with its report, its features
+    extracted once per encoder (progress lines), and the page renders without class marks."""
+    from test_nnclr import TINY
+    from maect import train
+    from maect.dataloading.datasets import fashion_mnist
+    from maect.dataloading.export import encode_array_image
+    src, root = fashion_mnist(None, "test"), tmp_path / "imgs"
+    root.mkdir()
+    for i in range(96):
+        (root / f"{i:03d}.png").write_bytes(encode_array_image(src.images[i].numpy(), "png"))
+    out = tmp_path / "run"
+    train.main(TINY + ["stage=pipeline", "smoke=1", "data.name=folder", f"data.root={root}", "mae.batch_size=16",
+                       "head.batch_size=16", "ct.batch_size=16", "nnclr.queue_size=32", f"out_dir={out}"])
+    log = capsys.readouterr().out      # maect.train logs to stdout (its own handler)
+    assert f"report: {out / 'report' / 'index.html'} (" in log
+    assert "[report features MAE] done: 96 img" in log and "[report features MAE-CT] done: 96 img" in log
+    check(browser, out / "report" / "index.html", clusters=10, rows=10)
+    assert "purity" not in open(out / "report" / "index.html", encoding="utf-8").read()
