@@ -319,7 +319,7 @@ def write(out: str, encoders: list[Encoder], data, class_names=None, *, labelled
             ids = idx[r].tolist()
             same = sum(int(y[j]) == int(y[i]) for j in ids) if labelled else None
             figs = "".join(_thumb(names, data, j, f"{float(s):.3f}" + (
-                f"<br>✗ {cap(int(y[j]))}" if labelled and int(y[j]) != int(y[i]) else ""),
+                f"<br>✗&nbsp;{cap(int(y[j]))}" if labelled and int(y[j]) != int(y[i]) else ""),
                 "miss" if labelled and int(y[j]) != int(y[i]) else "") for j, s in zip(ids, sim[r].tolist()))
             row.append(f'<div class="nn-set" data-encoder="{html.escape(e.name)}"><h4>{html.escape(e.name)}'
                        f"{f' · {same}/{len(ids)} same class' if labelled else ''}</h4>"
