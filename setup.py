@@ -49,8 +49,10 @@ setup(
     extras_require={
         # lightly: tests/test_integrations.py checks maect.integrations.lightly against lightly's own module (its
         # Requires-Dist leave an installed torch alone; it adds pytorch_lightning, hydra-core, torchmetrics)
+        # selenium: tests/test_viz_report.py opens the report in headless Chromium (setup.sh installs chromium and
+        # chromium-driver from Debian)
         "test": ["pytest", "scipy", "scikit-learn", "torchvision", "timm", "matplotlib", "submitit", "lightly==1.6.0",
-                 "webdataset>=1.0", "tensorboard>=2.14", "wandb>=0.17"],
+                 "webdataset>=1.0", "tensorboard>=2.14", "wandb>=0.17", "selenium>=4.11"],
         "slurm": ["submitit"],          # python -m maect.launch (multi-node jobs that requeue and resume)
         "wds": ["webdataset>=1.0"],     # data.name=wds (its deps: braceexpand, numpy, pyyaml)
         "tensorboard": ["tensorboard>=2.14"],   # log.tensorboard=true

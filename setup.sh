@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One-time set-up on a fresh machine (safe to re-run): the Fashion-MNIST data set and the Python packages.
+# One-time set-up on a fresh machine (safe to re-run): the Fashion-MNIST data set and the Python packages; with the
+# test extras also Debian's chromium and chromium-driver (the report's browser test opens the page in them).
 #   ./setup.sh           package + test extras (pytest, scipy, scikit-learn, torchvision, timm, matplotlib, submitit,
-#                        lightly, webdataset, tensorboard, wandb)
+#                        lightly, webdataset, tensorboard, wandb, selenium) + chromium, chromium-driver
 #   ./setup.sh --no-test package only
 # A torch already installed (e.g. a CUDA build) is kept: setup.py asks for torch>=2.10 and pip leaves a
 # satisfying install alone.
@@ -18,6 +19,17 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 EXTRA="[test]"; [ "${1:-}" = "--no-test" ] && EXTRA=""
+# tests/test_viz_report.py drives headless Chromium through selenium and chromedriver (never skipped: it fails
+# without them)
+if [ -n "$EXTRA" ] && ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    echo "setup: installing Debian packages chromium and chromium-driver (the report's browser test)"
+    $SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }
+  else
+    echo "setup: no apt-get here: install chromium and its chromedriver for tests/test_viz_report.py" >&2
+  fi
+fi
 PY=${PYTHON:-python3}
 # An editable install (PEP 660; pyproject.toml asks for setuptools>=64): its import finder maps kernels/ and
 # dataloading/ to maect.kernels / maect.dataloading, as setup.py's package_dir says. The build uses the setuptools

@@ -370,17 +370,41 @@ def run(cfg: C.Config) -> dict:
         log.info(f"[{stage}] done in {times[stage] / 60:.1f} min -> {init}")
     results["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
     if cfg.stage in ("pipeline", "ct_pipeline") and di.is_main:
+        table, test_feats, shown = "", {}, train
         if no_labels is None:   # without labels results.json holds the checkpoints and times only
             final = KNNMonitor(cfg, di.device, cfg.eval.final_train, cfg.eval.final_test, bank, queries, strict=True)
-            before = results.get("mae_checkpoint") or cfg.init
-            s = {name: summarize({name: final_knn(final, cfg, di, path, ema, progress=f"final k-NN: {name}")},
-                                 k=cfg.eval.knn_k, T=cfg.eval.knn_T, num_classes=final.num_classes)[name]
-                 for name, path, ema in (("MAE", before, False), ("MAE-CT", init, cfg.eval.use_ema))}  # one at a time
+            before, s, shown = results.get("mae_checkpoint") or cfg.init, {}, final.test
+            for name, path, ema in (("MAE", before, False), ("MAE-CT", init, cfg.eval.use_ema)):  # one at a time
+                feats = final_knn(final, cfg, di, path, ema, progress=f"final k-NN: {name}")
+                test_feats[name] = feats[2]       # the report's clusters and neighbours reuse the test features
+                s[name] = summarize({name: feats}, k=cfg.eval.knn_k, T=cfg.eval.knn_T,
+                                    num_classes=final.num_classes)[name]
+                del feats                         # the bank's features: one encoder's at a time
             results.update(knn_mae=s["MAE"]["knn"], knn_maect=s["MAE-CT"]["knn"], final=s)
-            log.info(format_summary(s, cfg.eval.knn_k, len(final.train), len(final.test), final.num_classes))
+            table = format_summary(s, cfg.eval.knn_k, len(final.train), len(final.test), final.num_classes)
         write_json(os.path.join(cfg.out_dir, "results.json"), results)
+        report = write_report(cfg, di, results, shown, no_labels is None, test_feats)
+        for line in (table, report):      # the report's path beside the closing table
+            if line:
+                log.info(line)
     loggers.finish()
     return results
+
+
+def write_report(cfg: C.Config, di, results: dict, data, labelled: bool, feats: dict) -> str:
+    """The run's report (maect.viz.run_report: OUT_DIR/report/index.html, clusters and nearest neighbours of the MAE
+    and MAE-CT encoders on the final k-NN's test images, reusing their features; unlabelled: up to 10000 training
+    images). A view of finished work: when it fails, one warning line, and the run's results stand."""
+    from maect.viz import run_report
+    if not labelled and len(data) > 10000:
+        data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:10000].sort().values)
+    t0 = time.time()
+    try:
+        rep = run_report(cfg, di.device, results, data, labelled, feats)
+    except Exception as e:  # noqa: BLE001  (checkpoints and results.json are written; the report must not undo that)
+        log.warning(f"report not written: {type(e).__name__}: {e}")
+        return ""
+    return f"report: {rep['path']} (clusters and nearest neighbours of MAE and MAE-CT; made in {time.time() - t0:.1f} s)"
 
 
 def final_knn(final: KNNMonitor, cfg: C.Config, di, path: str, use_ema: bool, progress: str = "") -> tuple:

@@ -89,7 +89,7 @@ def test_viz_command_writes_pngs(tmp_path, capsys):
     p = tiny_ckpts(tmp_path)
     out = tmp_path / "viz"
     written = viz.main(["--ckpt", p["ct"], "--ckpt-before", p["mae"], "--out", str(out), "--n", "4", "--embed-n", "300",
-                        "--method", "pca", "--use-ema"])
+                        "--method", "pca", "--use-ema", "--no-report"])
     print(capsys.readouterr().out)
     assert set(written) == {"reconstruction", "embedding"}
     for path in written.values():
@@ -97,7 +97,8 @@ def test_viz_command_writes_pngs(tmp_path, capsys):
             print(path, im.size)
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
     # a CT checkpoint alone: no decoder, so only the embedding, and a message saying why
-    only = viz.main(["--ckpt", p["ct"], "--out", str(tmp_path / "ct_only"), "--embed-n", "100", "--method", "pca"])
+    only = viz.main(["--ckpt", p["ct"], "--out", str(tmp_path / "ct_only"), "--embed-n", "100", "--method", "pca",
+                     "--no-report"])
     assert set(only) == {"embedding"} and "reconstruction.png skipped" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"ct/checkpoint-final\.pth: no MAE decoder"):
         viz.load_mae(p["ct"])
@@ -117,6 +118,6 @@ def test_viz_on_an_unlabelled_folder(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (36, 30, 3), dtype=np.uint8)).save(root / f"im{i:02d}.png")
     p = tiny_ckpts(tmp_path, ["data.name=folder", f"data.root={root}"])
     written = viz.main(["--ckpt", p["ct"], "--ckpt-before", p["mae"], "--out", str(tmp_path / "viz"), "--n", "3",
-                        "--embed-n", "12", "--method", "pca"])
+                        "--embed-n", "12", "--method", "pca", "--no-report"])
     assert set(written) == {"reconstruction", "embedding"}
     assert "without label colours" in capsys.readouterr().err
