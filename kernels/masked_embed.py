@@ -229,16 +229,26 @@ def mask_indices_triton(noise: Tensor, len_keep: int, mask_dtype: torch.dtype) -
     return keep, mask, ids
 
 
-def _gemm_config(M: int, D: int, CPP: int, unit_pixels: bool = True) -> dict:
+def _gemm_config(M: int, D: int, CPP: int, unit_pixels: bool = True, p: int = 16, fma: bool = False,
+                 cast: bool = False) -> dict:
     """Tiles: in the interpreter few big programs (its cost is per program and per loop trip); on GPU 128 x 128
     output tiles (64 wide when D is small) and 64-deep K steps, 8 warps, 3 stages (unmeasured on GPU;
-    bench/masked_gather.py times the result). Images without unit pixel stride (channels_last) gather pixel by pixel
-    (no 16-byte vectors): 32-deep K steps, which compile without spills on sm_80 (64: 124 B)."""
+    bench/masked_gather.py times the result). Sized so that every shipped launch compiles without spills on sm_90
+    and sm_80 (python -m maect.kernels.check --static):
+    - fma (an fp32 "ieee" dot: FMA units, no tensor cores; both operand tiles and the accumulator in registers):
+      64 x 64 tiles, 16-deep K steps, 4 warps (128 x 128 x 64 at 8 warps spills 16-492 B on sm_90, 9-11 KB on sm_80;
+      64 x 64 x 32 still 24 B on sm_90 at p = 14);
+    - the A gather loads vectors only along a patch row: 64-deep K steps when p is a multiple of 16 and the pixels
+      have unit stride, else 32 (p = 14 / 4 at 64: 48-616 B of spills, the per-element addresses; channels_last
+      images gather pixel by pixel: 124 B on sm_80 at 64); 16 when, in addition, the images are cast in the kernel
+      (cast: fp32 images, 16-bit GEMM; p = 14 at 32: 96 B on sm_80)."""
     if _interpreting():
         return dict(BLOCK_M=min(128, _pow2(M)), BLOCK_N=min(256, _pow2(D)), BLOCK_K=min(256, _pow2(CPP)),
                     num_warps=4, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128 if D >= 128 else 64, BLOCK_K=64 if unit_pixels else 32, num_warps=8,
-                num_stages=3)
+    if fma:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3)
+    block_k = 64 if unit_pixels and p % 16 == 0 else (16 if cast and p % 16 else 32)
+    return dict(BLOCK_M=128, BLOCK_N=128 if D >= 128 else 64, BLOCK_K=block_k, num_warps=8, num_stages=3)
 
 
 class _MaskedPatchEmbed(torch.autograd.Function):
@@ -256,18 +266,21 @@ class _MaskedPatchEmbed(torch.autograd.Function):
         pos2 = pos.reshape(L, D) if pos is not None else None
         out = torch.empty(N, K, D, device=imgs.device, dtype=out_dtype)
         M, mm = N * K, weight.dtype
-        cfg = _gemm_config(M, D, CPP, imgs.stride(3) == 1)
+        prec = "tf32" if mm == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        a_cast = {torch.bfloat16: 1, torch.float16: 2}.get(mm, 0) if imgs.dtype != mm else 0
+        cfg = _gemm_config(M, D, CPP, imgs.stride(3) == 1, p, fma=mm == torch.float32 and prec == "ieee",
+                           cast=a_cast > 0)
         grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
         with _on(imgs.device):
             _masked_embed_fwd_kernel[grid](
                 imgs, ids_keep, w2, bias if bias is not None else w2, pos2 if pos2 is not None else w2, out,
                 M, K, D, CPP, W // p, *imgs.stride(), w2.stride(0), *(pos2.stride() if pos2 is not None else (0, 0)),
                 P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
-                A_CAST={torch.bfloat16: 1, torch.float16: 2}.get(mm, 0) if imgs.dtype != mm else 0,
+                A_CAST=a_cast,
                 ROUND={torch.bfloat16: 1, torch.float16: 2}.get(mm, 0) if pos is not None else 0,
                 OUT_BF16=out_dtype == torch.bfloat16, UPCAST=_interpreting() and mm in (torch.bfloat16, torch.float16),
                 ACC64=mm == torch.float64,
-                PREC="tf32" if mm == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee",
+                PREC=prec,
                 OFF32=imgs.stride(3) != 1 and imgs.numel() < 2 ** 31, **cfg)
         ctx.save_for_backward(imgs, weight, ids_keep)
         ctx.pos_meta = None if pos is None else (pos.shape, pos.dtype, L)

@@ -150,11 +150,11 @@ MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (64 x 256 bf
 DEFAULT_CONFIGS = {
     ("bf16", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=2, warps=4, stages=1, CH=32, warps2=4, precision="tf32",
                        per_sm=2),
-    ("bf16", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=4, warps=4, stages=1, CH=64, warps2=4,
+    ("bf16", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=0, M=4, warps=4, stages=1, CH=64, warps2=8,
                         precision="tf32", per_sm=2),
     ("fp32", 32): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=2, warps=4, stages=3, CH=32, warps2=4, precision="tf32",
                        per_sm=2),
-    ("fp32", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=4, warps=4, stages=3, CH=64, warps2=4,
+    ("fp32", 128): dict(BLOCK_B=64, BLOCK_N=64, BLOCK_D=64, M=4, warps=4, stages=3, CH=64, warps2=8,
                         precision="tf32", per_sm=2),
 }
 CONFIG_FILE = Path(__file__).with_name("queue_topk_configs.json")
@@ -315,9 +315,13 @@ class TopkPlan:
                                                                          num_stages=cfg["stages"])))
         self.select_args = (query, queue, ex, qid, self.keys, bag, self.out_v,
                             self.out_i, B, Q, D, NT, k, *strides, delta_for(query.dtype, precision, D, not normalized, BN))
+        # select warps: the config's between 512 and 4096 stored keys per row, else 8 (sm_90 / sm_80, python -m
+        # maect.kernels.check --static): 4096 and more need 8 to hold the keys; at 512 and fewer, ptxas -O3 spills
+        # loop-carried values of the merge loops at 4 warps (12-44 B on sm_90 at 80 registers: not pressure, the
+        # same under any register cap), not at 8
         self.select_meta = dict(M=M, NTP=NTP, KP=KP, CH=ch, BLOCK_N=BN, BLOCK_D=min(block_d, 256), HAS_IDS=has_ids,
                                 NORMALIZE=not normalized,
-                                **({} if interp else dict(num_warps=cfg["warps2"] if NTP * M < 4096 else 8)))
+                                **({} if interp else dict(num_warps=cfg["warps2"] if 512 < NTP * M < 4096 else 8)))
         self.B = B
 
     def _on_device(self):
