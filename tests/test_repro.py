@@ -187,8 +187,11 @@ def test_gpu_preset_paper_table_smoke_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out / "paper_table.json"))
     assert list(res["rows"]) == ["MAE (cls)", "MAE (mean)", "MAE-CT", "MAE-CTaug"]
-    for name, row in res["rows"].items():
-        assert set(row) == {"probe", "knn", "1shot", "5shot", "1pct", "cluster_acc", "nmi"}, name
+    for name, row in res["rows"].items():      # 100 training images: a low-shot setting some class lacks images
+        skipped = {c for c, s in (("1shot", "1-shot"), ("5shot", "5-shot"), ("1pct", "1%"))   # for is named, left out
+                   if any(f"lowshot {s}" in e.get("not_run", {}) for e in res["evals"].values())}
+        assert set(row) == {"probe", "knn", "1shot", "5shot", "1pct", "cluster_acc", "nmi"} - skipped, name
+        assert "1shot" in row and "knn" in row, name
         assert all(0 <= v <= 100 for v in row.values()), name
     assert res["evals"]["MAE-CT"]["n_train"] == 100 and res["evals"]["MAE-CT"]["n_test"] == 50
     assert res["aug_preset"] == "fmnist_gpu_aug" and res["flops"]["MAE"] > 0
