@@ -1,38 +1,31 @@
-"""Measured dispatch: the backend of an op is the fastest one that is verified on the machine it runs on.
+"""How an op with several backends picks one: decided before training starts, a plain lookup at call time.
 
-One mechanism for every op with several backends (queue_topk and the MAE masking ops; their candidates and rules
-live in kernels/candidates.py). For each key
+Every such op (queue_topk, random_masking, unshuffle, decoder_input, masked_patch_embed, and maect's attention)
+registers one `Op`: its reference (the specification), an ordered list of `Backend`s whose first entry is the torch
+path a user would otherwise run, the rule that compares a backend's output with the reference's, and a static
+default per device type. Each backend says why it cannot run given inputs (`why_not`), as xFormers' operators do.
 
-    key = <device name and capability> | <threads (CPU)> | torch <v> | triton <v> | <op> | <dtype> | <shape class>
+Call time: `lookup(op, meta, device)` -> the backend. `meta` is what the decision depends on (dtype, shape class,
+whether gradients are recorded), a tuple of Python constants the op computes from its arguments. Resolution, once per
+(op, device, key) and then one dict lookup:
+    1. MAECT_KERNELS=0                                         -> the reference
+    2. a backend asked by name (the op's backend= argument, or force(op, name): the trainer's config keys)
+                                                               -> it, or ValueError naming why it cannot run
+    3. the decision for the key made in this process (decide(), or rank 0's, share_from_rank0())
+    4. the decision stored in the cache file $MAECT_CACHE_DIR/dispatch.json (default ~/.cache/maect/dispatch.json)
+    5. the op's static default for the device type (documented in the op's file); the torch path if that cannot run
+A decision whose backend cannot run here (no compiled extension, no Triton, another device) is not used: the next
+rule applies. Nothing is measured at call time, so no forward or backward ever times anything.
 
-the first call in a process (MAECT_DISPATCH=measure, the default) resolves it in this order:
-    1. this process's decision for the key (made earlier, or received from rank 0)
-    2. the cache file $MAECT_CACHE_DIR/dispatch.json (default ~/.cache/maect/dispatch.json), an entry for the key
-    3. measure (decide below) on the call's own inputs, or a bounded slice of them; keep the result in 1 and 2
-MAECT_DISPATCH=table never measures: 1, 2, then the committed tables (kernels/masking_table.json for the masking
-ops; for queue_topk the default rule: Triton on CUDA, the compiled op on CPU). MAECT_KERNELS=0 runs every
-reference and bypasses all of this; a backend asked by name (backend=, MAECT_MASKING) is never measured.
-
-decide(problem): run the reference once; run every candidate on the same inputs and drop the ones that raise
-(a Triton compile failure included) or that the op's rule rejects (logged as a defect with the first bad row);
-time the survivors and the plain torch path a user would otherwise run (timer: CUDA events on GPU, perf_counter on
-CPU; one warm-up call, then repetitions until the budget, at most MAX_REPS, median); pick the fastest verified
-backend (the reference is one, and so is the torch path in the op's contract: kernels/candidates.py, so no backend
-slower than it is picked); log one line with every candidate's time and its ratio to the torch path.
-A decision taken from the cache or from rank 0 whose backend cannot run in this process (MAECT_CPP=0, a build that
-did not load, Triton missing), or that was measured without a backend that can run now, is decided again (stale()).
-The Triton interpreter is never a candidate (kernels/candidates.py lists Triton backends on CUDA only).
-Cost: at most BUDGET_S seconds of timing per key (MAECT_DISPATCH_BUDGET_S overrides; the verification and the
-warm-up calls, which include a Triton compile on GPU, come on top and are reported apart).
-
-Distributed runs: with torch.distributed initialised and more than one rank, rank 0 decides and publishes the
-decision in the process group's key-value store (key maect/dispatch/<op>|<dtype>|<shape class>); every other
-rank waits for it (at most WAIT_S seconds) and runs the same backend. The store, not a collective, so that a call
-only rank 0 makes (the final k-NN) cannot hang the others. A rank that times out warns and runs the table's choice.
-
-The cache (kernels/dispatch_cache.py): one JSON file, merged and rewritten atomically under a lock, so processes and
-ranks writing at once lose no entry; a corrupt, unreadable or unwritable file gives one warning and in-memory
-decisions. Only measured decisions are written to it.
+Decisions: `decide(op, args)` runs the reference once, runs every backend that can run on the same inputs and drops
+the ones that raise or that the op's rule rejects (logged as a defect with the first bad row), times the others
+(forward, or forward + backward when the inputs record gradients) with `timer`, and picks the earliest backend in
+the op's order whose time is within MARGIN of the fastest. The torch path comes first, so a backend replaces it only
+when measured more than MARGIN faster: the pick is never slower than the torch path by measurement, and timing
+noise below MARGIN does not change it between runs. The decision is kept in this process and in the cache file (one
+JSON object, merged and rewritten atomically under a lock). The trainer decides at start-up for the shapes its
+stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides for a preset or a list
+of shapes. Under torch.distributed every rank runs rank 0's decisions (share_from_rank0).
 """
 from __future__ import annotations
 
@@ -45,37 +38,75 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .dispatch_cache import CACHE_NAME, Cache, cache_dir
-
 logger = logging.getLogger("maect.kernels")
 
-MODES = ("measure", "table")
-BUDGET_S = 1.0          # seconds of timing per key (all candidates and baselines together)
+MARGIN = 0.05           # a backend replaces an earlier one only when measured more than 5 % faster
+BUDGET_S = 1.0          # seconds of timing per decision (all backends together)
 MAX_REPS = {"cpu": 9, "cuda": 20}
-WAIT_S = 300.0          # a non-zero rank waits this long for rank 0's decision
+CACHE_FORMAT = 2
 
 
-def mode() -> str:
-    """MAECT_DISPATCH: 'measure' (default) or 'table'; ValueError naming the variable otherwise."""
-    m = os.environ.get("MAECT_DISPATCH", "measure").strip() or "measure"
-    if m not in MODES:
-        raise ValueError(f"MAECT_DISPATCH={m!r}: choose 'measure' (default) or 'table'")
-    return m
+# ------------------------------------------------------------------------------------------------------ ops
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One way to run an op. fn has the op's signature. why_not(device, meta) -> None where it can run inputs with
+    that meta on that device, else the reason (a missing build, another device, an unsupported dtype or size)."""
+    name: str
+    fn: Callable
+    why_not: Callable[[torch.device, tuple], str | None] = lambda device, meta: None
 
 
-def budget_s() -> float:
-    try:
-        return float(os.environ.get("MAECT_DISPATCH_BUDGET_S", BUDGET_S))
-    except ValueError:
-        raise ValueError(f"MAECT_DISPATCH_BUDGET_S={os.environ['MAECT_DISPATCH_BUDGET_S']!r} is not a number") from None
+@dataclasses.dataclass
+class Op:
+    """An op with several backends. backends[0] is the torch path (always runnable). key(meta) -> 'dtype|shape
+    class' (the part of the cache key that the decision depends on besides the device). verify(args, out, ref)
+    -> None or the first bad row. default: device type -> the static default's name."""
+    name: str
+    reference: Callable
+    backends: tuple[Backend, ...]
+    key: Callable[[tuple], str]
+    verify: Callable[[tuple, Any, Any], str | None]
+    default: dict[str, str]
+    meta: Callable[..., tuple]                    # the op's arguments -> meta
+    ref_name: str = "ref"                         # the reference's name when asked for by name
+
+    def backend(self, name: str) -> Backend:
+        for b in self.backends:
+            if b.name == name:
+                return b
+        if name == self.ref_name:
+            return Backend(name, self.reference)
+        raise ValueError(f"{self.name}: unknown backend {name!r}; choose one of {self.names()}")
+
+    def names(self) -> tuple[str, ...]:
+        own = tuple(b.name for b in self.backends)
+        return own + ((self.ref_name,) if self.ref_name not in own else ())
+
+
+OPS: dict[str, Op] = {}
+
+
+class Unavailable(ValueError):
+    """A backend asked for by name cannot run the given inputs; the message names every backend's reason."""
+
+
+def register(op: Op) -> Op:
+    OPS[op.name] = op
+    return op
+
+
+def get(op: str) -> Op:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; registered: {sorted(OPS)}")
+    return OPS[op]
 
 
 # ------------------------------------------------------------------------------------------------------ keys
@@ -99,71 +130,117 @@ def _triton_version() -> str:
         return "none"
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_name(index: int) -> str:
-    p = torch.cuda.get_device_properties(index)
-    return f"{p.name} sm_{p.major}{p.minor}"
-
-
 def device_key(device: torch.device) -> str:
-    """The device part of a key: CUDA name and capability, or the CPU model, its SIMD level and thread count."""
+    """CUDA name and capability, or the CPU model, its SIMD level and thread count; torch and Triton versions."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return f"cuda:{_cuda_name(device.index if device.index is not None else torch.cuda.current_device())}"
-    if device.type == "cpu":
-        return f"cpu:{_cpu_name()} {torch.backends.cpu.get_cpu_capability()} t{torch.get_num_threads()}"
-    return device.type
+        p = torch.cuda.get_device_properties(device.index if device.index is not None else torch.cuda.current_device())
+        dev = f"cuda:{p.name} sm_{p.major}{p.minor}"
+    elif device.type == "cpu":
+        dev = f"cpu:{_cpu_name()} {torch.backends.cpu.get_cpu_capability()} t{torch.get_num_threads()}"
+    else:
+        dev = device.type
+    return f"{dev}|torch {torch.__version__}|triton {_triton_version()}"
 
 
-def make_key(device: torch.device, op: str, dtype: str, shape: str) -> str:
-    return f"{device_key(device)}|torch {torch.__version__}|triton {_triton_version()}|{op}|{dtype}|{shape}"
+def concrete(n) -> int:
+    """A size as a Python int. Under torch.compile's dynamic shapes a size is symbolic; a binary search of
+    comparisons (each a guard) turns it into a constant, so the graph is specialised on it instead of breaking."""
+    if not torch.compiler.is_compiling() or isinstance(n, int):
+        return int(n)
+    lo, hi = 0, 1 << 31
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if n <= mid:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
-def short_key(key: str) -> str:
-    """op|dtype|shape: the part of a key every rank shares (devices may differ in name)."""
-    return "|".join(key.split("|")[-3:])
+# ------------------------------------------------------------------------------------------------------ cache
+def cache_dir() -> Path:
+    return Path(os.environ.get("MAECT_CACHE_DIR") or Path.home() / ".cache" / "maect")
 
 
-# ------------------------------------------------------------------------------------------------- problems
-@dataclasses.dataclass
-class Candidate:
-    name: str
-    run: Callable[[], Any]           # forward on the measurement inputs -> outputs (verified against the reference)
-    timed: Callable[[], Any] | None = None   # what is timed (forward + backward in training); default: run
-    baseline: bool = False           # timed for the ratio only, never picked (need not follow the op's contract)
+class Cache:
+    """$MAECT_CACHE_DIR/dispatch.json: {"format": 2, "entries": {device key|op|key: decision}}. Read once per
+    process; every new decision re-reads, merges and rewrites it atomically (temporary file, fsync, os.replace)
+    under fcntl.flock, so processes writing at once lose no entry. Unreadable, corrupt or unwritable: one warning,
+    decisions live in memory."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path is not None else cache_dir() / "dispatch.json"
+        self._entries: dict | None = None
+        self._warned = False
+
+    def _warn(self, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("maect: dispatch cache %s %s; decisions are kept in memory for this process", self.path,
+                           what)
+
+    def _read(self, warn: bool = True) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or \
+                    not isinstance(data.get("entries"), dict):
+                raise ValueError(f"not a format-{CACHE_FORMAT} decisions file")
+            return data["entries"]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            if warn:
+                self._warn(f"is unreadable ({type(exc).__name__}: {exc}); it is replaced by the next decision written")
+            return {}
+
+    def get(self, key: str) -> dict | None:
+        if self._entries is None:
+            self._entries = self._read()
+        e = self._entries.get(key)
+        return e if isinstance(e, dict) and isinstance(e.get("pick"), str) else None
+
+    def put(self, key: str, entry: dict) -> None:
+        import fcntl
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                merged = {**self._read(warn=False), key: entry}
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump({"format": CACHE_FORMAT, "entries": merged}, f, indent=1, sort_keys=True)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                self._entries = merged
+        except OSError as exc:
+            self._warn(f"cannot be written ({type(exc).__name__}: {exc})")
+            if self._entries is not None:
+                self._entries[key] = entry
 
 
-@dataclasses.dataclass
-class Problem:
-    """One op on one set of inputs: the reference, the candidates and the rule that compares them."""
-    op: str
-    key: str
-    device: torch.device
-    reference: Candidate                                  # the specification; always a candidate itself
-    candidates: list[Candidate]                           # other backends that can run here
-    verify: Callable[[Any, Any], str | None]             # (output, reference output) -> None or the first bad row
-    baselines: list[Candidate] = dataclasses.field(default_factory=list)   # the torch path first: the ratio's base
-    shape: str = ""                                       # for log lines: the measured slice
-    not_run: dict[str, str] = dataclasses.field(default_factory=dict)      # backends skipped here, and why
-
-
+# ------------------------------------------------------------------------------------------------- decisions
 @dataclasses.dataclass
 class Decision:
     pick: str
-    source: str                                           # measured | cache | table | rank 0 | fallback
-    ms: dict[str, float] = dataclasses.field(default_factory=dict)         # verified backends + baselines
-    torch_path: str | None = None                        # the baseline of the ratios
-    dropped: dict[str, str] = dataclasses.field(default_factory=dict)      # backend -> why (raised / defect)
-    defects: dict[str, str] = dataclasses.field(default_factory=dict)      # backend -> first bad row
-    cost_s: float = 0.0                                   # wall time of decide (verification + timing)
-    timing_s: float = 0.0                                 # of which timing
-    warmup_s: dict[str, float] = dataclasses.field(default_factory=dict)   # first call per backend (Triton compile)
+    source: str                                     # measured | cache | rank 0 | default | asked
+    ms: dict[str, float] = dataclasses.field(default_factory=dict)          # verified backends' median times
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)       # backend -> why (raised, defect)
+    not_run: dict[str, str] = dataclasses.field(default_factory=dict)       # backend -> why it cannot run here
+    torch_path: str = ""
+    cost_s: float = 0.0                             # wall time of the decision (verification + timing)
     shape: str = ""
-    not_run: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def ratio(self, name: str) -> float | None:
-        base = self.ms.get(self.torch_path) if self.torch_path else None
-        t = self.ms.get(name)
-        return base / t if base and t else None
+    def ratio(self) -> float | None:
+        """The pick's speed over the torch path's (measured decisions only)."""
+        a, b = self.ms.get(self.torch_path), self.ms.get(self.pick)
+        return a / b if a and b else None
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -173,8 +250,127 @@ class Decision:
 
     @classmethod
     def from_json(cls, d: dict, source: str) -> "Decision":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and k != "source"}, source=source)
+        names = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        return cls(**{k: v for k, v in d.items() if k in names}, source=source)
+
+    def brief(self) -> str:
+        """'cpp (0.41 ms, 3.20x the torch path)' or 'cpp (static default)'."""
+        t, r = self.ms.get(self.pick), self.ratio()
+        src = "" if self.source == "measured" else f", {self.source}"
+        if t is None:
+            return f"{self.pick} ({self.source})"
+        return f"{self.pick} ({t:.3g} ms" + (f", {r:.2f}x the torch path" if r else "") + f"{src})"
+
+
+_state = threading.RLock()
+_decisions: dict[tuple, Decision] = {}      # (op, device type, key) -> decision made in or given to this process
+_resolved: dict[tuple, str] = {}            # (op, device type, device index, meta, asked) -> backend name
+_forced: dict[str, str] = {}                # op -> backend asked by name for the whole process
+_cache: Cache | None = None
+_follow_rank0 = False                       # after share_from_rank0 on a non-zero rank: the cache file is not read
+
+
+def cache() -> Cache:
+    global _cache
+    if _cache is None or _cache.path != cache_dir() / "dispatch.json":
+        _cache = Cache()
+    return _cache
+
+
+def clear() -> None:
+    """Forget this process's decisions, resolutions, forced backends and loaded cache (tests; after changing
+    MAECT_CACHE_DIR)."""
+    global _cache, _follow_rank0
+    with _state:
+        _decisions.clear()
+        _resolved.clear()
+        _forced.clear()
+        _cache, _follow_rank0 = None, False
+
+
+def force(op: str, name: str | None) -> None:
+    """Run backend `name` of op for every call in this process (None or 'auto': the decision). ValueError for a
+    name the op does not have."""
+    o = get(op)
+    with _state:
+        if name in (None, "auto"):
+            _forced.pop(op, None)
+        else:
+            o.backend(name)
+            _forced[op] = name
+        _resolved.clear()
+
+
+def forced() -> dict[str, str]:
+    return dict(_forced)
+
+
+def decisions() -> dict[tuple, Decision]:
+    """(op, device type, key) -> the decision this process made or was given."""
+    return dict(_decisions)
+
+
+def _unavailable(op: Op, name: str, device: torch.device, meta: tuple) -> str | None:
+    if name == op.ref_name:
+        return None
+    try:
+        b = op.backend(name)
+    except ValueError as exc:
+        return str(exc)
+    return b.why_not(device, meta)
+
+
+def _why_each(op: Op, device: torch.device, meta: tuple) -> str:
+    names = op.names()
+    w = max(map(len, names))
+    return "\n".join(f"  {n:<{w}}  {'no: ' + why if (why := _unavailable(op, n, device, meta)) else 'can run'}"
+                     for n in names)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tuple, asked: str | None) -> str:
+    """Rules 2-5 of the module docstring for one key, memoised: Python constants in, a name out (a trace-time
+    constant under torch.compile)."""
+    rkey = (op_name, device_type, device_index, meta, asked or _forced.get(op_name))
+    name = _resolved.get(rkey)
+    if name is not None:
+        return name
+    with _state:
+        op, device = OPS[op_name], torch.device(device_type, device_index)
+        asked = rkey[-1]
+        if asked is not None:
+            why = _unavailable(op, asked, device, meta)
+            if why is not None:
+                raise Unavailable(f"{op_name}: backend {asked!r} cannot run {op.key(meta)} on {device_type}: {why}\n"
+                                  f"Every backend for these inputs:\n{_why_each(op, device, meta)}")
+            _resolved[rkey] = asked
+            return asked
+        key = op.key(meta)
+        d = _decisions.get((op_name, device_type, key))
+        if d is None and not _follow_rank0:
+            entry = cache().get(f"{device_key(device)}|{op_name}|{key}")
+            if entry is not None:
+                d = _decisions[(op_name, device_type, key)] = Decision.from_json(entry, "cache")
+        if d is not None and (why := _unavailable(op, d.pick, device, meta)) is not None:
+            logger.info("maect: %s %s: the %s decision '%s' cannot run here (%s); the static default runs",
+                        op_name, key, d.source, d.pick, why)
+            d = None
+        if d is None:
+            name = op.default.get(device_type, op.backends[0].name)
+            if _unavailable(op, name, device, meta) is not None:
+                name = op.backends[0].name
+            d = Decision(name, "static default")
+            logger.debug("maect: %s %s on %s: %s (no decision)", op_name, key, device_type, name)
+        _resolved[rkey] = d.pick
+        return d.pick
+
+
+def lookup(op: str, meta: tuple, device: torch.device, asked: str | None = None) -> Callable:
+    """The function that runs op for inputs with this meta on device (module docstring: rules 1-5)."""
+    o = OPS[op]
+    if os.environ.get("MAECT_KERNELS", "1") == "0" and asked is None:
+        return o.reference
+    return o.backend(_resolve(op, device.type, device.index, meta, asked)).fn
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -184,261 +380,163 @@ def _sync(device: torch.device) -> None:
 
 
 def default_timer(name: str, fn: Callable[[], Any], device: torch.device, budget: float) -> float:
-    """Median milliseconds of fn(): CUDA events on GPU, perf_counter on CPU. The first call is a warm-up (on GPU it
-    may compile); repetitions follow until `budget` seconds are spent (at least one, at most MAX_REPS). A first
-    call that alone takes more than half the budget is the one sample (a call that long is not warm-up-bound;
-    this keeps the cost of measuring a slow reference bounded)."""
+    """Median milliseconds of fn(): CUDA events on GPU, perf_counter on CPU; one warm-up call, then repetitions
+    until `budget` seconds (at least 1, at most MAX_REPS). A warm-up over half the budget is the one sample."""
     t0 = time.perf_counter()
     fn()
     _sync(device)
     first = time.perf_counter() - t0
     if first > budget / 2:
         return first * 1e3
-    reps, times, spent = MAX_REPS.get(device.type, 5), [], 0.0
-    while len(times) < reps and (not times or spent + statistics.median(times) / 1e3 < budget):
+    times, spent = [], 0.0
+    while len(times) < MAX_REPS.get(device.type, 5) and (not times or spent + statistics.median(times) / 1e3 < budget):
+        t0 = time.perf_counter()
         if device.type == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter()
             a.record()
             fn()
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b))
-            spent += time.perf_counter() - t0
         else:
-            t0 = time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
-            times.append(dt * 1e3)
-            spent += dt
+            times.append((time.perf_counter() - t0) * 1e3)
+        spent += time.perf_counter() - t0
     return statistics.median(times)
 
 
-_timer: Callable[[str, Callable, torch.device, float], float] = default_timer
-
-
-def set_timer(timer: Callable | None) -> None:
-    """Replace the timer (tests inject timings: timer(name, fn, device, budget_s) -> ms); None restores it."""
-    global _timer
-    _timer = timer or default_timer
-
-
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def decide(problem: Problem, timer: Callable | None = None, budget: float | None = None) -> Decision:
-    """Verify every candidate against the reference, time the survivors and the torch path, pick the fastest
-    verified backend. Never raises for a candidate's fault (that candidate is dropped and logged)."""
-    timer = timer or _timer
-    budget = budget_s() if budget is None else budget
-    t_start = time.perf_counter()
-    dev = problem.device
-    d = Decision(pick=problem.reference.name, source="measured", shape=problem.shape, not_run=dict(problem.not_run))
-    t0 = time.perf_counter()
-    ref_out = problem.reference.run()           # the reference raising is the caller's error (bad input): re-raised
-    _sync(dev)
-    d.warmup_s[problem.reference.name] = round(time.perf_counter() - t0, 4)
-    survivors = [problem.reference]
-    for c in problem.candidates:
-        t0 = time.perf_counter()
-        try:
-            out = c.run()
-            _sync(dev)
-            bad = problem.verify(out, ref_out)
-        except Exception as exc:                 # fails to compile, raises, declines with an error
-            d.dropped[c.name] = f"raised {_first_line(exc)}"
-            logger.warning("maect: dispatch %s [%s]: backend '%s' dropped: it raised %s", problem.op,
-                           short_key(problem.key), c.name, _first_line(exc))
+def _records_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _timed(fn: Callable, args: tuple, grad: bool) -> Callable[[], Any]:
+    """fn(*args), plus the backward of its first output's sum when the inputs record gradients (a training step)."""
+    def run():
+        out = fn(*args)
+        first = out[0] if isinstance(out, tuple) else out
+        if grad and first.requires_grad:
+            first.float().sum().backward()
+        return out
+    return run
+
+
+def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float = BUDGET_S,
+            amp: torch.dtype | None = None) -> Decision:
+    """Verify every backend that can run args against the reference, time the verified ones, pick (module
+    docstring). Never raises for a backend's fault; the reference raising (bad input) propagates. amp: run under
+    torch.autocast with this dtype (the training step's precision)."""
+    o, t_start = get(op), time.perf_counter()
+    timer = timer or default_timer
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    device = first.device
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+    with ctx():
+        meta = o.meta(*args)
+    d = Decision(o.backends[0].name, "measured", torch_path=o.backends[0].name, shape=o.key(meta))
+    grad = _records_grad(args)
+    with ctx(), torch.no_grad():
+        ref = o.reference(*args)
+    _sync(device)
+    ok = []
+    for b in o.backends:
+        why = b.why_not(device, meta)
+        if why is not None:
+            d.not_run[b.name] = why
             continue
-        d.warmup_s[c.name] = round(time.perf_counter() - t0, 4)
+        try:
+            with ctx(), torch.no_grad():
+                out = b.fn(*args)
+            _sync(device)
+            bad = o.verify(args, out, ref)
+        except Exception as exc:
+            d.dropped[b.name] = f"raised {_first_line(exc)}"
+            logger.warning("maect: %s %s: backend '%s' dropped: it raised %s", op, d.shape, b.name, _first_line(exc))
+            continue
         if bad is not None:
-            d.dropped[c.name] = f"mismatch: {bad}"
-            d.defects[c.name] = bad
-            logger.error("maect: DEFECT: %s backend '%s' disagrees with the reference on %s [%s]: %s; it is not used",
-                         problem.op, c.name, problem.shape or "these inputs", problem.key, bad)
+            d.dropped[b.name] = f"disagrees with the reference: {bad}"
+            logger.error("maect: DEFECT: %s backend '%s' disagrees with the reference on %s: %s; it is not used",
+                         op, b.name, d.shape, bad)
             continue
-        survivors.append(c)
-    timed = survivors + list(problem.baselines)
-    t_timing = time.perf_counter()
-    for j, c in enumerate(timed):
-        left = max(0.0, budget - (time.perf_counter() - t_timing))
+        ok.append(b)
+    t0 = time.perf_counter()
+    for j, b in enumerate(ok):
+        left = max(0.0, budget_s - (time.perf_counter() - t0)) / (len(ok) - j)
+        run = _timed(b.fn, args, grad)
         try:
-            d.ms[c.name] = float(timer(c.name, c.timed or c.run, dev, left / (len(timed) - j)))
-        except Exception as exc:                 # a backend that ran once but fails when timed (e.g. its backward)
-            if c is problem.reference:
-                raise
-            d.dropped[c.name] = f"raised while timed: {_first_line(exc)}"
-            logger.warning("maect: dispatch %s [%s]: backend '%s' dropped: timing it raised %s", problem.op,
-                           short_key(problem.key), c.name, _first_line(exc))
-    d.timing_s = round(time.perf_counter() - t_timing, 4)
-    ok = [c.name for c in survivors if c.name in d.ms and math.isfinite(d.ms[c.name])]
-    d.pick = min(ok, key=lambda n: d.ms[n]) if ok else problem.reference.name
-    d.torch_path = problem.baselines[0].name if problem.baselines else problem.reference.name
-    if d.torch_path not in d.ms:
-        d.torch_path = problem.reference.name
+            with ctx():
+                d.ms[b.name] = round(float(timer(b.name, run, device, left)), 4)
+        except Exception as exc:                 # ran once, fails when timed (its backward)
+            d.dropped[b.name] = f"raised while timed: {_first_line(exc)}"
+            logger.warning("maect: %s %s: backend '%s' dropped: timing it raised %s", op, d.shape, b.name,
+                           _first_line(exc))
+    timed = [b.name for b in ok if b.name in d.ms and math.isfinite(d.ms[b.name])]
+    if timed:
+        best = min(d.ms[n] for n in timed)
+        d.pick = next(n for n in timed if d.ms[n] <= best * (1 + MARGIN))
     d.cost_s = round(time.perf_counter() - t_start, 4)
-    d.ms = {k: round(v, 4) for k, v in d.ms.items()}
     return d
 
 
-def summary(op: str, key: str, d: Decision) -> str:
-    """The one log line of a decision: every backend's time and its ratio to the torch path."""
-    parts = []
-    for name, ms in d.ms.items():
-        r = d.ratio(name)
-        tag = " (torch path)" if name == d.torch_path else ""
-        parts.append(f"{name} {ms:.3f} ms" + (f" = {r:.2f}x" if r is not None and not tag else "") + tag)
-    parts += [f"{name} dropped ({why})" for name, why in d.dropped.items()]
-    where = f" on {d.shape}" if d.shape else ""
-    extra = f"; measuring took {d.cost_s:.2f} s" if d.source == "measured" else ""
-    if not parts:                                          # table mode: nothing measured
-        return f"maect: {op} [{key}]: backend '{d.pick}' ({d.source}: nothing measured)"
-    return (f"maect: {op} [{key}]: backend '{d.pick}' ({d.source}{where}: " + ", ".join(parts) + ")" + extra)
-
-
-_cache: Cache | None = None
-_decisions: dict[str, Decision] = {}
-_state_lock = threading.RLock()
-
-
-def cache() -> Cache:
-    global _cache
-    if _cache is None or _cache.path != cache_dir() / CACHE_NAME:
-        _cache = Cache()
-    return _cache
-
-
-def clear() -> None:
-    """Forget this process's decisions and the loaded cache (tests; after changing MAECT_CACHE_DIR)."""
-    global _cache
-    with _state_lock:
-        _decisions.clear()
-        _cache = None
-
-
-def decisions() -> dict[str, Decision]:
-    """This process's decisions so far, by key (for log lines and the check)."""
-    return dict(_decisions)
-
-
+def decide(op: str, args: tuple, *, measure_missing: bool = True, timer: Callable | None = None,
+           budget_s: float = BUDGET_S, amp: torch.dtype | None = None, again: bool = False) -> Decision:
+    """The decision for op on inputs like args, made now if this process and the cache have none (measure_missing;
+    else the static default), or always when again=True (python -m maect.kernels.check). A decision from the cache
+    whose backend cannot run here is made again. Kept in this process and (measured ones) in the cache file."""
+    o = get(op)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    device = first.device
+    with (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
+        meta = o.meta(*args)
+    key = o.key(meta)
+    dkey = (op, device.type, key)
+    with _state:
+        d = None if again else _decisions.get(dkey)
+        if d is None and not again:
+            entry = cache().get(f"{device_key(device)}|{op}|{key}")
+            d = Decision.from_json(entry, "cache") if entry is not None else None
+        if d is not None and (why := _unavailable(o, d.pick, device, meta)) is not None:
+            logger.info("maect: %s %s: the %s decision '%s' cannot run here (%s); deciding again", op, key,
+                        d.source, d.pick, why)
+            d = None
+        if d is None and (measure_missing or again):
+            d = measure(op, args, timer=timer, budget_s=budget_s, amp=amp)
+            cache().put(f"{device_key(device)}|{op}|{key}", d.to_json())
+        if d is None:
+            name = o.default.get(device.type, o.backends[0].name)
+            d = Decision(name if _unavailable(o, name, device, meta) is None else o.backends[0].name, "static default")
+        _decisions[dkey] = d
+        _resolved.clear()
+        return d
 
 
 # ------------------------------------------------------------------------------------------------ distributed
-def _dist_info():
-    """(rank, world, store) when torch.distributed runs more than one rank, else None."""
-    try:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return None
-        from torch.distributed import distributed_c10d as c10d
-        return dist.get_rank(), dist.get_world_size(), c10d._get_default_store()
-    except Exception:
-        return None
+def share_from_rank0() -> None:
+    """Under torch.distributed with more than one rank: every rank adopts rank 0's decisions (made or read from its
+    cache at start-up) and no rank reads its cache file afterwards (a key not decided at start-up runs the static
+    default everywhere), so all ranks run the same backends. A collective:
+    every rank calls it, at the same point (the trainer's start-up)."""
+    global _follow_rank0
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    with _state:
+        mine = [{"|".join(k): v.to_json() | {"source": v.source} for k, v in _decisions.items()}]
+    dist.broadcast_object_list(mine, src=0)
+    _follow_rank0 = True                    # every rank: what was not decided at start-up runs the static default
+    if dist.get_rank() != 0:
+        with _state:
+            _decisions.clear()
+            for k, v in mine[0].items():
+                op, dev, key = k.split("|", 2)
+                _decisions[(op, dev, key)] = Decision.from_json(v, f"rank 0 ({v.get('source', '?')})")
+            _resolved.clear()
 
 
-def _publish(store, key: str, d: Decision) -> None:
-    store.set("maect/dispatch/" + short_key(key), json.dumps({"pick": d.pick, "ms": d.ms, "dropped": d.dropped,
-                                                             "torch_path": d.torch_path, "shape": d.shape,
-                                                             "origin": d.source.split(" ")[0]}))
-
-
-def _receive(store, key: str, wait_s: float) -> Decision | None:
-    skey = "maect/dispatch/" + short_key(key)
-    try:
-        store.wait([skey], timedelta(seconds=wait_s))
-        entry = json.loads(store.get(skey))
-        return Decision.from_json(entry, f"rank 0 ({entry.get('origin', '?')})")
-    except Exception as exc:
-        logger.warning("maect: dispatch %s: no decision from rank 0 within %.0f s (%s); this rank runs the table's "
-                       "choice", short_key(key), wait_s, _first_line(exc))
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------- choose
-_forcing: list | None = None
-_forcing_timer: Callable | None = None
-
-
-@contextlib.contextmanager
-def forced(timer: Callable | None = None):
-    """Inside: every choose() measures, even where a decision is known (python -m maect.kernels.check); yields
-    the list of (key, Decision) made inside."""
-    global _forcing, _forcing_timer
-    prev = _forcing, _forcing_timer
-    _forcing, _forcing_timer = [], timer
-    try:
-        yield _forcing
-    finally:
-        _forcing, _forcing_timer = prev
-
-
-def stale(d: Decision, backends: dict[str, str | None]) -> str | None:
-    """Why a decision made elsewhere (the cache file, rank 0) does not hold in this process, else None.
-    backends: every backend of the op -> None where it can run here, else why not (a switch such as MAECT_CPP=0, a
-    missing build, another device). Stale: its pick cannot run here, or it was measured without a backend that can
-    run here now (switched off then, or added since)."""
-    why = backends.get(d.pick, "not a backend of this op")
-    if why is not None:
-        return f"its backend '{d.pick}' cannot run here ({why})"
-    if d.ms:
-        unmeasured = [b for b, w in backends.items() if w is None and b not in d.ms and b not in d.dropped]
-        if unmeasured:
-            return f"it was measured without {', '.join(repr(b) for b in unmeasured)}, which can run here now"
-    return None
-
-
-def backends_missing(d: Decision, backends: dict[str, str | None]) -> str | None:
-    """Why d's pick cannot run here (rank 0's decision on a rank whose backends differ), else None."""
-    why = backends.get(d.pick, "not a backend of this op")
-    return None if why is None else f"its backend '{d.pick}' cannot run here ({why})"
-
-
-def choose(key: str, problem: Callable[[], Problem] | None, fallback: str, *, force: bool = False,
-           timer: Callable | None = None, backends: Callable[[], dict[str, str | None]] | None = None) -> Decision:
-    """The decision for key (module docstring order). problem: builds the measurement (called only when one runs;
-    None: table mode, never measure); fallback: the table's pick (table mode without a cached decision, or a rank
-    that waited for rank 0 in vain; it can always run here). force: measure even if a decision is known (python -m
-    maect.kernels.check). backends: the op's backends -> None or why one cannot run here (see stale): a cached or
-    received decision that is stale is decided again (one log line), so a backend switched off (MAECT_CPP=0) or
-    unavailable never runs whatever the cache holds.
-    Distributed: rank 0 resolves the key and publishes the decision; every other rank runs what rank 0 chose."""
-    made = _forcing
-    if made is not None:
-        force, timer = True, timer or _forcing_timer
-    with _state_lock:
-        if not force and key in _decisions:
-            return _decisions[key]
-        op = key.split("|")[-3]
-        info = _dist_info()
-        avail = backends() if backends is not None else None
-        if info is not None and info[0] != 0 and not force:
-            d = _receive(info[2], key, WAIT_S) or Decision(pick=fallback, source="table (rank 0 silent)")
-            if avail is not None and (why := backends_missing(d, avail)) is not None:
-                logger.info("maect: dispatch %s [%s]: rank 0's decision is not used: %s; this rank runs the table's "
-                            "choice '%s'", op, short_key(key), why, fallback)
-                d = Decision(pick=fallback, source="table (rank 0's pick cannot run here)")
-        else:
-            d = None
-            if not force:
-                entry = cache().get(key)
-                d = Decision.from_json(entry, f"cache {cache().path}") if entry is not None else None
-                if d is not None and avail is not None and (why := stale(d, avail)) is not None:
-                    logger.info("maect: dispatch %s [%s]: the cached decision is not used: %s; deciding again", op,
-                                short_key(key), why)
-                    d = None
-            if d is None:
-                d = decide(problem(), timer=timer) if problem is not None else \
-                    Decision(pick=fallback, source="table (MAECT_DISPATCH=table)")
-            if info is not None:
-                with contextlib.suppress(Exception):
-                    _publish(info[2], key, d)
-        _decisions[key] = d
-        if d.source in ("measured", "rank 0 (measured)"):     # only measurements go into the cache
-            cache().put(key, d.to_json())
-        log = logger.error if d.defects else logger.info
-        log(summary(op, key, d))
-        if made is not None:
-            made.append((key, d))
-        return d
+def summary(made: list[tuple[str, Decision]]) -> str:
+    """One line: op key -> backend (its time against the torch path) for each decision."""
+    return "kernels: " + "; ".join(f"{op} {d.shape} -> {d.brief()}" for op, d in made)

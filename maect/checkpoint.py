@@ -29,7 +29,8 @@ log = logging.getLogger("maect")
 # keys that may differ between a checkpoint's config and the resuming run's
 RESUME_FREE = ("out_dir", "resume", "init", "log_every", "threads", "device", "stage", "ckpt_every", "ckpt_epochs",
                "keep_last", "max_skips", "signal_every", "eval.", "data.root", "data.num_workers", "data.loader",
-               "fused_optimizer", "preset", "log.", "model.grad_checkpointing")   # loggers and checkpointing change no number
+               "fused_optimizer", "preset", "log.", "model.grad_checkpointing",   # loggers and checkpointing change no number
+               "kernels.")      # backends verified against the same reference (kernels/dispatch.py)
 
 
 def code_version() -> str:

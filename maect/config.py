@@ -125,6 +125,15 @@ class LogCfg:                        # experiment loggers beside metrics.jsonl (
 
 
 @dataclass
+class KernelsCfg:                    # backend decisions (kernels/dispatch.py, maect/backends.py), made at start-up
+    measure: bool = True             # a decision missing from the cache is measured at start-up; false: static default
+    budget_s: float = 1.0            # seconds of timing per decision
+    queue_topk: str = "auto"         # auto (the decision) | a backend by name: torch | cpp | triton | ref
+    masked_patch_embed: str = "auto"  # auto | ref | cpp | triton | gather | fused
+    decoder_input: str = "auto"      # auto | ref | cpp | triton | fused
+
+
+@dataclass
 class Config:
     preset: str = ""
     stage: str = "pipeline"          # mae | head | ct | pipeline (mae -> head -> ct) | ct_pipeline (head -> ct)
@@ -151,6 +160,7 @@ class Config:
     ct: CTCfg = field(default_factory=CTCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     log: LogCfg = field(default_factory=LogCfg)
+    kernels: KernelsCfg = field(default_factory=KernelsCfg)
 
 
 class ConfigError(ValueError):

@@ -1,42 +1,37 @@
-"""One attention function for every block, with backends picked by name (xFormers-dispatch style: each backend says
-why it cannot run given inputs, and asking for one that cannot lists every backend's reason).
+"""One attention function for every block; its backend is the decision for the inputs' shape class (kernels/dispatch.py:
+made at start-up, a dict lookup per call) or one asked for by name. Each backend says why it cannot run given inputs
+(xFormers-dispatch style), and asking for one that cannot raises BackendUnavailable listing every backend's reason.
 
 attention(q, k, v): q, k, v [N, H, T, Dh] -> [N, H, T, Dh] = softmax(q kᵀ / sqrt(Dh)) v. No mask, no dropout
 (MAE-CT uses neither). Any strides: the ViT passes views into its packed qkv tensor.
 
-Backends (set_backend(name), the config key model.attention, or env MAECT_ATTENTION):
+Backends (the config key model.attention, or set_backend(name); 'auto', the default, runs the decision):
+  sdpa            torch.nn.functional.scaled_dot_product_attention, torch picking the kernel per call: the torch
+                  path, and the static default where no decision exists.
+  sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
+                  SDPA with one kernel forced through torch.nn.attention.sdpa_kernel (on CPU only flash and math
+                  exist: torch's CPU flash kernel and the composite math path).
   xformers        xformers.ops.memory_efficient_attention on [N, T, H, Dh] ("BMHK") views (no copy), xFormers
                   picking the operator. CUDA only (xFormers has no CPU operators). Loaded through
                   maect.models.xformers_load, which preloads the CUDA 12 runtime a CUDA-12 xFormers wheel needs beside
                   a CUDA 13 torch and otherwise says exactly why it cannot load.
   xformers_cutlass, xformers_flash
                   the same with one operator pair forced (fmha.cutlass / fmha.flash Fw+Bw ops).
-  sdpa            torch.nn.functional.scaled_dot_product_attention, torch picking the kernel per call.
-  sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
-                  SDPA with one kernel forced through torch.nn.attention.sdpa_kernel (on CPU only flash and math
-                  exist: torch's CPU flash kernel and the composite math path).
   math            attention_ref: the explicit fp32 reference (fp64 inputs stay fp64; under autocast, timm's math).
-  auto            per (device type, dtype, head dim, sequence-length bucket, train/infer) the backend that measured
-                  fastest, from the table `python bench/attention.py --write-table` writes
-                  (maect/models/attention_table.json; env MAECT_ATTENTION_TABLE for another file); 'sdpa' (SDPA's own
-                  kernel choice) where the table has no entry or its pick cannot run.
-The backend chosen for each (backend asked, device, dtype, Dh, T, grad) is logged once (logger 'maect') and
-cached, so the per-call cost is one dict lookup; under torch.compile the choice is a trace-time constant (no graph
-break, no recompile). A named backend that cannot run raises BackendUnavailable at the first call (eager) or at
-trace time (compiled).
+Decision key: dtype, head dim, sequence bucket (seq_bucket), train (a backward follows) or infer. Under
+torch.compile the lookup is a trace-time constant (no graph break, no recompile).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maect.kernels import dispatch
 from maect.models import xformers_load as X
 
 log = logging.getLogger("maect")
@@ -44,30 +39,10 @@ log = logging.getLogger("maect")
 CONCRETE = ("xformers", "xformers_cutlass", "xformers_flash", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn",
             "sdpa_math", "math")
 BACKENDS = CONCRETE + ("auto",)
-# what --write-table may pick (the math paths are references, never fast)
-AUTO_CANDIDATES = ("xformers", "xformers_cutlass", "xformers_flash", "sdpa", "sdpa_flash", "sdpa_efficient",
-                   "sdpa_cudnn")
+ORDER = ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "xformers", "xformers_cutlass", "xformers_flash",
+         "sdpa_math")                     # the decision's candidates: the torch path first
 XFORMERS_OPS = {"xformers_cutlass": "cutlass", "xformers_flash": "flash"}   # backend -> xformers.ops.fmha module
-TABLE_PATH = os.environ.get("MAECT_ATTENTION_TABLE", os.path.join(os.path.dirname(__file__), "attention_table.json"))
-
-_backend = os.environ.get("MAECT_ATTENTION", "sdpa")
-_chosen: dict[tuple, str] = {}            # resolution key -> concrete backend; filled once per key by _choose
-_table: dict | None = None
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend asked for by name cannot run the given inputs; the message lists every backend's reason."""
-
-
-def set_backend(name: str) -> None:
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
+BackendUnavailable = dispatch.Unavailable   # a backend asked for by name cannot run the inputs (every reason listed)
 
 
 # ------------------------------------------------------------------------------------------------ implementations
@@ -234,123 +209,71 @@ def unavailable_message(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool) 
             + "\n".join(lines) + "\nSet model.attention (or env MAECT_ATTENTION) to one that can run, or to 'auto'.")
 
 
-# ------------------------------------------------------------------------------------------------ the auto table
+# ------------------------------------------------------------------------------------------------ the op
 def seq_bucket(T: int) -> int:
-    """Sequence-length bucket: the next power of two >= T, at least 64 (ViT: 50 -> 64, 65 -> 128, 197 -> 256,
-    257 -> 512), so MAE-visible and full-sequence shapes of every ViT size land in different buckets."""
+    """Sequence-length bucket of a decision: the next power of two >= T, at least 64 (ViT: 50 -> 64, 65 -> 128,
+    197 -> 256, 257 -> 512), so MAE-visible and full-sequence shapes of every ViT size land in different buckets."""
     return max(64, 1 << (max(T, 1) - 1).bit_length())
 
 
-def table_key(device_type: str, dtype: torch.dtype, Dh: int, T: int) -> str:
-    return f"{device_type}|{str(dtype).replace('torch.', '')}|{Dh}|{seq_bucket(T)}"
+def _meta(q: Tensor, k: Tensor, v: Tensor) -> tuple:
+    """What a decision depends on: dtype, head dim, sequence bucket, whether a backward follows."""
+    return (str(q.dtype).replace("torch.", ""), dispatch.concrete(q.shape[-1]),
+            seq_bucket(dispatch.concrete(q.shape[-2])), _needs_grad(q, k, v))
 
 
-def load_table(path: str | None = None) -> dict:
-    """The measured table ({'entries': {key: {'train': name, 'infer': name}}, 'measured_on': ...}); {} if absent."""
-    global _table
-    if path is None and _table is not None:
-        return _table
-    p = path or TABLE_PATH
-    try:
-        with open(p) as f:
-            t = json.load(f)
-    except FileNotFoundError:
-        t = {}
-    except (OSError, ValueError) as e:
-        log.warning(f"attention: cannot read the auto table {p} ({e}); auto uses sdpa")
-        t = {}
-    if path is None:
-        _table = t
-    return t
+def _key(meta: tuple) -> str:
+    dt, Dh, Tb, grad = meta
+    return f"{dt}|Dh{Dh}-T{Tb}-{'train' if grad else 'infer'}"
 
 
-def save_table(path: str, new: dict, merge: bool = True) -> dict:
-    """Write table `new` to path atomically; merge=True keeps the entries of the existing file that `new` does not
-    measure (another device type, dtype or shape). Each entry keeps its own 'measured_on'. Returns what was written."""
-    from maect.atomic import write_json
-    old = load_table(path) if merge else {}
-    entries = {**old.get("entries", {}), **new.get("entries", {})}
-    out = {**old, **new, "entries": dict(sorted(entries.items()))}
-    write_json(path, out)
-    return out
+def _why_not_meta(name: str):
+    def check(device: torch.device, meta: tuple) -> str | None:
+        dt, Dh, Tb, grad = meta
+        r = torch.empty(1, 1, Tb, Dh, dtype=getattr(torch, dt), device=device)
+        return why_not(name, r, r, r, grad)
+    return check
 
 
-def pick_from_table(table: dict, device_type: str, dtype: torch.dtype, Dh: int, T: int, grad: bool) -> str | None:
-    """The measured pick for these inputs, or None if the table has no entry."""
-    entry = table.get("entries", {}).get(table_key(device_type, dtype, Dh, T))
-    return None if entry is None else entry.get("train" if grad else "infer")
+def _verify(args: tuple, out: Tensor, ref: Tensor) -> str | None:
+    """max |out - exact| <= 2 max |low-precision reference - exact| + atol (tests/test_attention.py's rule, forward)."""
+    q, k, v = args
+    if out.shape != q.shape or out.dtype != q.dtype:
+        return f"output {tuple(out.shape)} {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
+    ex = ((q.double() @ k.double().transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(-1) @ v.double()
+    low = attention_ref(q, k, v) if q.dtype in (torch.float32, torch.float64) else attention_naive(q, k, v)
+    tol = 2 * (low.double() - ex).abs().max().item() + (2e-6 if q.dtype in (torch.float32, torch.float64) else 2e-3)
+    err = (out.double() - ex).abs()
+    if not err.max().item() <= tol:
+        n = int(err.reshape(err.shape[0], -1).amax(1).argmax())
+        return f"sample {n}: error {err.max().item():.3g} > tolerance {tol:.3g}"
+    return None
 
 
-def resolve(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None) -> tuple[str, str]:
-    """(concrete backend that runs, why) for backend `name`; raises BackendUnavailable for a named backend that
-    cannot run these inputs."""
-    grad = _needs_grad(q, k, v) if grad is None else grad
+OP = dispatch.register(dispatch.Op(
+    name="attention", reference=attention_ref, ref_name="math", meta=_meta, key=_key, verify=_verify,
+    backends=tuple(dispatch.Backend(n, _impl(n), _why_not_meta(n)) for n in ORDER),
+    default={"cpu": "sdpa", "cuda": "sdpa"}))
+
+
+def set_backend(name: str) -> None:
+    """Every attention call of this process runs backend `name` ('auto': the decision, kernels/dispatch.py)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-    if name != "auto":
-        if why_not(name, q, k, v, grad) is not None:
-            raise BackendUnavailable(unavailable_message(name, q, k, v, grad))
-        return name, "asked by name"
-    table = load_table()
-    key = table_key(q.device.type, q.dtype, q.shape[-1], q.shape[-2])
-    pick = pick_from_table(table, q.device.type, q.dtype, q.shape[-1], q.shape[-2], grad)
-    if pick is None:
-        return "sdpa", (f"auto: no measured entry {key} in {TABLE_PATH} (bench/attention.py --write-table measures "
-                        "one): SDPA's own kernel choice")
-    why = why_not(pick, q, k, v, grad) if pick in CONCRETE else f"unknown backend {pick!r} in the table"
-    if why is not None:
-        return "sdpa", f"auto: table pick {pick} for {key} cannot run ({why}): SDPA's own kernel choice"
-    entry = table["entries"][key]
-    dev = (entry.get("measured_on") or table.get("measured_on") or {}).get("device", "?")
-    return pick, f"auto: table entry {key} ({'train' if grad else 'infer'}), measured on {dev}"
+    dispatch.force("attention", name)
 
 
-_IMPLS = {n: _impl(n) for n in CONCRETE}
-
-
-@torch.compiler.assume_constant_result
-def _choose(backend: str, device_type: str, device_index: int | None, dtype: torch.dtype, T: int, Dh: int,
-            grad: bool) -> str:
-    """The concrete backend for these inputs: cached per key, logged once. Metadata in, a string out, so under
-    torch.compile it runs once at trace time and its result is a constant (no graph break, no guard on the cache).
-    The availability checks see representative [1, 1, T, Dh] contiguous tensors (allocated only on a cache miss)."""
-    key = (backend, device_type, dtype, Dh, T, grad)
-    name = _chosen.get(key)
-    if name is None:
-        r = torch.empty(1, 1, T, Dh, dtype=dtype, device=torch.device(device_type, device_index))
-        name, why = resolve(backend, r, r, r, grad)
-        _chosen[key] = name
-        log.info(f"attention: {name} runs [*, *, T={T}, Dh={Dh}] {str(dtype).replace('torch.', '')} on {device_type} "
-                 f"({'train' if grad else 'infer'}) - {why}")
-    return name
-
-
-def _concrete(n, hi: int = 1 << 24) -> int:
-    """n as a Python int. Under torch.compile's dynamic shapes (automatic after a recompile for a second shape: the
-    decoder's blocks share Block.forward with the encoder's) a size is symbolic and cannot be an argument of _choose;
-    a binary search of comparisons turns it into a constant, each comparison a guard, so the graph is specialised on
-    the size (a recompile per new size, as with static shapes) instead of breaking at _choose."""
-    if not torch.compiler.is_compiling():
-        return n
-    lo = 0
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if n <= mid:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+def get_backend() -> str:
+    return dispatch.forced().get("attention", "auto")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / sqrt(Dh)) v for q, k, v [N, H, T, Dh] with the configured backend."""
-    T, Dh = _concrete(q.shape[-2]), _concrete(q.shape[-1])
-    name = _choose(_backend, q.device.type, q.device.index, q.dtype, T, Dh, _needs_grad(q, k, v))
-    return _IMPLS[name](q, k, v)
+    """softmax(q kᵀ / sqrt(Dh)) v for q, k, v [N, H, T, Dh] with the backend asked for by name (set_backend), else
+    the decision for these inputs (kernels/dispatch.py: made at start-up, a lookup here). BackendUnavailable (a
+    ValueError naming every backend's reason) when the backend asked for cannot run them."""
+    return dispatch.lookup("attention", _meta(q, k, v), q.device)(q, k, v)
 
 
 def clear_cache() -> None:
-    """Forget resolved choices and the loaded table (tests; after writing a new table)."""
-    global _table
-    _chosen.clear()
-    _table = None
+    """Forget this process's attention decisions and resolutions (tests)."""
+    dispatch.clear()
