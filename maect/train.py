@@ -22,11 +22,10 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from maect import kernels
 from maect.dataloading import DataError, NoLabels, build_loader, load_data, load_eval_data
 from maect.dataloading.datasets import check_source
 from maect import config as C
-from maect import dist, hub, loggers, preempt
+from maect import backends, dist, hub, loggers, preempt
 from maect.atomic import write_json
 from maect.checkpoint import (Checkpoints, check_resume_config, check_resume_run, code_version, set_rng_state,
                               unreadable)
@@ -35,7 +34,6 @@ from maect.engine import (NNCLRNet, autocast, ema_pairs, ema_update, mae_one_epo
 from maect.eval.features import NonFiniteFeatures
 from maect.eval.monitor import KNNMonitor, projected
 from maect.eval.summary import format_summary, summarize
-from maect.models import attention as attn
 from maect.models.vit import num_params
 from maect.optim import build_optimizer, can_skip_on_device, freeze, llrd_scale, param_groups, warmup_steps
 from maect.steplog import Meter, Tracker  # noqa: F401  (Meter: re-exported for callers of maect.train)
@@ -150,8 +148,7 @@ def run_mae(cfg: C.Config, di: dist.DistInfo, data) -> str:
     warm = warmup_steps(s.warmup_epochs * spe)        # published: whole warmup epochs x updates per epoch
     log.info(f"[mae] {num_params(model) / 1e6:.2f}M params, global batch {s.batch_size} ({micro}/rank x "
              f"{di.world} ranks x {s.accum_steps} accum), {s.num_views} view(s), lr {lr:.3g}, {total} steps, "
-             f"optimizer {opt_name}, "
-             f"loader {loader.backend}, attention {attn.get_backend()}, masking {kernels.mae_backends(model, di.device)}")
+             f"optimizer {opt_name}, loader {loader.backend}")
     model.train()
     t = Tracker(cfg, di, "mae", total=total, warm=warm, opt=opt, ckpts=ckpts, state={"model": model, "optimizer": opt},
                 meter=Meter(out, "mae", total, s.batch_size, cfg.log_every, di.is_main), resume=resume, nn_acc=False,
@@ -243,8 +240,7 @@ def run_nnclr(cfg: C.Config, di: dist.DistInfo, stage: str, init: str, monitor: 
              f"top-k {s.topk}, queue {queue.size}, {total} steps, "
              f"views {'MAE-CTaug colour' if cfg.ct.aug else 'crop+flip'}, "
              f"optimizer {opt_name}, loader {loader.backend}, queue {queue.features.dtype}, "
-             f"logits {'bf16' if cfg.nnclr.loss_autocast and uses_bf16(cfg.precision, di.device) else 'fp32'}, "
-             f"queue_topk backend {kernels.backend_for(queue.features)}, attention {attn.get_backend()}")
+             f"logits {'bf16' if cfg.nnclr.loss_autocast and uses_bf16(cfg.precision, di.device) else 'fp32'}")
     head.train()
     meter = Meter(out, stage, total, s.batch_size, cfg.log_every, di.is_main)
     state = {"model": encoder, "head": head, "queue": queue, "optimizer": opt, "nn_epoch": nn_sum, "model_ema": ema}
@@ -328,7 +324,6 @@ def run(cfg: C.Config) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    attn.set_backend(cfg.model.attention)
     check_resume_run(cfg)      # resume=auto: every stage's checkpoint has this config, before config.yaml is written
     os.makedirs(cfg.out_dir, exist_ok=True)
     if di.is_main:
@@ -351,6 +346,10 @@ def run(cfg: C.Config) -> dict:
     validate_data(cfg, di.world, len(train), *((len(queries), len(bank)) if bank is not None else ()))
     monitor = (KNNMonitor(cfg, di.device, cfg.eval.monitor_train, cfg.eval.monitor_test, bank, queries)
                if bank is not None and di.is_main else None)
+    # every backend decision, before any step: measured (or read from the cache) on rank 0, shared with every rank
+    backends.decide_for_run(cfg, di.device, di.world, di.rank, n_train=len(train),
+                            n_bank=len(bank) if bank is not None else None,
+                            n_query=len(queries) if queries is not None else None)
     init = cfg.init
     for stage in C.stages(cfg):
         t0 = time.time()

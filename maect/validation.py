@@ -111,6 +111,13 @@ def _check_run(cfg: Config) -> None:
     _need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
     _need(0 <= cfg.data.dali_hw_decoder_load <= 1,
           f"data.dali_hw_decoder_load={cfg.data.dali_hw_decoder_load} must be in [0, 1]")
+    _need(0 < cfg.kernels.budget_s < float("inf"),
+          f"kernels.budget_s={cfg.kernels.budget_s} must be a positive number of seconds (timing per decision)")
+    from maect.kernels import dispatch
+    for op in ("queue_topk", "masked_patch_embed", "decoder_input"):
+        names = ("auto",) + dispatch.get(op).names()
+        name = getattr(cfg.kernels, op)
+        _need(name in names, f"kernels.{op}={name!r}: choose one of {names}")
 
 
 def _check_model_keys(m: ModelCfg) -> None:

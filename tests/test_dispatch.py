@@ -1,412 +1,236 @@
-"""Measured dispatch (kernels/dispatch.py, kernels/candidates.py): the decision logic with injected timings (no
-test depends on how fast anything runs), the verification rules with fake backends, the cache file (round trip,
-corrupt file, unwritable folder, two processes at once) and the agreement of two gloo ranks."""
+"""The one backend mechanism (kernels/dispatch.py): decisions made before training (verified, timed, cached), a
+plain lookup at call time, the torch path never beaten by a slower backend, the same backends in two processes of
+one config and on every rank.
+
+Timings are injected (timer_of) wherever a test asserts which backend wins: no assertion depends on machine speed.
+"""
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from maect import kernels
-from maect.kernels import candidates as C
+import maect.kernels as K
 from maect.kernels import dispatch as D
 
-qt = importlib.import_module("maect.kernels.queue_topk")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def measure(monkeypatch, tmp_path):
-    """Measure mode, a fresh cache folder, no decisions in memory; the default timer restored afterwards."""
-    monkeypatch.setenv("MAECT_DISPATCH", "measure")
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MAECT_KERNELS", raising=False)
-    monkeypatch.delenv("MAECT_MASKING", raising=False)
-    kernels.clear_cache()
-    yield monkeypatch
-    D.set_timer(None)
-    kernels.clear_cache()
+    D.clear()
+    yield
+    D.clear()
 
 
 def timer_of(ms: dict, calls: list | None = None):
+    """A timer that runs fn once (so its errors surface) and reports ms[name]."""
     def timer(name, fn, device, budget):
+        fn()
         if calls is not None:
             calls.append(name)
-        fn()
         return ms[name]
     return timer
 
 
-def topk_inputs(B=24, Q=200, D_=16, seed=0):
+def topk_args(B=24, Q=200, D_=16, k=4, seed=0, ids=True):
     g = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, D_, generator=g), dim=1)
     e = F.normalize(torch.randn(Q, D_, generator=g), dim=1)
-    e[7] = e[3]                                                   # an exact tie: index 3 must win
-    qids = torch.arange(Q)
-    ids = torch.randint(0, Q, (B,), generator=g)
-    return q, e, 5, ids, qids
+    if not ids:
+        return q, e, k, None, None, True
+    qids = torch.randint(0, 50, (Q,), generator=g)
+    return q, e, k, torch.randint(0, 50, (B,), generator=g), qids, True
 
 
-def wrong_index(q, e, k, ids, qids, normalized=True):
-    v, i = qt.queue_topk_ref(q, e, k, ids, qids, normalized)
+def with_backend(op: str, backend: D.Backend):
+    """The op with one more backend (restored by the fixture's monkeypatch)."""
+    o = D.OPS[op]
+    return dataclasses.replace(o, backends=o.backends + (backend,))
+
+
+def runnable_topk() -> list[str]:
+    return [b.name for b in D.OPS["queue_topk"].backends if b.why_not(torch.device("cpu"), ()) is None]
+
+
+@pytest.mark.parametrize("torch_ms, other_ms, pick", [(1.0, 0.5, "other"), (1.0, 0.97, "torch"), (0.4, 1.0, "torch")])
+def test_torch_path_wins_when_it_is_faster(monkeypatch, torch_ms, other_ms, pick):
+    """The torch path is first in every op's order: a backend replaces it only when measured > MARGIN faster."""
+    other = D.Backend("other", D.OPS["queue_topk"].backends[0].fn)
+    monkeypatch.setitem(D.OPS, "queue_topk", with_backend("queue_topk", other))
+    ms = {n: 5.0 for n in runnable_topk()} | {"torch": torch_ms, "other": other_ms}
+    d = D.decide("queue_topk", topk_args(), timer=timer_of(ms))
+    assert d.pick == pick and d.source == "measured" and d.torch_path == "torch"
+    args = topk_args()
+    meta = D.OPS["queue_topk"].meta(*args)
+    assert D.lookup("queue_topk", meta, torch.device("cpu")) is D.OPS["queue_topk"].backend(pick).fn
+
+
+def wrong_index(q, e, k, ids=None, qids=None, normalized=True):
+    v, i = K.queue_topk_ref(q, e, k, ids, qids, normalized)
     i = i.clone()
-    i[3, 0] = (i[3, 0] + 1) % e.shape[0] if i[3, 0] + 1 != i[3, 1] else (i[3, 0] + 2) % e.shape[0]
+    i[3, 0] = (i[3, 0] + 1) % e.shape[0]
     return v, i
 
 
 def raises(*a, **kw):
-    raise RuntimeError("PTXAS error: out of registers")          # as a compile failure surfaces
+    raise RuntimeError("cannot compile this")
 
 
-def problem_with(impls, inputs=None):
-    q, e, k, ids, qids = inputs or topk_inputs()
-    return C.topk_problem(q, e, k, ids, qids, True, impls, key=C.topk_key(q, e, k, ids))
+def test_wrong_and_raising_backends_are_dropped_never_picked(monkeypatch, caplog):
+    op = with_backend("queue_topk", D.Backend("wrong", wrong_index))
+    op = dataclasses.replace(op, backends=op.backends + (D.Backend("boom", raises),))
+    monkeypatch.setitem(D.OPS, "queue_topk", op)
+    ms = {n: 5.0 for n in runnable_topk()} | {"wrong": 0.01, "boom": 0.01}
+    with caplog.at_level(logging.WARNING, logger="maect.kernels"):
+        d = D.decide("queue_topk", topk_args(), timer=timer_of(ms))
+    assert d.pick not in ("wrong", "boom")
+    assert d.dropped["wrong"].startswith("disagrees with the reference: row 3")
+    assert "RuntimeError: cannot compile this" in d.dropped["boom"]
+    assert any("DEFECT" in r.message and "'wrong'" in r.message for r in caplog.records)
 
 
-# ------------------------------------------------------------------------------------------- decision logic
-def test_wrong_index_raising_and_slower_backends(measure, caplog):
-    """A backend returning a wrong index is dropped as a defect naming its first bad row; one that raises is
-    dropped with its error; a correct but slower one is verified and timed but not picked."""
-    p = problem_with({"wrong": wrong_index, "boom": raises, "slow": qt.queue_topk_ref})
-    ms = {"ref": 5.0, "wrong": 1.0, "boom": 1.0, "slow": 9.0, "torch mm+topk": 4.0}
-    with caplog.at_level(logging.INFO, logger="maect.kernels"):
-        d = D.choose(p.key, lambda: p, "ref", timer=timer_of(ms))
-    assert d.pick == "ref" and d.source == "measured"
-    assert d.dropped["wrong"].startswith("mismatch: row 3:") and d.defects["wrong"].startswith("row 3:")
-    assert d.dropped["boom"] == "raised RuntimeError: PTXAS error: out of registers"
-    assert set(d.ms) == {"ref", "slow", "torch mm+topk"} and d.ratio("slow") == pytest.approx(4 / 9)
-    assert "DEFECT: queue_topk backend 'wrong'" in caplog.text and "row 3" in caplog.text
-    lines = [r.getMessage() for r in caplog.records if "backend 'ref' (measured" in r.getMessage()]
-    assert len(lines) == 1 and "slow 9.000 ms = 0.44x" in lines[0] and "torch mm+topk 4.000 ms (torch path)" in lines[0]
+def test_call_time_never_measures(monkeypatch):
+    """With no decision, a call runs the static default; nothing is measured outside decide()."""
+    called = []
+    monkeypatch.setattr(D, "measure", lambda *a, **k: called.append(a) or pytest.fail("measured at call time"))
+    args = topk_args()
+    v, i = K.queue_topk(*args)
+    rv, ri = K.queue_topk_ref(*args)
+    assert torch.equal(i, ri) and not called
+    assert D.decisions() == {}
 
 
-def test_fastest_verified_backend_wins_and_is_kept(measure):
-    calls = []
-    D.set_timer(timer_of({"ref": 5.0, "fast": 2.0, "torch mm+topk": 4.0}, calls))
-    measure.setattr(kernels, "_topk_impls", lambda device: {"fast": qt.queue_topk_ref})
-    q, e, k, ids, qids = topk_inputs()
-    v, i = kernels.queue_topk(q, e, k, ids, qids)
-    assert torch.equal(i, qt.queue_topk_ref(q, e, k, ids, qids)[1])
-    assert list(kernels.decisions().values()) == ["fast"] and sorted(calls) == ["fast", "ref", "torch mm+topk"]
-    kernels.queue_topk(q, e, k, ids, qids)                       # decided: no second measurement
-    assert len(calls) == 3
+def test_decisions_are_cached_and_reused_by_a_new_process_state(monkeypatch):
+    ms = {n: 5.0 for n in runnable_topk()} | {"torch": 1.0}
+    d = D.decide("queue_topk", topk_args(), timer=timer_of(ms))
+    assert d.pick == "torch"
+    entries = json.loads((D.cache().path).read_text())["entries"]
+    assert len(entries) == 1 and next(iter(entries.values()))["pick"] == "torch"
+    D.clear()                                       # a new process: nothing in memory
+    monkeypatch.setattr(D, "measure", lambda *a, **k: pytest.fail("a cached decision was measured again"))
+    d2 = D.decide("queue_topk", topk_args(seed=1))  # same shape class, other values
+    assert d2.pick == "torch" and d2.source == "cache"
+    args = topk_args()
+    assert D.lookup("queue_topk", D.OPS["queue_topk"].meta(*args), torch.device("cpu")) is \
+        D.OPS["queue_topk"].backend("torch").fn
 
 
-@pytest.mark.parametrize("fault", ["value", "excluded", "tie", "padding"])
-def test_topk_rule_catches_each_fault(fault):
-    """check_topk rejects a wrong value, an excluded index, the higher of two equal rows, and lost padding."""
-    q, e, k, ids, qids = topk_inputs()
-    ids[0] = 3 if fault != "tie" else ids[0]
-    ref = qt.queue_topk_ref(q, e, k, ids, qids)
-    v, i = ref[0].clone(), ref[1].clone()
-    if fault == "value":
-        v[2, 1] += 1e-3
-    elif fault == "excluded":
-        i[0, 4] = 3
-    elif fault == "tie":
-        q[5], ids[5] = e[3], 100                                  # rows 3 and 7 are equal: 3 ranks first
-        ref = qt.queue_topk_ref(q, e, k, ids, qids)
-        assert ref[1][5, :2].tolist() == [3, 7]
-        v, i = ref[0].clone(), ref[1].clone()
-        i[5, 0], i[5, 1] = 7, 3
-    else:
-        e2 = e.clone()
-        ids[:] = 0
-        qids = torch.zeros_like(qids)
-        qids[:3] = 1                                              # only 3 admissible entries < k = 5
-        ref = qt.queue_topk_ref(q, e2, k, ids, qids)
-        v, i = ref[0].clone(), ref[1].clone()
-        i[1, 4] = 10
-        v[1, 4] = float((q[1] @ e2[10]).item())
-    assert C.check_topk(q, e, k, ids, qids, True, ref, ref) is None
-    assert C.check_topk(q, e, k, ids, qids, True, (v, i), ref) is not None
-
-
-def test_masking_rule_mask_exact_tokens_bounded(measure):
-    """masked_patch_embed: a token off by more than the derived bound, or a flipped mask entry, is a defect; the
-    gather backend (another summation order) passes."""
-    emb = importlib.import_module("maect.kernels.masked_embed")
-    g = torch.Generator().manual_seed(1)
-    imgs, w = torch.randn(4, 3, 16, 16, generator=g), torch.randn(32, 3, 4, 4, generator=g).requires_grad_()
-    b, pos = torch.randn(32, generator=g), torch.randn(1, 16, 32, generator=g)
-    args, shape = C.masking_inputs("masked_patch_embed", (imgs, w, b, pos, 0.75, None))
-
-    def off_token(*a):
-        x, m, r = emb.masked_patch_embed_ref(*a)
-        x = x.detach().clone()
-        x[2, 1, 5] += 1e-2
-        return x, m, r
-
-    def off_mask(*a):
-        x, m, r = emb.masked_patch_embed_ref(*a)
-        m = m.clone()
-        m[1, 0] = 1 - m[1, 0]
-        return x, m, r
-    p = C.masking_problem("masked_patch_embed", "k|masked_patch_embed|fp32|s", args,
-                          {"gather": emb.masked_patch_embed_gather, "token": off_token, "mask": off_mask},
-                          emb.masked_patch_embed_ref, True, shape)
-    d = D.decide(p, timer=timer_of({"ref": 3.0, "gather": 1.0}))
-    assert d.pick == "gather"
-    assert d.defects["token"].startswith("sample 2: x_visible beyond the derived error bound")
-    assert d.defects["mask"].startswith("sample 1: mask differs")
-
-
-def test_measurement_leaves_the_global_rng_alone(measure):
-    """Measuring draws its noise from a private generator: a measure-mode call consumes the global RNG exactly
-    as a table-mode call does (same masks, same run)."""
-    D.set_timer(timer_of({"ref": 3.0, "cpp": 2.0, "gather": 1.0}))
-    g = torch.Generator().manual_seed(0)
-    imgs, w = torch.randn(4, 3, 16, 16, generator=g), torch.randn(32, 3, 4, 4, generator=g).requires_grad_()
-    torch.manual_seed(7)
-    out_m = kernels.masked_patch_embed(imgs, w, None, None, 0.75)
-    after_m = torch.get_rng_state()
-    measure.setenv("MAECT_DISPATCH", "table")
-    kernels.clear_cache()
-    torch.manual_seed(7)
-    out_t = kernels.masked_patch_embed(imgs, w, None, None, 0.75)
-    assert torch.equal(after_m, torch.get_rng_state()) and torch.equal(out_m[2], out_t[2])
-
-
-def test_modes(measure):
-    """table mode never measures (the committed rule, or a measured cache entry); MAECT_KERNELS=0 runs the
-    reference; an unknown mode is an error naming the variable."""
-    q, e, k, ids, qids = topk_inputs()
-    key = C.topk_key(q, e, k, ids)
-    measure.setenv("MAECT_DISPATCH", "table")
-
-    def never():
-        raise AssertionError("table mode measured")
-    assert D.choose(key, None, "cpp").pick == "cpp"
-    D.cache().put(key, D.Decision(pick="ref", source="measured").to_json())
+def test_a_cached_decision_that_cannot_run_here_is_not_used(monkeypatch, caplog):
+    """A cache entry naming a backend this process cannot run (no GPU, no build) -> the static default at call
+    time, and a new decision at start-up."""
+    args = topk_args()
+    op = D.OPS["queue_topk"]
+    key = f"{D.device_key(torch.device('cpu'))}|queue_topk|{op.key(op.meta(*args))}"
+    D.cache().put(key, {"pick": "triton", "ms": {"triton": 0.1}})
     D.clear()
-    assert D.choose(key, None, "cpp").pick == "ref"                # the cache (measured here) before the table
-    kernels.clear_cache()
-    measure.setenv("MAECT_KERNELS", "0")
-    measure.setattr(C, "topk_problem", lambda *a, **kw: never())
-    kernels.queue_topk(q, e, k, ids, qids)
-    assert kernels.decisions() == {}
-    measure.setenv("MAECT_KERNELS", "1")
-    measure.setenv("MAECT_DISPATCH", "fastest")
-    with pytest.raises(ValueError, match="MAECT_DISPATCH='fastest'"):
-        kernels.queue_topk(q, e, k, ids, qids)
-
-
-# ----------------------------------------------------------------------------------------------------- cache
-def test_cache_round_trip(measure, caplog):
-    p = problem_with({"fast": qt.queue_topk_ref})
-    d = D.choose(p.key, lambda: p, "ref", timer=timer_of({"ref": 3.0, "fast": 1.0, "torch mm+topk": 2.0}))
-    data = json.loads((D.cache_dir() / "dispatch.json").read_text())
-    assert data["format"] == 1 and data["entries"][p.key]["pick"] == "fast" == d.pick
-    D.clear()                                                      # a new process, as far as dispatch knows
-
-    def never():
-        raise AssertionError("measured again")
     with caplog.at_level(logging.INFO, logger="maect.kernels"):
-        again = D.choose(p.key, never, "ref")
-    assert again.pick == "fast" and again.source.startswith("cache") and again.ms == d.ms
-    assert "backend 'fast' (cache" in caplog.text                  # a resumed run logs what it runs
+        fn = D.lookup("queue_topk", op.meta(*args), torch.device("cpu"))
+    default = op.default["cpu"] if op.backend(op.default["cpu"]).why_not(torch.device("cpu"), ()) is None else "torch"
+    assert fn is op.backend(default).fn
+    assert any("'triton' cannot run here" in r.message for r in caplog.records)
+    d = D.decide("queue_topk", args, timer=timer_of({n: 1.0 for n in runnable_topk()}))
+    assert d.source == "measured" and d.pick != "triton"
 
 
-def test_corrupt_cache_warns_once_and_is_replaced(measure, caplog):
-    path = D.cache_dir() / "dispatch.json"
-    path.parent.mkdir(parents=True)
-    path.write_text('{"format": 1, "entries": {"x": ')             # a write cut short
-    p1, p2 = problem_with({}), problem_with({}, topk_inputs(B=300))
+def test_corrupt_cache_warns_once_and_is_replaced(caplog):
+    D.cache().path.parent.mkdir(parents=True, exist_ok=True)
+    D.cache().path.write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="maect.kernels"):
-        D.choose(p1.key, lambda: p1, "ref", timer=timer_of({"ref": 1.0, "torch mm+topk": 1.0}))
-        D.choose(p2.key, lambda: p2, "ref", timer=timer_of({"ref": 1.0, "torch mm+topk": 1.0}))
-    assert caplog.text.count("is corrupt") == 1
-    assert set(json.loads(path.read_text())["entries"]) == {p1.key, p2.key}
+        D.decide("queue_topk", topk_args(), timer=timer_of({n: 1.0 for n in runnable_topk()}))
+        D.decide("queue_topk", topk_args(B=600), timer=timer_of({n: 1.0 for n in runnable_topk()}))
+    assert sum("unreadable" in r.message for r in caplog.records) == 1
+    assert len(json.loads(D.cache().path.read_text())["entries"]) == 2
 
 
-@pytest.mark.parametrize("how", ["folder under a file", "replace fails"])
-def test_unwritable_cache_keeps_decisions_in_memory(measure, tmp_path, caplog, how):
-    """Tests run as root (chmod does not stop root): a cache folder below a regular file (mkdir fails), or an
-    injected failure of the atomic rename. One warning, the decision kept, never an exception."""
-    if how == "folder under a file":
-        (tmp_path / "file").write_text("x")
-        measure.setenv("MAECT_CACHE_DIR", str(tmp_path / "file" / "maect"))
-    else:
-        def refuse(*a):
-            raise PermissionError(13, "Read-only file system")
-        measure.setattr(D.os, "replace", refuse)
-    p1, p2 = problem_with({}), problem_with({}, topk_inputs(B=300))
-    t = timer_of({"ref": 1.0, "torch mm+topk": 1.0})
-    with caplog.at_level(logging.WARNING, logger="maect.kernels"):
-        assert D.choose(p1.key, lambda: p1, "ref", timer=t).pick == "ref"
-        D.choose(p2.key, lambda: p2, "ref", timer=t)
-    assert caplog.text.count("kept in memory") == 1                 # one warning (unreadable or unwritable)
-    assert set(D.decisions()) == {p1.key, p2.key}
-    if how == "replace fails":
-        assert not list(D.cache_dir().glob("*.tmp"))               # the temporary file is cleaned up
+def test_asked_backend_that_cannot_run_names_every_reason():
+    D.force("queue_topk", "triton")
+    with pytest.raises(D.Unavailable) as e:
+        K.queue_topk(*topk_args())
+    msg = str(e.value)
+    assert "backend 'triton' cannot run" in msg and "Every backend for these inputs" in msg and "torch" in msg
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        D.force("queue_topk", "nope")
 
 
-def _writer(path: str, tag: str, n: int) -> None:
-    from maect.kernels import dispatch as Dw
-    c = Dw.Cache(path)
-    for j in range(n):
-        c.put(f"{tag}-{j}", {"pick": "ref", "ms": {"ref": float(j)}})
+def test_maect_kernels_0_runs_every_reference(monkeypatch):
+    monkeypatch.setenv("MAECT_KERNELS", "0")
+    args = topk_args()
+    assert D.lookup("queue_topk", D.OPS["queue_topk"].meta(*args), torch.device("cpu")) is \
+        D.OPS["queue_topk"].reference
 
 
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
-    path = str(tmp_path / "dispatch.json")
-    ctx = mp.get_context("fork")            # the writers run no torch op: fork is safe and quick
-    procs = [ctx.Process(target=_writer, args=(path, tag, 25)) for tag in ("a", "b")]
+def test_every_op_lists_the_torch_path_first_and_a_runnable_static_default():
+    from maect.models import attention  # noqa: F401  (registers attention)
+    assert {"queue_topk", "random_masking", "unshuffle", "decoder_input", "masked_patch_embed", "attention"} <= set(D.OPS)
+    for name, op in D.OPS.items():
+        for dev, default in op.default.items():
+            assert default in op.names(), (name, dev, default)
+        assert op.backends[0].name in ("torch", "ref", "sdpa"), name
+
+
+PROBE = r"""
+import json, sys, torch
+from maect.validation import load_config
+from maect import backends
+from maect.kernels import dispatch as D
+cfg = load_config(["preset=tiny", "kernels.budget_s=0.2"])
+backends.decide_for_run(cfg, torch.device("cpu"), n_train=600, n_bank=100, n_query=50)
+print(json.dumps({"|".join(k): [d.pick, d.source] for k, d in D.decisions().items()}))
+"""
+
+
+def test_two_processes_with_the_same_config_choose_the_same_backends(tmp_path):
+    """The first process measures at start-up and writes the cache; the second reads every decision from it."""
+    env = {**os.environ, "MAECT_CACHE_DIR": str(tmp_path / "shared")}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                                      check=True, cwd=ROOT).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) >= 5
+    assert {k: v[0] for k, v in runs[0].items()} == {k: v[0] for k, v in runs[1].items()}
+    assert {v[1] for v in runs[0].values()} == {"measured"} and {v[1] for v in runs[1].values()} == {"cache"}
+    assert {k.split("|")[0] for k in runs[0]} >= {"queue_topk", "masked_patch_embed", "decoder_input", "attention"}
+
+
+def _rank(rank: int, init: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+    os.environ["MAECT_CACHE_DIR"] = cache
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    args = topk_args()
+    names = runnable_topk()
+    # rank 0 measures the torch path fastest; rank 1 would measure another backend fastest
+    fast = "torch" if rank == 0 else next(n for n in names if n != "torch")
+    D.decide("queue_topk", args, timer=timer_of({n: (0.1 if n == fast else 5.0) for n in names}))
+    D.share_from_rank0()
+    op = D.OPS["queue_topk"]
+    fn = D.lookup("queue_topk", op.meta(*args), torch.device("cpu"))
+    other = D.lookup("queue_topk", op.meta(*topk_args(B=3000)), torch.device("cpu"))   # not decided: static default
+    name = next(b.name for b in op.backends if b.fn is fn)
+    other_name = next(b.name for b in op.backends if b.fn is other)
+    with open(out, "w") as f:
+        json.dump([name, other_name], f)
+    dist.destroy_process_group()
+
+
+def test_every_rank_runs_rank0s_decisions(tmp_path):
+    if len(runnable_topk()) < 2:
+        pytest.skip("one queue_topk backend runs here (the compiled op did not load): nothing to disagree on")
+    import torch.multiprocessing as mp
+    init = f"file://{tmp_path / 'pg'}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank, args=(r, init, str(tmp_path / f"c{r}"), str(tmp_path / f"o{r}")))
+             for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    entries = json.loads(open(path).read())["entries"]
-    assert set(entries) == {f"{t}-{j}" for t in "ab" for j in range(25)}
-
-
-# --------------------------------------------------------------------------------------------- distributed
-def _rank(rank: int, init: str, out: str) -> None:
-    import torch.distributed as dist
-    os.environ["MAECT_DISPATCH"] = "measure"
-    os.environ["MAECT_CACHE_DIR"] = os.path.join(os.path.dirname(out), f"cache{rank}")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    from maect.kernels import dispatch as Dr
-    built = []
-    q, e, k, ids, qids = topk_inputs()
-
-    def problem():
-        built.append(rank)
-        return problem_with({"fast": qt.queue_topk_ref}, (q, e, k, ids, qids))
-    # the ranks' clocks disagree: on rank 0 'fast' wins, on rank 1 the reference would
-    ms = {0: {"ref": 5.0, "fast": 1.0, "torch mm+topk": 2.0}, 1: {"ref": 1.0, "fast": 5.0, "torch mm+topk": 2.0}}[rank]
-    key = C.topk_key(q, e, k, ids).replace("cpu:", f"cpu-node{rank}:")   # device names may differ per rank
-    d = Dr.choose(key, problem, "ref", timer=timer_of(ms))
-    dist.barrier()
-    with open(out, "w") as f:
-        json.dump({"pick": d.pick, "source": d.source, "built": built}, f)
-    dist.destroy_process_group()
-
-
-def test_two_gloo_ranks_run_the_same_backend(tmp_path):
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    outs = [str(tmp_path / f"rank{r}.json") for r in (0, 1)]
-    procs = [ctx.Process(target=_rank, args=(r, init, outs[r])) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-        assert p.exitcode == 0
-    r0, r1 = (json.load(open(o)) for o in outs)
-    assert r0["pick"] == r1["pick"] == "fast"
-    assert r0["source"] == "measured" and r1["source"] == "rank 0 (measured)"
-    assert r0["built"] == [0] and r1["built"] == []               # rank 1 did not measure: it ran rank 0's pick
-
-
-# ------------------------------------------------------------------------------ the torch path is a candidate
-def test_queue_topk_torch_follows_the_contract():
-    """queue_topk_torch (the torch path in queue_topk's contract) equals the reference bitwise, values and indices:
-    exact ties (duplicated rows, an all-zero queue), self exclusion down to padding, NaN / inf rows on either side,
-    k = Q, B = 0, bf16, normalized=False. Both compute the same similarity matrix, so equality is exact."""
-    q, e, k, ids, qids = topk_inputs(B=40)
-    q[5] = float("nan")
-    q[6, 0] = float("inf")
-    e[11] = float("nan")
-    e[12, 0] = float("inf")
-    cases = [(q, e, k, ids, qids, True), (q, e, 1, None, None, True), (q, e, e.shape[0], ids, qids, True),
-             (q[:0], e, k, ids[:0], qids, True), (q.bfloat16(), e.bfloat16(), k, ids, qids, True),
-             (q * 3, e * 2, k, ids, qids, False), (q, torch.zeros_like(e), 7, None, None, True)]
-    few = torch.zeros(4, dtype=torch.long)                          # queue of 6 rows, 4 of them the query's id
-    cases.append((q[:3], e[:6], 3, few[:3], torch.tensor([0, 0, 0, 0, 1, 2]), True))
-    for args in cases:
-        v, i = C.queue_topk_torch(*args)
-        rv, ri = qt.queue_topk_ref(*args)
-        assert torch.equal(i, ri) and torch.equal(v, rv), args[2]
-    assert "torch" in kernels._topk_impls("cpu") and "torch" in kernels._topk_impls("cuda")
-
-
-@pytest.mark.parametrize("torch_ms, pick", [(42.5, "torch"), (90.0, "cpp")])
-def test_torch_path_wins_when_it_is_faster(measure, torch_ms, pick):
-    """Injected timings, lightly's bank on CPU as measured (B=16, Q=65536: torch path 42.5 ms, the compiled op
-    67 ms): the torch path in the op's contract is a candidate, so it is picked when it is the fastest, and the
-    faster backend when it is not. 'cpp' stands in for the compiled op (the reference's code: no build needed)."""
-    D.set_timer(timer_of({"ref": 120.0, "cpp": 67.0, "torch": torch_ms, "torch mm+topk": 42.0}))
-    measure.setattr(kernels, "_topk_impls", lambda device: {"torch": C.queue_topk_torch, "cpp": qt.queue_topk_ref})
-    q, e, k, ids, qids = topk_inputs()
-    v, i = kernels.queue_topk(q, e, k, ids, qids)
-    assert list(kernels.decisions().values()) == [pick]
-    rv, ri = qt.queue_topk_ref(q, e, k, ids, qids)
-    assert torch.equal(i, ri) and torch.equal(v, rv)
-
-
-# ------------------------------------------------------------------------------ a backend switched off
-def test_stale_decisions():
-    """A decision from the cache or rank 0 is stale when its pick cannot run here, or when it was measured without
-    a backend that can run here now; otherwise it holds."""
-    d = D.Decision(pick="cpp", source="cache", ms={"ref": 5.0, "cpp": 1.0, "torch mm+topk": 2.0})
-    ok = {"ref": None, "cpp": None, "triton": "Triton runs on CUDA"}
-    assert D.stale(d, ok) is None
-    assert "'cpp' cannot run here (MAECT_CPP=0)" in D.stale(d, {**ok, "cpp": "MAECT_CPP=0"})
-    assert "without 'torch'" in D.stale(d, {**ok, "torch": None})
-    d.dropped["torch"] = "mismatch: row 0"
-    assert D.stale(d, {**ok, "torch": None}) is None               # measured and dropped: holds
-
-
-SWITCHED_OFF = r"""
-import json, logging, sys, torch
-logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-torch.set_num_threads(1)
-from maect import kernels
-from maect.kernels import candidates as C, dispatch as D
-g = torch.Generator().manual_seed(0)
-q = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
-e = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
-x = torch.randn(4, 16, 32, generator=g)
-ids_restore = torch.argsort(torch.rand(4, 16, generator=g), dim=1)
-tok = torch.randn(1, 1, 32, generator=g)
-pos = torch.randn(1, 17, 32, generator=g)
-xv = torch.randn(4, 5, 32, generator=g)
-# a warm cache, as a run with the compiled ops writes it: each op's measured pick is a compiled / one-pass backend
-ms = {"ref": 5.0, "cpp": 1.0, "torch": 4.0, "gather": 3.0, "fused": 0.5, "torch mm+topk": 2.0}
-keys = {C.topk_key(q, e, 2, None): "cpp",
-        C.masking_key("random_masking", x, 16, 32, False): "cpp",
-        C.masking_key("decoder_input", xv, 16, 32, False): "fused",
-        C.masking_key("unshuffle", xv[:, 1:], 16, 32, False): "cpp"}
-for key, pick in keys.items():
-    D.cache().put(key, D.Decision(pick=pick, source="measured", ms=ms).to_json())
-D.clear()
-with torch.no_grad():
-    v, i = kernels.queue_topk(q, e, 2)
-    assert torch.equal(i, kernels.queue_topk_ref(q, e, 2)[1])
-    noise = torch.rand(4, 16, generator=g)
-    got, want = kernels.random_masking(x, 0.75, noise), kernels.random_masking_ref(x, 0.75, noise)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    out = kernels.decoder_input(xv, tok, ids_restore, pos)
-    assert torch.equal(out, kernels.decoder_input_ref(xv, tok, ids_restore, pos))
-    out = kernels.unshuffle(xv[:, 1:], tok, ids_restore)
-    assert torch.equal(out, kernels.unshuffle_ref(xv[:, 1:], tok, ids_restore))
-print("ran", json.dumps(kernels.decisions()))
-"""
-
-
-@pytest.mark.parametrize("mode", ["measure", "table"])
-def test_a_backend_switched_off_runs_with_a_warm_cache(tmp_path, mode):
-    """MAECT_CPP=0 (the documented switch for the compiled ops) with a cache whose decisions name them (and the
-    one-pass decoder_input, which without the compiled op would be the Triton kernel on a CPU tensor): every op
-    runs, the references' results, each cached decision re-decided with one log line naming why (in table mode:
-    the table's choice, never a measurement). Before, queue_topk raised "'_OpNamespace' 'maect' object has no
-    attribute 'queue_topk'" and decoder_input "0 active drivers"."""
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # as a training run: no interpreter
-    env.update(MAECT_CPP="0", MAECT_DISPATCH=mode, MAECT_CACHE_DIR=str(tmp_path / "cache"), MAECT_KERNELS="1")
-    env.pop("MAECT_MASKING", None)
-    r = subprocess.run([sys.executable, "-c", SWITCHED_OFF], env=env, capture_output=True, text=True, timeout=300)
-    print(r.stdout[-3000:], r.stderr[-3000:])
-    assert r.returncode == 0, r.stderr[-3000:]
-    ran = json.loads(r.stdout.split("ran ", 1)[1])
-    assert len(ran) == 4 and not set(ran.values()) & {"cpp", "fused", "triton"}, ran
-    assert r.stdout.count("the cached decision is not used: its backend") == 4
-    assert "cannot run here (the csrc extension did not load (MAECT_CPP=0" in r.stdout
+    got = [json.loads((tmp_path / f"o{r}").read_text()) for r in range(2)]
+    assert got[0] == got[1] and got[0][0] == "torch"
