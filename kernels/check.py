@@ -30,8 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import candidates as C
 from . import dispatch as D
+from ._util import dtype_name
+from .ops._measure import masking_dtype
 
 DATASET_TRAIN = {"fashion_mnist": 60000}     # train split sizes; other sources: ImageNet-1k's (the GPU presets')
 IMAGENET_TRAIN = 1281167
@@ -117,7 +118,7 @@ def _masking_call(op, N, dims, ratio, device):
 def run(preset: str = "tiny", device: str = "cpu", world: int | None = None, bank: int | None = None,
         overrides: tuple = (), timer=None) -> dict:
     """Measure every case of the preset; returns {"rows": [...], "cost": [...], "ok": bool, ...}."""
-    from maect import kernels as K
+    from maect.kernels import _route as K
     from maect.validation import load_config
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -138,7 +139,7 @@ def run(preset: str = "tiny", device: str = "cpu", world: int | None = None, ban
                     kind, B, Q, Dq, k, dt = case["args"]
                     q, e, k, ids, qids = _topk_inputs(kind, B, Q, Dq, k, dt, dev)
                     K._topk_backend(q, e, k, ids, qids, True)
-                    shape = f"{case['label']}: B={B} Q={Q} D={Dq} k={k} {C._dtype_name(dt)}"
+                    shape = f"{case['label']}: B={B} Q={Q} D={Dq} k={k} {dtype_name(dt)}"
                 else:
                     N, dims, ratio = case["args"]
                     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else \
@@ -146,7 +147,7 @@ def run(preset: str = "tiny", device: str = "cpu", world: int | None = None, ban
                     with amp:
                         t, L, Dm, inputs = _masking_call(op, N, dims, ratio, dev)
                         K.choose(op, t, L, Dm, None, inputs, True)
-                    shape = f"{case['label']}: N={N} L={L} D={Dm} {C.masking_dtype(t) if dev.type == 'cpu' else 'bf16 autocast'}"
+                    shape = f"{case['label']}: N={N} L={L} D={Dm} {masking_dtype(t) if dev.type == 'cpu' else 'bf16 autocast'}"
             for key, d in made:
                 ok &= not d.dropped
                 rows += table_rows(op, shape, key, d)

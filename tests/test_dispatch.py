@@ -1,4 +1,4 @@
-"""Measured dispatch (kernels/dispatch.py, kernels/candidates.py): the decision logic with injected timings (no
+"""Measured dispatch (kernels/dispatch.py, kernels/_route.py, kernels/ops/): the decision logic with injected timings (no
 test depends on how fast anything runs), the verification rules with fake backends, the cache file (round trip,
 corrupt file, unwritable folder, two processes at once) and the agreement of two gloo ranks."""
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from maect import kernels
-from maect.kernels import candidates as C
 from maect.kernels import dispatch as D
+from maect.kernels.ops import _measure as MS
 
-qt = importlib.import_module("maect.kernels.queue_topk")
+qt = importlib.import_module("maect.kernels.ops.queue_topk")
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def raises(*a, **kw):
 
 def problem_with(impls, inputs=None):
     q, e, k, ids, qids = inputs or topk_inputs()
-    return C.topk_problem(q, e, k, ids, qids, True, impls, key=C.topk_key(q, e, k, ids))
+    return qt.topk_problem(q, e, k, ids, qids, True, impls, key=qt.topk_key(q, e, k, ids))
 
 
 # ------------------------------------------------------------------------------------------- decision logic
@@ -88,7 +88,7 @@ def test_wrong_index_raising_and_slower_backends(measure, caplog):
 def test_fastest_verified_backend_wins_and_is_kept(measure):
     calls = []
     D.set_timer(timer_of({"ref": 5.0, "fast": 2.0, "torch mm+topk": 4.0}, calls))
-    measure.setattr(kernels, "_topk_impls", lambda device: {"fast": qt.queue_topk_ref})
+    measure.setattr(qt, "impls", lambda device: {"fast": qt.queue_topk_ref})
     q, e, k, ids, qids = topk_inputs()
     v, i = kernels.queue_topk(q, e, k, ids, qids)
     assert torch.equal(i, qt.queue_topk_ref(q, e, k, ids, qids)[1])
@@ -123,18 +123,18 @@ def test_topk_rule_catches_each_fault(fault):
         v, i = ref[0].clone(), ref[1].clone()
         i[1, 4] = 10
         v[1, 4] = float((q[1] @ e2[10]).item())
-    assert C.check_topk(q, e, k, ids, qids, True, ref, ref) is None
-    assert C.check_topk(q, e, k, ids, qids, True, (v, i), ref) is not None
+    assert qt.check_topk(q, e, k, ids, qids, True, ref, ref) is None
+    assert qt.check_topk(q, e, k, ids, qids, True, (v, i), ref) is not None
 
 
 def test_masking_rule_mask_exact_tokens_bounded(measure):
     """masked_patch_embed: a token off by more than the derived bound, or a flipped mask entry, is a defect; the
     gather backend (another summation order) passes."""
-    emb = importlib.import_module("maect.kernels.masked_embed")
+    emb = importlib.import_module("maect.kernels.ops.masked_patch_embed")
     g = torch.Generator().manual_seed(1)
     imgs, w = torch.randn(4, 3, 16, 16, generator=g), torch.randn(32, 3, 4, 4, generator=g).requires_grad_()
     b, pos = torch.randn(32, generator=g), torch.randn(1, 16, 32, generator=g)
-    args, shape = C.masking_inputs("masked_patch_embed", (imgs, w, b, pos, 0.75, None))
+    args, shape = MS.masking_inputs("masked_patch_embed", (imgs, w, b, pos, 0.75, None))
 
     def off_token(*a):
         x, m, r = emb.masked_patch_embed_ref(*a)
@@ -147,7 +147,7 @@ def test_masking_rule_mask_exact_tokens_bounded(measure):
         m = m.clone()
         m[1, 0] = 1 - m[1, 0]
         return x, m, r
-    p = C.masking_problem("masked_patch_embed", "k|masked_patch_embed|fp32|s", args,
+    p = MS.masking_problem("masked_patch_embed", "k|masked_patch_embed|fp32|s", args,
                           {"gather": emb.masked_patch_embed_gather, "token": off_token, "mask": off_mask},
                           emb.masked_patch_embed_ref, True, shape)
     d = D.decide(p, timer=timer_of({"ref": 3.0, "gather": 1.0}))
@@ -176,7 +176,7 @@ def test_modes(measure):
     """table mode never measures (the committed rule, or a measured cache entry); MAECT_KERNELS=0 runs the
     reference; an unknown mode is an error naming the variable."""
     q, e, k, ids, qids = topk_inputs()
-    key = C.topk_key(q, e, k, ids)
+    key = qt.topk_key(q, e, k, ids)
     measure.setenv("MAECT_DISPATCH", "table")
 
     def never():
@@ -187,7 +187,7 @@ def test_modes(measure):
     assert D.choose(key, None, "cpp").pick == "ref"                # the cache (measured here) before the table
     kernels.clear_cache()
     measure.setenv("MAECT_KERNELS", "0")
-    measure.setattr(C, "topk_problem", lambda *a, **kw: never())
+    measure.setattr(qt, "topk_problem", lambda *a, **kw: never())
     kernels.queue_topk(q, e, k, ids, qids)
     assert kernels.decisions() == {}
     measure.setenv("MAECT_KERNELS", "1")
@@ -281,7 +281,7 @@ def _rank(rank: int, init: str, out: str) -> None:
         return problem_with({"fast": qt.queue_topk_ref}, (q, e, k, ids, qids))
     # the ranks' clocks disagree: on rank 0 'fast' wins, on rank 1 the reference would
     ms = {0: {"ref": 5.0, "fast": 1.0, "torch mm+topk": 2.0}, 1: {"ref": 1.0, "fast": 5.0, "torch mm+topk": 2.0}}[rank]
-    key = C.topk_key(q, e, k, ids).replace("cpu:", f"cpu-node{rank}:")   # device names may differ per rank
+    key = qt.topk_key(q, e, k, ids).replace("cpu:", f"cpu-node{rank}:")   # device names may differ per rank
     d = Dr.choose(key, problem, "ref", timer=timer_of(ms))
     dist.barrier()
     with open(out, "w") as f:
@@ -321,10 +321,10 @@ def test_queue_topk_torch_follows_the_contract():
     few = torch.zeros(4, dtype=torch.long)                          # queue of 6 rows, 4 of them the query's id
     cases.append((q[:3], e[:6], 3, few[:3], torch.tensor([0, 0, 0, 0, 1, 2]), True))
     for args in cases:
-        v, i = C.queue_topk_torch(*args)
+        v, i = qt.queue_topk_torch(*args)
         rv, ri = qt.queue_topk_ref(*args)
         assert torch.equal(i, ri) and torch.equal(v, rv), args[2]
-    assert "torch" in kernels._topk_impls("cpu") and "torch" in kernels._topk_impls("cuda")
+    assert "torch" in qt.impls("cpu") and "torch" in qt.impls("cuda")
 
 
 @pytest.mark.parametrize("torch_ms, pick", [(42.5, "torch"), (90.0, "cpp")])
@@ -333,7 +333,7 @@ def test_torch_path_wins_when_it_is_faster(measure, torch_ms, pick):
     67 ms): the torch path in the op's contract is a candidate, so it is picked when it is the fastest, and the
     faster backend when it is not. 'cpp' stands in for the compiled op (the reference's code: no build needed)."""
     D.set_timer(timer_of({"ref": 120.0, "cpp": 67.0, "torch": torch_ms, "torch mm+topk": 42.0}))
-    measure.setattr(kernels, "_topk_impls", lambda device: {"torch": C.queue_topk_torch, "cpp": qt.queue_topk_ref})
+    measure.setattr(qt, "impls", lambda device: {"torch": qt.queue_topk_torch, "cpp": qt.queue_topk_ref})
     q, e, k, ids, qids = topk_inputs()
     v, i = kernels.queue_topk(q, e, k, ids, qids)
     assert list(kernels.decisions().values()) == [pick]
@@ -359,7 +359,8 @@ import json, logging, sys, torch
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 torch.set_num_threads(1)
 from maect import kernels
-from maect.kernels import candidates as C, dispatch as D
+from maect.kernels import dispatch as D
+from maect.kernels.ops import _measure as MS, queue_topk as qt
 g = torch.Generator().manual_seed(0)
 q = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
 e = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
@@ -370,10 +371,10 @@ pos = torch.randn(1, 17, 32, generator=g)
 xv = torch.randn(4, 5, 32, generator=g)
 # a warm cache, as a run with the compiled ops writes it: each op's measured pick is a compiled / one-pass backend
 ms = {"ref": 5.0, "cpp": 1.0, "torch": 4.0, "gather": 3.0, "fused": 0.5, "torch mm+topk": 2.0}
-keys = {C.topk_key(q, e, 2, None): "cpp",
-        C.masking_key("random_masking", x, 16, 32, False): "cpp",
-        C.masking_key("decoder_input", xv, 16, 32, False): "fused",
-        C.masking_key("unshuffle", xv[:, 1:], 16, 32, False): "cpp"}
+keys = {qt.topk_key(q, e, 2, None): "cpp",
+        MS.masking_key("random_masking", x, 16, 32, False): "cpp",
+        MS.masking_key("decoder_input", xv, 16, 32, False): "fused",
+        MS.masking_key("unshuffle", xv[:, 1:], 16, 32, False): "cpp"}
 for key, pick in keys.items():
     D.cache().put(key, D.Decision(pick=pick, source="measured", ms=ms).to_json())
 D.clear()
