@@ -57,8 +57,8 @@ ARCHS = {
     "sm_80": dict(capability=80, ptxas_arch="sm_80", regs_per_sm=65536, smem_per_sm=164 * 1024,
                   smem_per_block=163 * 1024, smem_reserved=1024, max_warps=64, max_blocks=32, mma=("HMMA",)),
 }
-KERNEL_MODULES = ("maect.kernels.ops.queue_topk", "maect.kernels.ops.masked_patch_embed", "maect.kernels.ops.random_masking",
-                  "maect.kernels.ops.unshuffle")
+KERNEL_MODULES = ("maect.kernels.ops.queue_topk", "maect.kernels.ops.masked_patch_embed",
+                  "maect.kernels.ops.random_masking", "maect.kernels.ops.unshuffle")
 PREDICT_SHAPES = {   # name: (dtype, B, Q, D, k); the headline and the variations the cost model is quoted at
     "headline bf16 B2048 k20": ("bf16", 2048, 65536, 256, 20),
     "bf16 B2048 k1": ("bf16", 2048, 65536, 256, 1),

@@ -143,7 +143,8 @@ def _decoder_input_standalone(unshuffle_op, x, mask_token, ids_restore, pos_embe
 
 
 def backend_fn(backend: str, device: str):
-    """The function that runs `backend` on `device` (decoder_input_ref's signature); the reference for any other name."""
+    """The function that runs `backend` on `device` (decoder_input_ref's signature); the reference for any other
+    name."""
     from .._util import cpp_available
     if backend == "fused":                  # one pass: the compiled op on CPU (when built), else the Triton kernel
         return decoder_input_cpp if device == "cpu" and cpp_available() else decoder_input_triton

@@ -4,7 +4,7 @@ masked_patch_embed(imgs[N, C, H, W], weight[D, C, p, p], bias[D] | None, pos_emb
                    mask_ratio, noise[N, L] | None, generator=None) -> (x_visible[N, K, D], mask[N, L], ids_restore[N, L])
     Specification (masked_patch_embed_ref: official MAE's forward_encoder up to the cls token):
         x = conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed       # [N, L, D]
-        x_visible, mask, ids_restore = random_masking(x, mask_ratio, noise)                   # kernels/ops/random_masking.py
+        x_visible, mask, ids_restore = random_masking(x, mask_ratio, noise)         # kernels/ops/random_masking.py
     L = (H/p)(W/p) patches in row-major order; K = int(L (1 - mask_ratio)) (MAE's len_keep); the kept patches in
     ascending noise order, ties: lower position first; mask 0 keep / 1 remove in x's dtype; ids_restore int64.
     Without noise, noise = torch.rand(N, L, generator=generator) on imgs' device, as the reference draws it.

@@ -147,7 +147,8 @@ def queue_topk_ref(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | N
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels (CUDA)
 #
-# Two kernels (launched by queue_topk_triton / TopkPlan below), no state carried across queue tiles, so any split of the queue across programs is exact:
+# Two kernels (launched by queue_topk_triton / TopkPlan below), no state carried across queue tiles, so any split
+# of the queue across programs is exact:
 #
 # _scan_kernel  (the fused GEMM; grid = (query row blocks, queue splits))
 #     A program keeps BLOCK_B query rows resident and streams queue tiles of BLOCK_N rows. Per tile it computes
@@ -178,8 +179,9 @@ def queue_topk_ref(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | N
 #        Keys are unique (value, index) pairs, so the positions are a permutation; no sort, no insertion loop.
 #     4. The bag, unpacked: values [k] fp32 descending, indices [k] int64 (padding -inf / -1).
 #
-# Key packing (the select kernel): key = ord(v) << 32 | (2^31 - 1 - index), ord() maps fp32 bits to int32 in the order of the
-# floats (-0.0 folded into +0.0 first). Larger key = ranks first: higher value, then the lower index (the tie rule).
+# Key packing (the select kernel): key = ord(v) << 32 | (2^31 - 1 - index), ord() maps fp32 bits to int32 in the
+# order of the floats (-0.0 folded into +0.0 first). Larger key = ranks first: higher value, then the lower index
+# (the tie rule).
 # ----------------------------------------------------------------------------------------------------------------
 # Sizes that vary from call to call are not specialised on (value 1 / divisible by 16), so one compiled kernel serves
 # every batch and queue length: no recompiles in evaluation's chunked calls, and a compile done for one B (the
@@ -190,9 +192,11 @@ _VARYING = ["B", "Q", "NT", "TILES", "K"]
 def _kernel(fn):
     return jit(fn, do_not_specialize=[a for a in _VARYING if a in fn.__code__.co_varnames])
 
+
 # Device helpers are jit functions on GPU, plain Python under the interpreter (kernels/_util.py device_fn). For the
-# same reason the reductions go straight to tl.reduce / tl.associative_scan with triton's own combine functions there (the interpreter runs
-# those as numpy sum / nanmax / nanargmax / cumsum), instead of through tl.sum, tl.max, tl.cumsum (jit functions).
+# same reason the reductions go straight to tl.reduce / tl.associative_scan with triton's own combine functions there
+# (the interpreter runs those as numpy sum / nanmax / nanargmax / cumsum), instead of through tl.sum, tl.max,
+# tl.cumsum (jit functions).
 if tl is not None and interpreting():
     def _sum(x, axis):
         return tl.reduce(x, axis, tl.standard._sum_combine)
