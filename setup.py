@@ -40,10 +40,11 @@ setup(
     version="0.1.0",
     description="MAE-CT: contrastive tuning of masked autoencoders (fast kernels, faithful recipe)",
     python_requires=">=3.10",
-    packages=find_packages(include=["maect", "maect.*"]) + ["maect.kernels", "maect.dataloading", "maect._csrc"],
+    packages=find_packages(include=["maect", "maect.*"]) + ["maect.kernels", "maect.kernels.ops", "maect.dataloading",
+                                                             "maect._csrc"],
     package_dir={"maect.kernels": "kernels", "maect.dataloading": "dataloading", "maect._csrc": "csrc"},
     package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect.kernels": ["*.json"],
-                  "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
+                  "maect.kernels.ops": ["*.json"], "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
     include_package_data=True,
     install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={

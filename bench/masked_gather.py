@@ -14,7 +14,7 @@ Triton on CUDA, the compiled op on CPU); 'MAE compiled' (torch.compile of ref; -
 Regime: GPU: fp32 parameters and images under bf16 autocast, as in the training step (the decoder tokens are bf16,
 the standalone ops' x too); CPU: fp32.
 Correctness first, every provider against ref on the same inputs: mask, ids_restore and every copy exact; the
-embedding within kernels.masked_embed's derived embed_error_bound (a GEMM instead of a convolution: same products,
+embedding within kernels.ops.masked_patch_embed's derived embed_error_bound (a GEMM instead of a convolution: same products,
 another summation order); its weight / bias gradients against the fp64 truth within 2 x the reference's own error +
 their dot_error_bound (the flash-attention rule); the mask-token gradient within dot_error_bound for a sum of
 N (L - K) rows. A provider that fails is reported, not timed, and the run exits 1.
@@ -44,8 +44,8 @@ import torch
 from common import add_ratio, base_parser, environment, gpu_peak_extra_mb, measure, print_table, setup, write_json
 
 from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
-from maect.kernels import masked_embed as ME  # noqa: E402
-from maect.kernels import masking as MK  # noqa: E402
+from maect.kernels import _util as MK  # noqa: E402
+from maect.kernels.ops import masked_patch_embed as ME  # noqa: E402
 
 # (label, N, image side, patch, encoder width D, decoder width)
 GPU_SHAPES = [("ViT-B/16", 256, 224, 16, 768, 512), ("ViT-L/16", 256, 224, 16, 1024, 512),
@@ -147,7 +147,7 @@ def check(op, got, ref, bnd) -> dict:
 def interpreted(op, name, device) -> bool:
     """Would this provider run Triton kernels through the interpreter (CPU tensors, TRITON_INTERPRET=1)? Those are
     checked for correctness (the dry run's purpose) but not timed: the interpreter's speed means nothing."""
-    if device.type == "cuda" or not MK._interpreting() or name not in ("triton", "fused"):
+    if device.type == "cuda" or not MK.interpreting() or name not in ("triton", "fused"):
         return False
     return not (op == "decoder" and name == "fused" and kernels.why_not("decoder_input", "cpp", "cpu") is None)
 
@@ -287,7 +287,7 @@ def main() -> int:
     # timings of these small ops are dominated by OpenMP threads waiting for a core)
     dev = "cpu" if args.dry_run else args.device
     device = setup(dev, args.threads or (1 if dev == "cpu" else None))
-    if args.write_table and (args.dry_run or MK._interpreting()):
+    if args.write_table and (args.dry_run or MK.interpreting()):
         sys.exit("--write-table: a dry run (or TRITON_INTERPRET=1, which times the interpreter) measures nothing")
     shapes = DRY_SHAPES if args.dry_run else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.shape:

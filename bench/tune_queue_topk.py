@@ -47,7 +47,7 @@ from common import ROOT, environment, measure, print_table, setup, sync, write_j
 from queue_lookup import check_result, make_inputs, provider_fns  # noqa: E402
 
 os.environ.setdefault("TRITON_CACHE_DIR", str(ROOT / ".triton_cache"))
-qt = importlib.import_module("maect.kernels.queue_topk")
+qt = importlib.import_module("maect.kernels.ops.queue_topk")
 
 D = 256
 HEADLINE = (2048, 65536)
@@ -58,7 +58,7 @@ SELECT_FIELDS = ("CH", "warps2")
 
 
 def scan_grid(dt: str, dry: bool) -> list[dict]:
-    """Scan configs to sweep at the headline shape (the defaults with these fields replaced): kernels/queue_topk.py
+    """Scan configs to sweep at the headline shape (the defaults with these fields replaced): kernels/ops/queue_topk.py
     tune_grid, which the static check also compiles; --dry-run: one tiny config per dtype."""
     if dry:
         return [dict(BLOCK_N=32, M=2)] if dt == "bf16" else [dict(BLOCK_N=16, M=4)]
@@ -353,7 +353,7 @@ def summarize(out: dict) -> None:
 
 
 def write_configs(out: dict, path: Path) -> None:
-    """The best passing config per shape class (kernels/queue_topk.py shape_class) -> the shipped table."""
+    """The best passing config per shape class (kernels/ops/queue_topk.py shape_class) -> the shipped table."""
     table = {}
     for rec in out["headline"] + out["shapes"]:
         b = rec.get("best")
@@ -377,7 +377,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=330.0, help="wall-clock budget, compilation included")
     p.add_argument("--workers", type=int, default=None, help="compile processes (default: cores, at most 16)")
     p.add_argument("--write-configs", nargs="?", const=str(qt.CONFIG_FILE), default=None,
-                   help="write the best configs per shape class (default path: kernels/queue_topk_configs.json)")
+                   help="write the best configs per shape class (default path: kernels/ops/queue_topk_configs.json)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the Triton interpreter")
     p.add_argument("--no-static-check", action="store_true",
                    help="time every config, also those the static check (registers, spills, occupancy, MMA) fails")

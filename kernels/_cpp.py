@@ -12,7 +12,8 @@ load() -> the extension module or None (memoised; thread-safe)
 The flags are -O3 -fopenmp, plus -mavx2 -mfma only when ATen reports an AVX2-capable CPU (the extension name
 records the choice and the hash, so builds for different CPUs or sources never share a cache entry).
 
-Ops (schemas in csrc/ops.cpp; contracts in kernels/queue_topk.py and kernels/masking.py)
+Ops (schemas in csrc/ops.cpp; contracts, Python wrappers (<op>_cpp), fake kernels and autograd formulas in
+kernels/ops/<op>.py)
     torch.ops.maect.queue_topk(query, queue, k, exclude_ids, queue_ids, normalized) -> (values, indices)
     torch.ops.maect.random_masking(x, noise, len_keep) -> (x_visible, mask, ids_restore)
     torch.ops.maect.unshuffle(x, mask_token, ids_restore) -> out
@@ -20,7 +21,8 @@ Ops (schemas in csrc/ops.cpp; contracts in kernels/queue_topk.py and kernels/mas
     torch.ops.maect.decoder_input(x, mask_token, ids_restore, pos_embed, has_cls) -> out
     torch.ops.maect.decoder_input_backward(grad_out, ids_restore, len_keep, has_cls) -> (grad_x, grad_mask_token)
 Fake kernels make them traceable by torch.compile; autograd: random_masking, unshuffle and decoder_input (exact
-copies / one rounded add, as the references), queue_topk's values (recomputed for the k selected pairs only).
+copies / one rounded add, as the references), queue_topk's values (recomputed for the k selected pairs only). Each
+op's file registers its own (register_cpp), called once here after the library loads.
 """
 from __future__ import annotations
 
@@ -34,13 +36,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from .masking import check_decoder_input, check_masking, check_unshuffle, decoder_input_dtype
-from .queue_topk import check_inputs
-
-__all__ = ["load", "queue_topk", "random_masking", "unshuffle", "decoder_input"]
+__all__ = ["load"]
 
 logger = logging.getLogger("maect.kernels")
 # C++ sources: csrc/ beside kernels/ in a source checkout; maect/_csrc (package data) in an installed wheel
@@ -148,146 +145,9 @@ def _load_once():
         return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Fake kernels (shapes and dtypes only) and autograd formulas, registered once after the library loads.
-
 def _register_python_side() -> None:
-    lib = "maect::"
-
-    @torch.library.register_fake(lib + "queue_topk")
-    def _(query, queue, k, exclude_ids, queue_ids, normalized):
-        B = query.shape[0]
-        return query.new_empty(B, k, dtype=torch.float32), query.new_empty(B, k, dtype=torch.long)
-
-    @torch.library.register_fake(lib + "random_masking")
-    def _(x, noise, len_keep):
-        N, L, D = x.shape
-        return x.new_empty(N, len_keep, D), x.new_empty(N, L), x.new_empty(N, L, dtype=torch.long)
-
-    @torch.library.register_fake(lib + "unshuffle")
-    def _(x, mask_token, ids_restore):
-        return x.new_empty(x.shape[0], ids_restore.shape[1], x.shape[2])
-
-    @torch.library.register_fake(lib + "unshuffle_backward")
-    def _(grad_out, ids_restore, len_keep):
-        N, _, D = grad_out.shape
-        return grad_out.new_empty(N, len_keep, D), grad_out.new_empty(D)
-
-    @torch.library.register_fake(lib + "decoder_input")
-    def _(x, mask_token, ids_restore, pos_embed, has_cls):
-        N, L = ids_restore.shape
-        return x.new_empty(N, int(has_cls) + L, x.shape[2], dtype=decoder_input_dtype(x, mask_token, pos_embed))
-
-    @torch.library.register_fake(lib + "decoder_input_backward")
-    def _(grad_out, ids_restore, len_keep, has_cls):
-        N, _, D = grad_out.shape
-        return grad_out.new_empty(N, int(has_cls) + len_keep, D), grad_out.new_empty(D)
-
-    torch.library.register_autograd(lib + "queue_topk", _queue_topk_backward, setup_context=_queue_topk_setup)
-    torch.library.register_autograd(lib + "random_masking", _masking_backward, setup_context=_masking_setup)
-    torch.library.register_autograd(lib + "unshuffle", _unshuffle_backward, setup_context=_unshuffle_setup)
-    torch.library.register_autograd(lib + "decoder_input", _decoder_input_backward,
-                                    setup_context=_decoder_input_setup)
-
-
-def _queue_topk_setup(ctx, inputs, output):
-    query, queue, _, _, _, normalized = inputs
-    ctx.normalized = normalized
-    ctx.save_for_backward(query, queue, output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _queue_topk_backward(ctx, grad_values, _grad_indices):
-    """values[b, i] = <q_b, e_idx[b,i]> (normalised as in the forward); recomputed for the B*k selected pairs only
-    ([B, k, D] gathered rows) and differentiated; padded entries (index -1) get no gradient, as in the reference."""
-    query, queue, indices = ctx.saved_tensors
-    with torch.enable_grad():
-        q = query.detach().requires_grad_(ctx.needs_input_grad[0])
-        e = queue.detach().requires_grad_(ctx.needs_input_grad[1])
-        qf, ef = q.float(), e.float()
-        if not ctx.normalized:
-            qf, ef = F.normalize(qf, dim=1, eps=1e-12), F.normalize(ef, dim=1, eps=1e-12)
-        values = (qf.unsqueeze(1) * ef[indices.clamp_min(0)]).sum(-1)
-        wanted = [t for t in (q, e) if t.requires_grad]
-        grads = iter(torch.autograd.grad(values, wanted, grad_values * (indices >= 0)))
-    return tuple(next(grads) if t.requires_grad else None for t in (q, e)) + (None, None, None, None)
-
-
-def _masking_setup(ctx, inputs, output):
-    _, mask, ids_restore = output
-    ctx.save_for_backward(ids_restore)
-    ctx.mark_non_differentiable(mask, ids_restore)
-
-
-def _masking_backward(ctx, grad_visible, _grad_mask, _grad_ids):
-    """d x_visible / d x: put each visible token's gradient back at its position, zeros at masked positions."""
-    (ids_restore,) = ctx.saved_tensors
-    if grad_visible is None or not ctx.needs_input_grad[0]:
-        return None, None, None
-    zeros = grad_visible.new_zeros(grad_visible.shape[2])
-    return torch.ops.maect.unshuffle(grad_visible, zeros, ids_restore), None, None
-
-
-def _unshuffle_setup(ctx, inputs, output):
-    x, mask_token, ids_restore = inputs
-    ctx.len_keep = x.shape[1]
-    ctx.token_shape, ctx.token_dtype = mask_token.shape, mask_token.dtype
-    ctx.save_for_backward(ids_restore)
-
-
-def _unshuffle_backward(ctx, grad_out):
-    (ids_restore,) = ctx.saved_tensors
-    grad_x, grad_token = torch.ops.maect.unshuffle_backward(grad_out, ids_restore, ctx.len_keep)
-    grad_token = grad_token.to(ctx.token_dtype).reshape(ctx.token_shape)
-    return (grad_x if ctx.needs_input_grad[0] else None, grad_token if ctx.needs_input_grad[1] else None, None)
-
-
-def _decoder_input_setup(ctx, inputs, output):
-    x, mask_token, ids_restore, pos_embed, has_cls = inputs
-    ctx.has_cls, ctx.len_keep, ctx.x_dtype = has_cls, x.shape[1] - int(has_cls), x.dtype
-    ctx.token_shape, ctx.token_dtype = mask_token.shape, mask_token.dtype
-    ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
-    ctx.save_for_backward(ids_restore)
-
-
-def _decoder_input_backward(ctx, grad_out):
-    """grad_x: the scatter (cast once to x's dtype, as the reference's cast backward); grad_mask_token: the masked
-    rows' sum; grad_pos_embed (when it requires grad): grad_out summed over the batch."""
-    (ids_restore,) = ctx.saved_tensors
-    need_x, need_tok, _, need_pos, _ = ctx.needs_input_grad
-    grad_x, grad_token = torch.ops.maect.decoder_input_backward(grad_out, ids_restore, ctx.len_keep, ctx.has_cls)
-    grad_pos = grad_out.sum(0).to(ctx.pos_meta[1]).reshape(ctx.pos_meta[0]) if need_pos else None
-    return (grad_x.to(ctx.x_dtype) if need_x else None,
-            grad_token.to(ctx.token_dtype).reshape(ctx.token_shape) if need_tok else None, None, grad_pos, None)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Public wrappers: the references' validation, then the compiled op (same signatures as the references).
-
-def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
-               queue_ids: Tensor | None = None, normalized: bool = True) -> tuple[Tensor, Tensor]:
-    """Compiled queue_topk (contract: kernels/queue_topk.py). Requires load() to have succeeded."""
-    check_inputs(query, queue, k, exclude_ids, queue_ids)
-    return torch.ops.maect.queue_topk(query, queue, k, exclude_ids, queue_ids, normalized)
-
-
-def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Compiled random_masking (contract: kernels/masking.py); the noise is drawn exactly as the reference draws it."""
-    len_keep = check_masking(x, mask_ratio, noise)
-    if noise is None:
-        noise = torch.rand(x.shape[0], x.shape[1], device=x.device, generator=generator)
-    return torch.ops.maect.random_masking(x, noise, len_keep)
-
-
-def unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
-    """Compiled unshuffle (contract: kernels/masking.py)."""
-    check_unshuffle(x, mask_token, ids_restore)
-    return torch.ops.maect.unshuffle(x, mask_token, ids_restore)
-
-
-def decoder_input(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None,
-                  cls: bool = True) -> Tensor:
-    """Compiled decoder_input (contract: kernels/masking.py)."""
-    check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
-    return torch.ops.maect.decoder_input(x, mask_token, ids_restore, pos_embed, bool(cls))
+    """Fake kernels (shapes and dtypes only) and autograd formulas, registered once after the library loads: each
+    op's file holds its own."""
+    from .ops import decoder_input, queue_topk, random_masking, unshuffle
+    for op in (queue_topk, random_masking, unshuffle, decoder_input):
+        op.register_cpp()

@@ -67,7 +67,7 @@ def scan_seconds(gpu: dict, row: dict, dt: str, B: int, Q: int, D: int) -> dict:
     t_tile = max(t_mma, t_issue) if resident >= 2 else t_mma + t_issue
     rb, NT = math.ceil(B / BB), math.ceil(Q / BN)
     t_comp = math.ceil(rb * NT / gpu["sms"]) * t_tile / gpu["clock_hz"]
-    keys = B * NT * M * 4      # int32 keys (kernels/_queue_topk_kernels.py: value bits with the tile position)
+    keys = B * NT * M * 4      # int32 keys (kernels/ops/queue_topk.py: value bits with the tile position)
     hbm = Q * D * e + B * D * e + 8 * (B + Q) + keys
     l2 = rb * Q * D * e + B * D * e + 8 * (B + Q) + keys
     t_mem = max(hbm / gpu["hbm_Bps"], l2 / (gpu["l2_B_per_clk"] * gpu["clock_hz"]))
@@ -128,7 +128,7 @@ def measure_into(preds: list[dict]) -> None:
 
     import torch
     import torch.nn.functional as F
-    qt = importlib.import_module("maect.kernels.queue_topk")
+    qt = importlib.import_module("maect.kernels.ops.queue_topk")
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=dev)

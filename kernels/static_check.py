@@ -12,7 +12,7 @@ masking ops) is called on meta tensors (no memory, no GPU) with the kernels' lau
 the shapes of every preset (kernels/check.py cases(): the head / CT lookups, the final k-NN chunk, the MAE masking
 ops), at every (dtype, k, B, Q) shape class queue_topk's config table can pick from, at the integrations' k = 1
 search on rows normalised inside the op (maect/integrations: lightly's NNMemoryBankModule), and at every config of
-the tuner's search space (kernels/queue_topk.py tune_grid). Each distinct launch (kernel, argument specialisation,
+the tuner's search space (kernels/ops/queue_topk.py tune_grid). Each distinct launch (kernel, argument specialisation,
 constexprs, warps, stages) is then compiled with triton.compile for each architecture, exactly as Triton's launcher
 would specialise it (its own binder: pointer alignment, unit strides), in worker processes with TRITON_INTERPRET
 unset (the kernel modules pick their GPU or interpreter helpers when imported). Triton's bundled tools read the
@@ -20,7 +20,7 @@ result: ptxas -v on the PTX (same flags as Triton's own ptxas call) for register
 cuobjdump -res-usage / -sass on the cubin for static shared memory and the SASS. Analyses are cached by Triton's
 compiled-kernel hash under <MAECT_CACHE_DIR>/static (Triton's own cache holds the compiled kernels).
 
-A launch is "shipped" when a preset or the config table (defaults, kernels/queue_topk_configs.json) can pick it; the
+A launch is "shipped" when a preset or the config table (defaults, kernels/ops/queue_topk_configs.json) can pick it; the
 tuner's other configs are listed (the tuner drops those that fail) but do not fail the check. Failures of a shipped
 launch: spill bytes > 0; a kernel that calls tl.dot with tensor-core inputs (bf16 / fp16, fp32 as tf32) and has no MMA
 instruction (HGMMA on sm_90, HMMA on sm_80); programs per SM below the launcher's assumption (queue_topk's scan:
@@ -57,7 +57,8 @@ ARCHS = {
     "sm_80": dict(capability=80, ptxas_arch="sm_80", regs_per_sm=65536, smem_per_sm=164 * 1024,
                   smem_per_block=163 * 1024, smem_reserved=1024, max_warps=64, max_blocks=32, mma=("HMMA",)),
 }
-KERNEL_MODULES = ("maect.kernels._queue_topk_kernels", "maect.kernels.masked_embed", "maect.kernels.masking")
+KERNEL_MODULES = ("maect.kernels.ops.queue_topk", "maect.kernels.ops.masked_patch_embed",
+                  "maect.kernels.ops.random_masking", "maect.kernels.ops.unshuffle")
 PREDICT_SHAPES = {   # name: (dtype, B, Q, D, k); the headline and the variations the cost model is quoted at
     "headline bf16 B2048 k20": ("bf16", 2048, 65536, 256, 20),
     "bf16 B2048 k1": ("bf16", 2048, 65536, 256, 1),
@@ -115,7 +116,7 @@ def _masking_launches(dims: dict, N: int, ratio: float, ctx: dict) -> None:
     """The MAE ops' forward and backward launches at one preset's shapes, as training on CUDA runs them (bf16
     autocast: the patch-embedding GEMM in bf16 from fp32 images, fp32 position table; token tensors in bf16 and
     fp32)."""
-    from maect.kernels import masked_embed as ME, masking as MK
+    from maect.kernels.ops import decoder_input as DI, masked_patch_embed as ME, random_masking as RM, unshuffle as US
     L, Dm, Dd, p, C, img = dims["L"], dims["D"], dims["Ddec"], dims["patch"], dims["chans"], dims["img"]
     K = int(L * (1 - ratio))
     noise = _meta(N, L, dtype=torch.float32)
@@ -135,14 +136,14 @@ def _masking_launches(dims: dict, N: int, ratio: float, ctx: dict) -> None:
     for dt in (torch.bfloat16, torch.float32):
         ctx["variant"] = str(dt).replace("torch.", "")
         x = _meta(N, L, Dm, dtype=dt).requires_grad_()
-        xv, _, ids_restore = MK.random_masking_triton(x, ratio, noise)
+        xv, _, ids_restore = RM.random_masking_triton(x, ratio, noise)
         xv.sum().backward()
         ids_restore = _meta(N, L, dtype=torch.int64)
         tok = _meta(1, 1, Dd, dtype=dt).requires_grad_()
         xd = _meta(N, 1 + K, Dd, dtype=dt).requires_grad_()
-        MK.decoder_input_triton(xd, tok, ids_restore, _meta(1, 1 + L, Dd, dtype=torch.float32), True).sum().backward()
+        DI.decoder_input_triton(xd, tok, ids_restore, _meta(1, 1 + L, Dd, dtype=torch.float32), True).sum().backward()
         xu = _meta(N, K, Dd, dtype=dt).requires_grad_()
-        MK.unshuffle_triton(xu, tok, ids_restore).sum().backward()
+        US.unshuffle_triton(xu, tok, ids_restore).sum().backward()
 
 
 def _presets() -> list[str]:
@@ -153,8 +154,8 @@ def _presets() -> list[str]:
 
 def tuner_space(B: int = 2048, Q: int = 65536, D: int = 256, ks=(1, 20, 64), dtypes=("bf16", "fp32")) -> list[dict]:
     """bench/tune_queue_topk.py's search space at its headline shape: [{dtype, B, Q, D, k, config}] with config the
-    fields that replace the (dtype, k bucket) default (kernels/queue_topk.py tune_grid)."""
-    qt = importlib.import_module("maect.kernels.queue_topk")
+    fields that replace the (dtype, k bucket) default (kernels/ops/queue_topk.py tune_grid)."""
+    qt = importlib.import_module("maect.kernels.ops.queue_topk")
     return [dict(dtype=dt, B=B, Q=Q, D=D, k=k, config=g) for dt in dtypes for k in ks for g in qt.tune_grid(dt)]
 
 
@@ -174,7 +175,7 @@ def enumerate_launches(presets: list[str] | None = None, tuner=True, predict: bo
     TRITON_INTERPRET unset."""
     from . import check as CK
     from maect.validation import load_config
-    qt = importlib.import_module("maect.kernels.queue_topk")
+    qt = importlib.import_module("maect.kernels.ops.queue_topk")
     sink, ctx, errors = [], {}, []
     with recording(sink, ctx):
         for name in (presets or _presets()) if shipped else ():

@@ -151,7 +151,7 @@ def _check_model(m: ModelCfg, mask_ratio: float) -> int:
         _need(d % h == 0, f"model.{what}={d} is not divisible by model.{hk}={h}")
         _need(d % 4 == 0, f"model.{what}={d} must be divisible by 4 (2-D sin-cos position embedding)")
     L = (m.img_size // patch) ** 2
-    keep = int(L * (1 - float(mask_ratio)))        # kernels.masking's len_keep
+    keep = int(L * (1 - float(mask_ratio)))        # kernels.ops.random_masking's len_keep
     _need(1 <= keep < L, f"mae.mask_ratio={mask_ratio} keeps {keep} of the {L} patches "
                          f"(model.img_size={m.img_size} / patch {patch}): MAE needs at least one kept and one "
                          f"masked patch")

@@ -1,4 +1,4 @@
-"""The compiled CPU ops (csrc/ via kernels/_cpp.py) against the references in kernels/.
+"""The compiled CPU ops (csrc/ via kernels/_cpp.py) against the references in kernels/ops/.
 
 The first run builds the extension just in time (~1 min on 2 cores, then cached). If it cannot be built these tests
 FAIL (a CI machine without a compiler must not pass silently); they are skipped only with MAECT_CPP=0 set explicitly.
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from maect import kernels
 from maect.kernels import _cpp
-from maect.kernels.masking import random_masking_ref, unshuffle_ref
-from maect.kernels.queue_topk import queue_topk_ref, similarity_ref
+from maect.kernels.ops.queue_topk import queue_topk_cpp, queue_topk_ref, similarity_ref
+from maect.kernels.ops.random_masking import random_masking_cpp, random_masking_ref
+from maect.kernels.ops.unshuffle import unshuffle_cpp, unshuffle_ref
 
 needs_ext = pytest.mark.skipif(os.environ.get("MAECT_CPP") == "0", reason="MAECT_CPP=0: compiled CPU ops disabled")
 
@@ -43,7 +44,7 @@ def _noise_tol(D: int) -> float:
 def _check_topk(query, queue, k, exclude_ids=None, queue_ids=None, normalized=True):
     """Run the compiled op and the reference on the same inputs; assert the contract (see the module docstring)."""
     before = [t.clone() for t in (query, queue) + ((exclude_ids, queue_ids) if exclude_ids is not None else ())]
-    v, i = _cpp.queue_topk(query, queue, k, exclude_ids, queue_ids, normalized)
+    v, i = queue_topk_cpp(query, queue, k, exclude_ids, queue_ids, normalized)
     after = [query, queue] + ([exclude_ids, queue_ids] if exclude_ids is not None else [])
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "inputs were modified"
     rv, ri = queue_topk_ref(query, queue, k, exclude_ids, queue_ids, normalized)
@@ -174,7 +175,7 @@ def test_queue_topk_non_contiguous(ext, dtype):
 @needs_ext
 def test_queue_topk_edge_cases(ext):
     e = torch.randn(10, 4)
-    v, i = _cpp.queue_topk(torch.empty(0, 4), e, 3)
+    v, i = queue_topk_cpp(torch.empty(0, 4), e, 3)
     assert v.shape == i.shape == (0, 3)
     for bad_k in (0, 11):
         with pytest.raises(ValueError):
@@ -191,7 +192,7 @@ def test_queue_topk_nonfinite(ext, dtype, normalized):
     inputs): NaN/inf query rows return all (-inf, -1); NaN/inf queue rows are never returned; the rest is exact."""
     from test_queue_topk import check_nonfinite, nonfinite_inputs
     q, e, ex, qi = (t.cpu() for t in nonfinite_inputs(dtype))
-    v, i = _cpp.queue_topk(q, e, 12, ex, qi, normalized=normalized)
+    v, i = queue_topk_cpp(q, e, 12, ex, qi, normalized=normalized)
     check_nonfinite(q, e, ex, qi, normalized, v, i)
     v, i = kernels.queue_topk(q, e, 12, ex, qi, normalized)          # the public dispatch (cpp here)
     check_nonfinite(q, e, ex, qi, normalized, v, i)
@@ -203,7 +204,7 @@ def test_queue_topk_grad(ext, normalized):
     q, e, ids = _inputs(7, 300, 16, torch.float32, normalized, n_ids=50)
     q, e = q.requires_grad_(), e.requires_grad_()
     w = torch.randn(7, 5)
-    v, i = _cpp.queue_topk(q, e, 5, *ids, normalized=normalized)
+    v, i = queue_topk_cpp(q, e, 5, *ids, normalized=normalized)
     rv, ri = queue_topk_ref(q, e, 5, *ids, normalized=normalized)
     # inputs with no near tie (checked on the exact similarities: every gap among each row's 6 best exceeds twice
     # the two summation orders' rounding), so both backends select the same entries on any CPU
@@ -239,7 +240,7 @@ def test_masking_and_unshuffle_exact(ext, N, L, D, mask_ratio, dtype):
         x0 = x.clone()
         xa = x.clone().requires_grad_()
         xb = x.clone().requires_grad_()
-        out = _cpp.random_masking(xa, mask_ratio, noise)
+        out = random_masking_cpp(xa, mask_ratio, noise)
         ref = random_masking_ref(xb, mask_ratio, noise)
         for a, b in zip(out, ref):
             assert a.dtype == b.dtype and torch.equal(a, b)
@@ -247,7 +248,7 @@ def test_masking_and_unshuffle_exact(ext, N, L, D, mask_ratio, dtype):
         assert torch.equal(x, x0)
         token_a = torch.randn(1, 1, D, generator=g).requires_grad_()  # fp32 token, as in MAE, cast to x's dtype
         token_b = token_a.detach().clone().requires_grad_()
-        full = _cpp.unshuffle(out[0], token_a, out[2])
+        full = unshuffle_cpp(out[0], token_a, out[2])
         full_ref = unshuffle_ref(ref[0], token_b, ref[2])
         assert torch.equal(full, full_ref)
         w = torch.randn(full.shape, generator=g).to(dtype)
@@ -268,16 +269,16 @@ def test_masking_and_unshuffle_exact(ext, N, L, D, mask_ratio, dtype):
 @needs_ext
 def test_masking_generator_and_strides(ext):
     x = torch.randn(4, 50, 24)[:, ::2, 4:20]  # non-contiguous [4, 25, 16]
-    a = _cpp.random_masking(x, 0.6, generator=torch.Generator().manual_seed(5))
+    a = random_masking_cpp(x, 0.6, generator=torch.Generator().manual_seed(5))
     b = random_masking_ref(x, 0.6, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(u, w) for u, w in zip(a, b))
     a_vis = a[0].transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous visible tokens
     token = torch.randn(16)
-    assert torch.equal(_cpp.unshuffle(a_vis, token, a[2]), unshuffle_ref(a_vis, token, a[2]))
+    assert torch.equal(unshuffle_cpp(a_vis, token, a[2]), unshuffle_ref(a_vis, token, a[2]))
     with pytest.raises(ValueError):
-        _cpp.random_masking(x, 1.5)
+        random_masking_cpp(x, 1.5)
     with pytest.raises(RuntimeError, match="ids_restore"):
-        _cpp.unshuffle(a_vis, token, a[2] + 100)
+        unshuffle_cpp(a_vis, token, a[2] + 100)
 
 
 @needs_ext

@@ -39,7 +39,7 @@ BF16_TOL = 2.0 ** -6      # bf16 similarity rounding (ulp 2^-8 near 1) plus bf16
 def fp32_tol(D: int, normalize: bool = True) -> float:
     """Two fp32 computations of one cosine (or dot product of unit rows: normalize=False) differ by at most this:
     D products and their sum, each side within (D + 8) u of the exact value, plus 4 (D + 4) u per side for the
-    normalisation (kernels/candidates.py check_topk's bound; u = 2^-24)."""
+    normalisation (kernels/ops/queue_topk.py check_topk's bound; u = 2^-24)."""
     return 2 * (D + 8) * 2.0 ** -24 + (8 * (D + 4) * 2.0 ** -24 if normalize else 0.0)
 
 

@@ -9,7 +9,7 @@ from maect import kernels
 from maect.kernels import check
 from maect.kernels import dispatch as D
 
-qt = importlib.import_module("maect.kernels.queue_topk")
+qt = importlib.import_module("maect.kernels.ops.queue_topk")
 SMALL = ("nnclr.queue_size=1024", "eval.final_train=2048", "mae.batch_size=16", "ct.batch_size=16",
          "head.batch_size=16")
 
@@ -50,7 +50,7 @@ def test_check_exits_1_on_a_mismatch(fresh, capsys):
     def off_by_one(q, e, k, ids=None, qids=None, normalized=True):
         v, i = qt.queue_topk_ref(q, e, k, ids, qids, normalized)
         return v, (i + 1) % e.shape[0]
-    fresh.setattr(kernels, "_topk_impls", lambda device: {"broken": off_by_one})
+    fresh.setattr(qt, "impls", lambda device: {"broken": off_by_one})
     D.set_timer(fake_timer)
     try:
         assert check.main(["--preset", "tiny", "--device", "cpu", *SMALL]) == 1

@@ -1,8 +1,9 @@
-"""masked_patch_embed (kernels/masked_embed.py), the masking dispatch (kernels/__init__.py) and the MAE model's use.
+"""masked_patch_embed (kernels/ops/masked_patch_embed.py), the masking dispatch (kernels/_route.py) and the MAE
+model's use.
 
 Tolerances (derived, not tuned). mask and ids_restore are integers / 0-1 values and must equal the reference
 exactly. The kept tokens are the reference's convolution outputs computed as a GEMM of the kept patches: the same
-products summed in another order, so the two may differ by embed_error_bound (kernels/masked_embed.py: 2 n u S for
+products summed in another order, so the two may differ by embed_error_bound (kernels/ops/masked_patch_embed.py: 2 n u S for
 n = Cpp + 1 terms accumulated in fp32 with sum of |terms| S, plus each side's rounding to the GEMM dtype and its
 position add). The weight and bias gradients are sums over rows: the reference sums N L rows (its masked rows add
 exact zeros), the fused paths N K; against the fp64 truth of the same rounded operands each must be within
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 from maect import kernels
-from maect.kernels import masked_embed as ME
-from maect.kernels.masked_embed import (masked_patch_embed_gather, masked_patch_embed_ref, masked_patch_embed_triton,
-                                        mask_indices_ref, mask_indices_torch, mask_indices_triton)
+from maect.kernels import _route
+from maect.kernels.ops import masked_patch_embed as ME
+from maect.kernels.ops.masked_patch_embed import (masked_patch_embed_gather, masked_patch_embed_ref,
+                                                  masked_patch_embed_triton, mask_indices_ref, mask_indices_torch,
+                                                  mask_indices_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter (tests/conftest.py)
 IMPLS = {"gather": masked_patch_embed_gather, "fused": masked_patch_embed_triton}
@@ -229,7 +232,7 @@ def test_dispatch_rules(fresh_dispatch, tmp_path):
                          f"{DEVICE}|decoder_input|*": {"pick": "no_such_backend"},
                          f"{DEVICE}|unshuffle|*": {"pick": "triton"}}}
     (tmp_path / "t.json").write_text(json.dumps(table))
-    mp.setattr(kernels, "TABLE_PATH", tmp_path / "t.json")
+    mp.setattr(_route, "TABLE_PATH", tmp_path / "t.json")
     kernels.clear_cache()
     assert kernels.choose("masked_patch_embed", x, 49, 32) == "gather"           # the shape class's entry
     assert kernels.choose("masked_patch_embed", x, 196, 32) == "ref"             # the device default

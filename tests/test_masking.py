@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from maect.kernels import _cpp
-from maect.kernels.masking import (decoder_input_ref, decoder_input_triton, random_masking_ref, random_masking_triton,
-                                   unshuffle_ref, unshuffle_triton)
+from maect.kernels.ops.decoder_input import decoder_input_cpp, decoder_input_ref, decoder_input_triton
+from maect.kernels.ops.random_masking import random_masking_ref, random_masking_triton
+from maect.kernels.ops.unshuffle import unshuffle_ref, unshuffle_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -135,7 +136,7 @@ def test_unshuffle_noncontiguous_and_partial_grads():
 def _cpp_decoder_input(*args):
     if DEVICE != "cpu" or _cpp.load() is None:
         pytest.skip("the compiled CPU ops are not built here")
-    return _cpp.decoder_input(*args)
+    return decoder_input_cpp(*args)
 
 
 DEC_IMPLS = {"triton": decoder_input_triton, "cpp": _cpp_decoder_input}
@@ -209,7 +210,7 @@ def test_gradcheck_float64():
     xv = torch.randn(N, 2, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     xc = torch.randn(N, 3, D, dtype=torch.float64, device=DEVICE, requires_grad=True)    # cls + 2 kept tokens
     pos = torch.randn(1, 1 + L, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    decoders = [decoder_input_ref, decoder_input_triton] + ([_cpp.decoder_input] if DEVICE == "cpu" and _cpp.load() else [])
+    decoders = [decoder_input_ref, decoder_input_triton] + ([decoder_input_cpp] if DEVICE == "cpu" and _cpp.load() else [])
     for masking, unshuffle in ((random_masking_ref, unshuffle_ref), (random_masking_triton, unshuffle_triton)):
         assert torch.autograd.gradcheck(lambda t: masking(t, 0.6, noise)[0], (x,))
         assert torch.autograd.gradcheck(lambda a, b: unshuffle(a, b, ids), (xv, tok))

@@ -30,7 +30,7 @@ def test_wheel_has_one_top_level_name(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     print(sorted(top))
     assert top == {"maect"}
-    for must in ("maect/kernels/__init__.py", "maect/kernels/queue_topk.py", "maect/dataloading/__init__.py",
+    for must in ("maect/kernels/__init__.py", "maect/kernels/ops/queue_topk.py", "maect/dataloading/__init__.py",
                  "maect/_csrc/ops.cpp", "maect/presets/tiny.yaml", "maect/models/attention_table.json",
                  "maect/kernels/masking_table.json"):
         assert must in names, must

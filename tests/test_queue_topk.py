@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maect.kernels.queue_topk import queue_topk_ref, queue_topk_triton, similarity_ref
-
-qt = sys.modules["maect.kernels.queue_topk"]      # the module (maect.kernels.queue_topk is also the public function)
+from maect.kernels.ops import queue_topk as qt
+from maect.kernels.ops.queue_topk import queue_topk_ref, queue_topk_triton, similarity_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # cpu: the Triton interpreter
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -267,7 +266,7 @@ def test_long_queue_is_cut_into_slices(monkeypatch):
 
 
 def test_tuned_configs_are_read(monkeypatch, tmp_path):
-    """The tuner's table (kernels/queue_topk_configs.json) overrides the defaults per shape class, field by field."""
+    """The tuner's table (kernels/ops/queue_topk_configs.json) overrides the defaults per shape class, field by field."""
     f = tmp_path / "queue_topk_configs.json"
     key = qt.shape_class(torch.bfloat16, 2048, 65536, 20)
     assert key == "bf16/k32/B2048/Q65536"
@@ -336,7 +335,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from maect.kernels import _queue_topk_kernels as K
+from maect.kernels.ops import queue_topk as K
 
 def sig(dt, names):
     ptr = dict(q_ptr=f"*{dt}", e_ptr=f"*{dt}", ex_ptr="*i64", qid_ptr="*i64", einv_ptr="*fp32", keys_ptr="*i32",

@@ -70,7 +70,7 @@ def nnclr_find_nn(z: Tensor, queue: Tensor, queue_ids: Tensor | None = None, ids
           bf16 / fp16 inputs up to summation order. The replaced code ranks the matmul in its dtype (bf16 under
           autocast), so where two entries are within that rounding of each other the two may pick differently;
           this one picks the entry with the larger fp32 similarity. Autocast does not change the search.
-          On CUDA the Triton kernel's exactness holds for rows of norm <= 1 + 2^-4 (kernels/queue_topk.py).
+          On CUDA the Triton kernel's exactness holds for rows of norm <= 1 + 2^-4 (kernels/ops/queue_topk.py).
         * Ties: among equal similarities the lower queue index ranks first (torch.max's pick on CPU; torch.topk
           leaves the order of ties unspecified). The top-k candidates are in descending similarity, so a pick
           position means the same entry as in MAE-CT's sorted torch.topk list when there are no ties.

@@ -4,7 +4,7 @@ masked_patch_embed(imgs[N, C, H, W], weight[D, C, p, p], bias[D] | None, pos_emb
                    mask_ratio, noise[N, L] | None, generator=None) -> (x_visible[N, K, D], mask[N, L], ids_restore[N, L])
     Specification (masked_patch_embed_ref: official MAE's forward_encoder up to the cls token):
         x = conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos_embed       # [N, L, D]
-        x_visible, mask, ids_restore = random_masking(x, mask_ratio, noise)                   # kernels/masking.py
+        x_visible, mask, ids_restore = random_masking(x, mask_ratio, noise)         # kernels/ops/random_masking.py
     L = (H/p)(W/p) patches in row-major order; K = int(L (1 - mask_ratio)) (MAE's len_keep); the kept patches in
     ascending noise order, ties: lower position first; mask 0 keep / 1 remove in x's dtype; ids_restore int64.
     Without noise, noise = torch.rand(N, L, generator=generator) on imgs' device, as the reference draws it.
@@ -26,6 +26,15 @@ Implementations: masked_patch_embed_ref (the specification), masked_patch_embed_
     argsort + an inverse scatter, advanced indexing of the kept patches, F.linear, a position gather-add; any
     device), masked_patch_embed_triton (an index kernel and one gather-GEMM kernel with the bias, the rounding and
     the position add in its epilogue; backward in torch GEMMs).
+
+This file holds the op's contract, input check, reference, the torch 'gather' path, the Triton kernels and launcher
+(the rank device function _stable_rank and check_ratio are random_masking's, _round_bf16 and MAX_L unshuffle's,
+imported from kernels/ops/random_masking.py and kernels/ops/unshuffle.py), its error bound and verification rule,
+measurement pieces, backends and public function. There is no compiled CPU op of its own.
+
+Backends (BACKENDS): ref (MAE's code: full conv patch embedding, then random_masking_ref), cpp / triton (MAE's order
+around the standalone random_masking op of that backend), gather (embed only the kept patches, torch ops, any device),
+fused (the index kernel + gather-GEMM kernel, Triton, CUDA). Which one runs: kernels/_route.py.
 """
 from __future__ import annotations
 
@@ -33,8 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import MAX_L, _interpreting, _jit, _on, _pow2, _round_bf16, _stable_rank, check_ratio, \
-    random_masking_ref, tl, triton
+from .._util import interpreting, jit, next_pow2, on, tl, triton
+from . import _measure
+from .random_masking import _stable_rank, check_ratio, random_masking_cpp, random_masking_ref, random_masking_triton
+from .unshuffle import MAX_L, _round_bf16
+
+BACKENDS = ("ref", "cpp", "triton", "gather", "fused")
 
 
 def check_embed(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor | None, mask_ratio: float,
@@ -128,7 +141,7 @@ def masked_patch_embed_gather(imgs: Tensor, weight: Tensor, bias: Tensor | None,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton. Two launches: (1) ranks by comparison counting (masking.py's _stable_rank), writing ids_restore, mask and
+# Triton. Two launches: (1) ranks by comparison counting (random_masking's _stable_rank), writing ids_restore, mask and
 # ids_keep[n, rank] = l; (2) a GEMM whose A-operand rows are the kept patches loaded straight from the image
 # (row m = (n, k) -> patch ids_keep[n, k] -> its top-left pixel; column kk = (c, i, j) -> pixel offset), B the
 # weight as [Cpp, D], epilogue + bias, rounding to the GEMM dtype (the conv's output), + pos_embed[ids_keep], store.
@@ -137,7 +150,7 @@ def masked_patch_embed_gather(imgs: Tensor, weight: Tensor, bias: Tensor | None,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _mask_indices_kernel(
     noise_ptr,   # noise [N, L] float, contiguous; read only
     keep_ptr,    # out: ids_keep [N, K] int64, contiguous; ids_keep[n, rank(l)] = l for rank(l) < K
@@ -155,7 +168,7 @@ def _mask_indices_kernel(
     tl.store(keep_ptr + n * K + rank, i.to(tl.int64), mask=i_ok & (rank < K))
 
 
-@_jit
+@jit
 def _masked_embed_fwd_kernel(
     img_ptr,     # imgs [N, C, H, W], strides (s_in, s_ic, s_ih, s_iw), any float dtype (cast per A_CAST); read only
     keep_ptr,    # ids_keep [N, K] int64, contiguous (row m of the output = flat index m)
@@ -222,10 +235,10 @@ def mask_indices_triton(noise: Tensor, len_keep: int, mask_dtype: torch.dtype) -
     keep = torch.empty(N, len_keep, device=noise.device, dtype=torch.int64)
     mask = torch.empty(N, L, device=noise.device, dtype=mask_dtype)
     ids = torch.empty(N, L, device=noise.device, dtype=torch.int64)
-    bi = _pow2(L) if _interpreting() else max(2, min(32, 8192 // _pow2(L)))   # the compare is [BLOCK_I, pow2(L)]
-    with _on(noise.device):
+    bi = next_pow2(L) if interpreting() else max(2, min(32, 8192 // next_pow2(L)))   # the compare is [BLOCK_I, pow2(L)]
+    with on(noise.device):
         _mask_indices_kernel[(N, triton.cdiv(L, bi))](noise, keep, mask, ids, L, len_keep, BLOCK_I=bi,
-                                                      BLOCK_L=_pow2(L))
+                                                      BLOCK_L=next_pow2(L))
     return keep, mask, ids
 
 
@@ -242,8 +255,8 @@ def _gemm_config(M: int, D: int, CPP: int, unit_pixels: bool = True, p: int = 16
       have unit stride, else 32 (p = 14 / 4 at 64: 48-616 B of spills, the per-element addresses; channels_last
       images gather pixel by pixel: 124 B on sm_80 at 64); 16 when, in addition, the images are cast in the kernel
       (cast: fp32 images, 16-bit GEMM; p = 14 at 32: 96 B on sm_80)."""
-    if _interpreting():
-        return dict(BLOCK_M=min(128, _pow2(M)), BLOCK_N=min(256, _pow2(D)), BLOCK_K=min(256, _pow2(CPP)),
+    if interpreting():
+        return dict(BLOCK_M=min(128, next_pow2(M)), BLOCK_N=min(256, next_pow2(D)), BLOCK_K=min(256, next_pow2(CPP)),
                     num_warps=4, num_stages=1)
     if fma:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3)
@@ -271,14 +284,14 @@ class _MaskedPatchEmbed(torch.autograd.Function):
         cfg = _gemm_config(M, D, CPP, imgs.stride(3) == 1, p, fma=mm == torch.float32 and prec == "ieee",
                            cast=a_cast > 0)
         grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
-        with _on(imgs.device):
+        with on(imgs.device):
             _masked_embed_fwd_kernel[grid](
                 imgs, ids_keep, w2, bias if bias is not None else w2, pos2 if pos2 is not None else w2, out,
                 M, K, D, CPP, W // p, *imgs.stride(), w2.stride(0), *(pos2.stride() if pos2 is not None else (0, 0)),
                 P=p, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                 A_CAST=a_cast,
                 ROUND={torch.bfloat16: 1, torch.float16: 2}.get(mm, 0) if pos is not None else 0,
-                OUT_BF16=out_dtype == torch.bfloat16, UPCAST=_interpreting() and mm in (torch.bfloat16, torch.float16),
+                OUT_BF16=out_dtype == torch.bfloat16, UPCAST=interpreting() and mm in (torch.bfloat16, torch.float16),
                 ACC64=mm == torch.float64,
                 PREC=prec,
                 OFF32=imgs.stride(3) != 1 and imgs.numel() < 2 ** 31, **cfg)
@@ -325,7 +338,7 @@ def masked_patch_embed_triton(imgs: Tensor, weight: Tensor, bias: Tensor | None,
     mm = gemm_dtype(imgs, weight)
     N = imgs.shape[0]
     if (not imgs.dtype.is_floating_point or L > MAX_L or N * K == 0 or weight.shape[0] == 0
-            or (mm == torch.float64 and not _interpreting())):
+            or (mm == torch.float64 and not interpreting())):
         return masked_patch_embed_gather(imgs, weight, bias, pos_embed, mask_ratio, noise, generator)
     if noise is None:
         noise = torch.rand(N, L, device=imgs.device, generator=generator)
@@ -367,3 +380,63 @@ def embed_error_bound(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_emb
         return e
     pos = pos_embed.reshape(-1, D).double()[ids_keep]
     return e + 2 * torch.finfo(out_dtype).eps / 2 * (y.abs() + pos.abs() + e)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Verification and measurement (kernels/ops/_measure.py), backends and the public function
+
+def verify(args, out, ref) -> str | None:
+    """mask and ids_restore exactly equal; x_visible within embed_error_bound of the reference's (a GEMM instead of a
+    convolution: the same products summed in another order)."""
+    bad = _measure.exact(("mask", "ids_restore"), out[1:], ref[1:])
+    if bad:
+        return bad
+    x, rx = out[0].detach(), ref[0].detach()
+    if x.shape != rx.shape or x.dtype != rx.dtype:
+        return f"x_visible: shape/dtype {tuple(x.shape)} {x.dtype}, expected {tuple(rx.shape)} {rx.dtype}"
+    imgs, w, b, pos = (t.detach() if t is not None else None for t in args[:4])
+    K = x.shape[1]
+    ids_keep = torch.argsort(ref[2], dim=1)[:, :K]
+    mm = gemm_dtype(imgs, w)
+    bound = embed_error_bound(imgs, w, b, pos, ids_keep, mm, rx.dtype)
+    over = ((x.double() - rx.double()).abs() > bound) | (torch.isnan(x) != torch.isnan(rx))
+    if over.any():
+        n = int(over.reshape(x.shape[0], -1).any(1).nonzero()[0, 0])
+        worst = float(((x.double() - rx.double()).abs() - bound)[n].max())
+        return f"sample {n}: x_visible beyond the derived error bound (by {worst:.3g}; {int(over[n].sum())} entries)"
+    return None
+
+
+def measure_inputs(args: tuple) -> tuple[tuple, str]:
+    imgs, w, b, pos, ratio, noise = args
+    n = _measure.rows_for(imgs)
+    L = (imgs.shape[2] // w.shape[2]) * (imgs.shape[3] // w.shape[3])
+    nz = noise[:n] if noise is not None else _measure.noise(n, L, imgs.device)
+    return ((_measure.clone(imgs, n), _measure.clone(w), _measure.clone(b), _measure.clone(pos), ratio, nz),
+            f"N={n} {tuple(imgs.shape[1:])} patch {w.shape[2]} D={w.shape[0]} L={L}")
+
+
+def backend_fn(backend: str, device: str):
+    """The function that runs `backend` on `device` (masked_patch_embed_ref's signature); the reference for any other
+    name."""
+    if backend in ("cpp", "triton"):          # MAE's order around the standalone masking op
+        masking = random_masking_cpp if backend == "cpp" else random_masking_triton
+        return lambda imgs, w, bias, pos, ratio, noise=None, generator=None: mae_order(
+            imgs, w, bias, pos, ratio, noise, generator, masking)
+    return {"gather": masked_patch_embed_gather, "fused": masked_patch_embed_triton}.get(backend, masked_patch_embed_ref)
+
+
+def masked_patch_embed(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor | None,
+                       mask_ratio: float, noise: Tensor | None = None, generator=None, backend: str | None = None):
+    """MAE's encoder input: patch embedding (weight [D, C, p, p], a Conv2d's) + pos_embed + random masking; see
+    this module's docstring for the contract and the backends."""
+    from .. import _route
+    p = weight.shape[-1]
+    L = (imgs.shape[-2] // p) * (imgs.shape[-1] // p) if imgs.dim() == 4 and p else 0
+    ok = L > 0
+    if ok:                                  # bad input: its error, before anything is measured
+        check_embed(imgs, weight, bias, pos_embed, mask_ratio, noise)
+    b = _route.choose("masked_patch_embed", imgs, L, weight.shape[0], backend,
+                      (imgs, weight, bias, pos_embed, mask_ratio, noise) if ok else None,
+                      _measure.records_grad(imgs, weight, bias, pos_embed))
+    return backend_fn(b, imgs.device.type)(imgs, weight, bias, pos_embed, mask_ratio, noise, generator)

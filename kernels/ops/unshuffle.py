@@ -1,45 +1,32 @@
-"""MAE random masking, the decoder's unshuffle, and the MAE decoder input in one pass.
+"""unshuffle: the MAE decoder's unshuffle (mask tokens appended, original token order restored).
 
-random_masking(x[N, L, D], mask_ratio, noise[N, L] | None) -> (x_visible[N, K, D], mask[N, L], ids_restore[N, L])
-    K = int(L * (1 - mask_ratio)) (truncation, as official MAE's len_keep). Per sample, the K positions with the
-    smallest noise are kept, in ascending noise order (MAE's exact semantics: ids_shuffle = argsort(noise); keep
-    ids_shuffle[:, :K]). Ties in noise: the lower position ranks first (stable sort). mask: 0 keep, 1 remove, in
-    the original order, dtype of x. ids_restore: int64, the inverse permutation of ids_shuffle.
 unshuffle(x[N, K, D], mask_token[D] (or [1, 1, D]), ids_restore[N, L]) -> [N, L, D]
     Append L-K copies of mask_token (cast to x's dtype) to x and put every token back at its original position:
     out[n, l] = cat(x, mask)[n, ids_restore[n, l]].
-decoder_input(x[N, c+K, D], mask_token[D], ids_restore[N, L], pos_embed[c+L, D] | [1, c+L, D] | None, cls=True)
-    -> [N, c+L, D], c = 1 if cls else 0: official MAE's decoder input (models_mae.py forward_decoder: append mask
-    tokens, unshuffle, re-attach the cls token, add decoder_pos_embed) written in one pass:
-        out[n, 0]     = x[n, 0] + pos[0]                                                  (cls only)
-        out[n, c + l] = (x[n, c + r] if r < K else mask_token) + pos[c + l],   r = ids_restore[n, l]
-    dtype: the promotion of x, mask_token and pos_embed (under bf16 autocast: bf16 tokens, fp32 token and fp32
-    position table -> fp32, exactly what MAE's torch.cat + add give). Each element is one addition in that dtype
-    (computed in fp32, or fp64 for fp64 outputs, and rounded once), so the result equals the reference exactly.
-All three are differentiable (x, mask_token, and pos_embed for decoder_input; MAE's is fixed sin-cos, so unused).
-K == 0 (mask_ratio 1.0) and K == L (mask_ratio 0.0) are defined. The fused kernels rely on ids_restore being a
-permutation of 0..L-1 per row, which random_masking guarantees (the references' gather would also accept repeated
-indices; the fused scatter in the backward does not accumulate).
+Differentiable in x and mask_token. K == 0 (mask_ratio 1.0) and K == L (mask_ratio 0.0) are defined. The Triton
+kernels rely on ids_restore being a permutation of 0..L-1 per row, which random_masking guarantees (the reference's
+gather would also accept repeated indices; the fused scatter in the backward does not accumulate).
+
+This file holds the op's contract, input check, reference (unshuffle_ref), Triton kernels and launcher, the compiled
+CPU op's wrapper (unshuffle_cpp; csrc/masking.cpp), its measurement pieces, backends and public function. The
+unshuffle kernels (_unshuffle_fwd_kernel, _unshuffle_bwd_kernel) and their autograd Function (_DecoderInput) are
+shared: kernels/ops/decoder_input.py (the same kernels with the cls row and the position add) and
+kernels/ops/random_masking.py (its backward is an unshuffle with a zero token) import them from here, as do the
+helpers they share (MAX_L, _blocks, _triton_declines, _round_bf16, decoder_input_dtype).
+
+Backends (BACKENDS): ref (MAE's torch code: cat + gather), cpp (the compiled CPU op), triton (the Triton kernels,
+CUDA). Which one runs: kernels/_route.py.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from .._util import device_fn, interpreting, jit, next_pow2, on, tl, triton
+from . import _measure
 
-def check_masking(x: Tensor, mask_ratio: float, noise: Tensor | None) -> int:
-    if x.dim() != 3:
-        raise ValueError(f"random_masking: x must be [N, L, D], got shape {tuple(x.shape)}")
-    return check_ratio(x.shape[0], x.shape[1], mask_ratio, noise, "random_masking")
-
-
-def check_ratio(N: int, L: int, mask_ratio: float, noise: Tensor | None, op: str) -> int:
-    """len_keep for L tokens; a clear error for a ratio outside [0, 1] or noise that is not [N, L]."""
-    if not 0.0 <= float(mask_ratio) <= 1.0:
-        raise ValueError(f"{op}: mask_ratio={mask_ratio} must be in [0, 1]")
-    if noise is not None and tuple(noise.shape) != (N, L):
-        raise ValueError(f"{op}: noise must be [N, L]={(N, L)}, got {tuple(noise.shape)}")
-    return int(L * (1 - float(mask_ratio)))
+BACKENDS = ("ref", "cpp", "triton")
+MAX_L = 4096        # longer sequences: the rank compare would not fit one program; the Triton paths decline
 
 
 def check_unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor, cls: int = 0, op: str = "unshuffle") -> None:
@@ -51,36 +38,9 @@ def check_unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor, cls: int
         raise ValueError(f"{op}: mask_token must hold D={x.shape[2]} values, got shape {tuple(mask_token.shape)}")
 
 
-def check_decoder_input(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None,
-                        cls: bool) -> None:
-    check_unshuffle(x, mask_token, ids_restore, int(cls), "decoder_input")
-    T, D = int(cls) + ids_restore.shape[1], x.shape[2]
-    if pos_embed is not None and (pos_embed.dim() not in (2, 3) or tuple(pos_embed.shape[-2:]) != (T, D)
-                                  or pos_embed.numel() != T * D):
-        raise ValueError(f"decoder_input: pos_embed must be [{T}, {D}] or [1, {T}, {D}] (cls={cls}), got "
-                         f"{tuple(pos_embed.shape)}")
-
-
 def decoder_input_dtype(x: Tensor, mask_token: Tensor, pos_embed: Tensor | None) -> torch.dtype:
     dt = torch.promote_types(x.dtype, mask_token.dtype)
     return dt if pos_embed is None else torch.promote_types(dt, pos_embed.dtype)
-
-
-def random_masking_ref(x: Tensor, mask_ratio: float, noise: Tensor | None = None,
-                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference: rand -> two argsorts -> gathers (the official MAE path, with a stable sort for the tie rule)."""
-    len_keep = check_masking(x, mask_ratio, noise)
-    N, L, D = x.shape
-    if noise is None:
-        noise = torch.rand(N, L, device=x.device, generator=generator)
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
-    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-    mask = torch.ones(N, L, device=x.device, dtype=x.dtype)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
-    return x_visible, mask, ids_restore
 
 
 def unshuffle_ref(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
@@ -91,22 +51,6 @@ def unshuffle_ref(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
     filler = mask_token.reshape(1, 1, D).to(x.dtype).expand(N, L - K, D)
     full = torch.cat([x, filler], dim=1)
     return torch.gather(full, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
-
-
-def decoder_input_ref(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None,
-                      cls: bool = True) -> Tensor:
-    """Reference: official MAE's lines (cat mask tokens, gather by ids_restore, cat the cls token back, add the
-    position embedding), with torch.cat's dtype promotion made explicit so it holds with and without autocast."""
-    check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
-    c, D = int(cls), x.shape[2]
-    N, L = ids_restore.shape
-    dt = decoder_input_dtype(x, mask_token, pos_embed)
-    x = x.to(dt)
-    filler = mask_token.reshape(1, 1, D).to(dt).expand(N, L + c - x.shape[1], D)
-    x_ = torch.cat([x[:, c:, :], filler], dim=1)
-    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
-    x = torch.cat([x[:, :c, :], x_], dim=1)
-    return x if pos_embed is None else x + pos_embed.reshape(1, c + L, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,31 +66,10 @@ def decoder_input_ref(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_em
 # per-program partial sum of grad_out over masked rows for the mask token (summed in torch: deterministic, no
 # atomics). Noise must be NaN-free (torch.rand is). Measured on an H200 (torch 2.11+cu130, 2026-11) these standalone kernels are
 # slower than torch's argsort + gather, so the dispatch table (kernels/masking_table.json) does not pick them there.
+# (random_masking's kernel: kernels/ops/random_masking.py.)
 # ----------------------------------------------------------------------------------------------------------------
-import contextlib
-import os
 
-try:
-    import triton
-    import triton.language as tl
-    _jit = triton.jit
-except ImportError:  # pure-PyTorch install: the references above still work, the *_triton functions raise
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Device helpers are jit functions on GPU and plain Python under the interpreter (cheaper there; see queue_topk.py).
-_device_fn = _jit if not _interpreting() else (lambda fn: fn)
-MAX_L = 4096        # longer sequences: the rank compare would not fit one program; the Triton paths decline
-
-
-@_device_fn
+@device_fn
 def _round_bf16(v):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32. Explicit because the interpreter truncates on
     conversion to bf16 (the GPU rounds to nearest even, like torch); finite inputs."""
@@ -155,45 +78,7 @@ def _round_bf16(v):
     return b.to(tl.float32, bitcast=True)
 
 
-@_device_fn
-def _stable_rank(noise_ptr, row, i, i_ok, L, BLOCK_L: tl.constexpr):
-    """Rank of positions i in the stable ascending order of noise[row, :L] (comparison counting), int32."""
-    j = tl.arange(0, BLOCK_L)
-    j_ok = j < L
-    ni = tl.load(noise_ptr + row * L + i, mask=i_ok)
-    nj = tl.load(noise_ptr + row * L + j, mask=j_ok)
-    before = (nj[None, :] < ni[:, None]) | ((nj[None, :] == ni[:, None]) & (j[None, :] < i[:, None]))
-    return tl.sum((before & j_ok[None, :]).to(tl.int32), 1)
-
-
-@_jit
-def _random_masking_fwd_kernel(
-    noise_ptr,   # noise [N, L] float (any dtype), contiguous; read only
-    x_ptr,       # x [N, L, D], strides (stride_xn, stride_xl, stride_xd); read only
-    xv_ptr,      # out: x_visible [N, K, D], contiguous, dtype of x; row r written by the position of rank r < K
-    mask_ptr,    # out: mask [N, L], contiguous, dtype of x; 0 keep, 1 remove
-    ids_ptr,     # out: ids_restore [N, L] int64, contiguous
-    L, K, D,
-    stride_xn, stride_xl, stride_xd,
-    BLOCK_I: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    n = tl.program_id(0).to(tl.int64)
-    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    i_ok = i < L
-    rank = _stable_rank(noise_ptr, n, i, i_ok, L, BLOCK_L)                       # [BLOCK_I]
-    tl.store(ids_ptr + n * L + i, rank.to(tl.int64), mask=i_ok)
-    # via fp32: the interpreter converts integers to bf16 bit-wise
-    tl.store(mask_ptr + n * L + i, (rank >= K).to(tl.float32).to(mask_ptr.dtype.element_ty), mask=i_ok)
-    keep = i_ok & (rank < K)
-    dd = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + dd
-        m = keep[:, None] & (d < D)[None, :]
-        v = tl.load(x_ptr + n * stride_xn + i[:, None].to(tl.int64) * stride_xl + d[None, :] * stride_xd, mask=m)
-        tl.store(xv_ptr + (n * K + rank[:, None].to(tl.int64)) * D + d[None, :], v, mask=m)
-
-
-@_jit
+@jit
 def _unshuffle_fwd_kernel(
     x_ptr,       # x [N, CLS + K, D], strides (stride_xn, stride_xk, stride_xd); read only
     tok_ptr,     # mask_token [D], contiguous, any float dtype; read only when HAS_TOKEN (else masked rows get 0)
@@ -233,7 +118,7 @@ def _unshuffle_fwd_kernel(
                  mask=t_ok[:, None] & d_ok[None, :])
 
 
-@_jit
+@jit
 def _unshuffle_bwd_kernel(
     g_ptr,       # grad_out [N, CLS + L, D], strides (stride_gn, stride_gl, stride_gd); read only
     ids_ptr,     # ids_restore [N, L] integer, contiguous; a permutation of 0..L-1 per row
@@ -267,21 +152,12 @@ def _unshuffle_bwd_kernel(
             tl.store(gtok_ptr + part_row * D + d, tl.sum(tl.where(masked[:, None], ga, 0.0), 0), mask=d_ok)
 
 
-def _on(device: torch.device):
-    """Launch on the data's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (max(1, n) - 1).bit_length())
-
-
 def _blocks(L: int, D: int, rows_gpu: int) -> tuple[int, int]:
     """(BLOCK_I, BLOCK_D): in the interpreter one program per sample and few D trips (cost is per program and per
     loop trip); on GPU a few rows per program and 16-byte-vectorisable D chunks."""
-    if _interpreting():
-        return _pow2(L), min(_pow2(D), 1024)
-    return min(rows_gpu, _pow2(L)), min(_pow2(D), 256)
+    if interpreting():
+        return next_pow2(L), min(next_pow2(D), 1024)
+    return min(rows_gpu, next_pow2(L)), min(next_pow2(D), 256)
 
 
 def _unshuffle_fwd(x: Tensor, tok: Tensor | None, ids: Tensor, pos: Tensor | None, cls: int,
@@ -291,37 +167,13 @@ def _unshuffle_fwd(x: Tensor, tok: Tensor | None, ids: Tensor, pos: Tensor | Non
     L = ids.shape[1]
     out = torch.empty(N, cls + L, D, device=x.device, dtype=out_dtype)
     bi, bd = _blocks(cls + L, D, 16)
-    with _on(x.device):
+    with on(x.device):
         _unshuffle_fwd_kernel[(N, triton.cdiv(cls + L, bi))](
             x, tok if tok is not None else x, ids, pos if pos is not None else x, out, L, x.shape[1] - cls, D,
             x.stride(0), x.stride(1), x.stride(2), *(pos.stride() if pos is not None else (0, 0)),
             CLS=cls, HAS_TOKEN=tok is not None, HAS_POS=pos is not None, ACC64=out_dtype == torch.float64,
             OUT_BF16=out_dtype == torch.bfloat16, BLOCK_I=bi, BLOCK_D=bd)
     return out
-
-
-class _RandomMasking(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, noise: Tensor, K: int):
-        N, L, D = x.shape
-        x_visible = torch.empty(N, K, D, device=x.device, dtype=x.dtype)
-        mask = torch.empty(N, L, device=x.device, dtype=x.dtype)
-        ids_restore = torch.empty(N, L, device=x.device, dtype=torch.int64)
-        bi, bd = _blocks(L, D, max(2, min(32, 8192 // _pow2(L))))   # the rank compare is [BLOCK_I, pow2(L)]
-        with _on(x.device):
-            _random_masking_fwd_kernel[(N, triton.cdiv(L, bi))](
-                noise, x, x_visible, mask, ids_restore, L, K, D, x.stride(0), x.stride(1), x.stride(2),
-                BLOCK_I=bi, BLOCK_L=_pow2(L), BLOCK_D=bd)
-        ctx.save_for_backward(ids_restore)
-        ctx.mark_non_differentiable(mask, ids_restore)
-        return x_visible, mask, ids_restore
-
-    @staticmethod
-    def backward(ctx, g_visible, g_mask, g_ids):
-        (ids_restore,) = ctx.saved_tensors
-        if g_visible is None:
-            return None, None, None
-        return _unshuffle_fwd(g_visible, None, ids_restore, None, 0, g_visible.dtype), None, None   # scatter back
 
 
 class _DecoderInput(torch.autograd.Function):
@@ -349,7 +201,7 @@ class _DecoderInput(torch.autograd.Function):
         bi, bd = _blocks(T, D, 16)
         n_i = triton.cdiv(T, bi)
         parts = torch.empty(N * n_i, D, device=g.device, dtype=acc) if need_tok else gx
-        with _on(g.device):
+        with on(g.device):
             _unshuffle_bwd_kernel[(N, n_i)](g, ids_restore, gx, parts, ids_restore.shape[1], K, D, g.stride(0),
                                             g.stride(1), g.stride(2), CLS=cls, HAS_TOKEN=need_tok, ACC64=acc == torch.float64,
                                             GX_BF16=x_dtype == torch.bfloat16, BLOCK_I=bi, BLOCK_D=bd)
@@ -362,19 +214,6 @@ def _triton_declines(x: Tensor, L: int) -> bool:
     return not x.dtype.is_floating_point or x.shape[0] * x.shape[2] == 0 or L == 0 or L > MAX_L
 
 
-def random_masking_triton(x: Tensor, mask_ratio: float, noise: Tensor | None = None,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused Triton random masking; same contract (and the same noise draw) as random_masking_ref."""
-    K = check_masking(x, mask_ratio, noise)
-    if triton is None:
-        raise RuntimeError("random_masking_triton: triton is not installed")
-    if _triton_declines(x, x.shape[1]):
-        return random_masking_ref(x, mask_ratio, noise, generator)
-    if noise is None:
-        noise = torch.rand(x.shape[0], x.shape[1], device=x.device, generator=generator)
-    return _RandomMasking.apply(x, noise.contiguous(), K)
-
-
 def unshuffle_triton(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
     """Fused Triton unshuffle; same contract as unshuffle_ref for ids_restore from random_masking (a permutation)."""
     check_unshuffle(x, mask_token, ids_restore)
@@ -385,13 +224,69 @@ def unshuffle_triton(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tens
     return _DecoderInput.apply(x, mask_token.to(x.dtype), ids_restore.contiguous(), None, 0)
 
 
-def decoder_input_triton(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None,
-                         cls: bool = True) -> Tensor:
-    """decoder_input in one Triton pass (backward: one scatter pass + the mask-token partial sums); same contract as
-    decoder_input_ref for ids_restore from random_masking (a permutation)."""
-    check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
-    if triton is None:
-        raise RuntimeError("decoder_input_triton: triton is not installed")
-    if _triton_declines(x, ids_restore.shape[1]):
-        return decoder_input_ref(x, mask_token, ids_restore, pos_embed, cls)
-    return _DecoderInput.apply(x, mask_token, ids_restore.contiguous(), pos_embed, int(cls))
+# ----------------------------------------------------------------------------------------------------------------
+# The compiled CPU op (csrc/masking.cpp; loaded by kernels/_cpp.py): wrapper, fake kernels, autograd.
+
+def unshuffle_cpp(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
+    """Compiled unshuffle (the contract above). Requires kernels._cpp.load() to have succeeded."""
+    check_unshuffle(x, mask_token, ids_restore)
+    return torch.ops.maect.unshuffle(x, mask_token, ids_restore)
+
+
+def _cpp_setup(ctx, inputs, output):
+    x, mask_token, ids_restore = inputs
+    ctx.len_keep = x.shape[1]
+    ctx.token_shape, ctx.token_dtype = mask_token.shape, mask_token.dtype
+    ctx.save_for_backward(ids_restore)
+
+
+def _cpp_backward(ctx, grad_out):
+    (ids_restore,) = ctx.saved_tensors
+    grad_x, grad_token = torch.ops.maect.unshuffle_backward(grad_out, ids_restore, ctx.len_keep)
+    grad_token = grad_token.to(ctx.token_dtype).reshape(ctx.token_shape)
+    return (grad_x if ctx.needs_input_grad[0] else None, grad_token if ctx.needs_input_grad[1] else None, None)
+
+
+def register_cpp() -> None:
+    """Fake kernels of torch.ops.maect.unshuffle / unshuffle_backward and unshuffle's autograd formula (kernels/_cpp.py
+    calls this once)."""
+    @torch.library.register_fake("maect::unshuffle")
+    def _(x, mask_token, ids_restore):
+        return x.new_empty(x.shape[0], ids_restore.shape[1], x.shape[2])
+
+    @torch.library.register_fake("maect::unshuffle_backward")
+    def _(grad_out, ids_restore, len_keep):
+        N, _, D = grad_out.shape
+        return grad_out.new_empty(N, len_keep, D), grad_out.new_empty(D)
+
+    torch.library.register_autograd("maect::unshuffle", _cpp_backward, setup_context=_cpp_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement (kernels/ops/_measure.py), backends and the public function
+
+def measure_inputs(args: tuple) -> tuple[tuple, str]:
+    x, tok, ids = args
+    n = _measure.rows_for(x)
+    return (_measure.clone(x, n), _measure.clone(tok), ids[:n]), f"N={n} K={x.shape[1]} L={ids.shape[1]} D={x.shape[2]}"
+
+
+def verify(args, out, ref) -> str | None:
+    """Every output exactly equal to the reference's (copies)."""
+    return _measure.exact(("out",), out, ref)
+
+
+def backend_fn(backend: str, device: str):
+    """The function that runs `backend` (unshuffle_ref's signature); the reference for any other name."""
+    return {"cpp": unshuffle_cpp, "triton": unshuffle_triton}.get(backend, unshuffle_ref)
+
+
+def unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor, backend: str | None = None) -> Tensor:
+    """Insert mask tokens and restore the original token order; the contract is this module's docstring."""
+    from .. import _route
+    ok = x.dim() == 3 and ids_restore.dim() == 2
+    if ok:
+        check_unshuffle(x, mask_token, ids_restore)
+    b = _route.choose("unshuffle", x, ids_restore.shape[-1], x.shape[-1], backend,
+                      (x, mask_token, ids_restore) if ok else None, _measure.records_grad(x, mask_token))
+    return backend_fn(b, x.device.type)(x, mask_token, ids_restore)
