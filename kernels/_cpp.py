@@ -1,7 +1,6 @@
 """Compiled CPU ops (csrc/) as torch custom ops: loader, fake kernels, autograd, and the public wrappers.
 
 load() -> the extension module or None (memoised; thread-safe)
-    MAECT_CPP=0                      -> None (disabled on purpose)
     maect.kernels._maect_C importable      -> that module (ahead-of-time: MAECT_BUILD_EXT=1 pip install
                                         --no-build-isolation -e .), unless csrc/ is newer than it
     otherwise                        -> just-in-time build with torch.utils.cpp_extension.load, cached in the default
@@ -112,7 +111,7 @@ def _jit_module():
                 cpp_extension.get_default_build_root())
     return cpp_extension.load(name=name, sources=[str(p) for p in sources], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], is_python_module=True,
-                              verbose=os.environ.get("MAECT_CPP_VERBOSE") == "1")
+                              verbose=logger.isEnabledFor(logging.DEBUG))
 
 
 def load():
@@ -127,9 +126,6 @@ def load():
 
 
 def _load_once():
-    if os.environ.get("MAECT_CPP", "1") == "0":
-        logger.info("maect: C++ CPU ops disabled (MAECT_CPP=0); CPU ops use the reference")
-        return None
     try:
         mod = _aot_module() or _jit_module()
         if not hasattr(torch.ops.maect, "queue_topk"):
@@ -140,8 +136,8 @@ def _load_once():
         lines = str(exc).strip().splitlines() or [""]
         why = next((ln for ln in lines if "error" in ln.lower() and ln is not lines[0]), "")  # a compiler error line
         why = (lines[0][:120] + (" ... " + why.strip()[:300] if why else "")).strip()
-        logger.warning("maect: C++ CPU ops unavailable (%s: %s); CPU ops use the reference (MAECT_CPP_VERBOSE=1 "
-                       "shows the build log)", type(exc).__name__, why)
+        logger.warning("maect: C++ CPU ops unavailable (%s: %s); CPU ops use the reference (logging "
+                       "level DEBUG on maect.kernels shows the build log)", type(exc).__name__, why)
         return None
 
 

@@ -9,7 +9,10 @@ jit, device_fn      triton.jit where triton is importable (else the function its
 on(device)          launch on the data's GPU (Triton launches on the current device); a no-op elsewhere
 dtype_name(dt)      'fp32' / 'bf16' / 'fp16' / 'fp64' (else torch's name without 'torch.')
 U                   fp32 unit roundoff, 2^-24
-triton_available(), cpp_available()
+triton_available(), cpp_available(), cpp_why, triton_why   (the last two: dispatch's Backend.why_not)
+The masking ops' shared decision parts (kernels/dispatch.py): masking_meta / masking_key (dtype under autocast,
+next powers of two of tokens and width, forward or forward + backward), exact (their verification: every output
+equal to the reference's), measurement_rows / clone / private_noise (their measurement inputs).
 """
 from __future__ import annotations
 
@@ -69,3 +72,75 @@ def cpp_available() -> bool:
     except ImportError:
         return False
     return _cpp.load() is not None
+
+
+def cpp_why(device: torch.device, meta: tuple = ()) -> str | None:
+    """None where the compiled CPU ops run on device, else why not."""
+    if device.type != "cpu":
+        return "the compiled ops are CPU ops"
+    return None if cpp_available() else "the csrc extension did not load (its log line says why)"
+
+
+def triton_why(device: torch.device, meta: tuple = ()) -> str | None:
+    """None where a Triton kernel runs on device (CUDA; on CPU the interpreter, TRITON_INTERPRET=1), else why not."""
+    if not triton_available():
+        return "triton is not importable"
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"the Triton kernels run on CUDA (on {device.type} only in the interpreter: TRITON_INTERPRET=1)"
+
+
+# ------------------------------------------------------------------------------------------ the masking ops
+MEASUREMENT_ROWS = {"cpu": 32, "cuda": 1 << 16}
+
+
+def records_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def masking_meta(t: torch.Tensor, L: int, D: int, train: bool) -> tuple:
+    """(dtype the op computes in: autocast's where autocast is on for t's device, next_pow2(L), next_pow2(D),
+    train)."""
+    from .dispatch import concrete
+    dev = t.device.type
+    dt = t.dtype
+    if torch.is_autocast_enabled(dev) and dt in (torch.float32, torch.bfloat16, torch.float16):
+        dt = torch.get_autocast_dtype(dev)
+    return dtype_name(dt), next_pow2(concrete(L)), next_pow2(concrete(D)), bool(train)
+
+
+def masking_key(meta: tuple) -> str:
+    dt, L, D, train = meta
+    return f"{dt}|L{L}-D{D}-{'fwd+bwd' if train else 'fwd'}"
+
+
+def exact(names, out, ref) -> str | None:
+    """The first sample where any output differs from the reference's (every output exact; NaN equals NaN)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    for name, a, b in zip(names, outs, refs):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{name}: shape/dtype {tuple(a.shape)} {a.dtype}, expected {tuple(b.shape)} {b.dtype}"
+        neq = (a != b) & ~(torch.isnan(a) & torch.isnan(b)) if a.dtype.is_floating_point else a != b
+        if neq.any():
+            n = int(neq.reshape(a.shape[0], -1).any(1).nonzero()[0, 0])
+            return f"sample {n}: {name} differs from the reference's ({int(neq[n].sum())} entries)"
+    return None
+
+
+def measurement_rows(t: torch.Tensor) -> int:
+    return min(t.shape[0], MEASUREMENT_ROWS["cuda" if t.device.type == "cuda" else "cpu"])
+
+
+def clone(t: torch.Tensor | None, n: int | None = None) -> torch.Tensor | None:
+    """A detached copy (its first n rows when n is given) that records gradients where t does."""
+    if t is None:
+        return None
+    c = (t[:n] if n is not None else t).detach().clone()
+    return c.requires_grad_(t.requires_grad and t.dtype.is_floating_point)
+
+
+def private_noise(N: int, L: int, device) -> torch.Tensor:
+    """Masking noise from a private generator: measuring never advances the global RNG."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.rand(N, L, device=device, generator=g)

@@ -62,6 +62,7 @@ class Backend:
     name: str
     fn: Callable
     why_not: Callable[[torch.device, tuple], str | None] = lambda device, meta: None
+    cuda_timed_only: bool = False     # a Triton backend: on CPU only its interpreter runs (asked by name), never timed
 
 
 @dataclasses.dataclass
@@ -77,6 +78,8 @@ class Op:
     default: dict[str, str]
     meta: Callable[..., tuple]                    # the op's arguments -> meta
     ref_name: str = "ref"                         # the reference's name when asked for by name
+    prepare: Callable[[tuple], tuple] | None = None   # the caller's arguments -> the measurement's (a bounded
+                                                  # slice, explicit noise so every backend masks the same patches)
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:
@@ -310,20 +313,27 @@ def decisions() -> dict[tuple, Decision]:
     return dict(_decisions)
 
 
-def _unavailable(op: Op, name: str, device: torch.device, meta: tuple) -> str | None:
+INTERPRETER = "Triton runs on CUDA (the interpreter is a correctness tool: it runs a backend asked by name, never decided)"
+
+
+def _unavailable(op: Op, name: str, device: torch.device, meta: tuple, asked: bool = False) -> str | None:
+    """None where backend `name` can run inputs with meta on device, else why not. A Triton backend on CPU runs only
+    asked by name (in the interpreter), never as a decision or a default."""
     if name == op.ref_name:
         return None
     try:
         b = op.backend(name)
     except ValueError as exc:
         return str(exc)
+    if b.cuda_timed_only and device.type != "cuda" and not asked:
+        return INTERPRETER
     return b.why_not(device, meta)
 
 
 def _why_each(op: Op, device: torch.device, meta: tuple) -> str:
     names = op.names()
     w = max(map(len, names))
-    return "\n".join(f"  {n:<{w}}  {'no: ' + why if (why := _unavailable(op, n, device, meta)) else 'can run'}"
+    return "\n".join(f"  {n:<{w}}  {'no: ' + why if (why := _unavailable(op, n, device, meta, True)) else 'can run'}"
                      for n in names)
 
 
@@ -339,7 +349,7 @@ def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tup
         op, device = OPS[op_name], torch.device(device_type, device_index)
         asked = rkey[-1]
         if asked is not None:
-            why = _unavailable(op, asked, device, meta)
+            why = _unavailable(op, asked, device, meta, asked=True)
             if why is not None:
                 raise Unavailable(f"{op_name}: backend {asked!r} cannot run {op.key(meta)} on {device_type}: {why}\n"
                                   f"Every backend for these inputs:\n{_why_each(op, device, meta)}")
@@ -432,6 +442,7 @@ def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float
     torch.autocast with this dtype (the training step's precision)."""
     o, t_start = get(op), time.perf_counter()
     timer = timer or default_timer
+    args = o.prepare(args) if o.prepare is not None else args
     first = next(a for a in args if isinstance(a, torch.Tensor))
     device = first.device
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
@@ -444,7 +455,7 @@ def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float
     _sync(device)
     ok = []
     for b in o.backends:
-        why = b.why_not(device, meta)
+        why = _unavailable(o, b.name, device, meta)
         if why is not None:
             d.not_run[b.name] = why
             continue

@@ -19,7 +19,7 @@ row and the position add), imported from there, as is decoder_input_dtype.
 
 Backends (BACKENDS): ref (MAE's torch code: cat + gather + add), cpp / triton (MAE's structure around the standalone
 unshuffle op of that backend), fused (one pass: the compiled op on CPU, the Triton kernel on CUDA; the Triton kernel in
-the interpreter on CPU when the compiled op is not built). Which one runs: kernels/_route.py.
+the interpreter on CPU when the compiled op is not built). Which one runs: kernels/dispatch.py (static default: OP.default).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from .._util import triton
-from . import _measure
+from .. import dispatch
+from .._util import clone, cpp_why, exact, masking_key, masking_meta, measurement_rows, records_grad, triton_why
 from .unshuffle import _DecoderInput, _triton_declines, check_unshuffle, decoder_input_dtype, \
     unshuffle_cpp, unshuffle_triton
 
@@ -118,18 +119,17 @@ def register_cpp() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Measurement (kernels/ops/_measure.py), backends and the public function
+# Backends (kernels/dispatch.py) and the public function
 
-def measure_inputs(args: tuple) -> tuple[tuple, str]:
-    x, tok, ids, pos, cls = args
-    n = _measure.rows_for(x)
-    return ((_measure.clone(x, n), _measure.clone(tok), ids[:n], _measure.clone(pos), cls),
-            f"N={n} K={x.shape[1] - int(cls)} L={ids.shape[1]} D={x.shape[2]}")
+def measurement_inputs(args: tuple) -> tuple:
+    x, tok, ids, pos, cls = (tuple(args) + (None, True))[:5] if len(args) < 5 else args
+    n = measurement_rows(x)
+    return clone(x, n), clone(tok), ids[:n], clone(pos), cls
 
 
 def verify(args, out, ref) -> str | None:
     """Exactly equal to the reference's (copies and one rounded add)."""
-    return _measure.exact(("out",), out, ref)
+    return exact(("out",), out, ref)
 
 
 def _decoder_input_standalone(unshuffle_op, x, mask_token, ids_restore, pos_embed, cls):
@@ -142,26 +142,43 @@ def _decoder_input_standalone(unshuffle_op, x, mask_token, ids_restore, pos_embe
     return out if pos_embed is None else out + pos_embed.reshape(1, out.shape[1], out.shape[2])
 
 
-def backend_fn(backend: str, device: str):
-    """The function that runs `backend` on `device` (decoder_input_ref's signature); the reference for any other
-    name."""
-    from .._util import cpp_available
-    if backend == "fused":                  # one pass: the compiled op on CPU (when built), else the Triton kernel
-        return decoder_input_cpp if device == "cpu" and cpp_available() else decoder_input_triton
-    if backend in ("cpp", "triton"):
-        unshuffle_op = unshuffle_cpp if backend == "cpp" else unshuffle_triton
-        return lambda x, tok, ids, pos=None, cls=True: _decoder_input_standalone(unshuffle_op, x, tok, ids, pos, cls)
-    return decoder_input_ref
+def decoder_input_standalone_cpp(x, mask_token, ids_restore, pos_embed=None, cls=True):
+    return _decoder_input_standalone(unshuffle_cpp, x, mask_token, ids_restore, pos_embed, cls)
+
+
+def decoder_input_standalone_triton(x, mask_token, ids_restore, pos_embed=None, cls=True):
+    return _decoder_input_standalone(unshuffle_triton, x, mask_token, ids_restore, pos_embed, cls)
+
+
+def decoder_input_fused(x, mask_token, ids_restore, pos_embed=None, cls=True):
+    """One pass: the compiled op on CPU (when built), else the Triton kernel."""
+    fn = decoder_input_cpp if x.device.type == "cpu" and cpp_why(x.device) is None else decoder_input_triton
+    return fn(x, mask_token, ids_restore, pos_embed, cls)
+
+
+def _fused_why(device: torch.device, meta: tuple = ()) -> str | None:
+    return None if cpp_why(device) is None else triton_why(device)
+
+
+def _meta(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None, cls: bool = True):
+    return masking_meta(x, ids_restore.shape[-1], x.shape[-1], records_grad(x, mask_token, pos_embed))
+
+
+OP = dispatch.register(dispatch.Op(
+    name="decoder_input", reference=decoder_input_ref, meta=_meta, key=masking_key, verify=verify,
+    backends=(dispatch.Backend("ref", decoder_input_ref),
+              dispatch.Backend("fused", decoder_input_fused, _fused_why),
+              dispatch.Backend("cpp", decoder_input_standalone_cpp, cpp_why),
+              dispatch.Backend("triton", decoder_input_standalone_triton, triton_why, cuda_timed_only=True)),
+    default={"cpu": "fused", "cuda": "ref"}, prepare=measurement_inputs))
 
 
 def decoder_input(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor | None = None,
                   cls: bool = True, backend: str | None = None) -> Tensor:
-    """MAE's decoder input in one pass; the contract is this module's docstring."""
-    from .. import _route
-    ok = x.dim() == 3 and ids_restore.dim() == 2
-    if ok:
-        check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
-    b = _route.choose("decoder_input", x, ids_restore.shape[-1], x.shape[-1], backend,
-                      (x, mask_token, ids_restore, pos_embed, cls) if ok else None,
-                      _measure.records_grad(x, mask_token, pos_embed))
-    return backend_fn(b, x.device.type)(x, mask_token, ids_restore, pos_embed, cls)
+    """MAE's decoder input in one pass; the contract is this module's docstring. backend: one by name (BACKENDS),
+    else the decision for this shape class (kernels/dispatch.py)."""
+    if x.dim() != 3 or ids_restore.dim() != 2:
+        return decoder_input_ref(x, mask_token, ids_restore, pos_embed, cls)   # its error names the shape
+    check_decoder_input(x, mask_token, ids_restore, pos_embed, cls)
+    fn = dispatch.lookup("decoder_input", _meta(x, mask_token, ids_restore, pos_embed), x.device, backend)
+    return fn(x, mask_token, ids_restore, pos_embed, cls)

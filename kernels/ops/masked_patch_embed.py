@@ -34,7 +34,7 @@ measurement pieces, backends and public function. There is no compiled CPU op of
 
 Backends (BACKENDS): ref (MAE's code: full conv patch embedding, then random_masking_ref), cpp / triton (MAE's order
 around the standalone random_masking op of that backend), gather (embed only the kept patches, torch ops, any device),
-fused (the index kernel + gather-GEMM kernel, Triton, CUDA). Which one runs: kernels/_route.py.
+fused (the index kernel + gather-GEMM kernel, Triton, CUDA). Which one runs: kernels/dispatch.py (static default: OP.default).
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._util import interpreting, jit, next_pow2, on, tl, triton
-from . import _measure
+from .. import dispatch
+from .._util import (clone, cpp_why, exact, masking_meta, masking_key, measurement_rows, private_noise,
+                     records_grad, triton_why)
 from .random_masking import _stable_rank, check_ratio, random_masking_cpp, random_masking_ref, random_masking_triton
 from .unshuffle import MAX_L, _round_bf16
 
@@ -383,12 +385,12 @@ def embed_error_bound(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_emb
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Verification and measurement (kernels/ops/_measure.py), backends and the public function
+# Verification, backends (kernels/dispatch.py) and the public function
 
 def verify(args, out, ref) -> str | None:
     """mask and ids_restore exactly equal; x_visible within embed_error_bound of the reference's (a GEMM instead of a
     convolution: the same products summed in another order)."""
-    bad = _measure.exact(("mask", "ids_restore"), out[1:], ref[1:])
+    bad = exact(("mask", "ids_restore"), out[1:], ref[1:])
     if bad:
         return bad
     x, rx = out[0].detach(), ref[0].detach()
@@ -407,36 +409,46 @@ def verify(args, out, ref) -> str | None:
     return None
 
 
-def measure_inputs(args: tuple) -> tuple[tuple, str]:
-    imgs, w, b, pos, ratio, noise = args
-    n = _measure.rows_for(imgs)
+def measurement_inputs(args: tuple) -> tuple:
+    """The first rows of the call's inputs, with explicit noise so every backend masks the same patches."""
+    imgs, w, b, pos, ratio, noise = (tuple(args) + (None,))[:6]
+    n = measurement_rows(imgs)
     L = (imgs.shape[2] // w.shape[2]) * (imgs.shape[3] // w.shape[3])
-    nz = noise[:n] if noise is not None else _measure.noise(n, L, imgs.device)
-    return ((_measure.clone(imgs, n), _measure.clone(w), _measure.clone(b), _measure.clone(pos), ratio, nz),
-            f"N={n} {tuple(imgs.shape[1:])} patch {w.shape[2]} D={w.shape[0]} L={L}")
+    nz = noise[:n] if noise is not None else private_noise(n, L, imgs.device)
+    return clone(imgs, n), clone(w), clone(b), clone(pos), ratio, nz
 
 
-def backend_fn(backend: str, device: str):
-    """The function that runs `backend` on `device` (masked_patch_embed_ref's signature); the reference for any other
-    name."""
-    if backend in ("cpp", "triton"):          # MAE's order around the standalone masking op
-        masking = random_masking_cpp if backend == "cpp" else random_masking_triton
-        return lambda imgs, w, bias, pos, ratio, noise=None, generator=None: mae_order(
-            imgs, w, bias, pos, ratio, noise, generator, masking)
-    return {"gather": masked_patch_embed_gather, "fused": masked_patch_embed_triton}.get(backend, masked_patch_embed_ref)
+def _mae_order(masking):
+    def run(imgs, w, bias, pos, ratio, noise=None, generator=None):
+        return mae_order(imgs, w, bias, pos, ratio, noise, generator, masking)
+    return run
+
+
+def _meta(imgs: Tensor, weight: Tensor, bias: Tensor | None = None, pos_embed: Tensor | None = None,
+          mask_ratio: float = 0.0, noise: Tensor | None = None, generator=None) -> tuple:
+    p = weight.shape[-1]
+    return masking_meta(imgs, (imgs.shape[-2] // p) * (imgs.shape[-1] // p), weight.shape[0],
+                        records_grad(imgs, weight, bias, pos_embed))
+
+
+OP = dispatch.register(dispatch.Op(
+    name="masked_patch_embed", reference=masked_patch_embed_ref, meta=_meta, key=masking_key, verify=verify,
+    backends=(dispatch.Backend("ref", masked_patch_embed_ref),
+              dispatch.Backend("gather", masked_patch_embed_gather),
+              dispatch.Backend("cpp", _mae_order(random_masking_cpp), cpp_why),
+              dispatch.Backend("fused", masked_patch_embed_triton, triton_why, cuda_timed_only=True),
+              dispatch.Backend("triton", _mae_order(random_masking_triton), triton_why, cuda_timed_only=True)),
+    default={"cpu": "gather", "cuda": "ref"}, prepare=measurement_inputs))
 
 
 def masked_patch_embed(imgs: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor | None,
                        mask_ratio: float, noise: Tensor | None = None, generator=None, backend: str | None = None):
     """MAE's encoder input: patch embedding (weight [D, C, p, p], a Conv2d's) + pos_embed + random masking; see
-    this module's docstring for the contract and the backends."""
-    from .. import _route
+    this module's docstring for the contract and the backends. backend: one by name (BACKENDS), else the decision
+    for this shape class (kernels/dispatch.py)."""
     p = weight.shape[-1]
-    L = (imgs.shape[-2] // p) * (imgs.shape[-1] // p) if imgs.dim() == 4 and p else 0
-    ok = L > 0
-    if ok:                                  # bad input: its error, before anything is measured
-        check_embed(imgs, weight, bias, pos_embed, mask_ratio, noise)
-    b = _route.choose("masked_patch_embed", imgs, L, weight.shape[0], backend,
-                      (imgs, weight, bias, pos_embed, mask_ratio, noise) if ok else None,
-                      _measure.records_grad(imgs, weight, bias, pos_embed))
-    return backend_fn(b, imgs.device.type)(imgs, weight, bias, pos_embed, mask_ratio, noise, generator)
+    if imgs.dim() != 4 or not p or (imgs.shape[-2] // p) * (imgs.shape[-1] // p) == 0:
+        return masked_patch_embed_ref(imgs, weight, bias, pos_embed, mask_ratio, noise, generator)
+    check_embed(imgs, weight, bias, pos_embed, mask_ratio, noise)
+    fn = dispatch.lookup("masked_patch_embed", _meta(imgs, weight, bias, pos_embed), imgs.device, backend)
+    return fn(imgs, weight, bias, pos_embed, mask_ratio, noise, generator)

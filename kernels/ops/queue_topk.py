@@ -2,9 +2,8 @@
 
 This file holds the whole op: its contract (below), input checks, the pure-PyTorch reference (queue_topk_ref, the
 specification), the Triton kernels and their launcher (queue_topk_triton, TopkPlan, the tuned configs), the compiled
-CPU op's wrapper (queue_topk_cpp; the C++ is csrc/queue_topk.cpp), the verification rule and torch path the
-measured dispatch uses (check_topk, queue_topk_torch, topk_problem), its backends (BACKENDS, impls) and the public
-function queue_topk.
+CPU op's wrapper (queue_topk_cpp; the C++ is csrc/queue_topk.cpp), the torch path (queue_topk_torch), the
+verification rule (check_topk), its backends (OP) and the public function queue_topk.
 
 Math
     s[b, j] = <q_b, e_j>                      (q, e L2-normalised; normalised on the fly if normalized=False)
@@ -31,22 +30,18 @@ Rules every backend follows (the reference below is the specification)
       B == 0 returns empty [0, k] tensors.
     * normalized=False L2-normalises query and queue rows (eps 1e-12) inside the op; the inputs are not modified.
 
-Backends (impls): 'ref' (queue_topk_ref) and 'torch' (queue_topk_torch: the torch path in the op's contract)
-everywhere, 'triton' on CUDA, 'cpp' (the compiled op) on CPU. Which one runs: kernels/_route.py (_topk_backend).
-
-Measured dispatch (kernels/dispatch.py) for this op
-    candidates: 'cpp' (compiled CPU op) on CPU, 'triton' on CUDA, 'ref' (queue_topk_ref) and 'torch'
-    (queue_topk_torch: the torch path in the op's contract) everywhere, so no backend slower than it is picked
-    torch path: 'torch mm+topk' = (q @ eᵀ).topk(k) in the input dtype (no exclusion: timed for the ratio only);
-    on CUDA with fp32 inputs also 'official autocast' (normalise both, q @ eᵀ under bf16 autocast, the self-id mask,
-    topk: the published NNCLR lookup as its training code runs it)
-    slice: the first rows of the query, at most ROWS[device] rows and rows x Q <= SIMS[device] similarities
-    rule (check_topk, the first bad row is reported): shapes and dtypes; padding (-inf / -1) exactly where the
-    reference pads; no index out of range, repeated in a row, or excluded by id; each value within tol of the
-    reference's value at its rank and of the similarity at its own index; values descending; where two indices
-    differ at a rank their queue rows are not bitwise equal (equal rows tie exactly: the lower index must win).
-    tol = 2 (D + 8) u (+ 8 (D + 4) u when normalized=False): both sides sum D fp32 products in different orders
-    (u = 2^-24; the Triton kernel re-scores in fp32, see "Triton" below).
+Backends (OP, kernels/dispatch.py), in the decision's order
+    torch    queue_topk_torch: the torch path in the op's contract (one fp32 matmul, the exclusion, one topk)
+    cpp      the compiled CPU op (csrc/queue_topk.cpp)                           CPU; the static default there
+    triton   the Triton scan + select kernels below                             CUDA (the interpreter on CPU)
+    ref      queue_topk_ref, the specification (asked by name only)
+Measurement inputs: the first rows of the query (at most ROWS, rows x Q <= SIMS), the whole queue. Verification rule
+(check_topk, the first bad row is reported): shapes and dtypes; padding (-inf / -1) exactly where the reference pads;
+no index out of range, repeated in a row, or excluded by id; each value within tol of the reference's value at its
+rank and of the similarity at its own index; values descending; where two indices differ at a rank their queue rows
+are not bitwise equal (equal rows tie exactly: the lower index must win). tol = 2 (D + 8) u (+ 8 (D + 4) u when
+normalized=False): both sides sum D fp32 products in different orders (u = 2^-24; the Triton kernel re-scores in
+fp32, see "Triton" below).
 """
 from __future__ import annotations
 
@@ -59,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import dispatch as _d
-from .._util import U, device_fn, dtype_name, interpreting, jit, next_pow2, on, tl, triton
+from .. import dispatch
+from .._util import U, cpp_why, device_fn, dtype_name, interpreting, jit, next_pow2, on, tl, triton, triton_why
 
 BACKENDS = ("ref", "torch", "triton", "cpp")
 
@@ -768,20 +763,8 @@ def register_cpp() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Verification and the torch path (what kernels/dispatch.py measures for this op)
 
-ROWS = {"cpu": 256, "cuda": 1 << 16}
-SIMS = {"cpu": 1 << 20, "cuda": 1 << 30}
-
-
-# ----------------------------------------------------------------------------------------------- queue_topk
-def topk_shape(B: int, Q: int, D: int, k: int, ids: bool) -> str:
-    """queue_topk's shape class: the tuned-config buckets (shape_class above) + D and exclusion."""
-    kb = 1 if k == 1 else (32 if k <= 32 else 128)
-    return f"k{kb}-B{_bucket(B, B_BUCKETS)}-Q{_bucket(Q, Q_BUCKETS)}-D{next_pow2(D)}" + ("-ids" if ids else "")
-
-
-def topk_key(query: Tensor, queue: Tensor, k: int, exclude_ids) -> str:
-    return _d.make_key(query.device, "queue_topk", dtype_name(query.dtype),
-                       topk_shape(query.shape[0], queue.shape[0], query.shape[1], k, exclude_ids is not None))
+ROWS = {"cpu": 256, "cuda": 1 << 16}       # measurement rows (kernels/dispatch.py), at most SIMS similarities
+SIMS = {"cpu": 1 << 22, "cuda": 1 << 30}
 
 
 def check_topk(query, queue, k, exclude_ids, queue_ids, normalized, out, ref) -> str | None:
@@ -869,71 +852,49 @@ def official_lookup(q: Tensor, e: Tensor, k: int, ids, qids):
     return sim.topk(k, dim=1)
 
 
-def topk_problem(query: Tensor, queue: Tensor, k: int, exclude_ids, queue_ids, normalized: bool,
-                 impls: dict, key: str | None = None) -> _d.Problem:
-    """impls: {backend name: function with queue_topk's signature}, the reference excluded."""
-    dev = "cuda" if query.device.type == "cuda" else "cpu"
-    Q = queue.shape[0]
-    rows = max(1, min(query.shape[0], ROWS[dev], SIMS[dev] // max(1, Q)))
-    q, ex = query[:rows], (exclude_ids[:rows] if exclude_ids is not None else None)
-    args = (q, queue, k, ex, queue_ids, normalized)
-    vrows = min(rows, 256)
-    vargs = (query[:vrows], queue, k, (ex[:vrows] if ex is not None else None), queue_ids, normalized)
-
-    def verify(out, ref):
-        return check_topk(*vargs, out, ref)
-
-    def cand(name, fn):
-        return _d.Candidate(name, run=lambda: fn(*vargs), timed=lambda: fn(*args))
-
-    baselines = [_d.Candidate("torch mm+topk", run=lambda: None, timed=lambda: (q @ queue.T).topk(k, dim=1),
-                              baseline=True)]
-    if dev == "cuda" and query.dtype == torch.float32:
-        def autocast_official():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return official_lookup(q, queue, k, ex, queue_ids)
-        baselines.append(_d.Candidate("official autocast", run=lambda: None, timed=autocast_official, baseline=True))
-    return _d.Problem(op="queue_topk", key=key or topk_key(query, queue, k, exclude_ids), device=query.device,
-                      reference=cand("ref", queue_topk_ref), candidates=[cand(n, f) for n, f in impls.items()],
-                      verify=verify, baselines=baselines, shape=f"B={rows} Q={Q} D={query.shape[1]} k={k}")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Backends and the public function
+# Backends (kernels/dispatch.py) and the public function
 
-def impls(device: str) -> dict:
-    """The candidates besides the reference on this device (never the Triton interpreter): the torch path in the
-    op's contract everywhere, the Triton kernel on CUDA, the compiled op on CPU."""
-    from .._util import cpp_available, triton_available
-    out = {"torch": queue_topk_torch}
-    if device == "cuda" and triton_available():
-        out["triton"] = queue_topk_triton
-    if device == "cpu" and cpp_available():
-        out["cpp"] = queue_topk_cpp
-    return out
+def measurement_inputs(args: tuple) -> tuple:
+    """The first rows of the query (at most ROWS, and rows x Q <= SIMS), the whole queue."""
+    query, queue, k, exclude_ids, queue_ids, normalized = (tuple(args) + (None, None, True))[:6]
+    dev = "cuda" if query.device.type == "cuda" else "cpu"
+    rows = max(1, min(query.shape[0], ROWS[dev], SIMS[dev] // max(1, queue.shape[0])))
+    return (query[:rows], queue, k, exclude_ids[:rows] if exclude_ids is not None else None, queue_ids, normalized)
 
 
-def why_not(device: str) -> dict[str, str | None]:
-    """The backends -> None where one can run on device, else why not (dispatch.stale's input)."""
-    from .._util import cpp_available, triton_available
-    return {"ref": None, "torch": None,
-            "triton": ("Triton runs on CUDA (the interpreter is a correctness tool, never timed)" if device != "cuda"
-                       else None if triton_available() else "triton is not importable"),
-            "cpp": ("the compiled ops are CPU ops" if device != "cpu" else None if cpp_available() else
-                    "the csrc extension did not load (MAECT_CPP=0, or its log line says why)")}
+def verify(args, out, ref) -> str | None:
+    return check_topk(*args, out, ref)
 
 
-def backend_fn(backend: str):
-    """The function that runs `backend` (queue_topk_ref's signature); the reference for an unknown name."""
-    return {"torch": queue_topk_torch, "triton": queue_topk_triton, "cpp": queue_topk_cpp}.get(backend, queue_topk_ref)
+def _meta(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None, queue_ids=None,
+          normalized: bool = True) -> tuple:
+    """(dtype, k bucket, B bucket, Q bucket, next_pow2(D), exclusion): the tuned-config buckets (shape_class)."""
+    c = dispatch.concrete
+    kb = 1 if k == 1 else (32 if k <= 32 else 128)
+    return (dtype_name(query.dtype), kb, _bucket(c(query.shape[0]), B_BUCKETS), _bucket(c(queue.shape[0]), Q_BUCKETS),
+            next_pow2(c(query.shape[-1])), exclude_ids is not None)
+
+
+def _key(meta: tuple) -> str:
+    dt, kb, B, Q, D, ids = meta
+    return f"{dt}|k{kb}-B{B}-Q{Q}-D{D}" + ("-ids" if ids else "")
+
+
+OP = dispatch.register(dispatch.Op(
+    name="queue_topk", reference=queue_topk_ref, meta=_meta, key=_key, verify=verify,
+    backends=(dispatch.Backend("torch", queue_topk_torch), dispatch.Backend("cpp", queue_topk_cpp, cpp_why),
+              dispatch.Backend("triton", queue_topk_triton, triton_why, cuda_timed_only=True)),
+    default={"cpu": "cpp", "cuda": "torch"}, prepare=measurement_inputs))
 
 
 def queue_topk(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor | None = None,
-               queue_ids: Tensor | None = None, normalized: bool = True):
-    """Top-k cosine neighbours of each query row in the queue; the contract is this module's docstring, the backend
-    choice kernels/_route.py (kernels/dispatch.py). k: any integer operator.index takes (numpy, 0-d tensor)."""
-    from .. import _route
+               queue_ids: Tensor | None = None, normalized: bool = True, backend: str | None = None):
+    """Top-k cosine neighbours of each query row in the queue; the contract is this module's docstring.
+    k: any integer operator.index takes (numpy, 0-d tensor). backend: one by name (torch, cpp, triton, ref), else
+    the decision for this shape class (kernels/dispatch.py; static default: cpp on CPU, the torch path on CUDA)."""
     if queue.dim() == 2:
         k = as_k(k, queue.shape[0])
-    backend = _route._topk_backend(query, queue, k, exclude_ids, queue_ids, normalized)
-    return backend_fn(backend)(query, queue, k, exclude_ids, queue_ids, normalized)
+    check_inputs(query, queue, k, exclude_ids, queue_ids)
+    fn = dispatch.lookup("queue_topk", _meta(query, queue, k, exclude_ids), query.device, backend)
+    return fn(query, queue, k, exclude_ids, queue_ids, normalized)

@@ -17,7 +17,7 @@ unshuffle with a zero token) runs the unshuffle kernel of kernels/ops/unshuffle.
 torch.ops.maect.unshuffle for the compiled op. The Triton algorithm: kernels/ops/unshuffle.py's kernel section.
 
 Backends (BACKENDS): ref (MAE's torch code: argsort + gather), cpp (the compiled CPU op), triton (the Triton kernel,
-CUDA). Which one runs: kernels/_route.py.
+CUDA). Which one runs: kernels/dispatch.py (static default: cpp on CPU, ref on CUDA).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 from .._util import device_fn, jit, next_pow2, on, tl, triton
-from . import _measure
+from .. import dispatch
+from .._util import (clone, cpp_why, exact, masking_key, masking_meta, measurement_rows, private_noise,
+                     records_grad, triton_why)
 from .unshuffle import _blocks, _triton_declines, _unshuffle_fwd
 
 BACKENDS = ("ref", "cpp", "triton")
@@ -177,31 +179,37 @@ def register_cpp() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Measurement (kernels/ops/_measure.py), backends and the public function
+# Backends (kernels/dispatch.py) and the public function
 
-def measure_inputs(args: tuple) -> tuple[tuple, str]:
-    x, ratio, noise = args
-    n = _measure.rows_for(x)
-    nz = noise[:n] if noise is not None else _measure.noise(n, x.shape[1], x.device)
-    return (_measure.clone(x, n), ratio, nz), f"N={n} L={x.shape[1]} D={x.shape[2]}"
+def measurement_inputs(args: tuple) -> tuple:
+    """The first rows of the call's inputs, with explicit noise so every backend masks the same patches."""
+    x, ratio, noise = (tuple(args) + (None,))[:3]
+    n = measurement_rows(x)
+    nz = noise[:n] if noise is not None else private_noise(n, x.shape[1], x.device)
+    return clone(x, n), ratio, nz
 
 
 def verify(args, out, ref) -> str | None:
     """Every output exactly equal to the reference's (copies and integers)."""
-    return _measure.exact(("x_visible", "mask", "ids_restore"), out, ref)
+    return exact(("x_visible", "mask", "ids_restore"), out, ref)
 
 
-def backend_fn(backend: str, device: str):
-    """The function that runs `backend` (random_masking_ref's signature); the reference for any other name."""
-    return {"cpp": random_masking_cpp, "triton": random_masking_triton}.get(backend, random_masking_ref)
+def _meta(x: Tensor, mask_ratio: float = 0.0, noise: Tensor | None = None, generator=None) -> tuple:
+    return masking_meta(x, x.shape[-2], x.shape[-1], records_grad(x))
+
+
+OP = dispatch.register(dispatch.Op(
+    name="random_masking", reference=random_masking_ref, meta=_meta, key=masking_key, verify=verify,
+    backends=(dispatch.Backend("ref", random_masking_ref), dispatch.Backend("cpp", random_masking_cpp, cpp_why),
+              dispatch.Backend("triton", random_masking_triton, triton_why, cuda_timed_only=True)),
+    default={"cpu": "cpp", "cuda": "ref"}, prepare=measurement_inputs))
 
 
 def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None, generator=None,
                    backend: str | None = None):
-    """MAE per-sample random masking; the contract is this module's docstring."""
-    from .. import _route
-    if x.dim() == 3:
-        check_masking(x, mask_ratio, noise)
-    b = _route.choose("random_masking", x, x.shape[-2] if x.dim() == 3 else 0, x.shape[-1], backend,
-                      (x, mask_ratio, noise) if x.dim() == 3 else None, _measure.records_grad(x))
-    return backend_fn(b, x.device.type)(x, mask_ratio, noise, generator)
+    """MAE per-sample random masking; the contract is this module's docstring. backend: one by name (BACKENDS),
+    else the decision for this shape class (kernels/dispatch.py)."""
+    if x.dim() != 3:
+        return random_masking_ref(x, mask_ratio, noise, generator)      # its error names the shape
+    check_masking(x, mask_ratio, noise)
+    return dispatch.lookup("random_masking", _meta(x), x.device, backend)(x, mask_ratio, noise, generator)

@@ -15,7 +15,7 @@ kernels/ops/random_masking.py (its backward is an unshuffle with a zero token) i
 helpers they share (MAX_L, _blocks, _triton_declines, _round_bf16, decoder_input_dtype).
 
 Backends (BACKENDS): ref (MAE's torch code: cat + gather), cpp (the compiled CPU op), triton (the Triton kernels,
-CUDA). Which one runs: kernels/_route.py.
+CUDA). Which one runs: kernels/dispatch.py (static default: cpp on CPU, ref on CUDA).
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from .._util import device_fn, interpreting, jit, next_pow2, on, tl, triton
-from . import _measure
+from .. import dispatch
+from .._util import (clone, cpp_why, exact, masking_key, masking_meta, measurement_rows, records_grad,
+                     triton_why)
 
 BACKENDS = ("ref", "cpp", "triton")
 MAX_L = 4096        # longer sequences: the rank compare would not fit one program; the Triton paths decline
@@ -65,7 +67,7 @@ def unshuffle_ref(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> Tensor:
 # the unshuffle backward is the masking scatter (grad_x[n, c + ids_restore[n, l]] = grad_out[n, c + l]) plus a
 # per-program partial sum of grad_out over masked rows for the mask token (summed in torch: deterministic, no
 # atomics). Noise must be NaN-free (torch.rand is). Measured on an H200 (torch 2.11+cu130, 2026-11) these standalone kernels are
-# slower than torch's argsort + gather, so the dispatch table (kernels/masking_table.json) does not pick them there.
+# slower than torch's argsort + gather, so they are not the static default there (a measured decision may pick them).
 # (random_masking's kernel: kernels/ops/random_masking.py.)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -263,30 +265,35 @@ def register_cpp() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Measurement (kernels/ops/_measure.py), backends and the public function
+# Backends (kernels/dispatch.py) and the public function
 
-def measure_inputs(args: tuple) -> tuple[tuple, str]:
+def measurement_inputs(args: tuple) -> tuple:
     x, tok, ids = args
-    n = _measure.rows_for(x)
-    return (_measure.clone(x, n), _measure.clone(tok), ids[:n]), f"N={n} K={x.shape[1]} L={ids.shape[1]} D={x.shape[2]}"
+    n = measurement_rows(x)
+    return clone(x, n), clone(tok), ids[:n]
 
 
 def verify(args, out, ref) -> str | None:
     """Every output exactly equal to the reference's (copies)."""
-    return _measure.exact(("out",), out, ref)
+    return exact(("out",), out, ref)
 
 
-def backend_fn(backend: str, device: str):
-    """The function that runs `backend` (unshuffle_ref's signature); the reference for any other name."""
-    return {"cpp": unshuffle_cpp, "triton": unshuffle_triton}.get(backend, unshuffle_ref)
+def _meta(x: Tensor, mask_token: Tensor, ids_restore: Tensor) -> tuple:
+    return masking_meta(x, ids_restore.shape[-1], x.shape[-1], records_grad(x, mask_token))
+
+
+OP = dispatch.register(dispatch.Op(
+    name="unshuffle", reference=unshuffle_ref, meta=_meta, key=masking_key, verify=verify,
+    backends=(dispatch.Backend("ref", unshuffle_ref), dispatch.Backend("cpp", unshuffle_cpp, cpp_why),
+              dispatch.Backend("triton", unshuffle_triton, triton_why, cuda_timed_only=True)),
+    default={"cpu": "cpp", "cuda": "ref"}, prepare=measurement_inputs))
 
 
 def unshuffle(x: Tensor, mask_token: Tensor, ids_restore: Tensor, backend: str | None = None) -> Tensor:
-    """Insert mask tokens and restore the original token order; the contract is this module's docstring."""
-    from .. import _route
-    ok = x.dim() == 3 and ids_restore.dim() == 2
-    if ok:
-        check_unshuffle(x, mask_token, ids_restore)
-    b = _route.choose("unshuffle", x, ids_restore.shape[-1], x.shape[-1], backend,
-                      (x, mask_token, ids_restore) if ok else None, _measure.records_grad(x, mask_token))
-    return backend_fn(b, x.device.type)(x, mask_token, ids_restore)
+    """Insert mask tokens and restore the original token order; the contract is this module's docstring. backend:
+    one by name (BACKENDS), else the decision for this shape class (kernels/dispatch.py)."""
+    if x.dim() != 3 or ids_restore.dim() != 2:
+        return unshuffle_ref(x, mask_token, ids_restore)                # its error names the shape
+    check_unshuffle(x, mask_token, ids_restore)
+    return dispatch.lookup("unshuffle", _meta(x, mask_token, ids_restore), x.device, backend)(x, mask_token,
+                                                                                              ids_restore)
