@@ -262,6 +262,8 @@ class Decision:
         src = "" if self.source == "measured" else f", {self.source}"
         if t is None:
             return f"{self.pick} ({self.source})"
+        if self.pick == self.torch_path:
+            return f"{self.pick} ({t:.3g} ms, the torch path{src})"
         return f"{self.pick} ({t:.3g} ms" + (f", {r:.2f}x the torch path" if r else "") + f"{src})"
 
 

@@ -105,13 +105,16 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
 
         def size(limit, n):
             return min(limit, n) if limit and n else (limit or n or 0)
-        for bank_limit, query_limit in ((ev.monitor_train, ev.monitor_test), (ev.final_train, ev.final_test)):
+        for i, (bank_limit, query_limit) in enumerate(((ev.monitor_train, ev.monitor_test),
+                                                       (ev.final_train, ev.final_test))):
             N, Bq = size(bank_limit, n_bank), size(query_limit, n_query)
             if not N or not Bq:
                 continue
             Bq = min(Bq, 4096, max(1, (1 << 26) // N))                        # maect.eval.knn's chunk
-            f = torch.nn.functional.normalize(_g(N + Bq, D, gen=gen), dim=1).to(dev)
-            add("queue_topk", (f[N:], f[:N], min(ev.knn_k, N)), None, f"knn-{N}-{Bq}")
+            # the encoder's features; the monitor also looks up in the projector's space (maect.eval.monitor)
+            for Df in (D, cfg.nnclr.proj_dim) if i == 0 else (D,):
+                f = torch.nn.functional.normalize(_g(N + Bq, Df, gen=gen), dim=1).to(dev)
+                add("queue_topk", (f[N:], f[:N], min(ev.knn_k, N)), None, f"knn-{N}-{Bq}-{Df}")
     return calls
 
 
@@ -124,13 +127,15 @@ def decide_for_run(cfg: C.Config, device: torch.device, world: int = 1, rank: in
             dispatch.force(op, name)
         except ValueError as exc:
             raise C.ConfigError(f"{key}={name!r}: {exc}") from None
-    made = []
+    made, seen = [], set()
     if rank == 0:
         for op, args, amp in plan(cfg, device, world, **sizes):
             if op in dispatch.forced():
                 continue
             d = dispatch.decide(op, args, measure_missing=cfg.kernels.measure, budget_s=cfg.kernels.budget_s, amp=amp)
-            made.append((op, d))
+            if (op, d.shape) not in seen:
+                seen.add((op, d.shape))
+                made.append((op, d))
     dispatch.share_from_rank0()
     asked = [f"{op} -> {name} (asked)" for op, name in dispatch.forced().items()]
     line = dispatch.summary(made) + ("; " if made and asked else "") + "; ".join(asked)

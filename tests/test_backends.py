@@ -3,8 +3,6 @@ run trains and evaluates with, never inside a forward or a backward, logged in o
 backend by name."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -25,7 +23,7 @@ def fresh(monkeypatch, tmp_path):
     D.clear()
 
 
-def test_decisions_are_made_at_start_up_and_never_inside_a_step(tmp_path, monkeypatch, caplog):
+def test_decisions_are_made_at_start_up_and_never_inside_a_step(tmp_path, monkeypatch, capfd):
     """Spy on the measuring function and on every call-time lookup through a whole pipeline: measuring happens
     before the first step only, and every (op, shape class) a step or an evaluation looks up was decided then."""
     measured, in_step, looked_up = [], [False], set()
@@ -53,12 +51,12 @@ def test_decisions_are_made_at_start_up_and_never_inside_a_step(tmp_path, monkey
     monkeypatch.setattr(D, "_resolve", spy_resolve)
     for name in ("mae_one_epoch", "nnclr_one_epoch", "final_knn", "nnclr_monitor"):
         monkeypatch.setattr(train, name, stepping(getattr(train, name)))
-    with caplog.at_level(logging.INFO, logger="maect"):
-        train.run(load_config(SMALL + ["smoke=2", "kernels.budget_s=0.05", f"out_dir={tmp_path}/run"]))
+    train.run(load_config(SMALL + ["smoke=2", "kernels.budget_s=0.05", f"out_dir={tmp_path}/run"]))
     assert measured and not any(inside for _, inside in measured), measured
     decided = set(D.decisions())
     assert looked_up and looked_up <= decided, f"looked up but not decided at start-up: {looked_up - decided}"
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels: ")]
+    out = capfd.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if " kernels: " in ln]
     assert len(lines) == 1 and "queue_topk" in lines[0] and "attention" in lines[0], lines
 
 
