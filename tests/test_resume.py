@@ -143,8 +143,9 @@ def test_repeated_nan_stops_with_pointer_to_last_good(tmp_path, guard):
 
 
 def test_resume_refuses_another_config(tmp_path):
-    train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2"],
-          faults=["crash@mae:2"], marker_dir=tmp_path, ok=False)
+    r = train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2"],
+              faults=["crash@mae:2"], marker_dir=tmp_path, ok=False)
+    assert r.returncode == 17, r.stderr[-2000:]           # tests/fault_runner.py's crash: a run left mid-stage
     r = train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2", "resume=auto", "mae.blr=0.01"],
               ok=False)
     assert r.returncode != 0 and "mae.blr" in r.stderr and "another config" in r.stderr
