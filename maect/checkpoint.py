@@ -1,4 +1,4 @@
-"""Checkpoints of a running stage: keep-last-k + latest, exact resume, config checks, fault injection for tests.
+"""Checkpoints of a running stage: keep-last-k + latest, exact resume, config checks.
 
 Layout in a stage directory:
     checkpoint-0000120.pth   every ckpt_every steps and at each epoch end (the last keep_last are kept)
@@ -14,7 +14,6 @@ import glob
 import logging
 import os
 import random
-import signal
 import subprocess
 
 import numpy as np
@@ -22,7 +21,6 @@ import torch
 
 from maect import config as C
 from maect import hub
-from maect.atomic import atomic_write
 
 log = logging.getLogger("maect")
 
@@ -88,14 +86,7 @@ class Checkpoints:
             return
         state = {**state, "rng": rng_state(), "version": code_version()}
         path = os.path.join(self.dir, f"checkpoint-{step:07d}.pth")
-        if fault("ckpt_write", state.get("stage", ""), step):
-            with open(os.path.join(self.dir, f".{os.path.basename(path)}.tmp{os.getpid()}"), "wb") as f:
-                f.write(b"PK\x03\x04partial")  # what a kill in the middle of torch.save leaves behind
-            raise OSError(f"injected fault while writing {path}")
-        if fault("signal_in_save", state.get("stage", ""), step):   # a signal arriving inside torch.save
-            atomic_write(path, lambda f: torch.save(state, SignalMidWrite(f)), binary=True)
-        else:
-            hub.save_checkpoint(state, path)
+        hub.save_checkpoint(state, path)
         tmp = os.path.join(self.dir, f".latest.tmp{os.getpid()}")
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -212,48 +203,3 @@ def check_resume_run(cfg: C.Config) -> None:
                 check_resume_config({"args": args}, cfg, p)
                 break
 
-
-# ------------------------------------------------------------------------------------------------ fault injection
-class SignalMidWrite:
-    """A file wrapper for tests: the first write after `after` bytes sends SIGUSR2 to this process, so the
-    signal's handler runs in the middle of torch.save (Python runs handlers between bytecodes: here, inside
-    write)."""
-
-    def __init__(self, f, after: int = 4096):
-        self.f, self.after, self.n, self.sent = f, after, 0, False
-
-    def write(self, b) -> int:
-        self.n += len(b)
-        if self.n > self.after and not self.sent:
-            self.sent = True
-            log.warning("injected SIGUSR2 inside torch.save")
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def fault(kind: str, stage: str, step: int, rank: int = 0) -> bool:
-    """MAECT_FAULT='kind@stage:step[:rank]' (tests only). kinds: nan (returns True: poison the loss), crash (the
-    process exits with code 17, once: a marker file in MAECT_FAULT_DIR remembers), ckpt_write (returns True: the
-    writer leaves a partial temporary file and raises), signal (returns True: the loop sends itself SIGUSR2 after
-    that step, maect.preempt.test_hook), signal_in_save (returns True: SIGUSR2 arrives inside torch.save of that
-    step's checkpoint, SignalMidWrite)."""
-    spec = os.environ.get("MAECT_FAULT", "")
-    if not spec:
-        return False
-    for item in spec.split(","):
-        k, _, where = item.partition("@")
-        parts = where.split(":")
-        if k != kind or parts[0] != stage or int(parts[1]) != step or (len(parts) > 2 and int(parts[2]) != rank):
-            continue
-        marker = os.path.join(os.environ.get("MAECT_FAULT_DIR", "/tmp"), f"maect-fault-{item.replace('/', '_')}")
-        if kind == "crash":
-            if os.path.exists(marker):
-                return False
-            open(marker, "w").close()
-            log.warning(f"injected crash at {stage} step {step} rank {rank}")
-            os._exit(17)
-        return True
-    return False

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maect.checkpoint import fault
 from maect.dataloading.augment import h2d
 from maect.heads import lerp_weighted
 from maect.losses import nnclr_loss
@@ -106,7 +105,7 @@ def mae_noise(gen: torch.Generator, micro: int, world: int, rank: int, L: int, v
 
 
 def mae_step(ddp: nn.Module, views: list, noise: torch.Tensor, *, mask_ratio: float, norm_pix: bool, accum: int,
-             sync: bool, amp, poison: bool = False) -> torch.Tensor:
+             sync: bool, amp) -> torch.Tensor:
     """Forward + backward of one micro-batch: loss / accum backpropagated (the window's mean gradient); sync False
     inside an accumulation window (DDP's no_sync: the all-reduce runs with the window's last micro-batch).
     views: [B, C, H, W] tensors; amp: the autocast context. Returns the detached loss (not divided)."""
@@ -114,8 +113,6 @@ def mae_step(ddp: nn.Module, views: list, noise: torch.Tensor, *, mask_ratio: fl
     no_sync = ddp.no_sync() if not sync and hasattr(ddp, "no_sync") else contextlib.nullcontext()
     with no_sync, amp:
         loss, _, _ = ddp(x, mask_ratio, norm_pix, noise)
-    if poison:
-        loss = loss * float("nan")
     (loss / accum).backward()
     return loss.detach()
 
@@ -138,10 +135,9 @@ def mae_one_epoch(ddp: nn.Module, opt, loader, t: Tracker, *, lr: float, cfg, L:
         gen = step_generator(cfg.seed, "mae", t.step * a + micro)
         noise = mae_noise(gen, micro_n, di.world, di.rank, L, len(b["views"]), di.device)
         loss = mae_step(ddp, b["views"], noise, mask_ratio=s.mask_ratio, norm_pix=s.norm_pix_loss, accum=a,
-                        sync=micro == a - 1, amp=amp, poison=fault("nan", "mae", t.step, di.rank))
+                        sync=micro == a - 1, amp=amp)
         if micro < a - 1:
             continue
-        fault("crash", "mae", t.step, di.rank)
         set_lr(opt, lr, lr_factor(t.step, t.total, t.warm))
         gnorm, bad, ran = optimizer_step(opt, t.params, t.on_device)
         if t.end_step(bad, ran, loss, gnorm):
@@ -170,7 +166,7 @@ class NNCLRNet(nn.Module):
 
 
 def nnclr_step(ddp: nn.Module, queue, x0, x1, idx, label, gen, *, topk: int, tau: float, amp, labelled: bool,
-               poison: bool = False, loss_autocast: bool = False):
+               loss_autocast: bool = False):
     """Forward of both views, one queue lookup for both (the queue is read once; the same picks as two calls: one
     CPU stream of gen), NNCLR loss (maect.losses.nnclr_loss), backward. idx, label: [B] sample ids / labels.
     Returns (detached loss, z0 [B, d] fp32 normalised: what the queue stores, nn_acc: a device scalar, the share of
@@ -185,8 +181,6 @@ def nnclr_step(ddp: nn.Module, queue, x0, x1, idx, label, gen, *, topk: int, tau
     # index -1: no admissible neighbour, never a match
     nn_acc = ((queue.labels[i0.clamp(min=0)] == label) & (i0 >= 0)).float().mean() if labelled else None
     loss = nnclr_loss(nn0.float(), nn1.float(), p0, p1, tau, amp=amp if loss_autocast else None)
-    if poison:
-        loss = loss * float("nan")
     loss.backward()
     return loss.detach(), z0, nn_acc
 
@@ -216,9 +210,8 @@ def nnclr_one_epoch(ddp, head, queue, opt, loader, t: Tracker, *, lrs: dict, s, 
         mark_step(cfg.model.compile_mode if cfg.model.compile else None)
         gen = step_generator(cfg.seed, t.stage, t.step)
         loss, z0, nn_acc = nnclr_step(ddp, queue, *b["views"], b["idx"], b["label"], gen, topk=s.topk, tau=s.tau,
-                                      amp=amp, labelled=t.nn_acc, poison=fault("nan", t.stage, t.step, di.rank),
+                                      amp=amp, labelled=t.nn_acc,
                                       loss_autocast=cfg.nnclr.loss_autocast)
-        fault("crash", t.stage, t.step, di.rank)
         set_lr(opt, lrs, lr_factor(t.step, t.total, t.warm))
         gnorm, bad, ran = optimizer_step(opt, t.params, t.on_device)
         nnclr_update(queue, z0, b["idx"], b["label"], ~bad, gather=gather, head=head if ct else None,

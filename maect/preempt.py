@@ -18,7 +18,6 @@ signal to the start of the checkpoint: `every` steps (one step on one rank), plu
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 
@@ -73,10 +72,3 @@ def agreed(step: int, world: int, every: int, device) -> int:
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item())    # host sync: once per `every` steps
 
-
-def test_hook(stage: str, step: int, rank: int) -> None:
-    """MAECT_FAULT='signal@stage:step[:rank]' (tests): this process sends itself SIGUSR2 after that step, as Slurm
-    would; the handler records it like any other (see checkpoint.fault)."""
-    from maect.checkpoint import fault
-    if fault("signal", stage, step, rank):
-        os.kill(os.getpid(), signal.SIGUSR2)

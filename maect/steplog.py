@@ -104,7 +104,6 @@ class Tracker:
             self.stats.zero_()
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < self.total:
             self.save()
-        preempt.test_hook(self.stage, self.step, self.di.rank)
         self.stop = preempt.agreed(self.step, self.di.world, cfg.signal_every, self.di.device)
         return self.step >= self.total or bool(self.stop)
 

@@ -4,6 +4,7 @@ signal -> checkpoint hook -> requeue -> resume cycle through submitit's LocalExe
 template of docs/distributed-and-slurm.md run by bash with stand-ins for scontrol and srun, and every command that
 README.md and docs/*.md quote in their code blocks: shell syntax, modules, scripts, flags and config keys."""
 import argparse
+import functools
 import glob
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 
 from maect import launch
 from maect.hub import load_checkpoint
+from fault_runner import FaultJob
 from test_nnclr import ROOT, TINY, run_train
 
 SLURM_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[07-08,12]",
@@ -87,9 +89,10 @@ def test_local_job_requeues_on_signal_and_resumes(tmp_path, monkeypatch, when):
             one the job stops with (not written twice)
     Then submitit's hook requeues the job, and the next run continues from the stop's step (resume=auto) to the
     end of the stage; every checkpoint file of both runs loads and holds what it should."""
-    monkeypatch.setenv("PYTHONPATH", ROOT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))   # tasks import fault_runner
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MAECT_FAULT", "signal@mae:5:0" if when == "step" else "signal_in_save@mae:4")
+    fault = "signal@mae:5:0" if when == "step" else "signal_in_save@mae:4"
+    monkeypatch.setattr(launch, "TrainJob", functools.partial(FaultJob, faults=[fault]))   # what launch.main submits
     out, jobs = tmp_path / "out", tmp_path / "jobs"
     job = launch.main(["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--time", "10",
                        "--job-dir", str(jobs / "%j"), "--", *TINY, "stage=mae", "mae.epochs=0.0427",
@@ -377,7 +380,7 @@ def test_train_stops_on_signal_with_exit_75_and_resumes(tmp_path):
     """python -m maect.train (one process): SIGUSR2 after step 3 -> the step-3 checkpoint, exit status 75; the same
     command with resume=auto continues from step 3, and its end equals an uninterrupted run's bit for bit."""
     args = [*TINY, "stage=mae", "mae.epochs=0.0107", "log_every=1"]            # 10 steps of 64
-    r = run_train(args + [f"out_dir={tmp_path / 'a'}"], env={"MAECT_FAULT": "signal@mae:3"}, ok=False)
+    r = run_train(args + [f"out_dir={tmp_path / 'a'}"], faults=["signal@mae:3"], ok=False)
     assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-2000:]
     assert "stopped on SIGUSR2" in r.stderr and not (tmp_path / "a" / "mae" / "checkpoint-final.pth").exists()
     assert load_checkpoint(str(tmp_path / "a" / "mae" / "checkpoint-latest.pth"))["step"] == 3

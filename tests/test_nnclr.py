@@ -95,12 +95,18 @@ TINY = ["preset=tiny", "model.embed_dim=32", "model.depth=4", "model.num_heads=4
         "mae.warmup_epochs=0.003"]   # warmup 2 of the 3 steps; the preset's 0.5 epochs exceed this run (a ConfigError)
 
 
-def run_train(args, nproc=1, env=None, ok=True, torchrun_args=()) -> subprocess.CompletedProcess:
-    """`python -m maect.train ARGS` (nproc > 1: under torchrun --standalone), no injected faults unless env sets
-    MAECT_FAULT; ok: assert it exits 0."""
+def run_train(args, nproc=1, env=None, ok=True, torchrun_args=(), faults=(), marker_dir=None
+              ) -> subprocess.CompletedProcess:
+    """`python -m maect.train ARGS` (nproc > 1: under torchrun --standalone); ok: assert it exits 0. faults
+    ('KIND@STAGE:STEP[:RANK]', see tests/fault_runner.py): the same run through tests/fault_runner.py, which injects
+    them (marker_dir: where a crash remembers that it happened)."""
+    entry = ["-m", "maect.train"]
+    if faults:
+        entry = [os.path.join(ROOT, "tests", "fault_runner.py"), *[a for f in faults for a in ("--fault", f)],
+                 *(["--marker-dir", str(marker_dir)] if marker_dir else []), "--"]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args]
-           if nproc > 1 else [sys.executable]) + ["-m", "maect.train"] + args
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "MAECT_FAULT": "", **(env or {})}   # maect.kernels etc.: the install
+           if nproc > 1 else [sys.executable]) + entry + args
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}   # maect.kernels etc.: the install
     r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     if ok:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -230,7 +236,7 @@ def run_recorded(args, folder, nproc=1) -> None:
     rec = os.path.join(ROOT, "tests", "pick_recorder.py")
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
            if nproc > 1 else [sys.executable]) + [rec, str(folder)] + args
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "MAECT_FAULT": ""}
+    e = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

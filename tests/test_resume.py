@@ -47,10 +47,11 @@ def flat(d, prefix=""):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_mae_resume_is_bitwise_exact(tmp_path, nproc):
     straight = train(MAE6 + [f"out_dir={tmp_path}/a"], nproc)
-    env = {"MAECT_FAULT": "crash@mae:3", "MAECT_FAULT_DIR": str(tmp_path)}
-    r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3"], nproc, env=env, ok=False)
+    crash = dict(faults=["crash@mae:3"], marker_dir=tmp_path)
+    r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3"], nproc, ok=False, **crash)
     assert r.returncode != 0 and not os.path.exists(tmp_path / "b/mae/checkpoint-final.pth")
-    train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], nproc, env=env)
+    assert "injected crash at mae step 3" in r.stdout
+    train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], nproc, **crash)
     assert straight.returncode == 0
     assert_same(f"{tmp_path}/a/mae/checkpoint-final.pth", f"{tmp_path}/b/mae/checkpoint-final.pth")
 
@@ -66,9 +67,10 @@ def head_ckpt(tmp_path_factory):
 def test_ct_resume_is_bitwise_exact(tmp_path, head_ckpt, nproc):
     ct = TINY + ["stage=ct", f"init={head_ckpt}", "ct.epochs=0.0064"]
     train(ct + [f"out_dir={tmp_path}/a"], nproc)
-    env = {"MAECT_FAULT": "crash@ct:4", "MAECT_FAULT_DIR": str(tmp_path)}
-    train(ct + [f"out_dir={tmp_path}/b", "ckpt_every=2"], nproc, env=env, ok=False)
-    train(ct + [f"out_dir={tmp_path}/b", "ckpt_every=2", "resume=auto"], nproc, env=env)
+    crash = dict(faults=["crash@ct:4"], marker_dir=tmp_path)
+    r = train(ct + [f"out_dir={tmp_path}/b", "ckpt_every=2"], nproc, ok=False, **crash)
+    assert r.returncode != 0 and "injected crash at ct step 4" in r.stdout
+    train(ct + [f"out_dir={tmp_path}/b", "ckpt_every=2", "resume=auto"], nproc, **crash)
     assert_same(f"{tmp_path}/a/ct/checkpoint-final.pth", f"{tmp_path}/b/ct/checkpoint-final.pth",
                 keys=("model", "model_ema", "head", "queue", "optimizer"))
 
@@ -77,18 +79,16 @@ def test_elastic_restart_after_a_rank_dies(tmp_path):
     """torchrun --max-restarts=1, rank 1 killed once at step 4: the restarted workers resume from the step-3
     checkpoint and end with the weights of an uninterrupted run."""
     train(MAE6 + [f"out_dir={tmp_path}/a"], 2)
-    env = {"MAECT_FAULT": "crash@mae:4:1", "MAECT_FAULT_DIR": str(tmp_path)}
     # exactly one restart allowed: the restarted attempt must find a fresh rendezvous namespace (maect.dist,
     # pytorch/pytorch#135712), not the dead attempt's gloo addresses
-    r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], 2, env=env,
-              torchrun_args=("--max-restarts=1",))
+    r = train(MAE6 + [f"out_dir={tmp_path}/b", "ckpt_every=3", "resume=auto"], 2, faults=["crash@mae:4:1"],
+              marker_dir=tmp_path, torchrun_args=("--max-restarts=1",))
     assert "resuming from" in r.stdout
     assert_same(f"{tmp_path}/a/mae/checkpoint-final.pth", f"{tmp_path}/b/mae/checkpoint-final.pth")
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
-    env = {"MAECT_FAULT": "ckpt_write@mae:4"}
-    r = train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=2"], env=env, ok=False)
+    r = train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=2"], faults=["ckpt_write@mae:4"], ok=False)
     assert r.returncode != 0 and "injected fault while writing" in r.stderr
     d = tmp_path / "mae"
     assert any(p.name.startswith(".checkpoint-0000004") for p in d.iterdir()), "the partial file is left behind"
@@ -114,7 +114,7 @@ def test_truncated_latest_falls_back_to_previous(tmp_path):
 def test_nan_step_is_skipped_and_logged(tmp_path, head_ckpt, stage, guard):
     args = MAE6 if stage == "mae" else TINY + ["stage=ct", f"init={head_ckpt}", "ct.epochs=0.0064"]
     r = train(args + [f"out_dir={tmp_path}", "ckpt_every=1", "keep_last=10", f"fused_optimizer={guard}"],
-              env={"MAECT_FAULT": f"nan@{stage}:2"})
+              faults=[f"nan@{stage}:2"])
     out = r.stdout + r.stderr
     assert "step 2: non-finite loss/gradient" in out and "1 in a row" in out
     assert ("on the device" if guard == "auto" else "host check every step") in out
@@ -134,9 +134,8 @@ def test_nan_step_is_skipped_and_logged(tmp_path, head_ckpt, stage, guard):
 
 @pytest.mark.parametrize("guard", ["auto", "off"])
 def test_repeated_nan_stops_with_pointer_to_last_good(tmp_path, guard):
-    faults = ",".join(f"nan@mae:{i}" for i in range(2, 6))
     r = train(MAE6 + [f"out_dir={tmp_path}", "ckpt_every=0", "log_every=100", "max_skips=3",
-                      f"fused_optimizer={guard}"], env={"MAECT_FAULT": faults}, ok=False)
+                      f"fused_optimizer={guard}"], faults=[f"nan@mae:{i}" for i in range(2, 6)], ok=False)
     # the device-side guard reads its flags back at the next log line or checkpoint (here the end of the stage):
     # it still stops at the third skip in a row, names that step, and writes no final checkpoint
     assert r.returncode != 0 and "3 non-finite steps in a row at step 4" in r.stderr, r.stderr[-2000:]
@@ -144,8 +143,9 @@ def test_repeated_nan_stops_with_pointer_to_last_good(tmp_path, guard):
 
 
 def test_resume_refuses_another_config(tmp_path):
-    train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2"],
-          env={"MAECT_FAULT": "crash@mae:2", "MAECT_FAULT_DIR": str(tmp_path)}, ok=False)
+    r = train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2"],
+              faults=["crash@mae:2"], marker_dir=tmp_path, ok=False)
+    assert r.returncode == 17, r.stderr[-2000:]           # tests/fault_runner.py's crash: a run left mid-stage
     r = train(MAE6 + [f"out_dir={tmp_path}", "mae.epochs=0.0032", "ckpt_every=2", "resume=auto", "mae.blr=0.01"],
               ok=False)
     assert r.returncode != 0 and "mae.blr" in r.stderr and "another config" in r.stderr

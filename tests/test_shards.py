@@ -294,7 +294,7 @@ def test_two_rank_gloo_trainer_reads_disjoint_samples_covering_the_epoch(wds_dir
     args = TINY + ["stage=mae", "data.name=wds", f"data.root={wds_dir}", f"out_dir={tmp_path}", "data.num_workers=2"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
            str(tmp_path), *args]
-    r = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", MAECT_FAULT=""),
+    r = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     seen = [json.load(open(tmp_path / f"ids-rank{k}.json")) for k in range(2)]
