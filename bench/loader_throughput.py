@@ -10,13 +10,13 @@ DALI's pipeline; reported as "first s"). A batch is timed from the request to it
 (torch.cuda.synchronize on CUDA); images/s = batch / median batch time (source images, each giving `views` crops).
 ratio = DALI images/s / twin images/s.
 
-  python bench/dataloading.py --data DIR                      # DIR: an ImageFolder root (or one holding train/)
-  python bench/dataloading.py --synthetic 512 --device cuda  # ImageNet-like JPEGs (500 x 375) written to a temp dir
-  python -m maect.dataloading.export --out /tmp/fm --limit 256 --size 224 && python bench/dataloading.py --data /tmp/fm
-gpu_suite_step(out, budget_s): the DALI GPU measurement for bench/gpu_suite.py on Fashion-MNIST exported as 224 px
-JPEGs (CPU stand-in: DALI's CPU operators on 64 px images; skips with a reason without DALI).
-Load this file by path (importlib.util.spec_from_file_location) or run it as a script: under bench/ its module name
-would shadow the dataloading package.
+  python bench/loader_throughput.py --data DIR                    # DIR: an ImageFolder root (or one holding train/)
+  python bench/loader_throughput.py --synthetic 512 --device cuda # ImageNet-like JPEGs (500 x 375) written to a temp dir
+  python -m maect.dataloading.export --out /tmp/fm --limit 256 --size 224
+  python bench/loader_throughput.py --data /tmp/fm
+gpu_suite_step(out, budget_s): the GPU suite's step, on Fashion-MNIST exported as 224 px JPEGs (CPU stand-in: DALI's
+CPU operators on 64 px images; skips with a reason without DALI). DALI on a GPU: pip install nvidia-dali-cuda130
+(docs/data-loading.md).
 """
 from __future__ import annotations
 
@@ -28,10 +28,6 @@ from pathlib import Path
 
 import torch
 
-if __name__ == "dataloading":     # `import dataloading` with bench/ first on sys.path found this file, not the package
-    raise ImportError("bench/dataloading.py shadows the dataloading package when imported by name from bench/; run it "
-                      "as a script, or load it with importlib.util.spec_from_file_location('bench_dataloading', path)")
-
 from common import ROOT, base_parser, environment, print_table, quantiles, setup, sync, write_json
 
 from maect.dataloading import ImageFolder, TrainLoader  # noqa: E402  (common puts the repo root on sys.path)
@@ -42,8 +38,8 @@ ROWS = [  # (name, views, ctaug, crop scale): stages 2-3 (MAE-CT; the headline),
     ("mae 1 view", 1, False, (0.2, 1.0)),
     ("ctaug 2 views", 2, True, (0.08, 1.0)),
 ]
-# Fashion-MNIST's test split: the system's copy, else the one tools/stage_wheels.py carried to a GPU machine
-FMNIST_ROOTS = ["/usr/share/datasets/fashion-mnist", str(ROOT / ".whl" / "data" / "fashion-mnist")]
+# Fashion-MNIST's test split: the system's copy, else one under the checkout's data/
+FMNIST_ROOTS = ["/usr/share/datasets/fashion-mnist", str(ROOT / "data" / "fashion-mnist")]
 
 
 def synthetic_tree(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
@@ -211,7 +207,7 @@ def main(argv=None) -> dict:
     rows = [bench_row(data, row, n=n, img_size=a.img_size, device=device, threads=threads, batches=batches,
                       dali_ok=reason is None) for row in ROWS if row[0] in a.rows.split(",")]
     print_rows(rows, n, a.img_size, "dali-gpu" if cuda else "dali-cpu")
-    result = {"bench": "dataloading", "env": env, "batch": n, "img_size": a.img_size, "rows": rows,
+    result = {"bench": "loader_throughput", "env": env, "batch": n, "img_size": a.img_size, "rows": rows,
               "dali_skipped": reason}
     write_json(a.json, result)
     if tmp is not None:
@@ -220,7 +216,7 @@ def main(argv=None) -> dict:
 
 
 def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """For bench/gpu_suite.py: DALI's pipeline (nvJPEG decode, random-resized crop, flip, normalise) against the
+    """The GPU suite's step: DALI's pipeline (nvJPEG decode, random-resized crop, flip, normalise) against the
     CPU twin on real images: Fashion-MNIST's test split exported as 224 px JPEGs (2560 images; synthetic
     ImageNet-like JPEGs where no copy of Fashion-MNIST is found, and the record says so). Rows in ROWS order, the
     two-view CT row first; a row that no longer fits budget_s is skipped and named. Without CUDA, the stand-in:
