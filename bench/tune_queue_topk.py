@@ -1,4 +1,4 @@
-"""Tune queue_topk's Triton configs on one GPU, in one call: compile every variant, check each against the reference,
+"""Tune queue_topk's Triton configs on one GPU, in one run: compile every variant, check each against the reference,
 time it beside the baselines at every shape users run, write JSON, and (--write-configs) the shipped config table.
 
   python bench/tune_queue_topk.py --json bench/results/tune_queue_topk_<gpu>_<date>.json --write-configs
@@ -382,13 +382,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-static-check", action="store_true",
                    help="time every config, also those the static check (registers, spills, occupancy, MMA) fails")
     p.add_argument("--quick", action="store_true", help="a sample: headline k=20, defaults + 4 grid configs, no "
-                   "sweep over shapes (bench/gpu_suite.py's step; the full tuning is a call of its own)")
+                   "sweep over shapes (the GPU suite's step; the full tuning is a run of its own)")
     return p
 
 
 def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """bench/gpu_suite.py's entry: the --quick sample within budget_s; results stream into out (bench/step_out.py)
-    through write_json. The full sweep (--write-configs) is a device call of its own (< 6 min)."""
+    """The GPU suite's step: the --quick sample within budget_s (the suite records what write_json writes). The full
+    sweep (--write-configs) is a run of its own (< 6 min)."""
     args = parser().parse_args(["--quick", "--budget-s", str(max(5.0, budget_s - 5))] +
                                (["--dry-run"] if not torch.cuda.is_available() else []))
     if args.dry_run:

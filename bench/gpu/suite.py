@@ -46,7 +46,7 @@ if str(HERE) not in sys.path:          # run as bench/gpu_suite.py (runpy) or im
     sys.path.insert(0, str(HERE))
 from report import closing_table, has_content, nested_errors  # noqa: E402,F401
 
-TOTAL_BUDGET_S = 495     # the steps' budgets below sum to this; + the suite's own start-up: < 9 min per call
+TOTAL_BUDGET_S = 495     # the steps' budgets below sum to this; + the suite's own start-up: < 9 min
 GRACE_S = 8              # after SIGTERM at the budget: time to write the partial JSON before SIGKILL
 DRY_BUDGET_SCALE = 0.25  # --dry-run: the budget_s handed to a step (it sizes its work to it) ...
 DRY_KILL_SCALE = 3.0     # ... and the kill deadline (a loaded 2-core CPU is slow)
@@ -75,7 +75,7 @@ STEPS = [
          "shape class plus Triton compiles (unmeasured on GPU)"),
     Step("env", "env", 15, "interpreter + torch + CUDA init: a few s"),
     Step("kernel_tests", "pytest", 75, "54 whole-file tests ran in 110 s; GPU-marked subset, shared Triton cache"),
-    Step("tune_queue_topk", "bench/tune_queue_topk.py", 45, "its full sweep is a call of its own"),
+    Step("tune_queue_topk", "bench/tune_queue_topk.py", 45, "its full sweep is a run of its own"),
     Step("queue_lookup", "bench/queue_lookup.py", 90, "overran 80 s after printing every table",
          cli=("--device", "cuda", "--compile"),
          dry_cli=("--device", "cpu", "--B", "64", "--Q", "1024", "--D", "32", "--k", "5", "--budget", "0.05",
