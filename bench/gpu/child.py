@@ -201,28 +201,42 @@ def check_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
 BUILTIN = {"env": env_step, "pytest": pytest_step, "check": check_step}
 
 
-def stream_common(out: dict) -> None:
-    """bench/common.py's print_table and write_json also record into `out` (the scripts import them from common after
-    this, so they get the wrapped ones); common itself knows nothing of the suite."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import common
-    print_table, write_json = common.print_table, common.write_json
+class _StreamCommon:
+    """sys.meta_path finder: when bench/common.py is first imported (by the step's script or a module it imports),
+    its print_table and write_json are wrapped to also record into the step's JSON (step_out.record_*); the scripts
+    bind the wrapped ones. Common itself knows nothing of the suite, and a step that never imports it (or torch,
+    which common imports) does not pay for it."""
 
-    def table(title, rows, columns):
-        print_table(title, rows, columns)
-        record_table(title, rows)
+    def find_spec(self, name, path=None, target=None):
+        if name != "common":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.spec_from_file_location("common", BENCH / "common.py")
+        run = spec.loader.exec_module
 
-    def results(path, payload):
-        record_results(payload)
-        write_json(path, payload)
-    common.print_table, common.write_json = table, results
+        def exec_module(module):
+            run(module)
+            print_table, write_json = module.print_table, module.write_json
+
+            def table(title, rows, columns):
+                print_table(title, rows, columns)
+                record_table(title, rows)
+
+            def results(path, payload):
+                record_results(payload)
+                write_json(path, payload)
+            module.print_table, module.write_json = table, results
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def script_step(step, out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
     """bench/<script>.py: its gpu_suite_step(out, budget_s), else its main() with the step's cli args."""
     path = ROOT / step.target
-    stream_common(out)
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if "common" not in sys.modules:
+        sys.meta_path.insert(0, _StreamCommon())
     spec = importlib.util.spec_from_file_location(f"gpu_suite_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -1,8 +1,8 @@
-"""Tune queue_topk's Triton configs on one GPU, in one run: compile every variant, check each against the reference,
+"""Development: tune queue_topk's Triton configs on one GPU, in one run: compile every variant, check each against the reference,
 time it beside the baselines at every shape users run, write JSON, and (--write-configs) the shipped config table.
 
-  python bench/tune_queue_topk.py --json bench/results/tune_queue_topk_<gpu>_<date>.json --write-configs
-  python bench/tune_queue_topk.py --dry-run          # CPU: the whole flow on tiny shapes through the interpreter
+  python bench/gpu/tune_queue_topk.py --json bench/results/tune_queue_topk_<gpu>_<date>.json --write-configs
+  python bench/gpu/tune_queue_topk.py --dry-run          # CPU: the whole flow on tiny shapes through the interpreter
 
 Flow (time budget --budget-s, default 330 s, compilation included; a run that hits it writes what it has, "partial"):
   A. headline shape (B=2048, Q=65536, D=256) for bf16 and fp32 and k = 1, 20, 64: every scan config of the grid
@@ -43,6 +43,7 @@ from pathlib import Path  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # bench/: common.py, queue_lookup.py
 from common import ROOT, environment, measure, print_table, setup, sync, write_json  # noqa: E402
 from queue_lookup import check_result, make_inputs, provider_fns  # noqa: E402
 
@@ -363,7 +364,7 @@ def write_configs(out: dict, path: Path) -> None:
         if key not in table or b["ms"] < table[key]["_ms"]:
             table[key] = {**b["config"], "_ms": b["ms"]}
     payload = {"device": out["env"].get("gpu") or out["env"].get("device"), "written": datetime.date.today().isoformat(),
-               "source": "bench/tune_queue_topk.py", "partial": out["partial"],
+               "source": "bench/gpu/tune_queue_topk.py", "partial": out["partial"],
                "table": {k: {f: v for f, v in c.items() if f != "_ms"} for k, c in sorted(table.items())}}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {len(table)} shape classes to {path}")
