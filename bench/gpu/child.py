@@ -240,8 +240,6 @@ def script_step(step, out: dict, budget_s: float, dry_run: bool, marks: dict) ->
     spec = importlib.util.spec_from_file_location(f"gpu_suite_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    if hasattr(mod, "FMNIST_ROOTS"):      # loader_throughput: also a development machine's staged copy
-        mod.FMNIST_ROOTS.append(str(ROOT / ".whl" / "data" / "fashion-mnist"))
     marks["ready"] = time.time()
     if hasattr(mod, "gpu_suite_step"):
         mod.gpu_suite_step(out, budget_s)

@@ -84,7 +84,7 @@ STEPS = [
          dry_cli=("--device", "cpu", "--shape", "8,49,32", "--budget", "0.05")),
     Step("attention", "bench/attention.py", 45, "finished inside 70 s; sizes its timing to the budget"),
     Step("train_step", "bench/gpu/train_step_suite.py", 80, "finished inside 110 s; skips configs that do not fit"),
-    Step("loader_throughput", "bench/loader_throughput.py", 45, "DALI GPU vs CPU twin, sized to the budget"),
+    Step("loader_throughput", "bench/gpu/loader_step.py", 45, "DALI GPU vs CPU twin, sized to the budget"),
     Step("swap_in", "bench/swap_in.py", 30, "7 shapes x 2 providers, 0.3 s each, one round",
          cli=("--device", "cuda", "--budget", "0.3", "--runs", "1"), dry_cli=("--quick",)),
 ]
