@@ -29,11 +29,13 @@ if str(ROOT) not in sys.path:          # the bench scripts run as `python bench/
 MiB = 2 ** 20
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, budget: bool = True) -> argparse.ArgumentParser:
+    """--device, --json, --threads and (budget=True: for scripts that time providers with measure()) --budget."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=str, default=None, help="also write the results as JSON to this path")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed reps per provider")
+    if budget:
+        p.add_argument("--budget", type=float, default=None, help="seconds of timed reps per provider")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     return p
 

@@ -287,7 +287,7 @@ def print_estimates(gpus=(24, 40), archs=("vit_b16", "vit_l16", "vit_h14")) -> l
 
 
 def main(argv=None) -> int:
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0], budget=False)
     p.add_argument("--stage", choices=["ct", "mae"], default="ct")
     p.add_argument("--model", default="vit_b16", help="a preset name with the architecture (vit_b16, vit_l16, ...)")
     p.add_argument("--batch", type=int, default=8, help="samples per view")

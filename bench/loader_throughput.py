@@ -153,7 +153,7 @@ def print_rows(rows: list[dict], n: int, img_size: int, backend: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], budget=False)
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/train is used when it exists)")
     p.add_argument("--synthetic", type=int, default=0, help="write this many synthetic JPEGs to a temp dir instead")
     p.add_argument("--img-size", type=int, default=224)

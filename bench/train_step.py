@@ -342,7 +342,7 @@ def run(args) -> dict:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def parser():
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], budget=False)
     p.add_argument("--stage", choices=["ct", "mae"], default="ct")
     p.add_argument("--model", choices=["vit_b16", "vit_l16", "vit_h16", "vit_h14"], help="the size's preset")
     p.add_argument("--preset", help="any maect preset (tiny: the CPU default)")
