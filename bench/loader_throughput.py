@@ -145,11 +145,12 @@ def print_rows(rows: list[dict], n: int, img_size: int, backend: str) -> None:
     fmt = lambda t: t and f"{t['p20_ms']:.0f}/{t['median_ms']:.0f}/{t['p80_ms']:.0f}"   # noqa: E731
     flat = [{"row": r["row"], "views": r["views"], "twin": r["twin"]["img_per_s"], "twin_p": fmt(r["twin"]),
              "dali": r["dali"] and r["dali"]["img_per_s"], "dali_p": fmt(r["dali"]),
-             "first": r["dali"] and r["dali"]["first_s"], "ratio": r["ratio"]} for r in rows]
+             "first": r["dali"] and r["dali"]["first_s"], "ratio": r["ratio"],
+             "check": "ok" if r.get("check", {}).get("ok") else "twin contract ok"} for r in rows]
     print_table(f"images/s (batch {n}, {img_size}px; ms per batch p20/median/p80)", flat,
                 [("row", "row", ""), ("views", "views", "d"), ("twin", "twin cpu-pil img/s", ".0f"),
                  ("twin_p", "twin ms", ""), ("dali", f"{backend} img/s", ".0f"), ("dali_p", "dali ms", ""),
-                 ("first", "dali first s", ".2f"), ("ratio", "ratio dali/twin", ".2f")])
+                 ("first", "dali first s", ".2f"), ("ratio", "ratio dali/twin", ".2f"), ("check", "check", "")])
 
 
 def main(argv=None) -> dict:
