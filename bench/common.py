@@ -6,9 +6,6 @@ HBM as it would be inside a training step. On CPU each rep is a perf_counter pai
 Memory: on CUDA, torch.cuda.max_memory_allocated during one call minus the allocation before it. On CPU, one call in
 a fresh subprocess: the kernel's peak-RSS mark (VmHWM) is reset through /proc/self/clear_refs after the inputs exist,
 and extra = VmHWM after the call - VmRSS before it (falls back to ru_maxrss deltas where clear_refs is refused).
-Streaming (bench/gpu_suite.py, bench/step_out.py): while a suite step runs, print_table also appends its title and
-rows to the step's out["_tables"] and write_json puts its payload in out["results"], so a script that only prints
-tables still leaves them in the step's JSON when it is killed at its time budget.
 """
 from __future__ import annotations
 
@@ -25,8 +22,6 @@ from typing import Callable
 
 import torch
 
-import step_out  # bench/step_out.py: the suite's streaming sink (inactive outside bench/gpu_suite.py)
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # the bench scripts run as `python bench/x.py` from the repo root
     sys.path.insert(0, str(ROOT))
@@ -34,11 +29,13 @@ if str(ROOT) not in sys.path:          # the bench scripts run as `python bench/
 MiB = 2 ** 20
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, budget: bool = True) -> argparse.ArgumentParser:
+    """--device, --json, --threads and (budget=True: for scripts that time providers with measure()) --budget."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=str, default=None, help="also write the results as JSON to this path")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed reps per provider")
+    if budget:
+        p.add_argument("--budget", type=float, default=None, help="seconds of timed reps per provider")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     return p
 
@@ -165,7 +162,6 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
         print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
         if j == 0:
             print("  " + "  ".join("-" * w for w in widths))
-    step_out.record_table(title, rows)
 
 
 def environment(device: torch.device) -> dict:
@@ -185,7 +181,6 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(path: str | None, payload: dict) -> None:
-    step_out.record_results(payload)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))

@@ -21,7 +21,6 @@ No GPU figure comes from a CPU run; GPU peaks are measured by running this scrip
   python bench/grad_checkpointing.py --stage mae --batch 8
   python bench/grad_checkpointing.py --model vit_l16 --device cuda --batch 64 --precision bf16
   python bench/grad_checkpointing.py --estimate      # an estimate for 24 / 40 GB GPUs from counts (estimate_gib)
-bench/train_step.py --grad-checkpointing calls compare() with its own model, stage and batch.
 """
 from __future__ import annotations
 
@@ -193,8 +192,7 @@ def check_equal(a: dict, b: dict) -> str | None:
 def compare(stage: str = "ct", arch: str = "vit_b16", batch: int = 8, device: str | torch.device = "cpu",
             precision: str = "fp32", cfg: C.Config | None = None, img_size: int | None = None) -> dict:
     """Both configurations from the same weights and inputs: {'rows': [off, on], 'ratio': peak off / peak on,
-    'saved_ratio', 'mismatch': None or why the losses / gradients differ}. What bench/train_step.py's
-    --grad-checkpointing calls."""
+    'saved_ratio', 'mismatch': None or why the losses / gradients differ}."""
     device = torch.device(device)
     rows = [measure(stage, arch, batch, device, c, precision, cfg, img_size) for c in (False, True)]
     mismatch = check_equal(*rows) if precision == "fp32" else None
@@ -289,7 +287,7 @@ def print_estimates(gpus=(24, 40), archs=("vit_b16", "vit_l16", "vit_h14")) -> l
 
 
 def main(argv=None) -> int:
-    p = base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0], budget=False)
     p.add_argument("--stage", choices=["ct", "mae"], default="ct")
     p.add_argument("--model", default="vit_b16", help="a preset name with the architecture (vit_b16, vit_l16, ...)")
     p.add_argument("--batch", type=int, default=8, help="samples per view")

@@ -23,7 +23,6 @@ queue (pick and gather included) and the bare bf16 GEMM of the same shape (2B x 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ from common import (add_ratio, base_parser, environment, gpu_peak_extra_mb, meas
                     rss_peak_extra_mb, run_child, setup, sync, write_json)
 
 from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
+from maect.engine import autocast  # noqa: E402  (bf16 on CUDA, none on CPU: the trainer's precision=auto)
 from maect.heads import FeatureQueue, queue_dtype  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,10 +64,6 @@ def official_nnclr(q, queue, ids, queue_ids, k):
     return sim.topk(k, dim=1)
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def maect_lookup(q, queue, ids, queue_ids, k):
     return kernels.queue_topk(F.normalize(q, dim=1), queue, k, ids, queue_ids, True)
 
@@ -84,7 +80,7 @@ def provider_fns(name, q, e, ids, qids, k):
         return lambda: official_nnclr(q, e, ids, qids, k)
     if name == "official autocast":
         def run():
-            with autocast(q.device):
+            with autocast("auto", q.device):
                 return official_nnclr(q, e, ids, qids, k)
         return run
     if name == "official compiled":
@@ -217,7 +213,7 @@ def training_call(device, B: int, Q: int, k: int, budget: float) -> dict:
     def official():   # two lookups under autocast (one per view), random pick, gather
         out = []
         for z in (z0, z1):
-            with autocast(device):
+            with autocast("auto", device):
                 idx = official_nnclr(z, official_queue, ids, queue.ids, k).indices
             pick = torch.randint(0, k, (B, 1), generator=pick_gen).to(device, non_blocking=True)
             out.append(official_queue[idx.gather(1, pick)[:, 0]])

@@ -1,5 +1,5 @@
-"""bench/gpu_suite.py (the one-call GPU run), tools/stage_wheels.py (wheels carried in chunks) and the pieces of
-bench/dataloading.py that the DALI GPU step relies on; all on CPU: the dry run, fake steps, a fake wheel."""
+"""The GPU suite (bench/gpu_suite.py, the harness in bench/gpu/) and the pieces of bench/loader_throughput.py that
+its DALI step relies on; all on CPU: the dry run and fake steps."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tools")]
-import gpu_suite as G  # noqa: E402
-import gpu_suite_report as R  # noqa: E402
-import stage_wheels as S  # noqa: E402  (tools/stage_wheels.py)
-sys.path.remove(str(ROOT / "bench"))
-sys.path.remove(str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+import suite as G  # noqa: E402  (bench/gpu/suite.py)
+import report as R  # noqa: E402  (bench/gpu/report.py)
+sys.path.remove(str(ROOT / "bench" / "gpu"))
 
 HANGS = """
 import time
@@ -51,8 +49,9 @@ def script(tmp_path: Path, name: str, text: str) -> str:
 
 
 def test_gpu_suite_dry_run(tmp_path):
-    """--dry-run runs every step's code path on CPU (tiny shapes; stand-ins for CUDA: DALI's CPU operators, a fake
-    wheel for the staging round trip); only a script that is not in the tree yet may be skipped."""
+    """--dry-run runs every step's code path on CPU (tiny shapes; stand-ins for CUDA: DALI's CPU operators) through
+    the bench/gpu_suite.py entry point; only a script that is not in the tree yet may be skipped. The scripts' printed
+    tables reach the steps' JSON (the harness wraps bench/common.py's print_table)."""
     out = tmp_path / "suite.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
@@ -69,9 +68,8 @@ def test_gpu_suite_dry_run(tmp_path):
         if s["status"] == "ok":
             assert {"startup_s", "compile_s", "measure_s"} <= s["timing"].keys(), name
     assert steps["kernel_tests"]["result"]["passed"] == 2
-    assert steps["stage_wheels"]["result"]["corrupt_chunk"].startswith("refused")
-    assert steps["stage_wheels"]["result"]["install"]["import"].startswith("0.1 ")
-    dl = steps["dataloading"]["result"]
+    assert steps["queue_lookup"]["result"]["_tables"], "print_table did not stream into the step's JSON"
+    dl = steps["loader_throughput"]["result"]
     if "skipped" not in dl:             # DALI importable here (setup.sh installs it): its CPU stand-in ran
         assert dl["row ct 2 views"]["check"]["ok"] and dl["row ct 2 views"]["ratio"] > 0
     assert "=== gpu_suite: steps" in r.stdout and "ok" in r.stdout.split("=== gpu_suite: steps")[-1]
@@ -130,37 +128,6 @@ def test_only_skip_and_merge(tmp_path, capsys):
     assert "1 ok, 0 partial, 1 failed, 1 skipped" in capsys.readouterr().out
 
 
-def test_stage_wheels_round_trip(tmp_path):
-    """split -> chunks -> receive -> assemble -> pip install --target -> import; a corrupted or a missing chunk is
-    refused by name before anything is installed."""
-    wheel = S.fake_wheel(tmp_path / "wheels")
-    blob = tmp_path / "blob.bin"
-    blob.write_bytes(os.urandom(5000))
-    stage = tmp_path / "stage"
-    man = S.split({f"wheels/{wheel.name}": wheel, "data/fm/blob.bin": blob}, stage, chunk_mib=2000 / S.MiB)
-    assert len(man["chunks"]) >= 4 and all(c["size"] <= 2000 for c in man["chunks"])
-    assert not (stage / "bundle.tar").exists()
-    assert S.main(["receive", "--dest", str(stage)]) == 0
-    part = stage / man["chunks"][1]["name"]
-    good = part.read_bytes()
-    part.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
-    assert S.main(["receive", "--dest", str(stage)]) == 1
-    with pytest.raises(S.StageError, match=f"corrupt chunks: {part.name}"):
-        S.install(stage, tmp_path / "site", tmp_path / "data", check_module=None)
-    part.unlink()
-    with pytest.raises(S.StageError, match=f"missing chunks {part.name}"):
-        S.install(stage, tmp_path / "site", tmp_path / "data", check_module=None)
-    assert not (tmp_path / "site").exists()
-    part.write_bytes(good)
-    res = S.install(stage, tmp_path / "site", tmp_path / "data", check_module="maect_stage_probe")
-    assert res["import"].startswith("0.1 " + str(tmp_path / "site"))
-    assert (tmp_path / "data" / "fm" / "blob.bin").read_bytes() == blob.read_bytes()
-    assert S.status(stage, tmp_path / "site") == {"stage": str(stage), "installed": True, "chunks": len(man["chunks"]),
-                                                  "intact": len(man["chunks"]), "missing": [], "corrupt": []}
-    plan = S.plan(stage, man)
-    assert len(plan) == len(man["chunks"]) and "install" in plan[-1] and "receive" in plan[0]
-
-
 def test_headlines_read_the_benchmarks_json():
     """The closing table's ratios come from the steps' JSON; an unknown format gives no line, never an error."""
     ql = {"results": {"results": [{"B": 2048, "Q": 65536, "k": 20, "dtype": "bf16", "rows": [
@@ -172,7 +139,7 @@ def test_headlines_read_the_benchmarks_json():
     assert R.head_train_step(ts) == ["vit_l16 mae: MFU 24.8%, 1.60x reference"]
     dl = {"row ct 2 views": {"row": "ct 2 views", "data": "fmnist", "ratio": 12.5, "twin": {"img_per_s": 400.0},
                              "dali": {"img_per_s": 5000.0}}}
-    assert R.head_dataloading(dl) == ["fmnist ct 2 views: DALI 5000 img/s = 12.5x twin (400)"]
+    assert R.head_loader_throughput(dl) == ["fmnist ct 2 views: DALI 5000 img/s = 12.5x twin (400)"]
     assert R.headlines({"name": "queue_lookup", "result": {"something": "else"}}) == []
     assert R.headlines({"name": "train_step", "result": {"x": {"stage": 1, "rows": [{"provider": "maect",
                                                                                       "mfu": "?"}]}}})
@@ -183,10 +150,7 @@ def test_dataloading_contract_catches_a_wrong_normalisation():
     normalised) or read in another order fails."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("bench_dataloading_test", ROOT / "bench" / "dataloading.py")
-        dl = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(dl)
+        import loader_throughput as dl
     finally:
         sys.path.remove(str(ROOT / "bench"))
 
@@ -219,7 +183,7 @@ def test_export_size_option(tmp_path):
 CLOCK = r"""
 import sys
 sys.path[:0] = [sys.argv[1]]
-from gpu_suite_child import CompileClock
+from child import CompileClock
 clock = CompileClock()
 clock.install()                      # before the kernel exists, as the suite's step processes do
 import triton
@@ -244,7 +208,7 @@ def test_compile_clock_counts_triton_compiles(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     (tmp_path / "clock.py").write_text(CLOCK)                 # @triton.jit needs its source in a file
-    r = subprocess.run([sys.executable, str(tmp_path / "clock.py"), str(ROOT / "bench")], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, str(tmp_path / "clock.py"), str(ROOT / "bench" / "gpu")], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = eval(r.stdout.strip().splitlines()[-1])          # a dict literal printed by the child
@@ -259,3 +223,27 @@ def test_suite_names_the_install_an_uninstalled_checkout_needs():
     assert G.package_problem(env) is None
     msg = G.package_problem(env, flags=("-S",))
     assert "not found" in msg and "--no-index -e ." in msg, msg
+
+
+def test_bench_scripts_stand_apart_from_the_harness():
+    """No user-facing script in bench/ imports the GPU-suite harness (bench/gpu/), and no bench/*.py is named like a
+    module Python would otherwise import (the project's packages, the standard library, anything installed)."""
+    import ast
+    from importlib.machinery import PathFinder
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() not in (ROOT / "bench", ROOT / "bench" / "gpu")]
+    harness = {p.stem for p in (ROOT / "bench" / "gpu").glob("*.py")}
+    project = {p.name for p in ROOT.iterdir() if p.is_dir()} | {"setup"}
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        if path.name == "gpu_suite.py":          # the suite's command: runs bench/gpu/suite.py by path
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        assert not names & harness, (path.name, names & harness)
+        stem = path.stem
+        assert stem not in project and stem not in sys.stdlib_module_names, path.name
+        found = PathFinder.find_spec(stem, elsewhere)      # sys.path without bench/, ignoring sys.modules
+        assert found is None, (path.name, found.origin)

@@ -117,15 +117,15 @@ def test_shipped_launches_compile_clean():
 
 
 def _tuner():
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(ROOT / "bench" / "gpu"))
     try:
         return importlib.import_module("tune_queue_topk")
     finally:
-        sys.path.remove(str(ROOT / "bench"))
+        sys.path.remove(str(ROOT / "bench" / "gpu"))
 
 
 def test_tuner_drops_configs_failing_static_check(monkeypatch):
-    """bench/tune_queue_topk.py's filter keeps exactly the configs whose static verdict is clean (stubbed here: one
+    """bench/gpu/tune_queue_topk.py's filter keeps exactly the configs whose static verdict is clean (stubbed here: one
     config spills), records each drop with its reason, and sees every config at the shape it is timed at."""
     tq = _tuner()
     seen = []

@@ -18,11 +18,13 @@ BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 
 
 def bench(name: str):
-    sys.path.insert(0, BENCH)
+    """bench/NAME.py (NAME may be gpu/STEM: the harness folder) imported with its folder on sys.path."""
+    folder = str(Path(BENCH, name).parent)
+    sys.path.insert(0, folder)
     try:
-        return importlib.import_module(name)
+        return importlib.import_module(Path(name).name)
     finally:
-        sys.path.remove(BENCH)
+        sys.path.remove(folder)
 
 
 @pytest.fixture
@@ -159,15 +161,16 @@ def test_compile_mode_config():
 
 
 def test_suite_child_row_matches_in_process(monkeypatch):
-    """The prepared GPU run's phase 2 runs each compiled row in a child process (a long compilation costs that row
-    only): the child's row comes back as JSON and its first-step loss equals the in-process reference's."""
+    """The GPU suite's train_step phase 2 (bench/gpu/train_step_suite.py) runs each compiled row in a child process (a
+    long compilation costs that row only): the child's row comes back as JSON and its first-step loss equals the
+    in-process reference's."""
     pytest.importorskip("timm")
     monkeypatch.setenv("MAECT_CPP", "0")
-    ts = bench("train_step")
+    tss = bench("gpu/train_step_suite")      # bench/gpu/train_step_suite.py (the GPU suite's harness)
     cfg_args = ["--preset", "tiny", "--stage", "mae", "--batch", "8"]
     common = ["--device", "cpu", "--threads", "2", "--steps", "1", "--warmup", "0", "--precision", "fp32",
               "--compile-backend", "aot_eager"]
-    row = ts._child_row(cfg_args, "maect+compile", common, timeout=600)
+    row = tss._child_row(cfg_args, "maect+compile", common, timeout=600)
     assert row["provider"] == "maect+compile" and row["compile"] == "default (aot_eager)", row
     ref = run_rows("mae", "reference")
     assert abs(row["first_loss"] - ref["rows"][0]["first_loss"]) <= 1e-4 * abs(ref["rows"][0]["first_loss"])

@@ -1,8 +1,8 @@
-"""Tune queue_topk's Triton configs on one GPU, in one call: compile every variant, check each against the reference,
+"""Development: tune queue_topk's Triton configs on one GPU, in one run: compile every variant, check each against the reference,
 time it beside the baselines at every shape users run, write JSON, and (--write-configs) the shipped config table.
 
-  python bench/tune_queue_topk.py --json bench/results/tune_queue_topk_<gpu>_<date>.json --write-configs
-  python bench/tune_queue_topk.py --dry-run          # CPU: the whole flow on tiny shapes through the interpreter
+  python bench/gpu/tune_queue_topk.py --json bench/results/tune_queue_topk_<gpu>_<date>.json --write-configs
+  python bench/gpu/tune_queue_topk.py --dry-run          # CPU: the whole flow on tiny shapes through the interpreter
 
 Flow (time budget --budget-s, default 330 s, compilation included; a run that hits it writes what it has, "partial"):
   A. headline shape (B=2048, Q=65536, D=256) for bf16 and fp32 and k = 1, 20, 64: every scan config of the grid
@@ -43,6 +43,7 @@ from pathlib import Path  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # bench/: common.py, queue_lookup.py
 from common import ROOT, environment, measure, print_table, setup, sync, write_json  # noqa: E402
 from queue_lookup import check_result, make_inputs, provider_fns  # noqa: E402
 
@@ -363,7 +364,7 @@ def write_configs(out: dict, path: Path) -> None:
         if key not in table or b["ms"] < table[key]["_ms"]:
             table[key] = {**b["config"], "_ms": b["ms"]}
     payload = {"device": out["env"].get("gpu") or out["env"].get("device"), "written": datetime.date.today().isoformat(),
-               "source": "bench/tune_queue_topk.py", "partial": out["partial"],
+               "source": "bench/gpu/tune_queue_topk.py", "partial": out["partial"],
                "table": {k: {f: v for f, v in c.items() if f != "_ms"} for k, c in sorted(table.items())}}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {len(table)} shape classes to {path}")
@@ -382,13 +383,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-static-check", action="store_true",
                    help="time every config, also those the static check (registers, spills, occupancy, MMA) fails")
     p.add_argument("--quick", action="store_true", help="a sample: headline k=20, defaults + 4 grid configs, no "
-                   "sweep over shapes (bench/gpu_suite.py's step; the full tuning is a call of its own)")
+                   "sweep over shapes (the GPU suite's step; the full tuning is a run of its own)")
     return p
 
 
 def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """bench/gpu_suite.py's entry: the --quick sample within budget_s; results stream into out (bench/step_out.py)
-    through write_json. The full sweep (--write-configs) is a device call of its own (< 6 min)."""
+    """The GPU suite's step: the --quick sample within budget_s (the suite records what write_json writes). The full
+    sweep (--write-configs) is a run of its own (< 6 min)."""
     args = parser().parse_args(["--quick", "--budget-s", str(max(5.0, budget_s - 5))] +
                                (["--dry-run"] if not torch.cuda.is_available() else []))
     if args.dry_run:

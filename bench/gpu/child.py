@@ -1,6 +1,6 @@
-"""The process that runs one step of bench/gpu_suite.py (`gpu_suite.py --_child NAME`), and the builtin steps.
+"""The process that runs one step of bench/gpu/suite.py (`suite.py --_child STEP`), and the builtin steps.
 
-Protocol with the parent: the step fills a StepOut (bench/step_out.py) whose file the parent reads afterwards; the
+Protocol with the parent: the step fills a StepOut (step_out.py) whose file the parent reads afterwards; the
 child adds "_state" (done | skipped | interrupted | error), "_timing" and, on an exception, "_error". SIGTERM at the
 deadline raises BudgetExceeded wherever the step is; the file then holds what was assigned so far (and every table
 printed so far, in "_tables").
@@ -13,15 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from step_out import StepOut, stream_to
+from step_out import StepOut, record_results, record_table, stream_to
 
-ROOT = Path(__file__).resolve().parents[1]
-SITE = ROOT / ".whl" / "site"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
 DRY_TESTS = ["tests/test_queue_topk.py::test_empty_batch_and_bad_k",
              "tests/test_masking.py::test_noise_ties_and_generator"]
 _TERMINATED = []          # set by the SIGTERM handler (pytest catches KeyboardInterrupt itself)
@@ -142,48 +141,6 @@ def env_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
     print("env: " + ", ".join(f"{k} {v}" for k, v in info.items()))
 
 
-def stage_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
-    """Real run: report the staged wheels (tools/stage_wheels.py) and install them if the last call did not.
-    Dry run: the whole round trip on a fake wheel: split, a corrupted chunk refused, reassemble, install, import."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import stage_wheels as S      # tools/stage_wheels.py
-    marks["ready"] = time.time()
-    if dry_run:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            wheel = S.fake_wheel(tmp / "wheels")
-            (tmp / "blob.bin").write_bytes(os.urandom(3000))
-            man = S.split({f"wheels/{wheel.name}": wheel, "data/blob.bin": tmp / "blob.bin"}, tmp / "stage",
-                          chunk_mib=1500 / S.MiB)
-            out["chunks"] = len(man["chunks"])
-            part = tmp / "stage" / man["chunks"][1]["name"]
-            good = part.read_bytes()
-            part.write_bytes(bytes([good[0] ^ 1]) + good[1:])
-            try:
-                S.assemble(tmp / "stage", man, tmp / "unpacked")
-                out["corrupt_chunk"] = {"error": "a corrupted chunk was accepted"}
-            except S.StageError as e:
-                out["corrupt_chunk"] = f"refused: {e}"[:400]
-            part.write_bytes(good)
-            out["install"] = S.install(tmp / "stage", tmp / "site", tmp / "data", check_module="maect_stage_probe")
-        print(f"stage (dry run, fake wheel): {out['chunks']} chunks, corrupt chunk {str(out['corrupt_chunk'])[:60]}"
-              f"..., installed by {out['install']['method']}, import {out['install']['import']}")
-        return
-    st = S.status()
-    out["staged"] = st
-    if not st["installed"]:
-        if "manifest" in st:
-            out["skipped"] = "nothing staged (no .whl/stage/manifest.json): DALI comes from the environment, if at all"
-            return
-        if st["missing"] or st["corrupt"]:
-            out["error"] = (f"staged chunks incomplete (missing {st['missing']}, corrupt {st['corrupt']}) and "
-                            f"nothing installed in {SITE}: carry them again (docs/development.md)")
-            return
-        out["install"] = S.install(S.STAGE, S.SITE, S.DATA)       # the last call normally ran `install` already
-    out["dali"] = S.import_check(S.SITE, "nvidia.dali")
-    print(f"stage: {st.get('intact', '-')}/{st.get('chunks', '-')} chunks; DALI {out['dali']}")
-
-
 class _StreamTests:
     """pytest plugin: each test's outcome into the StepOut as it finishes (the worst of its phases; failures also as
     nested errors, which fail the step)."""
@@ -241,14 +198,47 @@ def check_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
         out[preset] = {**res, **({"error": "; ".join(bad)[:2000]} if bad else {})}
 
 
-BUILTIN = {"env": env_step, "stage": stage_step, "pytest": pytest_step, "check": check_step}
+BUILTIN = {"env": env_step, "pytest": pytest_step, "check": check_step}
+
+
+class _StreamCommon:
+    """sys.meta_path finder: when bench/common.py is first imported (by the step's script or a module it imports),
+    its print_table and write_json are wrapped to also record into the step's JSON (step_out.record_*); the scripts
+    bind the wrapped ones. Common itself knows nothing of the suite, and a step that never imports it (or torch,
+    which common imports) does not pay for it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "common":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.spec_from_file_location("common", BENCH / "common.py")
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            print_table, write_json = module.print_table, module.write_json
+
+            def table(title, rows, columns):
+                print_table(title, rows, columns)
+                record_table(title, rows)
+
+            def results(path, payload):
+                record_results(payload)
+                write_json(path, payload)
+            module.print_table, module.write_json = table, results
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def script_step(step, out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
     """bench/<script>.py: its gpu_suite_step(out, budget_s), else its main() with the step's cli args."""
     path = ROOT / step.target
-    spec = importlib.util.spec_from_file_location(f"gpu_suite_{path.stem}", path)   # not by name: bench/dataloading.py
-    mod = importlib.util.module_from_spec(spec)                                       # would shadow the package
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    if "common" not in sys.modules:
+        sys.meta_path.insert(0, _StreamCommon())
+    spec = importlib.util.spec_from_file_location(f"gpu_suite_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     marks["ready"] = time.time()
     if hasattr(mod, "gpu_suite_step"):

@@ -1,4 +1,4 @@
-"""bench/gpu_suite.py's reading of step results: nested failures, "anything measured?", and the closing table with
+"""The GPU suite's reading of step results: nested failures, "anything measured?", and the closing table with
 each step's status and the headline ratios pulled from the steps' JSON (tolerant of format changes: a step whose
 JSON has no recognisable rows shows '-', never an exception)."""
 from __future__ import annotations
@@ -75,7 +75,7 @@ def head_train_step(res) -> list[str]:
     return out
 
 
-def head_dataloading(res) -> list[str]:
+def head_loader_throughput(res) -> list[str]:
     """DALI images/s against the CPU twin's, per data set and row."""
     out = []
     for c in dicts(res, lambda d: "ratio" in d and isinstance(d.get("dali"), dict) and isinstance(d.get("twin"), dict)):
@@ -89,7 +89,7 @@ def head_kernel_tests(res) -> list[str]:
 
 
 HEADLINES = {"kernel_tests": head_kernel_tests, "queue_lookup": head_queue_lookup,
-             "masked_gather": head_masked_gather, "train_step": head_train_step, "dataloading": head_dataloading}
+             "masked_gather": head_masked_gather, "train_step": head_train_step, "loader_throughput": head_loader_throughput}
 
 
 def headlines(rec: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """A suite step's results as they are measured: StepOut, a dict that rewrites its JSON file (by rename) after every
 change of a top-level key, so a step killed at its time budget leaves what it had measured. While stream_to(out) is
-in effect, bench/common.py's print_table and write_json also record into it. No torch import here: the suite's step
+in effect, bench/common.py's print_table and write_json also record into it (child.py wraps them). No torch import here: the suite's step
 processes load this before anything else."""
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ class StepOut(dict):
 
 
 def stream_to(out: dict | None) -> None:
-    """From now on print_table and write_json (bench/common.py) also record into `out` (None: stop)."""
+    """From now on record_table / record_results (called by child.py's wrappers of bench/common.py's print_table and
+    write_json) record into `out` (None: stop)."""
     global SINK
     SINK = out
 

@@ -10,13 +10,11 @@ DALI's pipeline; reported as "first s"). A batch is timed from the request to it
 (torch.cuda.synchronize on CUDA); images/s = batch / median batch time (source images, each giving `views` crops).
 ratio = DALI images/s / twin images/s.
 
-  python bench/dataloading.py --data DIR                      # DIR: an ImageFolder root (or one holding train/)
-  python bench/dataloading.py --synthetic 512 --device cuda  # ImageNet-like JPEGs (500 x 375) written to a temp dir
-  python -m maect.dataloading.export --out /tmp/fm --limit 256 --size 224 && python bench/dataloading.py --data /tmp/fm
-gpu_suite_step(out, budget_s): the DALI GPU measurement for bench/gpu_suite.py on Fashion-MNIST exported as 224 px
-JPEGs (CPU stand-in: DALI's CPU operators on 64 px images; skips with a reason without DALI).
-Load this file by path (importlib.util.spec_from_file_location) or run it as a script: under bench/ its module name
-would shadow the dataloading package.
+  python bench/loader_throughput.py --data DIR                    # DIR: an ImageFolder root (or one holding train/)
+  python bench/loader_throughput.py --synthetic 512 --device cuda # ImageNet-like JPEGs (500 x 375) written to a temp dir
+  python -m maect.dataloading.export --out /tmp/fm --limit 256 --size 224
+  python bench/loader_throughput.py --data /tmp/fm
+DALI on a GPU: pip install nvidia-dali-cuda130 (docs/data-loading.md).
 """
 from __future__ import annotations
 
@@ -28,11 +26,7 @@ from pathlib import Path
 
 import torch
 
-if __name__ == "dataloading":     # `import dataloading` with bench/ first on sys.path found this file, not the package
-    raise ImportError("bench/dataloading.py shadows the dataloading package when imported by name from bench/; run it "
-                      "as a script, or load it with importlib.util.spec_from_file_location('bench_dataloading', path)")
-
-from common import ROOT, base_parser, environment, print_table, quantiles, setup, sync, write_json
+from common import base_parser, environment, print_table, quantiles, setup, sync, write_json
 
 from maect.dataloading import ImageFolder, TrainLoader  # noqa: E402  (common puts the repo root on sys.path)
 from maect.dataloading import dali as D  # noqa: E402
@@ -42,10 +36,6 @@ ROWS = [  # (name, views, ctaug, crop scale): stages 2-3 (MAE-CT; the headline),
     ("mae 1 view", 1, False, (0.2, 1.0)),
     ("ctaug 2 views", 2, True, (0.08, 1.0)),
 ]
-# Fashion-MNIST's test split: the system's copy, else the one tools/stage_wheels.py carried to a GPU machine
-FMNIST_ROOTS = ["/usr/share/datasets/fashion-mnist", str(ROOT / ".whl" / "data" / "fashion-mnist")]
-
-
 def synthetic_tree(root: str, n: int, size=(500, 375), classes: int = 4, seed: int = 0) -> str:
     """n JPEGs (quality 90) of smooth colour fields plus noise: ImageNet-like size and file size (~60-100 KB)."""
     import numpy as np
@@ -58,18 +48,6 @@ def synthetic_tree(root: str, n: int, size=(500, 375), classes: int = 4, seed: i
         arr = np.asarray(base, dtype=np.float32) + rng.normal(0, 12, (size[1], size[0], 3))
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
     return root
-
-
-def fmnist_tree(root: str, per_class: int, size: int) -> str | None:
-    """The first per_class test images of every Fashion-MNIST class as size x size JPEGs under root (an ImageFolder);
-    None when no copy of the test split is found."""
-    from maect.dataloading.datasets import fashion_mnist
-    from maect.dataloading.export import export_split
-    src = next((r for r in FMNIST_ROOTS if os.path.exists(os.path.join(r, "t10k-images-idx3-ubyte.gz"))), None)
-    if src is None:
-        return None
-    export_split(fashion_mnist(src, "test"), root, limit=per_class, size=size)
-    return src
 
 
 def check_contract(b: dict, data, n: int, views: int, S: int, device: torch.device) -> None:
@@ -167,15 +145,16 @@ def print_rows(rows: list[dict], n: int, img_size: int, backend: str) -> None:
     fmt = lambda t: t and f"{t['p20_ms']:.0f}/{t['median_ms']:.0f}/{t['p80_ms']:.0f}"   # noqa: E731
     flat = [{"row": r["row"], "views": r["views"], "twin": r["twin"]["img_per_s"], "twin_p": fmt(r["twin"]),
              "dali": r["dali"] and r["dali"]["img_per_s"], "dali_p": fmt(r["dali"]),
-             "first": r["dali"] and r["dali"]["first_s"], "ratio": r["ratio"]} for r in rows]
+             "first": r["dali"] and r["dali"]["first_s"], "ratio": r["ratio"],
+             "check": "ok" if r.get("check", {}).get("ok") else "twin contract ok"} for r in rows]
     print_table(f"images/s (batch {n}, {img_size}px; ms per batch p20/median/p80)", flat,
                 [("row", "row", ""), ("views", "views", "d"), ("twin", "twin cpu-pil img/s", ".0f"),
                  ("twin_p", "twin ms", ""), ("dali", f"{backend} img/s", ".0f"), ("dali_p", "dali ms", ""),
-                 ("first", "dali first s", ".2f"), ("ratio", "ratio dali/twin", ".2f")])
+                 ("first", "dali first s", ".2f"), ("ratio", "ratio dali/twin", ".2f"), ("check", "check", "")])
 
 
 def main(argv=None) -> dict:
-    p = base_parser(__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], budget=False)
     p.add_argument("--data", default=None, help="ImageFolder root (DIR/train is used when it exists)")
     p.add_argument("--synthetic", type=int, default=0, help="write this many synthetic JPEGs to a temp dir instead")
     p.add_argument("--img-size", type=int, default=224)
@@ -211,55 +190,12 @@ def main(argv=None) -> dict:
     rows = [bench_row(data, row, n=n, img_size=a.img_size, device=device, threads=threads, batches=batches,
                       dali_ok=reason is None) for row in ROWS if row[0] in a.rows.split(",")]
     print_rows(rows, n, a.img_size, "dali-gpu" if cuda else "dali-cpu")
-    result = {"bench": "dataloading", "env": env, "batch": n, "img_size": a.img_size, "rows": rows,
+    result = {"bench": "loader_throughput", "env": env, "batch": n, "img_size": a.img_size, "rows": rows,
               "dali_skipped": reason}
     write_json(a.json, result)
     if tmp is not None:
         tmp.cleanup()
     return result
-
-
-def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """For bench/gpu_suite.py: DALI's pipeline (nvJPEG decode, random-resized crop, flip, normalise) against the
-    CPU twin on real images: Fashion-MNIST's test split exported as 224 px JPEGs (2560 images; synthetic
-    ImageNet-like JPEGs where no copy of Fashion-MNIST is found, and the record says so). Rows in ROWS order, the
-    two-view CT row first; a row that no longer fits budget_s is skipped and named. Without CUDA, the stand-in:
-    the same code on DALI's CPU operators with 64 px images. Fills out["data"], out["row <name>"]; without DALI,
-    out["skipped"] = the reason."""
-    t0 = time.perf_counter()
-    reason = D.import_error()
-    if reason:
-        out["skipped"] = reason
-        return
-    cuda = torch.cuda.is_available()
-    device = setup("cuda" if cuda else "cpu", 1)
-    size, per_class, n, batches, twin_batches = (224, 256, 256, 12, 4) if cuda else (64, 4, 8, 2, 2)
-    threads = min(8, os.cpu_count() or 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = fmnist_tree(tmp, per_class, size)
-        if src is None:
-            synthetic_tree(tmp, per_class * 10, size=(500, 375) if cuda else (80, 60))
-        data = ImageFolder(tmp)
-        out["data"] = {"source": f"Fashion-MNIST test split from {src}, {size} px JPEG" if src else
-                       "synthetic ImageNet-like JPEGs (no Fashion-MNIST found in " + ", ".join(FMNIST_ROOTS) + ")",
-                       "images": len(data), "batch": n, "dali_threads": threads, "twin_torch_threads": 1,
-                       "backend": "dali-gpu" if cuda else "dali-cpu (stand-in: no CUDA)",
-                       "prepare_s": round(time.perf_counter() - t0, 1)}
-        rows, per_row = [], None
-        for row in ROWS:
-            left = budget_s - (time.perf_counter() - t0)
-            if per_row is not None and left < 1.3 * per_row:
-                out.setdefault("skipped_rows", []).append(row[0])
-                out["skipped_rows"] = out["skipped_rows"]
-                continue
-            t1 = time.perf_counter()
-            rows.append(bench_row(data, row, n=n, img_size=size, device=device, threads=threads, batches=batches,
-                                  twin_batches=twin_batches, gray=src is not None))
-            rows[-1]["data"] = "fmnist" if src else "synthetic"
-            out[f"row {row[0]}"] = rows[-1]
-            per_row = max(per_row or 0.0, time.perf_counter() - t1)
-        print_rows(rows, n, size, out["data"]["backend"])
-    out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
 if __name__ == "__main__":
