@@ -153,7 +153,7 @@ def _presets() -> list[str]:
 
 
 def tuner_space(B: int = 2048, Q: int = 65536, D: int = 256, ks=(1, 20, 64), dtypes=("bf16", "fp32")) -> list[dict]:
-    """bench/tune_queue_topk.py's search space at its headline shape: [{dtype, B, Q, D, k, config}] with config the
+    """bench/gpu/tune_queue_topk.py's search space at its headline shape: [{dtype, B, Q, D, k, config}] with config the
     fields that replace the (dtype, k bucket) default (kernels/ops/queue_topk.py tune_grid)."""
     qt = importlib.import_module("maect.kernels.ops.queue_topk")
     return [dict(dtype=dt, B=B, Q=Q, D=D, k=k, config=g) for dt in dtypes for k in ks for g in qt.tune_grid(dt)]
@@ -519,7 +519,7 @@ def failures(row: dict, assumed: int) -> list[str]:
 @contextlib.contextmanager
 def _worker_env():
     """Worker processes spawned inside start with TRITON_INTERPRET unset and without re-running the caller's __main__
-    (a script such as bench/tune_queue_topk.py sets TRITON_INTERPRET when imported; the workers' functions live in
+    (a script such as bench/gpu/tune_queue_topk.py sets TRITON_INTERPRET when imported; the workers' functions live in
     this module). The caller's environment and __main__ are restored on exit (spawned children copy them at start,
     and ProcessPoolExecutor starts them at submit, inside)."""
     main = sys.modules["__main__"]
@@ -541,7 +541,7 @@ def run(archs=("sm_90", "sm_80"), presets=None, tuner=True, predict=False, worke
         shipped=True) -> dict:
     """Enumerate, compile and read every launch; returns {"rows": [...], "ok": bool (no shipped launch fails),
     "tuner_verdicts": {spec_key: [failures]}, ...}. presets: names (default all); tuner: True (tuner_space()),
-    False or a list of specs; shipped False: only the tuner's launches (bench/tune_queue_topk.py)."""
+    False or a list of specs; shipped False: only the tuner's launches (bench/gpu/tune_queue_topk.py)."""
     for a in archs:
         if a not in ARCHS:
             raise SystemExit(f"maect.kernels.check --static: unknown --arch {a!r} (known: {', '.join(ARCHS)})")

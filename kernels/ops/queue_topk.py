@@ -511,7 +511,7 @@ UNIT_NORM_SLACK = 1.0 + 2.0 ** -4
 MAX_RESIDENT_D = 256   # widest query row kept resident in the scan (64 x 256 bf16 = 32 KiB of shared memory per program)
 
 # One entry per (dtype, k bucket): the shipped defaults, overridden per shape class by kernels/ops/queue_topk_configs.json
-# when bench/tune_queue_topk.py --write-configs has measured one on a GPU. Fields: BLOCK_B query rows per scan
+# when bench/gpu/tune_queue_topk.py --write-configs has measured one on a GPU. Fields: BLOCK_B query rows per scan
 # program, BLOCK_N queue rows per tile, BLOCK_D (0: next_pow2(D), the query block resident for the whole scan), M
 # stored entries per (row, tile), warps/stages of the scan, CH candidates per merge and warps of the select kernel,
 # precision of the scan's fp32 dot ("tf32" | "tf32x3" | "ieee"; ignored for bf16/fp16), programs per SM targeted
@@ -697,7 +697,7 @@ class TopkPlan:
 
 
 def tune_grid(dt: str) -> list[dict]:
-    """The tuner's search space for the scan at the headline shape (bench/tune_queue_topk.py; the static check,
+    """The tuner's search space for the scan at the headline shape (bench/gpu/tune_queue_topk.py; the static check,
     python -m maect.kernels.check --static, compiles each and the tuner drops those that spill or do not fit on the
     GPU it runs on): config fields that replace the (dt, k bucket) default. The shipped defaults (64 x 64, 4 warps)
     are clean on sm_90a and sm_80; the wider blocks are clean on sm_90a only (on sm_80 mma.sync keeps the query
