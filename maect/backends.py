@@ -15,6 +15,7 @@ false: the cache or the static default), budget_s (seconds of timing per decisio
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -55,13 +56,16 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
     calls, seen = [], set()
 
     def add(op, args, a=None, tag=""):
-        k = (op, tag)
+        """One call per (op, shape class): the first one planned (tag: where it comes from, for readers)."""
+        o = dispatch.get(op)
+        with torch.autocast(dev.type, dtype=a) if a is not None else contextlib.nullcontext():
+            k = (op, o.key(o.meta(*args)))
         if k not in seen:
             seen.add(k)
             calls.append((op, args, a))
 
-    def attn(T, Dh, dt, grad, n):
-        return tuple(_g(n, 1, T, Dh, dtype=dt, device=dev, grad=grad, gen=gen) for _ in range(3))
+    def attn(T, Dh, dt, grad, n, heads):
+        return tuple(_g(n, heads, T, Dh, dtype=dt, device=dev, grad=grad, gen=gen) for _ in range(3))
 
     def n_rows(batch):
         return max(1, min(batch, ROWS.get(dev.type, 64)))
@@ -75,14 +79,14 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
         args = (imgs, _g(*w.shape, device=dev, grad=True, gen=gen), _g(D, device=dev, grad=True, gen=gen),
                 _g(1, L, D, device=dev, gen=gen), s.mask_ratio, torch.rand(n, L, generator=gen).to(dev))
         add("masked_patch_embed", args, amp, "mae")
-        add("attention", attn(1 + K, D // H, act, True, n), None, "mae-enc")
+        add("attention", attn(1 + K, D // H, act, True, n, H), None, "mae-enc")
         Dd = model.decoder_embed.out_features
         Hd = model.decoder_blocks[0].attn.num_heads
         ids = torch.argsort(torch.rand(n, L, generator=gen), dim=1).to(dev)
         add("decoder_input", (_g(n, 1 + K, Dd, dtype=act, device=dev, grad=True, gen=gen),
                               _g(1, 1, Dd, device=dev, grad=True, gen=gen), ids, _g(1, 1 + L, Dd, device=dev, gen=gen),
                               True), amp, "mae-dec")
-        add("attention", attn(1 + L, Dd // Hd, act, True, n), None, "mae-dec")
+        add("attention", attn(1 + L, Dd // Hd, act, True, n, Hd), None, "mae-dec")
     qdt = torch.bfloat16 if cfg.nnclr.queue_dtype == "bf16" or (cfg.nnclr.queue_dtype == "auto" and dev.type == "cuda") \
         else torch.float32
     for st in ("head", "ct"):
@@ -90,9 +94,9 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
             continue
         s = getattr(cfg, st)
         b = max(1, s.batch_size // max(1, world))
-        add("attention", attn(1 + L, D // H, act, False, n_rows(2 * b)), None, "frozen")
+        add("attention", attn(1 + L, D // H, act, False, n_rows(2 * b), H), None, "frozen")
         if st == "ct":
-            add("attention", attn(1 + L, D // H, act, True, n_rows(2 * b)), None, "tuned")
+            add("attention", attn(1 + L, D // H, act, True, n_rows(2 * b), H), None, "tuned")
         Q, Dp = cfg.nnclr.queue_size, cfg.nnclr.proj_dim
         q = torch.nn.functional.normalize(_g(2 * b, Dp, gen=gen), dim=1).to(dev, qdt)
         e = torch.nn.functional.normalize(_g(Q, Dp, gen=gen), dim=1).to(dev, qdt)
@@ -100,7 +104,7 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
         ids = torch.randint(0, max(1, n_train or Q), (b,), generator=gen).to(dev).repeat(2)
         add("queue_topk", (q, e, max(1, s.topk), ids, qids, True), None, f"queue-{st}")
     if any(st in stages for st in ("head", "ct")) or cfg.stage in ("pipeline", "ct_pipeline"):
-        add("attention", attn(1 + L, D // H, eval_dt, False, ROWS.get(dev.type, 64)), None, "eval")
+        add("attention", attn(1 + L, D // H, eval_dt, False, ROWS.get(dev.type, 64), H), None, "eval")
         ev = cfg.eval
 
         def size(limit, n):
