@@ -327,6 +327,11 @@ KEY_TABLE = {
     "eval.use_ema": ("true", ["maybe"]),
     "log.tensorboard": ("true", ["maybe"]),
     "log.wandb": ("my-project", ["false", "off", "true", "a/b", "x" * 129]),
+    "kernels.measure": ("false", ["maybe"]),
+    "kernels.budget_s": (0.5, [0, -1, "nan", "inf"]),
+    "kernels.queue_topk": ("torch", ["fast", "sdpa"]),
+    "kernels.masked_patch_embed": ("gather", ["fast", "torch"]),
+    "kernels.decoder_input": ("fused", ["gather"]),
 }
 
 
