@@ -299,7 +299,8 @@ if __name__ == "__main__":   # python tests/test_golden_loss.py --write [--measu
     ap.add_argument("--write", action="store_true", help="rewrite tests/golden/tiny_losses.json")
     ap.add_argument("--measure", action="store_true", help="measure the spreads and changes (else reuse the file's)")
     a = ap.parse_args()
-    os.environ.setdefault("MAECT_DISPATCH", "table")   # as tests/conftest.py: the committed tables, no measuring
+    import tempfile
+    os.environ.setdefault("MAECT_CACHE_DIR", tempfile.mkdtemp(prefix="maect_golden_cache_"))   # as tests/conftest.py
     if a.write:
         write(a.measure)
     else:
