@@ -18,8 +18,8 @@ kernels/_route.py's docstring, docs/dispatch.md). This file only re-exports.
 from __future__ import annotations
 
 from . import dispatch
-from ._route import (MASKING_BACKENDS, TABLE_PATH, backend_for, choose, clear_cache, decisions, load_table,
-                     mae_backends, shape_class, why_not)
+from ._route import (MASKING_BACKENDS, TABLE_PATH, backend_for, choose, clear_cache, decisions,  # noqa: F401
+                     load_table, mae_backends, shape_class, why_not)
 from .ops.decoder_input import decoder_input, decoder_input_ref
 from .ops.masked_patch_embed import masked_patch_embed, masked_patch_embed_ref
 from .ops.queue_topk import queue_topk, queue_topk_ref
