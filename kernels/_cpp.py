@@ -1,4 +1,4 @@
-"""Compiled CPU ops (csrc/) as torch custom ops: loader, fake kernels, autograd, and the public wrappers.
+"""The compiled CPU ops (csrc/) as torch custom ops: the shared extension loader (wrappers: kernels/ops/<op>.py).
 
 load() -> the extension module or None (memoised; thread-safe)
     maect.kernels._maect_C importable      -> that module (ahead-of-time: MAECT_BUILD_EXT=1 pip install

@@ -65,6 +65,12 @@ def random_masking_ref(x: Tensor, mask_ratio: float, noise: Tensor | None = None
     return x_visible, mask, ids_restore
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Triton: ids_restore[n, l] is the rank of position l in the stable ascending order of noise[n], by comparison
+# counting (_stable_rank); one pass writes x_visible, mask and ids_restore (the algorithm: kernels/ops/unshuffle.py's
+# kernel section). The backward is the unshuffle kernel with a zero token.
+# ----------------------------------------------------------------------------------------------------------------
+
 @device_fn
 def _stable_rank(noise_ptr, row, i, i_ok, L, BLOCK_L: tl.constexpr):
     """Rank of positions i in the stable ascending order of noise[row, :L] (comparison counting), int32."""
