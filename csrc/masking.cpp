@@ -1,6 +1,6 @@
 // MAE random masking and the decoder's unshuffle on CPU: one pass per sample, no intermediate tensors.
 //
-// Contract: kernels/masking.py (the reference is the specification).
+// Contract: kernels/ops/random_masking.py, unshuffle.py, decoder_input.py (the references are the specification).
 //   random_masking(x [N, L, D], noise [N, L], len_keep K) -> (x_visible [N, K, D], mask [N, L] (x dtype, 1 = removed),
 //                                                            ids_restore [N, L] int64)
 //     ids_shuffle = stable argsort of noise per row (NaN sorts last, like torch.sort); x_visible[n, i] =
@@ -16,7 +16,7 @@
 //     ids_restore[n, l]; the add in opmath (float for half types) and rounded once: what torch's add gives.
 //   decoder_input_backward(grad_out [N, c+L, D], ids_restore, K, has_cls) -> (grad_x [N, c+K, D], grad_mask_token
 //     [D]), both in grad_out's dtype: unshuffle_backward with the cls row passed through.
-// The backward of random_masking is unshuffle(grad_x_visible, zeros, ids_restore) (see kernels/_cpp.py).
+// The backward of random_masking is unshuffle(grad_x_visible, zeros, ids_restore) (see kernels/ops/random_masking.py).
 // All copies are exact; every op parallelises over samples (at::parallel_for).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,5 +1,5 @@
 // Registers the maect CPU ops. Bodies live in queue_topk.cpp and masking.cpp; fake (meta) kernels and autograd
-// formulas are registered from Python in kernels/_cpp.py (torch.library.register_fake / register_autograd).
+// formulas are registered from Python in each op's file, kernels/ops/<op>.py (torch.library.register_fake / register_autograd).
 #include <ATen/ATen.h>
 #include <Python.h>
 #include <torch/library.h>

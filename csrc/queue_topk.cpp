@@ -1,6 +1,6 @@
 // queue_topk on CPU: blocked GEMM + in-place per-row top-k, never materialising the [B, Q] similarity matrix.
 //
-// Contract: kernels/queue_topk.py (the reference is the specification).
+// Contract: kernels/ops/queue_topk.py (the reference is the specification).
 //   query [B, D], queue [Q, D] (fp32 / bf16 / fp16, same dtype, any strides)
 //   -> values [B, k] fp32 (descending), indices [B, k] int64; ties -> lower queue index first; excluded entries and
 //      non-finite similarities (NaN, +inf, -inf) never returned; rows with fewer than k admissible entries padded
