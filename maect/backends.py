@@ -35,14 +35,36 @@ def _g(*shape, dtype=torch.float32, device="cpu", grad=False, gen=None):
     return t.requires_grad_(grad)
 
 
+def _model_cfg(cfg: C.Config, stages: tuple):
+    """The model's sizes: the config's, or where stages head / ct start from init= with sizes the config leaves open
+    (model.arch=custom, a size 0), the init encoder's (as maect.stage_init.match_size resolves them; a size that
+    contradicts the encoder is its ConfigError, now instead of at the stage's start)."""
+    if "mae" in stages or not cfg.init:
+        return cfg.model
+    import copy
+    from maect import hub
+    from maect.stage_init import match_size
+    try:
+        encoder, info = hub.load_encoder(cfg.init)
+    except ValueError as exc:
+        from maect.checkpoint import one_line
+        raise C.ConfigError(f"init={cfg.init}: {one_line(str(exc))}") from None
+    resolved = copy.deepcopy(cfg)
+    match_size(resolved, encoder, info, cfg.init)
+    m = resolved.model
+    m.img_size, m.in_chans = info.get("img_size") or m.img_size, info.get("in_chans") or m.in_chans
+    return m
+
+
 def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | None = None,
          n_bank: int | None = None, n_query: int | None = None) -> list[tuple[str, tuple, torch.dtype | None]]:
     """(op, args, autocast dtype or None) for every decision the run needs (module docstring)."""
     from maect import hub
     from maect.engine import uses_bf16
     from maect.models import attention as _attention  # noqa: F401  (registers the attention op)
+    stages = C.stages(cfg)
     with torch.device("meta"):
-        model = hub.model_from_cfg(cfg.model, decoder=True)
+        model = hub.model_from_cfg(_model_cfg(cfg, stages), decoder=True)
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     amp = torch.bfloat16 if uses_bf16(cfg.precision, dev) else None
@@ -52,7 +74,6 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
     L, p, C_in, D = pe.num_patches, pe.patch_size, pe.proj.in_channels, pe.proj.out_channels
     img = int(math.isqrt(L)) * p
     H = model.blocks[0].attn.num_heads
-    stages = C.stages(cfg)
     calls, seen = [], set()
 
     def add(op, args, a=None, tag=""):
