@@ -193,7 +193,7 @@ def check_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
     for preset, device in runs:
         res = check.run(preset, device)
         print(check.format_table(res), flush=True)
-        bad = [f"{r['op']} {r['backend']}: {r['verified']}" for r in res["rows"] if r["verified"].startswith("NO")]
+        bad = [f"{d['op']} {d['shape']} {name}: {why}" for d in res["decisions"] for name, why in d["dropped"].items()]
         out[preset] = {**res, **({"error": "; ".join(bad)[:2000]} if bad else {})}
 
 
