@@ -39,7 +39,7 @@ from maect.dataloading.augment import h2d  # noqa: E402
 from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
 from maect.kernels import dispatch  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
-from maect.models import attention  # noqa: E402,F401  (registers the attention op)
+from maect.models import attention as _attention  # noqa: E402,F401  (registers the attention op)
 from maect.optim import build_optimizer, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
 from maect.engine import NNCLRNet  # noqa: E402  (the model wrapper both paths share: encoder + head forward)
 from maect.train import maybe_compile  # noqa: E402
