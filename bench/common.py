@@ -139,6 +139,21 @@ def run_child(script: Path, args: list[str], timeout: float = 300) -> dict | Non
         return None
 
 
+def backend_of(op: str, *args) -> str:
+    """'name (where from)': the backend the public function of op (kernels/dispatch.py) runs for these arguments now:
+    asked by name, this process's or the cache's decision, the static default, or the reference (MAECT_KERNELS=0)."""
+    from maect.kernels import dispatch
+    o = dispatch.get(op)
+    meta = o.meta(*args)
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device
+    fn = dispatch.lookup(op, meta, device)
+    name = next((b.name for b in o.backends if b.fn is fn), o.ref_name)
+    d = dispatch.decisions().get((op, device.type, o.key(meta)))
+    src = ("MAECT_KERNELS=0" if os.environ.get("MAECT_KERNELS") == "0" else "asked" if op in dispatch.forced()
+           else d.source if d and d.pick == name else "static default")
+    return f"{name} ({src})"
+
+
 def fmt(v, spec: str) -> str:
     if v is None:
         return "-"

@@ -1,7 +1,8 @@
-"""MAE masking, forward + backward: MAE's torch path vs maect's backends, per op, side by side, and the measured table.
+"""MAE masking, forward + backward: MAE's torch path vs maect's backends, per op, side by side.
 
-Ops (every provider gets the same inputs and noise; the providers are the op's backends that can run here,
-kernels.MASKING_BACKENDS; 'ref' is MAE's own code and the baseline of the ratio column):
+Ops (every provider gets the same inputs and noise; the providers are every backend of the op, asked for by name
+through the public function's backend= argument; 'ref', MAE's own code, is the torch path and the baseline of the
+ratio column; a backend that cannot run here is listed with its reason):
   encoder         masked_patch_embed: images [N, 3, H, W] -> patch embedding + pos_embed + random masking ->
                   x_visible [N, K, D]; backward: patch_embed.proj weight and bias gradients.
                   ref = Conv2d over all L patches, + pos_embed, two argsorts, gather (MAE's forward_encoder).
@@ -17,34 +18,27 @@ Correctness first, every provider against ref on the same inputs: mask, ids_rest
 embedding within kernels.ops.masked_patch_embed's derived embed_error_bound (a GEMM instead of a convolution: same products,
 another summation order); its weight / bias gradients against the fp64 truth within 2 x the reference's own error +
 their dot_error_bound (the flash-attention rule); the mask-token gradient within dot_error_bound for a sum of
-N (L - K) rows. A provider that fails is reported, not timed, and the run exits 1.
---write-table PATH: per (device, op, shape class) the fastest correct backend (medians summed over the shapes of a
-class), plus a device default "<device>|<op>|*" (the backend with the best geometric-mean speedup over the classes);
-the entries of other devices in PATH are kept. CPU timings on a shared machine are noisy: say so beside them.
+N (L - K) rows. A provider that fails is reported, not timed, and the run exits 1. Triton backends on CPU run in
+the interpreter (TRITON_INTERPRET=1): checked, not timed. Which backend training runs is decided by the trainer at
+start-up or by `python -m maect.kernels.check`, not here. CPU timings on a shared machine are noisy.
 
   python bench/masked_gather.py                        # GPU: ViT-B/16, L/16, H/14 at N=256, ratio 0.75
   python bench/masked_gather.py --device cpu           # CPU (1 thread unless --threads): the tiny preset's shape
                                                        # (N=256) and ViT-B/16 at N=8
   python bench/masked_gather.py --dry-run              # CPU, one tiny shape, short timing: exercises every path
-  python bench/masked_gather.py --device cuda --write-table kernels/masking_table.json
-gpu_suite_step(out, budget_s) is bench/gpu_suite.py's entry point (GPU shapes within budget_s; the CPU dry run
-without CUDA); it fills out with the rows and the table the run measured (not written to disk).
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
-import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 from common import add_ratio, base_parser, environment, gpu_peak_extra_mb, measure, print_table, setup, write_json
 
 from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
-from maect.kernels import _util as MK  # noqa: E402
+from maect.kernels import _util as MK, dispatch  # noqa: E402
 from maect.kernels.ops import masked_patch_embed as ME  # noqa: E402
 
 # (label, N, image side, patch, encoder width D, decoder width)
@@ -98,9 +92,7 @@ def provider_fn(op, name, device):
     """The function a provider runs (the public op with backend= forced, or torch.compile of the reference)."""
     kop = OPS[op]
     if name == COMPILED:
-        ref = {"masked_patch_embed": kernels.masked_patch_embed_ref, "decoder_input": kernels.decoder_input_ref,
-               "random_masking": kernels.random_masking_ref, "unshuffle": kernels.unshuffle_ref}[kop]
-        return torch.compile(ref, dynamic=False)
+        return torch.compile(dispatch.get(kop).reference, dynamic=False)
     return lambda *a: getattr(kernels, kop)(*a, backend=name)
 
 
@@ -144,12 +136,13 @@ def check(op, got, ref, bnd) -> dict:
     return {"ok": ok, "err": errs, "note": "err: max |diff| where exact is required, else max |diff| / bound"}
 
 
-def interpreted(op, name, device) -> bool:
-    """Would this provider run Triton kernels through the interpreter (CPU tensors, TRITON_INTERPRET=1)? Those are
+def interpreted(kop, name, device) -> bool:
+    """Does this provider run Triton kernels through the interpreter (CPU tensors, TRITON_INTERPRET=1)? Those are
     checked for correctness (the dry run's purpose) but not timed: the interpreter's speed means nothing."""
-    if device.type == "cuda" or not MK.interpreting() or name not in ("triton", "fused"):
+    if device.type == "cuda" or name == COMPILED:
         return False
-    return not (op == "decoder" and name == "fused" and kernels.why_not("decoder_input", "cpp", "cpu") is None)
+    b = dispatch.get(kop).backend(name)
+    return b.cuda_timed_only or (kop == "decoder_input" and name == "fused" and MK.cpp_why(device) is not None)
 
 
 def bench_shape(label, N, img, p, D, Dd, ratio, device, budget, compile_, ops) -> list[dict]:
@@ -163,24 +156,24 @@ def bench_shape(label, N, img, p, D, Dd, ratio, device, budget, compile_, ops) -
     for op in ops:
         kop = OPS[op]
         L, width = t["L"], (D if op in ("encoder", "random_masking") else Dd)
-        names = [b for b in kernels.MASKING_BACKENDS[kop] if kernels.why_not(kop, b, device.type) is None]
-        names += [COMPILED] if compile_ else []
+        names = list(dispatch.get(kop).names()) + ([COMPILED] if compile_ else [])
         ref = step_fn(op, provider_fn(op, "ref", device), t, ratio, autocast)()
         bnd = bounds(op, t, ref, mm, device)
         for name in names:
-            row = {"shape": label, "op": op, "provider": name, "N": N, "L": L, "D": width, "device": device.type,
-                   "class": kernels.shape_class(L, width)}
+            row = {"shape": label, "op": op, "provider": name, "N": N, "L": L, "D": width, "device": device.type}
             try:
                 fn = step_fn(op, provider_fn(op, name, device), t, ratio, autocast)
                 row["check"] = check(op, fn(), ref, bnd)
                 if not row["check"]["ok"]:
                     row["error"] = f"WRONG vs ref: {row['check']}"[:300]
-                elif interpreted(op, name, device):
+                elif interpreted(kop, name, device):
                     row["note"] = "Triton interpreter: checked, not timed"
                 else:
                     row.update(measure(fn, device, warmup=3 if cuda else 1, budget_s=budget))
                     if cuda:
                         row["peak_extra_mib"] = gpu_peak_extra_mb(fn, device)
+            except dispatch.Unavailable as ex:          # cannot run here: its reason, not a failure
+                row["note"] = "n/a: " + str(ex).splitlines()[0].split(f" on {device.type}: ", 1)[-1]
             except Exception as ex:  # a backend that claims support but crashes: report, keep going
                 row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}"[:300]
             rows.append(row)
@@ -207,71 +200,6 @@ def run(device, shapes, ratio=0.75, budget=0.2, compile_=False, ops=tuple(OPS)) 
             "failed": [f"{r['shape']}/{r['op']}/{r['provider']}: {r['error']}" for r in rows if r.get("error")]}
 
 
-def make_table(rows: list[dict], env: dict) -> dict:
-    """Entries for the device measured: per (op, shape class) the fastest backend measured correct on every shape
-    of the class (medians summed), and the device default (best geometric-mean speedup over the classes)."""
-    date = time.strftime("%Y-%m-%d")
-    groups: dict = {}
-    for r in rows:
-        if r["provider"] != COMPILED:
-            groups.setdefault((r["device"], OPS[r["op"]], r["class"]), []).append(r)
-    entries, per_op = {}, {}
-    for (dev, op, cls), rs in groups.items():
-        shapes = {r["shape"] for r in rs}
-        ms = {}
-        for name in {r["provider"] for r in rs}:
-            mine = [r for r in rs if r["provider"] == name and r.get("median_ms")]
-            if len(mine) == len(shapes):
-                ms[name] = round(sum(r["median_ms"] for r in mine), 4)
-        if "ref" not in ms:
-            continue
-        pick = min(ms, key=ms.get)
-        where = env["device"] + ("" if dev == "cuda" else f" ({env['threads']} thread(s))")
-        why = (f"{where}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}, fwd+bwd, {', '.join(sorted(shapes))}"
-               f" (N={'/'.join(str(r['N']) for r in rs if r['provider'] == 'ref')}), {date}: {pick} "
-               f"{ms['ref'] / ms[pick]:.2f}x MAE's path (bench/masked_gather.py)")
-        entries[f"{dev}|{op}|{cls}"] = {"pick": pick, "ms": ms, "why": why}
-        per_op.setdefault((dev, op), []).append(ms)
-    for (dev, op), all_ms in per_op.items():
-        common = set.intersection(*(set(m) for m in all_ms))
-        gm = {n: math.exp(sum(math.log(m["ref"] / m[n]) for m in all_ms) / len(all_ms)) for n in common}
-        pick = max(gm, key=gm.get)
-        entries[f"{dev}|{op}|*"] = {"pick": pick, "speedup_geomean": {n: round(v, 3) for n, v in gm.items()},
-                                    "why": f"{env['device']}, {date}: best geometric-mean speedup over "
-                                           f"{len(all_ms)} measured shape class(es) (bench/masked_gather.py)"}
-    return {"device": env["device"], "entries": entries}
-
-
-def write_table(path: str, measured: dict, device_type: str) -> None:
-    """Replace the entries of device_type in the table at path with the measured ones (other devices kept)."""
-    p = Path(path)
-    table = json.loads(p.read_text()) if p.exists() else {"format": 1, "note": "", "entries": {}}
-    kept = {k: v for k, v in table["entries"].items() if not k.startswith(device_type + "|")}
-    entries = sorted({**kept, **measured["entries"]}.items())
-    lines = [f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in entries]       # one entry per line: readable diffs
-    head = {k: v for k, v in table.items() if k != "entries"}
-    text = json.dumps(head, indent=2)[:-2] + ',\n  "entries": {\n' + ",\n".join(lines) + "\n  }\n}\n"
-    json.loads(text)
-    Path(path).write_text(text)
-    print(f"\nwrote {path}: {len(measured['entries'])} {device_type} entries: " +
-          ", ".join(f"{k}={v['pick']}" for k, v in measured["entries"].items()))
-
-
-def gpu_suite_step(out: dict, budget_s: float) -> None:
-    """For bench/gpu_suite.py: the GPU shapes within about budget_s (CPU without CUDA: the dry-run shape); fills out
-    with the rows, failures and the table these measurements give (save it with --write-table after a look)."""
-    t0 = time.perf_counter()
-    device = setup("cuda" if torch.cuda.is_available() else "cpu", None if torch.cuda.is_available() else 1)
-    shapes = GPU_SHAPES if device.type == "cuda" else DRY_SHAPES
-    # per measurement: ~13 providers per shape; about half the budget goes to compiles, checks and warm-up
-    per = max(0.02, 0.4 * budget_s / (13 * len(shapes)))
-    res = run(device, shapes, budget=per)
-    out.update(res)
-    if device.type == "cuda":                       # the CPU dry run's timings (interpreter included) decide nothing
-        out["table"] = make_table(res["rows"], res["env"])
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-
-
 def main() -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.75)
@@ -280,15 +208,11 @@ def main() -> int:
     p.add_argument("--ops", type=str, default=",".join(OPS), help=f"comma list of {list(OPS)}")
     p.add_argument("--compile", action="store_true", help="add torch.compile of MAE's path")
     p.add_argument("--dry-run", action="store_true", help="CPU, one tiny shape, short timing (exercises the paths)")
-    p.add_argument("--write-table", metavar="PATH", help="merge the measured picks into PATH (e.g. "
-                   "kernels/masking_table.json)")
     args = p.parse_args()
-    # CPU: 1 thread unless --threads (the committed CPU picks were measured so; on a shared machine multi-thread
-    # timings of these small ops are dominated by OpenMP threads waiting for a core)
+    # CPU: 1 thread unless --threads (on a shared machine multi-thread timings of these small ops are dominated by
+    # OpenMP threads waiting for a core)
     dev = "cpu" if args.dry_run else args.device
     device = setup(dev, args.threads or (1 if dev == "cpu" else None))
-    if args.write_table and (args.dry_run or MK.interpreting()):
-        sys.exit("--write-table: a dry run (or TRITON_INTERPRET=1, which times the interpreter) measures nothing")
     shapes = DRY_SHAPES if args.dry_run else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     if args.shape:
         v = [int(s) for s in args.shape.split(",")]
@@ -304,11 +228,9 @@ def main() -> int:
     if device.type == "cpu":
         print(f"CPU run ({torch.get_num_threads()} threads): wall-clock times on a shared machine are noisy")
     res = run(device, shapes, args.ratio, budget, args.compile, ops)
-    if args.write_table:
-        write_table(args.write_table, make_table(res["rows"], res["env"]), device.type)
-        kernels.clear_cache()
-    if res["failed"]:
-        print("\nFAILED:\n  " + "\n  ".join(res["failed"]))
+    print("\ncorrectness: " + ("FAILED:\n  " + "\n  ".join(res["failed"]) if res["failed"] else
+                               f"ok ({sum('check' in r for r in res['rows'])} provider x op x shape checks exact or "
+                               f"within their bounds)"))
     write_json(args.json, res)
     return 1 if res["failed"] else 0
 

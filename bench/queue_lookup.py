@@ -9,7 +9,8 @@ Providers (same inputs; the queue holds L2-normalised rows, the queries are raw 
   official autocast   the same under torch.autocast(bf16) on GPU: what the official training code runs with its fp32
                       queue (baseline of the ratio column for fp32 inputs)
   official compiled   the official path under torch.compile (GPU, --compile, k=20 only)
-  maect               normalise q, then kernels.queue_topk (public dispatch; backend printed: triton / cpp / ref)
+  maect               normalise q, then kernels.queue_topk with the decision the trainer makes at start-up
+                      (kernels/dispatch.py decide: read from the cache, else measured now; printed)
 Correctness first: maect's output is compared with the fp32 reference on the same inputs before anything is timed.
 
 The training call (--training, on by default): the exact call the CT step makes, FeatureQueue.lookup on both views
@@ -34,6 +35,7 @@ from common import (add_ratio, base_parser, environment, gpu_peak_extra_mb, meas
                     rss_peak_extra_mb, run_child, setup, sync, write_json)
 
 from maect import kernels  # noqa: E402  (common puts the repo root on sys.path)
+from maect.kernels import dispatch  # noqa: E402
 from maect.engine import autocast  # noqa: E402  (bf16 on CUDA, none on CPU: the trainer's precision=auto)
 from maect.heads import FeatureQueue, queue_dtype  # noqa: E402
 
@@ -152,9 +154,10 @@ def mem_child(args) -> None:
 def bench_config(args, device, B, Q, D, k, dt, allow_compile, budget) -> dict:
     dtype = DTYPES[dt]
     q, e, ids, qids = make_inputs(B, Q, D, dtype, device)
-    backend = kernels.backend_for(q)
+    d = dispatch.decide("queue_topk", (F.normalize(q, dim=1), e, k, ids, qids, True))
+    backend = d.pick
     chk = check(q, e, ids, qids, k)                    # correctness first (also compiles the kernels on GPU)
-    print(f"\nB={B} Q={Q} D={D} k={k} {dt} on {device.type}: maect backend '{backend}'; check vs reference: "
+    print(f"\nB={B} Q={Q} D={D} k={k} {dt} on {device.type}: maect runs {d.brief()}; check vs reference: "
           f"{'OK' if chk['ok'] else 'FAILED'} (max value diff {chk['max_value_diff']:.2g} <= tol {chk['tol']:.2g}, "
           f"index agreement {chk['index_agreement']:.4f}, official top-1 agreement "
           f"{chk['official_top1_agreement']:.4f})")

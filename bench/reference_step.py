@@ -5,7 +5,7 @@ neighbour picks.
   reference           official MAE / MAE-CT on a current torch: timm's Block (the class official MAE builds its ViT
                       from; parameter names identical to maect's, weights copied), whose attention is
                       F.scaled_dot_product_attention; torch's fused AdamW (fused=True: one flag); argsort masking and
-                      gather unshuffle (maect.kernels' references, MAECT_KERNELS=0 for this path); the published NNCLR
+                      gather unshuffle (maect.kernels' references, asked for by name); the published NNCLR
                       lookup (bench/queue_lookup.py's official_nnclr: re-normalise the whole queue, B x Q similarities,
                       B x Q self-id mask, topk) inside the autocast region as the official code runs it; no
                       non-finite guard; a host-side queue pointer. Without timm installed: maect's blocks with
@@ -26,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +37,9 @@ from queue_lookup import official_nnclr
 from maect import config as C  # noqa: E402  (bench/common.py puts the repo root on sys.path)
 from maect.dataloading.augment import h2d  # noqa: E402
 from maect.heads import FeatureQueue, NNCLRHead  # noqa: E402
+from maect.kernels import dispatch  # noqa: E402
 from maect.losses import nnclr_loss  # noqa: E402
-from maect.models import attention as A  # noqa: E402
+from maect.models import attention as _attention  # noqa: E402,F401  (registers the attention op)
 from maect.optim import build_optimizer, llrd_scale, lr_factor, param_groups, set_lr  # noqa: E402
 from maect.engine import NNCLRNet  # noqa: E402  (the model wrapper both paths share: encoder + head forward)
 from maect.train import maybe_compile  # noqa: E402
@@ -94,20 +94,20 @@ def use_timm_blocks(model: nn.Module, explicit: bool) -> str:
 
 @contextlib.contextmanager
 def path_dispatch(variant: Variant, attention: str):
-    """Process-wide dispatch while one variant runs: maect's attention backend and MAECT_KERNELS (kernels.backend_for
-    reads it on every call: the reference gets argsort masking, gather unshuffle and the reference top-k)."""
-    prev_attn, prev_env = A.get_backend(), os.environ.get("MAECT_KERNELS")
+    """Backends asked for by name while one variant runs (kernels/dispatch.py's force): the reference runs every
+    kernel op's reference (argsort masking, gather unshuffle, the reference top-k) and its attention; maect's rows
+    keep the start-up decisions, with attention `attention` ('auto': the decision)."""
+    prev = dispatch.forced()
     ref = variant.path == "reference"
-    A.set_backend(variant.attention if ref else attention)
-    os.environ["MAECT_KERNELS"] = "0" if ref else (prev_env or "1")
+    want = {op: o.ref_name if ref else prev.get(op) for op, o in dispatch.OPS.items()}
+    want["attention"] = variant.attention if ref else attention
     try:
+        for op, name in want.items():
+            dispatch.force(op, name)
         yield
     finally:
-        A.set_backend(prev_attn)
-        if prev_env is None:
-            os.environ.pop("MAECT_KERNELS", None)
-        else:
-            os.environ["MAECT_KERNELS"] = prev_env
+        for op in dispatch.OPS:
+            dispatch.force(op, prev.get(op))
 
 
 def make_optimizer(groups, lr, variant: Variant, device):

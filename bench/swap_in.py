@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import (base_parser, environment, gpu_peak_extra_mb, measure, print_table, rss_peak_extra_mb, run_child,
-                    setup, sync, write_json)
+from common import (backend_of, base_parser, environment, gpu_peak_extra_mb, measure, print_table,
+                    rss_peak_extra_mb, run_child, setup, write_json)
 
 CASES = ["lightly NNMemoryBankModule", "solo-learn find_nn", "MAE-CT find_nn (top-20)", "MAE random_masking"]
 FULL = {"lightly NNMemoryBankModule": dict(Q=2 ** 16, D=128, B=(256, 1024)),
@@ -94,14 +94,16 @@ def build(case: str, shape: dict, B: int, device: torch.device):
         ours = NNMemoryBankModule(size=(shape["Q"], shape["D"])).to(device)
         ours.bank.copy_(base.bank)
         out = torch.randn(B, shape["D"], device=device, generator=g)
-        return (lambda: base(out, update=False)), (lambda: ours(out, update=False)), dict(x=out, bank=base.bank)
+        return ((lambda: base(out, update=False)), (lambda: ours(out, update=False)),
+                dict(x=out, bank=base.bank, lookup=(out, base.bank, 1)))
     if case in ("solo-learn find_nn", "MAE-CT find_nn (top-20)"):
         from maect.integrations import nnclr_find_nn
         Q, D = shape["Q"], shape["D"]
         queue = F.normalize(torch.randn(Q, D, device=device, generator=g), dim=1)
         z = F.normalize(torch.randn(B, D, device=device, generator=g), dim=1)
         if case == "solo-learn find_nn":
-            return (lambda: solo_find_nn(z, queue)), (lambda: nnclr_find_nn(z, queue)), dict(x=z, bank=queue)
+            return ((lambda: solo_find_nn(z, queue)), (lambda: nnclr_find_nn(z, queue)),
+                    dict(x=z, bank=queue, lookup=(z, queue, 1)))
         queue_id = torch.randint(0, 1_281_167, (Q,), device=device, generator=g)
         ids = torch.randint(0, 1_281_167, (B,), device=device, generator=g)
         ids[: B // 2] = queue_id[torch.randint(0, Q, (B // 2,), device=device, generator=g)]  # own entries queued
@@ -112,7 +114,8 @@ def build(case: str, shape: dict, B: int, device: torch.device):
                 return fn()
             return run
         return (seeded(lambda: maect_head_find_nn(z, queue, queue_id, ids, TOPK)),
-                seeded(lambda: nnclr_find_nn(z, queue, queue_id, ids, topk=TOPK)), dict(x=z, bank=queue))
+                seeded(lambda: nnclr_find_nn(z, queue, queue_id, ids, topk=TOPK)),
+                dict(x=z, bank=queue, lookup=(z, queue, TOPK, ids, queue_id)))
     if case == "MAE random_masking":
         from maect.integrations import mae
         x = torch.randn(B, shape["L"], shape["D"], device=device, generator=g)
@@ -177,8 +180,7 @@ def main(argv=None) -> int:
     shapes = QUICK if args.quick else FULL
     runs = 1 if args.quick else args.runs
     budget = args.budget if args.budget is not None else (0.05 if args.quick else 2.0)
-    from maect import kernels
-    print(f"swap_in: {environment(device)}; queue_topk backend {kernels.backend_for(torch.empty(0, device=device))}")
+    print(f"swap_in: {environment(device)}")
     rows, all_ok = [], True
     for case in args.cases:
         shape = shapes[case]
@@ -195,7 +197,8 @@ def main(argv=None) -> int:
             label = f"{case} B={B}"
             print(f"{label}: correctness: {'ok' if res['ok'] else 'FAILED'}"
                   + (f" ({res['identical_rows']}/{res['rows']} rows identical, {res['near_tie_rows']} picks within "
-                     f"1e-5 of each other)" if res.get("identical_rows") is not None else " (outputs identical)"))
+                     f"1e-5 of each other)" if res.get("identical_rows") is not None else " (outputs identical)")
+                  + (f"; queue_topk runs {backend_of('queue_topk', *ctx['lookup'])}" if "lookup" in ctx else ""))
             if not res["ok"]:
                 continue
             t = {"baseline": [], "adapter": []}

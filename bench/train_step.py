@@ -8,7 +8,8 @@ queue and neighbour picks):
                         under autocast: the baseline of the 'x ref' column
   reference-math        extra row (the earlier straw man): timm's explicit attention, AdamW(foreach=False)
   reference+compile     the reference with torch.compile of every block: the baseline of the 'x ref+c' column
-  maect                 maect's step as maect.train runs it (sync-free guard, maect.kernels, fused AdamW)
+  maect                 maect's step as maect.train runs it (sync-free guard, maect.kernels with the backends the
+                        trainer decides at start-up, printed in one line; fused AdamW)
   maect+compile         + torch.compile of every block (inductor: LayerNorm / bias / GELU / residual fused)
   maect+compile-mat     + mode max-autotune-no-cudagraphs
   maect+cudagraphs      + mode reduce-overhead (CUDA graphs of each block's forward and backward)
@@ -52,7 +53,7 @@ from maect.train import ct_trainable, mae_lr, nnclr_optimizer  # noqa: E402  (th
 
 from maect import config as C  # noqa: E402  (common puts the repo root on sys.path)
 from maect.validation import load_config  # noqa: E402
-from maect import kernels  # noqa: E402
+from maect.backends import decide_for_run  # noqa: E402
 from maect.models import attention as A  # noqa: E402
 
 GPUS_PER_NODE = 8          # default per-GPU batch: the preset's global batch / 8 GPUs (the paper's node), at most
@@ -238,7 +239,6 @@ def run_row(ctx: dict, name: str, profile: bool = False) -> dict:
            "attention": info["attention"],
            "compile": "-" if v.compile_mode is None else v.compile_mode + ("" if args.compile_backend == "inductor"
                                                                            else f" ({args.compile_backend})"),
-           "kernels": "ref" if v.path == "reference" else kernels.backend_for(ctx["data"]["x"]),
            "lookup": ("official" if v.path == "reference" else "kernels.queue_topk") if args.stage == "ct" else "-",
            **syncs, **{k: after[k] - before[k] for k in after}}
     if device.type == "cuda":
@@ -278,6 +278,14 @@ def prepare(args) -> dict:
             "ids": torch.randint(0, n_ids, (batch,), device=device, generator=g),
             "labels": torch.randint(0, 1000, (batch,), device=device, generator=g), "n_ids": n_ids,
             "batch": batch, "views": views}
+    kernels = None
+    if any(VARIANTS[r].path == "maect" for r in args.rows):   # the trainer's start-up decisions (maect/backends.py)
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.stage, run_cfg.model.attention = args.stage, args.attention
+        run_cfg.mae.batch_size = run_cfg.ct.batch_size = batch
+        run_cfg.mae.accum_steps = 1
+        kernels = decide_for_run(run_cfg, device)
+        print(f"maect rows: {kernels}")
     bases = build_bases(args.stage, cfg, device)
     model = bases["model"]
     if args.stage == "mae":
@@ -286,7 +294,8 @@ def prepare(args) -> dict:
         t = cfg.ct.tuned_from_block if cfg.ct.tuned_from_block >= 0 else model.depth // 2
         flops = mfu.ct_flops(model, cfg.nnclr, t, batch)
     return {"args": args, "device": device, "cfg": cfg, "batch": batch, "views": views, "data": data,
-            "bases": bases, "flops": flops, "peak": args.peak_tflops or mfu.default_peak(device, args.bf16)}
+            "bases": bases, "flops": flops, "kernels": kernels,
+            "peak": args.peak_tflops or mfu.default_peak(device, args.bf16)}
 
 
 def summarize(ctx: dict, rows: list[dict], quiet: bool = False) -> dict:
@@ -321,7 +330,7 @@ def summarize(ctx: dict, rows: list[dict], quiet: bool = False) -> dict:
                            ("tflops", "TFLOP/s", ".3f"), ("mfu", "MFU", ".1%"), ("speedup", "x ref", ".2f"),
                            ("x_ref_compiled", "x ref+c", ".2f"), ("first_step_s", "1st step s", ".1f"),
                            ("peak_gib", "peak GiB", ".1f"), ("host_syncs_per_step", "syncs", "g"),
-                           ("attention", "attention", ""), ("compile", "compile", ""), ("kernels", "kernels", ""),
+                           ("attention", "attention", ""), ("compile", "compile", ""),
                            ("lookup", "lookup", ""), ("optimizer", "optimizer", ""), ("error", "error", "")])
         for r in rows:
             if r.get("host_sync_sites"):
@@ -331,7 +340,7 @@ def summarize(ctx: dict, rows: list[dict], quiet: bool = False) -> dict:
                 print(f"{r['provider']}: {r['graph_breaks']} graph breaks, cudagraphs skipped {r['cudagraph_skips']}x")
     return {"bench": "train_step", "stage": args.stage, "preset": ctx["cfg"].preset, "batch": batch, "views": views,
             "bf16": args.bf16, "model_tflop_per_step": flops / 1e12, "peak_tflops": peak,
-            "flops_counted": "bench/mfu.py", "check": check, "rows": rows, "env": env}
+            "flops_counted": "bench/mfu.py", "kernels": ctx["kernels"], "check": check, "rows": rows, "env": env}
 
 
 def run(args) -> dict:

@@ -1,4 +1,5 @@
-"""Attention backends vs the exact reference, forward and backward; dispatch errors, the auto table, logging.
+"""Attention backends vs the exact reference, forward and backward; a backend asked for by name, 'auto' running the
+decision (kernels/dispatch.py), and the error naming every backend's reason.
 
 Tolerance rule (flash-attention's): max |backend - exact| <= 2 x max |low-precision reference - exact| + atol, for
 the output and each of dq, dk, dv; exact = fp64 math of the same inputs. Low-precision reference: fp32 inputs ->
@@ -9,12 +10,13 @@ tight (measured: backends 4e-7..1.6e-6, the fp32 reference 4e-7..1.3e-6). atol b
 """
 from __future__ import annotations
 
-import logging
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from maect.kernels import dispatch
 from maect.models import attention as A
 
 gpu = pytest.mark.gpu
@@ -108,8 +110,10 @@ def test_backend_bf16(name, T, Dh, device):
 
 @pytest.mark.parametrize("name", ["xformers", "sdpa_efficient", "sdpa_cudnn"])
 def test_unavailable_by_name_lists_every_reason(name):
+    """A backend asked for by name that cannot run raises BackendUnavailable (a ValueError) naming its reason and
+    every backend's verdict for these inputs; nothing falls back silently."""
     q, k, v, _ = make_qkv(2, 3, 50, 32)
-    why = A.why_not(name, q, k, v, grad=True)
+    why = A.why_not(name, q, k, v, grad=False)
     if why is None:
         pytest.skip(f"{name} can run on this machine")
     A.set_backend(name)
@@ -117,10 +121,11 @@ def test_unavailable_by_name_lists_every_reason(name):
         A.attention(q, k, v)
     msg = str(e.value)
     print(msg)
-    assert f"attention backend {name!r} cannot run" in msg and why in msg
-    for other in A.CONCRETE:                     # every backend is listed with its verdict
-        assert f"  {other} " in msg
-    assert "can run" in msg and "auto" in msg
+    assert isinstance(e.value, ValueError)
+    assert f"backend {name!r} cannot run" in msg and why in msg
+    for other in A.OP.names():                   # every backend is listed with its verdict
+        assert f"  {other} " in msg, other
+    assert "can run" in msg and "no: " in msg
 
 
 def test_xformers_reason_on_cpu():
@@ -139,63 +144,87 @@ def test_non_float_dtype_refused():
     assert "not a floating-point type" in A.why_not("sdpa", q, q, q)
 
 
-def test_auto_without_entry_is_sdpa_and_logs_once(monkeypatch, tmp_path, caplog):
-    """No table entry for the shape: SDPA's own kernel choice, said once per shape in the log."""
-    monkeypatch.setattr(A, "TABLE_PATH", str(tmp_path / "none.json"))
-    q, k, v, _ = make_qkv(2, 3, 65, 80)
-    A.set_backend("auto")
-    with caplog.at_level(logging.INFO, logger="maect"):
-        for _ in range(3):
-            out = A.attention(q, k, v)
-    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")]
-    assert len(msgs) == 1 and "sdpa runs" in msgs[0] and "no measured entry cpu|float32|80|128" in msgs[0], msgs
-    torch.testing.assert_close(out, A.attention_ref(q, k, v), rtol=0, atol=1e-5)
+@pytest.fixture
+def ran(monkeypatch):
+    """The names of the attention backends the calls ran: each registered backend's function (and the reference,
+    'math') wrapped; the dispatch looks the function up in the registration at every call."""
+    names = []
+
+    def spy(name, fn):
+        def run(*args):
+            names.append(name)
+            return fn(*args)
+        return run
+    monkeypatch.setattr(A.OP, "backends", tuple(dataclasses.replace(b, fn=spy(b.name, b.fn)) for b in A.OP.backends))
+    monkeypatch.setattr(A.OP, "reference", spy(A.OP.ref_name, A.OP.reference))
+    return names
 
 
-def test_auto_uses_a_table_entry(monkeypatch):
-    q, k, v, _ = make_qkv(2, 3, 65, 80)
-    monkeypatch.setattr(A, "_table", {"entries": {A.table_key("cpu", q.dtype, 80, 65): {"train": "sdpa_flash",
-                                                                                        "infer": "sdpa_math"}}})
-    assert A.resolve("auto", q, k, v, grad=True)[0] == "sdpa_flash"
-    assert A.resolve("auto", q, k, v, grad=False)[0] == "sdpa_math"
-    # a pick that cannot run here falls back to sdpa, saying why
-    monkeypatch.setattr(A, "_table", {"entries": {A.table_key("cpu", q.dtype, 80, 65): {"train": "sdpa_cudnn",
-                                                                                        "infer": "sdpa_cudnn"}}})
-    name, why = A.resolve("auto", q, k, v, grad=True)
-    assert name == "sdpa" and "table pick sdpa_cudnn" in why and "no CPU kernel" in why
-
-
-def test_table_lookup_and_buckets():
-    assert [A.seq_bucket(t) for t in (1, 50, 64, 65, 197, 257, 1025)] == [64, 64, 64, 128, 256, 512, 2048]
-    table = {"entries": {"cuda|bfloat16|80|128": {"train": "sdpa_flash", "infer": "xformers"},
-                         "cuda|bfloat16|32|256": {"train": "sdpa_cudnn", "infer": "sdpa_cudnn"}}}
-    assert A.pick_from_table(table, "cuda", torch.bfloat16, 80, 65, grad=True) == "sdpa_flash"
-    assert A.pick_from_table(table, "cuda", torch.bfloat16, 80, 65, grad=False) == "xformers"
-    assert A.pick_from_table(table, "cuda", torch.bfloat16, 32, 197, grad=True) == "sdpa_cudnn"
-    assert A.pick_from_table(table, "cuda", torch.bfloat16, 80, 50, grad=True) is None      # other bucket
-    assert A.pick_from_table(table, "cuda", torch.float16, 80, 65, grad=True) is None       # other dtype
-    assert A.pick_from_table({}, "cuda", torch.bfloat16, 80, 65, grad=True) is None
-
-
-def test_shipped_table_is_valid():
-    t = A.load_table(A.TABLE_PATH)
-    assert t.get("format") == 1 and isinstance(t.get("entries"), dict)
-    for key, e in t["entries"].items():
-        dev, dtype, Dh, bucket = key.split("|")
-        assert dev == "cuda" and hasattr(torch, dtype) and int(Dh) > 0 and int(bucket) >= 64
-        assert e["train"] in A.AUTO_CANDIDATES and e["infer"] in A.AUTO_CANDIDATES
-
-
-def test_logs_once_per_shape(caplog):
-    A.set_backend("sdpa")
+def test_set_backend_asks_by_name(ran):
+    """set_backend(name) runs that backend for every shape and grad mode, whatever a decision says; 'auto' returns
+    to the decision (here none: the static default, sdpa)."""
     q, k, v, _ = make_qkv(2, 3, 50, 32)
-    with caplog.at_level(logging.INFO, logger="maect"):
-        for _ in range(3):
-            A.attention(q, k, v)
-        A.attention(*make_qkv(2, 3, 65, 32)[:3])
-    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention:")]
-    print(msgs)
-    assert len(msgs) == 2 and "sdpa runs" in msgs[0] and "T=50" in msgs[0] and "T=65" in msgs[1]
+    for name in ("sdpa_math", "sdpa_flash", "math"):
+        A.set_backend(name)
+        assert A.get_backend() == name
+        out = A.attention(q, k, v)
+        A.attention(*(t.detach().requires_grad_(True) for t in make_qkv(2, 3, 197, 64)[:3])).sum().backward()
+        assert ran[-2:] == [name, name], ran
+        torch.testing.assert_close(out, A.attention_ref(q, k, v), rtol=0, atol=1e-5)
+    A.set_backend("auto")
+    A.attention(q, k, v)
+    assert ran[-1] == "sdpa" and A.OP.default["cpu"] == "sdpa"
+
+
+def test_model_attention_config_asks_by_name(ran):
+    """The config key model.attention reaches the same mechanism: the trainer's start-up (maect/backends.py) asks
+    for it by name, says so in its line, and the model's attention calls run it; an unknown name is a config error
+    naming the key."""
+    from maect import config as C
+    from maect.backends import decide_for_run
+    from maect.validation import load_config
+    cfg = load_config(["preset=tiny", "stage=mae", "model.attention=sdpa_math", "kernels.measure=false"])
+    line = decide_for_run(cfg, torch.device("cpu"))
+    assert "attention -> sdpa_math (asked)" in line and dispatch.forced()["attention"] == "sdpa_math"
+    A.attention(*make_qkv(2, 3, 65, 16)[:3])
+    assert ran == ["sdpa_math"]
+    with pytest.raises(C.ConfigError, match="model.attention='flash3'"):
+        load_config(["preset=tiny", "model.attention=flash3"])
+
+
+def test_auto_runs_the_decision(ran, monkeypatch, tmp_path):
+    """'auto' runs the decision for the inputs' shape class: dispatch.decide on attention inputs, with an injected
+    timer that makes sdpa_flash the fastest (more than MARGIN under the torch path), verifies every backend that can
+    run, picks sdpa_flash and stores it; a training call of that class then runs sdpa_flash, also in a process that
+    only reads the cache; an inference call (another class, no decision) runs the static default. With the torch
+    path timed fastest, the torch path is picked."""
+    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path))
+    dispatch.clear()
+    q, k, v, _ = make_qkv(2, 3, 65, 80)
+    train = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+    ms = {"sdpa": 2.0, "sdpa_flash": 1.0, "sdpa_math": 5.0}
+    d = dispatch.decide("attention", train, timer=lambda name, fn, device, budget: ms.get(name, 9.0))
+    assert (d.pick, d.source, d.shape) == ("sdpa_flash", "measured", "float32|Dh80-T128-train")
+    assert {"sdpa", "sdpa_flash", "sdpa_math"} <= set(d.ms) and not d.dropped, d
+    assert "sdpa_cudnn" in d.not_run and "sdpa_flash" in ran     # the verification ran it once
+    A.set_backend("auto")
+    for clear in (False, True):
+        if clear:
+            dispatch.clear()                     # a new process: the decision comes from the cache file
+        ran.clear()
+        A.attention(*train).sum().backward()
+        assert ran == ["sdpa_flash"], ran
+    ran.clear()
+    with torch.no_grad():
+        A.attention(q, k, v)
+    assert ran == ["sdpa"]
+    ms.update(sdpa=1.0, sdpa_flash=0.98)         # within MARGIN of the torch path: the torch path stays
+    assert dispatch.decide("attention", train, again=True,
+                           timer=lambda name, fn, device, budget: ms.get(name, 9.0)).pick == "sdpa"
+
+
+def test_seq_bucket():
+    assert [A.seq_bucket(t) for t in (1, 50, 64, 65, 197, 257, 1025)] == [64, 64, 64, 128, 256, 512, 2048]
 
 
 @pytest.mark.parametrize("name", ["sdpa", "sdpa_flash", "auto"])
@@ -222,7 +251,7 @@ def test_unavailable_under_compile_keeps_the_message():
         pytest.skip("sdpa_cudnn can run here")
     f = torch.compile(lambda x: A.attention(x, x, x), backend="eager")
     try:
-        with pytest.raises(Exception, match="attention backend 'sdpa_cudnn' cannot run"):
+        with pytest.raises(Exception, match="backend 'sdpa_cudnn' cannot run"):
             f(q)
     finally:
         torch._dynamo.reset()
@@ -269,50 +298,3 @@ def test_cuda_sdpa_reasons_without_a_gpu(monkeypatch):
         assert A._cuda_sdpa_reason(name, q16, q16, q16) == \
             f"disabled globally (torch.backends.cuda.{switch}(False) or equivalent)"
         assert callable(getattr(torch.backends.cuda, switch))
-
-
-def _bench_attention():
-    import importlib
-    import sys
-    from pathlib import Path
-    bench = str(Path(__file__).resolve().parents[1] / "bench")
-    sys.path.insert(0, bench)
-    try:
-        return importlib.import_module("attention")
-    finally:
-        sys.path.remove(bench)
-
-
-def test_table_round_trip(monkeypatch, tmp_path, caplog):
-    """bench/attention.py's table writer -> the file -> 'auto' reads it and runs the written winner. Once with rows
-    measured here (whatever won), once with rows where sdpa_flash wins training and sdpa inference; an entry for
-    another key already in the file survives the write (merge)."""
-    bench = _bench_attention()
-    path = tmp_path / "table.json"
-    other = {"cuda|bfloat16|80|128": {"train": "sdpa_cudnn", "infer": "sdpa_flash"}}
-    A.save_table(str(path), {"format": 1, "entries": other}, merge=False)
-    monkeypatch.setattr(A, "TABLE_PATH", str(path))
-    measured = bench.bench_shape("t", 2, 2, 50, 32, torch.float32, torch.device("cpu"), 0.0, ["sdpa", "sdpa_flash"])
-    assert all(r["check"]["ok"] for r in measured)
-    env = {"device": "test-cpu", "torch": torch.__version__}
-    crafted = [dict(r, median_ms=1.0 if r["provider"] == "sdpa_flash" else 2.0,
-                    fwd_ms=2.0 if r["provider"] == "sdpa_flash" else 1.0, Dh=80, T=65) for r in measured]
-    for rows, Dh, T in ((measured, 32, 50), (crafted, 80, 65)):
-        table = bench.make_table(rows, env, "cpu")
-        key = A.table_key("cpu", torch.float32, Dh, T)
-        want = table["entries"][key]
-        A.save_table(str(path), table)
-        A.clear_cache()
-        on_disk = A.load_table(str(path))
-        assert on_disk["entries"][key]["train"] == want["train"] and on_disk["entries"]["cuda|bfloat16|80|128"] == \
-            other["cuda|bfloat16|80|128"]
-        assert on_disk["entries"][key]["measured_on"]["device"] == "test-cpu"
-        q, k, v, _ = make_qkv(2, 3, T, Dh)
-        A.set_backend("auto")
-        with caplog.at_level(logging.INFO, logger="maect"):
-            A.attention(q.requires_grad_(True), k, v)
-        assert A.resolve("auto", q, k, v, grad=True)[0] == want["train"]
-        assert A.resolve("auto", q, k, v, grad=False)[0] == want["infer"]
-        assert any(f"{want['train']} runs" in r.getMessage() and f"table entry {key}" in r.getMessage()
-                   for r in caplog.records), [r.getMessage() for r in caplog.records]
-    assert (want["train"], want["infer"]) == ("sdpa_flash", "sdpa")     # the crafted rows

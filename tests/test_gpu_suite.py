@@ -69,6 +69,10 @@ def test_gpu_suite_dry_run(tmp_path):
             assert {"startup_s", "compile_s", "measure_s"} <= s["timing"].keys(), name
     assert steps["kernel_tests"]["result"]["passed"] == 2
     assert steps["queue_lookup"]["result"]["_tables"], "print_table did not stream into the step's JSON"
+    for name in ("attention", "masked_gather"):      # run by their command line: the rows reach the JSON (write_json)
+        res = steps[name]["result"]["results"]
+        assert any(r.get("median_ms") for r in res["rows"]) and not res["failed"], name
+    assert steps["kernels_check"]["result"]["tiny"]["ok"]
     dl = steps["loader_throughput"]["result"]
     if "skipped" not in dl:             # DALI importable here (setup.sh installs it): its CPU stand-in ran
         assert dl["row ct 2 views"]["check"]["ok"] and dl["row ct 2 views"]["ratio"] > 0

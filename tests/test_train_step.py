@@ -123,13 +123,18 @@ def run_rows(stage: str, rows: str, *extra: str) -> dict:
     return ts.run(args)
 
 
-def test_mae_reference_and_maect_same_first_loss(monkeypatch):
+def test_mae_reference_and_maect_same_first_loss():
     """timm blocks with SDPA + fused AdamW + argsort masking (reference), timm's explicit attention (reference-math),
     maect's step, and maect's blocks through torch.compile (aot_eager: the tracing of the compiled row, no
-    inductor build on CPU CI) all start from the same weights and data: the same loss within 1e-4."""
+    inductor build on CPU CI) all start from the same weights and data: the same loss within 1e-4. The maect rows
+    run the trainer's start-up decisions (their line is in the result); the reference rows ask for every kernel op's
+    reference by name, and the backends asked for are restored afterwards."""
     pytest.importorskip("timm")
-    monkeypatch.setenv("MAECT_CPP", "0")          # never wait for a just-in-time C++ build here
+    from maect.kernels import dispatch
+    before = dispatch.forced()
     res = run_rows("mae", "reference,reference-math,maect,maect+compile", "--compile-backend", "aot_eager")
+    assert dispatch.forced() == before
+    assert res["kernels"].startswith("kernels: ") and "masked_patch_embed" in res["kernels"], res["kernels"]
     rows = {r["provider"]: r for r in res["rows"]}
     print({k: (r["first_loss"], r["attention"], r["optimizer"]) for k, r in rows.items()})
     assert res["check"]["ok"] and res["check"]["against"] == "reference"
@@ -140,11 +145,10 @@ def test_mae_reference_and_maect_same_first_loss(monkeypatch):
     assert res["model_tflop_per_step"] > 0 and all(r["median_ms"] > 0 for r in res["rows"])
 
 
-def test_ct_reference_and_maect_same_first_loss(monkeypatch, capsys):
+def test_ct_reference_and_maect_same_first_loss(capsys):
     """The CT step (official lookup vs maect's queue_topk, host-side vs device queue pointer) from the same weights,
     queue and neighbour picks: the same loss; --profile prints the per-op table and the per-category split."""
     pytest.importorskip("timm")
-    monkeypatch.setenv("MAECT_CPP", "0")
     res = run_rows("ct", "reference,maect", "--profile")
     assert res["check"]["ok"], res["check"]
     prof = res["rows"][1]["profile"]
@@ -160,12 +164,11 @@ def test_compile_mode_config():
         V.load_config(["preset=tiny", "model.compile_mode=fast"])
 
 
-def test_suite_child_row_matches_in_process(monkeypatch):
+def test_suite_child_row_matches_in_process():
     """The GPU suite's train_step phase 2 (bench/gpu/train_step_suite.py) runs each compiled row in a child process (a
     long compilation costs that row only): the child's row comes back as JSON and its first-step loss equals the
     in-process reference's."""
     pytest.importorskip("timm")
-    monkeypatch.setenv("MAECT_CPP", "0")
     tss = bench("gpu/train_step_suite")      # bench/gpu/train_step_suite.py (the GPU suite's harness)
     cfg_args = ["--preset", "tiny", "--stage", "mae", "--batch", "8"]
     common = ["--device", "cpu", "--threads", "2", "--steps", "1", "--warmup", "0", "--precision", "fp32",

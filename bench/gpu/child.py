@@ -165,12 +165,11 @@ class _StreamTests:
 
 
 def pytest_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
-    """The GPU-marked tests of every test file that has them, with the shipped kernel configs (MAECT_AUTOTUNE=0)."""
+    """The GPU-marked tests of every test file that has them."""
     import pytest
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
     args = DRY_TESTS if dry_run else files + ["-m", "gpu"]
-    os.environ["MAECT_AUTOTUNE"] = "0"
-    out.update(_selection=" ".join(args), _autotune="off (MAECT_AUTOTUNE=0: the shipped configs)")   # not results
+    out.update(_selection=" ".join(args))           # not a result
     plugin = _StreamTests(out)
     marks["ready"] = time.time()
     code = int(pytest.main(["-q", "-p", "no:cacheprovider", "-rs", *args], plugins=[plugin]))
@@ -194,7 +193,7 @@ def check_step(out: dict, budget_s: float, dry_run: bool, marks: dict) -> None:
     for preset, device in runs:
         res = check.run(preset, device)
         print(check.format_table(res), flush=True)
-        bad = [f"{r['op']} {r['backend']}: {r['verified']}" for r in res["rows"] if r["verified"].startswith("NO")]
+        bad = [f"{d['op']} {d['shape']} {name}: {why}" for d in res["decisions"] for name, why in d["dropped"].items()]
         out[preset] = {**res, **({"error": "; ".join(bad)[:2000]} if bad else {})}
 
 
@@ -252,8 +251,9 @@ def script_step(step, out: dict, budget_s: float, dry_run: bool, marks: dict) ->
         raise RuntimeError(f"{step.target} has no gpu_suite_step(out, budget_s) and its suite step gives no cli args")
 
 
-def child_main(step, json_path: Path, budget_s: float, dry_run: bool) -> int:
-    spawned = float(os.environ.get("MAECT_SUITE_SPAWNED", time.time()))
+def child_main(step, json_path: Path, budget_s: float, dry_run: bool, spawned: float | None = None) -> int:
+    """spawned: the parent's time.time() when it started this process (startup_s counts from it)."""
+    spawned = time.time() if spawned is None else spawned
     out = StepOut(json_path)
     signal.signal(signal.SIGTERM, _on_sigterm)
     clock = CompileClock()

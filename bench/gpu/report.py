@@ -54,13 +54,18 @@ def head_queue_lookup(res) -> list[str]:
 
 
 def head_masked_gather(res) -> list[str]:
-    """maect's speedup over MAE's argsort+gather per op: the range over shapes."""
-    by_op: dict[str, list[float]] = {}
+    """Per op, the fastest backend's speedup over MAE's path (ref): the range over shapes."""
+    best: dict[tuple, tuple] = {}
     for c in dicts(res, lambda d: isinstance(d.get("rows"), list)):
         for r in c["rows"]:
-            if isinstance(r, dict) and r.get("provider") == "maect" and r.get("speedup") and r.get("op"):
-                by_op.setdefault(r["op"], []).append(r["speedup"])
-    return [f"{op} {min(v):.2f}-{max(v):.2f}x MAE path" for op, v in by_op.items()]
+            if isinstance(r, dict) and r.get("provider") != "ref" and r.get("speedup") and r.get("op"):
+                k = (r["op"], r.get("shape"))
+                best[k] = max(best.get(k, (0.0, "")), (r["speedup"], r["provider"]))
+    by_op: dict[str, list] = {}
+    for (op, _), v in best.items():
+        by_op.setdefault(op, []).append(v)
+    return [f"{op} {min(v)[0]:.2f}-{max(v)[0]:.2f}x MAE path ({', '.join(sorted({n for _, n in v}))})"
+            for op, v in by_op.items()]
 
 
 def head_train_step(res) -> list[str]:

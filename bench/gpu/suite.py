@@ -82,7 +82,9 @@ STEPS = [
                   "--no-mem")),
     Step("masked_gather", "bench/masked_gather.py", 40, "finished inside 45 s", cli=("--device", "cuda"),
          dry_cli=("--device", "cpu", "--shape", "8,49,32", "--budget", "0.05")),
-    Step("attention", "bench/attention.py", 45, "finished inside 70 s; sizes its timing to the budget"),
+    Step("attention", "bench/attention.py", 45, "finished inside 70 s (9 backends x 10 shapes x 2 passes x 0.1 s)",
+         cli=("--device", "cuda", "--budget", "0.1"),
+         dry_cli=("--device", "cpu", "--shapes", "tiny visible,tiny H/14-like", "--budget", "0.02")),
     Step("train_step", "bench/gpu/train_step_suite.py", 80, "finished inside 110 s; skips configs that do not fit"),
     Step("loader_throughput", "bench/gpu/loader_step.py", 45, "DALI GPU vs CPU twin, sized to the budget"),
     Step("swap_in", "bench/swap_in.py", 30, "7 shapes x 2 providers, 0.3 s each, one round",
@@ -94,16 +96,14 @@ STEP_NAMES = [s.name for s in STEPS]
 # ----------------------------------------------------------------------------------------- parent: run a step
 def child_env(dry_run: bool, cuda: bool) -> dict:
     """The steps' environment: repo (and staged site) on PYTHONPATH, the shared compile caches; dry run: the Triton
-    interpreter where no GPU is, and no C++ JIT build."""
+    interpreter where no GPU is."""
     env = dict(os.environ)
     path = [str(ROOT)] + ([str(SITE)] if SITE.is_dir() else []) + [p for p in [env.get("PYTHONPATH")] if p]
     env["PYTHONPATH"] = os.pathsep.join(path)
     for k, v in CACHES.items():
         env.setdefault(k, str(v))
-    if dry_run:
-        if not cuda:
-            env.setdefault("TRITON_INTERPRET", "1")
-        env.setdefault("MAECT_CPP", "0")
+    if dry_run and not cuda:
+        env.setdefault("TRITON_INTERPRET", "1")
     return env
 
 
@@ -126,8 +126,8 @@ def package_problem(env: dict, flags: tuple = ()) -> str | None:
 def run_child(step: Step, json_path: Path, budget_s: float, grant_s: float, dry_run: bool, env: dict) -> dict:
     """Run one step in a fresh process group; SIGTERM at grant_s, SIGKILL GRACE_S later. Echoes its output."""
     cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--_child", json.dumps(step.__dict__), "--_json",
-           str(json_path), "--_budget", repr(budget_s)] + (["--dry-run"] if dry_run else [])
-    env = {**env, "MAECT_SUITE_SPAWNED": repr(time.time())}
+           str(json_path), "--_budget", repr(budget_s), "--_spawned", repr(time.time())] + \
+        (["--dry-run"] if dry_run else [])
     tail: collections.deque = collections.deque(maxlen=120)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -238,10 +238,11 @@ def main(argv=None, steps: list[Step] | None = None) -> int:
     p.add_argument("--_child", help=argparse.SUPPRESS)
     p.add_argument("--_json", help=argparse.SUPPRESS)
     p.add_argument("--_budget", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--_spawned", type=float, help=argparse.SUPPRESS)     # the parent's time.time() at the spawn
     a = p.parse_args(argv)
     if a._child:
         from child import child_main
-        return child_main(Step(**json.loads(a._child)), Path(a._json), a._budget, a.dry_run)
+        return child_main(Step(**json.loads(a._child)), Path(a._json), a._budget, a.dry_run, a._spawned)
     import torch
     cuda = torch.cuda.is_available()
     if not a.dry_run and not cuda:
