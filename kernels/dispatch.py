@@ -8,7 +8,7 @@ default per device type. Each backend says why it cannot run given inputs (`why_
 Call time: `lookup(op, meta, device)` -> the backend. `meta` is what the decision depends on (dtype, shape class,
 whether gradients are recorded), a tuple of Python constants the op computes from its arguments. Resolution, once per
 (op, device, key) and then one dict lookup:
-    1. MAECT_KERNELS=0                                         -> the reference
+    1. MAECT_KERNELS=0 (maect's kernel ops; not attention)     -> the reference
     2. a backend asked by name (the op's backend= argument, or force(op, name): the trainer's config keys)
                                                                -> it, or ValueError naming why it cannot run
     3. the decision for the key made in this process (decide(), or rank 0's, share_from_rank0())
@@ -78,6 +78,7 @@ class Op:
     default: dict[str, str]
     meta: Callable[..., tuple]                    # the op's arguments -> meta
     ref_name: str = "ref"                         # the reference's name when asked for by name
+    kernel: bool = True                           # one of maect's kernels: MAECT_KERNELS=0 runs its reference
     prepare: Callable[[tuple], tuple] | None = None   # the caller's arguments -> the measurement's (a bounded
                                                   # slice, explicit noise so every backend masks the same patches)
 
@@ -149,7 +150,7 @@ def device_key(device: torch.device) -> str:
 def concrete(n) -> int:
     """A size as a Python int. Under torch.compile's dynamic shapes a size is symbolic; a binary search of
     comparisons (each a guard) turns it into a constant, so the graph is specialised on it instead of breaking."""
-    if not torch.compiler.is_compiling() or isinstance(n, int):
+    if not torch.compiler.is_compiling():
         return int(n)
     lo, hi = 0, 1 << 31
     while lo < hi:
@@ -380,7 +381,7 @@ def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tup
 def lookup(op: str, meta: tuple, device: torch.device, asked: str | None = None) -> Callable:
     """The function that runs op for inputs with this meta on device (module docstring: rules 1-5)."""
     o = OPS[op]
-    if os.environ.get("MAECT_KERNELS", "1") == "0" and asked is None:
+    if o.kernel and asked is None and os.environ.get("MAECT_KERNELS", "1") == "0":
         return o.reference
     return o.backend(_resolve(op, device.type, device.index, meta, asked)).fn
 

@@ -843,14 +843,6 @@ def queue_topk_torch(query: Tensor, queue: Tensor, k: int, exclude_ids: Tensor |
     return v, i
 
 
-def official_lookup(q: Tensor, e: Tensor, k: int, ids, qids):
-    """The published NNCLR lookup: normalise both, the full similarity matrix, the self-id mask, topk."""
-    sim = F.normalize(q, dim=-1) @ F.normalize(e, dim=-1).T
-    if ids is not None:
-        sim.masked_fill_(qids[None, :] == ids[:, None], float("-inf"))
-    return sim.topk(k, dim=1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Backends (kernels/dispatch.py) and the public function
 

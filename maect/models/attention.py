@@ -187,26 +187,8 @@ def why_not(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None
     raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
 
 
-def reasons(q: Tensor, k: Tensor, v: Tensor, grad: bool | None = None) -> dict[str, str | None]:
-    """Every concrete backend -> None (can run) or why not."""
-    return {n: why_not(n, q, k, v, grad) for n in CONCRETE}
-
-
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
-def _describe(q: Tensor, grad: bool) -> str:
-    T, Dh = q.shape[-2:]
-    return f"q [*, *, T={T}, Dh={Dh}] {str(q.dtype).replace('torch.', '')} on {q.device.type}, {'with' if grad else 'no'} grad"
-
-
-def unavailable_message(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool) -> str:
-    why = reasons(q, k, v, grad)
-    w = max(map(len, why))
-    lines = [f"  {n:<{w}}  {'can run' if r is None else 'no: ' + r}" for n, r in why.items()]
-    return (f"attention backend {name!r} cannot run {_describe(q, grad)}: {why[name]}\nEvery backend for these inputs:\n"
-            + "\n".join(lines) + "\nSet model.attention (or env MAECT_ATTENTION) to one that can run, or to 'auto'.")
 
 
 # ------------------------------------------------------------------------------------------------ the op
@@ -253,7 +235,7 @@ def _verify(args: tuple, out: Tensor, ref: Tensor) -> str | None:
 OP = dispatch.register(dispatch.Op(
     name="attention", reference=attention_ref, ref_name="math", meta=_meta, key=_key, verify=_verify,
     backends=tuple(dispatch.Backend(n, _impl(n), _why_not_meta(n)) for n in ORDER),
-    default={"cpu": "sdpa", "cuda": "sdpa"}))
+    default={"cpu": "sdpa", "cuda": "sdpa"}, kernel=False))
 
 
 def set_backend(name: str) -> None:
