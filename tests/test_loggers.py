@@ -61,6 +61,11 @@ def test_meter_records_reach_tensorboard_and_wandb_offline_on_rank_0_only(tmp_pa
     m.write({"step": 1, "epoch": 1, "knn_acc": 61.5, "nn_acc_epoch": 0.3, "proj_knn_acc": None})
     m.close()
     loggers.finish()
+    # wandb.finish() returns once the run has ended; W&B's service process may still be writing the offline file.
+    # teardown() waits for that process to exit, so the file is complete before it is read (a long session under
+    # load once read it before its history records were written).
+    import wandb
+    wandb.teardown()
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("mae/loss")] == [(1, 1.0), (2, 0.5)]
