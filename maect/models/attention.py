@@ -206,7 +206,7 @@ def unavailable_message(name: str, q: Tensor, k: Tensor, v: Tensor, grad: bool) 
     w = max(map(len, why))
     lines = [f"  {n:<{w}}  {'can run' if r is None else 'no: ' + r}" for n, r in why.items()]
     return (f"attention backend {name!r} cannot run {_describe(q, grad)}: {why[name]}\nEvery backend for these inputs:\n"
-            + "\n".join(lines) + "\nSet model.attention (or env MAECT_ATTENTION) to one that can run, or to 'auto'.")
+            + "\n".join(lines) + "\nSet model.attention to one that can run, or to 'auto'.")
 
 
 # ------------------------------------------------------------------------------------------------ the op
