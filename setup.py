@@ -3,37 +3,11 @@
 Installs one top-level package, `maect`. The repository keeps the design's layout (kernels/, dataloading/, csrc/ beside
 maect/); the wheel installs them as `maect.kernels`, `maect.dataloading` and `maect/_csrc` (the C++ sources, package
 data for the just-in-time build), so nothing clashes with other distributions' top-level names (`kernels` is one on
-the index). The C++ extension in csrc/ is NOT built here by
-default: pip's isolated build environment would pull a second torch. It is built just in time on first use
-(torch.utils.cpp_extension, cached) by kernels/_cpp.py. To build it ahead of time against the installed torch:
-    MAECT_BUILD_EXT=1 pip install --no-build-isolation -e .
-(MAECT_BUILD_CUDA=1 additionally compiles csrc/*.cu sources, when present, as a CUDAExtension.)
+the index). The C++ extension in csrc/ is not built here (pip's isolated build environment would pull a second
+torch): kernels/_cpp.py builds it just in time on first use against the installed torch (torch.utils.cpp_extension,
+cached under ~/.cache/torch_extensions or TORCH_EXTENSIONS_DIR); its docstring says how to build it ahead of time.
 """
-import glob
-import os
-
 from setuptools import find_packages, setup
-
-ext_modules, cmdclass = [], {}
-if os.environ.get("MAECT_BUILD_EXT") == "1":
-    try:  # only with --no-build-isolation, against the torch already installed
-        from torch.utils import cpp_extension
-
-        sources = sorted(glob.glob("csrc/*.cpp"))
-        cuda = os.environ.get("MAECT_BUILD_CUDA") == "1"
-        if cuda:
-            sources += sorted(glob.glob("csrc/*.cu"))
-        Ext = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-        # Same flags as the JIT build in kernels/_cpp.py: AVX2/FMA only if this CPU has them (never -march=native);
-        # the C++ standard is left to torch (its headers need C++20).
-        import torch
-
-        simd = ["-mavx2", "-mfma"] if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
-        ext_modules = [Ext("maect.kernels._maect_C", sources, extra_compile_args={"cxx": ["-O3", "-fopenmp"] + simd},
-                           extra_link_args=["-fopenmp"])]
-        cmdclass = {"build_ext": cpp_extension.BuildExtension}
-    except Exception as exc:  # the package must still install; dispatch falls back and logs why
-        print(f"maect: not building the C++ extension ({exc}); the JIT build or the reference will be used")
 
 setup(
     name="maect",
@@ -43,8 +17,7 @@ setup(
     packages=find_packages(include=["maect", "maect.*"]) + ["maect.kernels", "maect.kernels.ops", "maect.dataloading",
                                                              "maect._csrc"],
     package_dir={"maect.kernels": "kernels", "maect.dataloading": "dataloading", "maect._csrc": "csrc"},
-    package_data={"maect": ["presets/*.yaml", "models/*.json"], "maect.kernels": ["*.json"],
-                  "maect.kernels.ops": ["*.json"], "maect._csrc": ["*.cpp", "*.h", "*.cu"]},
+    package_data={"maect": ["presets/*.yaml"], "maect._csrc": ["*.cpp", "*.h"]},
     include_package_data=True,
     install_requires=["torch>=2.10", "numpy", "pyyaml", "pillow", "safetensors", "triton; platform_system=='Linux'"],
     extras_require={
@@ -64,6 +37,4 @@ setup(
         "gpu": ["xformers==0.0.35; platform_system=='Linux'",
                 "nvidia-cuda-runtime-cu12>=12.8,<13; platform_system=='Linux'", "nvidia-dali-cuda130"],
     },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
 )

@@ -1,13 +1,15 @@
 """The compiled CPU ops (csrc/) as torch custom ops: the shared extension loader (wrappers: kernels/ops/<op>.py).
 
 load() -> the extension module or None (memoised; thread-safe)
-    maect.kernels._maect_C importable      -> that module (ahead-of-time: MAECT_BUILD_EXT=1 pip install
-                                        --no-build-isolation -e .), unless csrc/ is newer than it
-    otherwise                        -> just-in-time build with torch.utils.cpp_extension.load, cached in the default
-                                        torch extensions dir (~/.cache/torch_extensions/<py>_<cuda>/maect_cpu_avx2_
-                                        <hash>, or under TORCH_EXTENSIONS_DIR), keyed by a hash of csrc/ and the
-                                        flags: the first build takes ~1 min, later loads are instant
-    any failure                      -> one log line on logging.getLogger("maect.kernels") saying why, and None
+    a just-in-time build with torch.utils.cpp_extension.load, cached in the default torch extensions dir
+    (~/.cache/torch_extensions/<py>_<cuda>/maect_cpu_avx2_<hash>, or under TORCH_EXTENSIONS_DIR), keyed by a hash of
+    csrc/ and the flags: the first build takes ~1 min, later loads import the cached .so directly
+    any failure -> one log line on logging.getLogger("maect.kernels") saying why, and None (the torch paths run)
+Building ahead of time (a cluster whose compute nodes have no compiler, or a job that should not spend its first
+minute compiling): on a login node, in the same environment and with the same TORCH_EXTENSIONS_DIR as the jobs,
+    python -c "from maect.kernels import _cpp; assert _cpp.load() is not None"
+builds and caches it; the jobs then load it. The cache entry is named by the CPU's SIMD level, so build on a node
+whose CPU has the compute nodes' level (AVX2 or not).
 The flags are -O3 -fopenmp, plus -mavx2 -mfma only when ATen reports an AVX2-capable CPU (the extension name
 records the choice and the hash, so builds for different CPUs or sources never share a cache entry).
 
@@ -26,7 +28,6 @@ op's file registers its own (register_cpp), called once here after the library l
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import logging
 import os
@@ -54,19 +55,6 @@ def _build_flags() -> tuple[str, list[str]]:
     simd = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma"] if simd else [])
     return ("maect_cpu_avx2" if simd else "maect_cpu"), flags
-
-
-def _aot_module():
-    """maect.kernels._maect_C if it was built ahead of time and is not older than csrc/, else None. Staleness is checked
-    before importing: a second library registering the maect namespace (the JIT build) would be refused."""
-    spec = importlib.util.find_spec(f"{__package__}._maect_C")
-    if spec is None or spec.origin is None:
-        return None
-    sources = list(_CSRC.glob("*.cpp")) + list(_CSRC.glob("*.h"))
-    if sources and max(p.stat().st_mtime for p in sources) > Path(spec.origin).stat().st_mtime:
-        logger.info("maect: %s is older than csrc/; using the just-in-time build instead", spec.origin)
-        return None
-    return importlib.import_module(spec.name)
 
 
 def _jit_module():
@@ -127,7 +115,7 @@ def load():
 
 def _load_once():
     try:
-        mod = _aot_module() or _jit_module()
+        mod = _jit_module()
         if not hasattr(torch.ops.maect, "queue_topk"):
             raise RuntimeError(f"{mod!r} loaded but registered no torch.ops.maect ops")
         _register_python_side()

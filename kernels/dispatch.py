@@ -445,12 +445,12 @@ def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float
     torch.autocast with this dtype (the training step's precision)."""
     o, t_start = get(op), time.perf_counter()
     timer = timer or default_timer
-    args = o.prepare(args) if o.prepare is not None else args
     first = next(a for a in args if isinstance(a, torch.Tensor))
     device = first.device
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
     with ctx():
-        meta = o.meta(*args)
+        meta = o.meta(*args)            # the caller's shape class (the decision's key), not the measured slice's
+    args = o.prepare(args) if o.prepare is not None else args
     d = Decision(o.backends[0].name, "measured", torch_path=o.backends[0].name, shape=o.key(meta))
     grad = _records_grad(args)
     with ctx(), torch.no_grad():

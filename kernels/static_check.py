@@ -9,7 +9,7 @@ MMA, the main loop's SASS instruction mix; and a static cost model of the queue 
 
 What is compiled: the launches themselves. Every launcher (queue_topk_triton, masked_patch_embed_triton and the
 masking ops) is called on meta tensors (no memory, no GPU) with the kernels' launch method replaced by a recorder, at
-the shapes of every preset (kernels/check.py cases(): the head / CT lookups, the final k-NN chunk, the MAE masking
+the shapes of every preset (_preset_cases(): the head / CT lookups, the final k-NN chunk, the MAE masking
 ops), at every (dtype, k, B, Q) shape class queue_topk's config table can pick from, at the integrations' k = 1
 search on rows normalised inside the op (maect/integrations: lightly's NNMemoryBankModule), and at every config of
 the tuner's search space (kernels/ops/queue_topk.py tune_grid). Each distinct launch (kernel, argument specialisation,
@@ -167,21 +167,53 @@ def _shape(spec: dict) -> str:
     return f"{spec['dtype']} B={spec['B']} Q={spec['Q']} D={spec['D']} k={spec['k']}"
 
 
+def _model_dims(cfg) -> dict:
+    """The preset's model sizes the Triton launches depend on (patches, widths, image size, channels)."""
+    from maect.models.vit import ARCHS
+    m = cfg.model
+    base = ARCHS.get(m.arch, (m.img_size, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.decoder_embed_dim,
+                              m.decoder_depth, m.decoder_num_heads))
+    patch = m.patch_size or base[1]
+    return {"L": (m.img_size // patch) ** 2, "patch": patch, "img": m.img_size, "D": m.embed_dim or base[2],
+            "Ddec": m.decoder_embed_dim or base[5], "chans": m.in_chans}
+
+
+def _preset_cases(cfg, dims: dict) -> list[dict]:
+    """The Triton launches a preset's run makes on one GPU: the head / CT queue lookups (both views, the queue's
+    dtype), the final k-NN's chunk (maect.eval.knn) and the MAE masking batch."""
+    from maect.eval.knn import SIM_BUDGET
+    from maect.heads import queue_dtype
+    from .check import IMAGENET, SIZES
+    qdt = queue_dtype(cfg.nnclr.queue_dtype, torch.device("cuda"))
+    Q, Dp, out, ks = cfg.nnclr.queue_size, cfg.nnclr.proj_dim, [], {}
+    for stage in ("head", "ct"):
+        ks.setdefault(getattr(cfg, stage).topk, []).append(stage)
+    for k, stages in ks.items():
+        B = 2 * max(1, getattr(cfg, stages[-1]).batch_size)
+        out.append({"op": "queue_topk", "label": f"{'+'.join(stages)} lookup", "args": ("lookup", B, Q, Dp, k, qdt)})
+    n_train = cfg.eval.final_train or SIZES.get(cfg.data.name, IMAGENET)[0]
+    chunk = max(1, min(4096, SIM_BUDGET // n_train))
+    out.append({"op": "queue_topk", "label": "final k-NN chunk",
+                "args": ("knn", chunk, n_train, dims["D"], cfg.eval.knn_k, torch.float32)})
+    out.append({"op": "masked_patch_embed", "label": "MAE",
+                "args": (max(1, cfg.mae.batch_size * cfg.mae.num_views), dims, cfg.mae.mask_ratio)})
+    return out
+
+
 def enumerate_launches(presets: list[str] | None = None, tuner=True, predict: bool = False,
                        shipped: bool = True) -> tuple[list, list]:
     """Every launch the launchers make at the shipped shapes / configs (and the tuner's space, the model's shapes):
     ([(qualified kernel name, args, kwargs, context)], [launcher errors]). tuner: True (tuner_space()), False, or a
     list of tuner_space()-style specs; shipped False: neither the presets nor the config table. Must run with
     TRITON_INTERPRET unset."""
-    from . import check as CK
     from maect.validation import load_config
     qt = importlib.import_module("maect.kernels.ops.queue_topk")
     sink, ctx, errors = [], {}, []
     with recording(sink, ctx):
         for name in (presets or _presets()) if shipped else ():
             cfg = load_config([f"preset={name}"])
-            dims = CK.model_dims(cfg)
-            for case in CK.cases(cfg, torch.device("cuda"), 1):
+            dims = _model_dims(cfg)
+            for case in _preset_cases(cfg, dims):
                 ctx.clear()
                 ctx.update(source="preset", shipped=True, preset=name, op=case["op"], label=case["label"])
                 if case["op"] == "queue_topk":

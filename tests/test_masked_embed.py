@@ -1,4 +1,5 @@
-"""masked_patch_embed (kernels/ops/masked_patch_embed.py), the masking dispatch (kernels/_route.py) and the MAE
+"""masked_patch_embed (kernels/ops/masked_patch_embed.py), the masking ops' dispatch (kernels/dispatch.py) and the
+MAE
 model's use.
 
 Tolerances (derived, not tuned). mask and ids_restore are integers / 0-1 values and must equal the reference
@@ -17,7 +18,8 @@ import pytest
 import torch
 
 from maect import kernels
-from maect.kernels import _route
+from maect.kernels import dispatch as D
+from maect.kernels._util import masking_key
 from maect.kernels.ops import masked_patch_embed as ME
 from maect.kernels.ops.masked_patch_embed import (masked_patch_embed_gather, masked_patch_embed_ref,
                                                   masked_patch_embed_triton, mask_indices_ref, mask_indices_torch,
@@ -199,64 +201,82 @@ def test_bad_input_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# dispatch: the committed table, requests by name, MAECT_KERNELS=0
+# dispatch: static defaults, cached decisions, requests by name, MAECT_KERNELS=0
+
+MASKING_OPS = ("random_masking", "unshuffle", "decoder_input", "masked_patch_embed")
+
 
 @pytest.fixture
-def fresh_dispatch(monkeypatch):
-    monkeypatch.delenv("MAECT_MASKING", raising=False)
+def fresh_dispatch(monkeypatch, tmp_path):
+    """No decision in this process; the cache is a fresh folder; nothing forced."""
     monkeypatch.delenv("MAECT_KERNELS", raising=False)
-    kernels.clear_cache()
+    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
+    D.clear()
     yield monkeypatch
-    kernels.clear_cache()
+    D.clear()
 
 
-def test_shipped_table_keeps_torch_on_gpu_until_measured(fresh_dispatch):
-    """The committed decision: on CUDA every masking op runs MAE's torch path (the standalone Triton kernels were
-    measured slower on an H200; the fused paths are unmeasured) unless a GPU run of bench/masked_gather.py
-    --write-table says otherwise; every pick names a backend of its op."""
-    table = json.loads(kernels.TABLE_PATH.read_text())
-    for key, entry in table["entries"].items():
-        device, op, cls = key.split("|")
-        assert entry["pick"] in kernels.MASKING_BACKENDS[op] and entry.get("why"), key
-    for op in kernels.MASKING_BACKENDS:
-        cuda = {k: e["pick"] for k, e in table["entries"].items() if k.startswith(f"cuda|{op}|")}
-        assert cuda.get(f"cuda|{op}|*") == "ref" and set(cuda.values()) <= {"ref"} | (
-            {"gather", "fused"} if any("ms" in table["entries"][k] for k in cuda) else set()), cuda
+def test_static_defaults_keep_torch_on_gpu_until_measured(fresh_dispatch):
+    """The documented static defaults (no decision made or cached): on CUDA every masking op runs MAE's torch path
+    (the standalone Triton kernels were measured slower on an H200; the fused paths are unmeasured) until a decision
+    says otherwise; every default names a backend of its op, and none on CPU is a Triton backend (those never run
+    undecided through the interpreter)."""
+    for op in MASKING_OPS:
+        o = D.get(op)
+        assert o.default["cuda"] == o.backends[0].name == "ref", op
+        assert o.default["cpu"] in o.names() and not o.backend(o.default["cpu"]).cuda_timed_only, op
 
 
-def test_dispatch_rules(fresh_dispatch, tmp_path):
+def _static(op, dev, meta):
+    o = D.get(op)
+    name = o.default.get(dev.type, o.backends[0].name)
+    return o.backend(name if D._unavailable(o, name, dev, meta) is None else o.backends[0].name).fn
+
+
+def test_dispatch_rules(fresh_dispatch):
+    """lookup's rules (kernels/dispatch.py) on the masking ops: a cached decision for the shape class, else the
+    static default; a cached pick that cannot run here (unknown, or a Triton kernel on CPU) falls to the static
+    default; a backend asked by argument or by force() runs (Triton on CPU in the interpreter); MAECT_KERNELS=0 runs
+    the reference unless a backend is asked by argument; an unknown or unrunnable request is a ValueError naming
+    why."""
     mp = fresh_dispatch
-    x = torch.zeros(1, device=DEVICE)
-    table = {"entries": {f"{DEVICE}|masked_patch_embed|L64-D32": {"pick": "gather", "why": "test"},
-                         f"{DEVICE}|masked_patch_embed|*": {"pick": "ref", "why": "test"},
-                         f"{DEVICE}|decoder_input|*": {"pick": "no_such_backend"},
-                         f"{DEVICE}|unshuffle|*": {"pick": "triton"}}}
-    (tmp_path / "t.json").write_text(json.dumps(table))
-    mp.setattr(_route, "TABLE_PATH", tmp_path / "t.json")
-    kernels.clear_cache()
-    assert kernels.choose("masked_patch_embed", x, 49, 32) == "gather"           # the shape class's entry
-    assert kernels.choose("masked_patch_embed", x, 196, 32) == "ref"             # the device default
-    assert kernels.choose("decoder_input", x, 49, 32) == "ref"                   # a pick that cannot run -> ref
-    # a table pick never runs through the Triton interpreter (on CPU); asked by name it may
-    assert kernels.choose("unshuffle", x, 49, 32) == ("triton" if DEVICE == "cuda" else "ref")
-    assert kernels.choose("unshuffle", x, 49, 32, backend="triton") == "triton"
-    assert kernels.choose("masked_patch_embed", x, 49, 32, backend="fused") == "fused"   # asked by argument
-    mp.setenv("MAECT_MASKING", "fused")                                          # asked by the environment
-    assert kernels.choose("masked_patch_embed", x, 49, 32) == "fused"
-    assert kernels.choose("random_masking", x, 49, 32) != "fused"                # not one of its backends: table
+    dev = torch.device(DEVICE)
+    m64, m256 = ("fp32", 64, 32, False), ("fp32", 256, 32, False)
+    pick = "ref" if DEVICE == "cpu" else "gather"                                 # not the static default
+    dk = D.device_key(dev)
+    entries = {f"{dk}|masked_patch_embed|{masking_key(m64)}": {"pick": pick},
+               f"{dk}|decoder_input|{masking_key(m64)}": {"pick": "no_such_backend"},
+               f"{dk}|unshuffle|{masking_key(m64)}": {"pick": "triton"}}
+    D.cache_dir().mkdir(parents=True)
+    (D.cache_dir() / "dispatch.json").write_text(json.dumps({"format": D.CACHE_FORMAT, "entries": entries}))
+    fn = lambda op, name: D.get(op).backend(name).fn                              # noqa: E731
+    look = lambda op, meta, asked=None: D.lookup(op, meta, dev, asked)            # noqa: E731
+    assert look("masked_patch_embed", m64) is fn("masked_patch_embed", pick)      # the shape class's decision
+    assert look("masked_patch_embed", m256) is _static("masked_patch_embed", dev, m256)   # no decision: default
+    assert look("decoder_input", m64) is _static("decoder_input", dev, m64)       # a pick that cannot run
+    # a cached pick never runs through the Triton interpreter (on CPU); asked by name it may
+    assert look("unshuffle", m64) is (fn("unshuffle", "triton") if DEVICE == "cuda" else
+                                      _static("unshuffle", dev, m64))
+    assert look("unshuffle", m64, "triton") is fn("unshuffle", "triton")
+    assert look("masked_patch_embed", m64, "fused") is fn("masked_patch_embed", "fused")      # asked by argument
+    D.force("masked_patch_embed", "fused")                                                    # asked by force()
+    assert look("masked_patch_embed", m64) is fn("masked_patch_embed", "fused")
+    assert look("random_masking", m256) is _static("random_masking", dev, m256)  # force() is per op
+    with pytest.raises(ValueError, match="random_masking: unknown backend 'fused'"):
+        D.force("random_masking", "fused")
     mp.setenv("MAECT_KERNELS", "0")
-    assert kernels.choose("masked_patch_embed", x, 49, 32, backend="fused") == "ref"   # rule 1 wins
+    assert look("masked_patch_embed", m64) is masked_patch_embed_ref              # rule 1 wins over force()
+    assert look("masked_patch_embed", m64, "gather") is fn("masked_patch_embed", "gather")   # not over an argument
     mp.setenv("MAECT_KERNELS", "1")
-    mp.setenv("MAECT_MASKING", "bogus")
-    with pytest.raises(ValueError, match="MAECT_MASKING='bogus'"):
-        kernels.choose("masked_patch_embed", x, 49, 32)
-    mp.delenv("MAECT_MASKING")
+    D.force("masked_patch_embed", None)
+    assert look("masked_patch_embed", m64) is fn("masked_patch_embed", pick)
     with pytest.raises(ValueError, match="unknown backend 'gather'"):
-        kernels.choose("decoder_input", x, 49, 32, backend="gather")
+        look("decoder_input", m64, "gather")
     if DEVICE == "cpu":
         mp.setenv("TRITON_INTERPRET", "0")                                       # Triton on CPU: interpreter only
+        D.clear()
         with pytest.raises(ValueError, match="run on CUDA"):
-            kernels.choose("masked_patch_embed", x, 49, 32, backend="fused")
+            look("masked_patch_embed", m64, "fused")
 
 
 def test_public_ops_run_the_chosen_backend(fresh_dispatch):
@@ -304,10 +324,10 @@ def test_mae_loss_unchanged(fresh_dispatch, dtype):
     ref = loss_and_grads()
     mp.setenv("MAECT_KERNELS", "1")
     rtol, atol = (1e-10, 1e-14) if dtype == torch.float64 else (1e-4, 1e-6)
-    backends = ["gather", "fused"] + (["cpp"] if kernels.why_not("masked_patch_embed", "cpp", DEVICE) is None else [])
-    for name in backends:
-        mp.setenv("MAECT_MASKING", name)
-        kernels.clear_cache()
+    cpp = D.get("masked_patch_embed").backend("cpp").why_not(torch.device(DEVICE), ()) is None
+    for name in ["gather", "fused"] + (["cpp"] if cpp else []):
+        for op in ("masked_patch_embed", "decoder_input"):       # the decoder input too, where it has that backend
+            D.force(op, name if name in D.get(op).names() else None)
         loss, pred, mask, grads = loss_and_grads()
         print(f"{name}: loss {loss.item():.10g} vs ref {ref[0].item():.10g}")
         assert torch.equal(mask, ref[2])

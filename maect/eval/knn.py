@@ -85,8 +85,14 @@ def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int | list[i
             out[kk].append(sc.scatter_add_(1, lab[:, :kk], w[:, :kk]))
     if bool(padded):   # finite, normalised rows always have N >= k finite similarities: a kernel fault
         raise RuntimeError(f"knn: kernels.queue_topk returned index -1 (fewer than k={kmax} finite similarities) for "
-                           f"finite features; backend {kernels.backend_for(bank)}")
+                           f"finite features; backend {_backend_name(query[:chunk], bank, kmax)}")
     return {kk: torch.cat(v) if v else torch.zeros(0, C, device=bank.device) for kk, v in out.items()}
+
+
+def _backend_name(query: Tensor, bank: Tensor, k: int) -> str:
+    """The function kernels.queue_topk runs for these inputs (kernels/dispatch.py), for an error message."""
+    D = kernels.dispatch
+    return D.lookup("queue_topk", D.get("queue_topk").meta(query, bank, k), bank.device).__name__
 
 
 def knn_predict(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int = 20, T: float = 0.07,
