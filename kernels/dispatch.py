@@ -8,12 +8,12 @@ default per device type. Each backend says why it cannot run given inputs (`why_
 Call time: `lookup(op, meta, device)` -> the backend. `meta` is what the decision depends on (dtype, shape class,
 whether gradients are recorded), a tuple of Python constants the op computes from its arguments. Resolution, once per
 (op, device, key) and then one dict lookup:
-    1. MAECT_KERNELS=0 (maect's kernel ops; not attention)     -> the reference
-    2. a backend asked by name (the op's backend= argument, or force(op, name): the trainer's config keys)
-                                                               -> it, or ValueError naming why it cannot run
-    3. the decision for the key made in this process (decide(), or rank 0's, share_from_rank0())
-    4. the decision stored in the cache file $MAECT_CACHE_DIR/dispatch.json (default ~/.cache/maect/dispatch.json)
-    5. the op's static default for the device type (documented in the op's file); the torch path if that cannot run
+    1. a backend asked by the call's backend= argument          -> it, or Unavailable naming why it cannot run
+    2. MAECT_KERNELS=0 (maect's kernel ops; not attention)     -> the reference
+    3. a backend asked for the whole process by force(op, name) (the trainer's config keys) -> it, or Unavailable
+    4. the decision for the key made in this process (decide(), or rank 0's, share_from_rank0())
+    5. the decision stored in the cache file $MAECT_CACHE_DIR/dispatch.json (default ~/.cache/maect/dispatch.json)
+    6. the op's static default for the device type (documented in the op's file); the torch path if that cannot run
 A decision whose backend cannot run here (no compiled extension, no Triton, another device) is not used: the next
 rule applies. Nothing is measured at call time, so no forward or backward ever times anything.
 
@@ -342,7 +342,7 @@ def _why_each(op: Op, device: torch.device, meta: tuple) -> str:
 
 @torch.compiler.assume_constant_result
 def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tuple, asked: str | None) -> str:
-    """Rules 2-5 of the module docstring for one key, memoised: Python constants in, a name out (a trace-time
+    """Rules 1 and 3-6 of the module docstring for one key, memoised: Python constants in, a name out (a trace-time
     constant under torch.compile)."""
     rkey = (op_name, device_type, device_index, meta, asked or _forced.get(op_name))
     name = _resolved.get(rkey)
@@ -379,7 +379,7 @@ def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tup
 
 
 def lookup(op: str, meta: tuple, device: torch.device, asked: str | None = None) -> Callable:
-    """The function that runs op for inputs with this meta on device (module docstring: rules 1-5)."""
+    """The function that runs op for inputs with this meta on device (module docstring: rules 1-6)."""
     o = OPS[op]
     if o.kernel and asked is None and os.environ.get("MAECT_KERNELS", "1") == "0":
         return o.reference
