@@ -392,30 +392,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def default_timer(name: str, fn: Callable[[], Any], device: torch.device, budget: float) -> float:
-    """Median milliseconds of fn(): CUDA events on GPU, perf_counter on CPU; one warm-up call, then repetitions
-    until `budget` seconds (at least 1, at most MAX_REPS). A warm-up over half the budget is the one sample."""
+def interleaved(runs: dict[str, Callable[[], Any]], device: torch.device, budget: float
+                ) -> tuple[dict[str, float], dict[str, str]]:
+    """Median milliseconds of each run(): one warm-up call each, then rounds that time every backend once, in turn,
+    until `budget` seconds are spent (at least 1 round, at most MAX_REPS). Interleaving exposes every backend to the
+    same load: a machine that gets busier halfway through slows all of them, not the last one timed. CUDA events on
+    GPU, perf_counter on CPU. Returns (ms, {name: why} for a run that raised)."""
+    failed: dict[str, str] = {}
+    live = dict(runs)
+    for name, run in list(live.items()):
+        try:
+            run()
+            _sync(device)
+        except Exception as exc:
+            failed[name] = _first_line(exc)
+            live.pop(name)
+    times: dict[str, list[float]] = {n: [] for n in live}
     t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    first = time.perf_counter() - t0
-    if first > budget / 2:
-        return first * 1e3
-    times, spent = [], 0.0
-    while len(times) < MAX_REPS.get(device.type, 5) and (not times or spent + statistics.median(times) / 1e3 < budget):
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        spent += time.perf_counter() - t0
-    return statistics.median(times)
+    while live and (not times[next(iter(live))] or (time.perf_counter() - t0 < budget and
+                                                        len(times[next(iter(live))]) < MAX_REPS.get(device.type, 5))):
+        for name, run in list(live.items()):
+            try:
+                if device.type == "cuda":
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    run()
+                    b.record()
+                    b.synchronize()
+                    times[name].append(a.elapsed_time(b))
+                else:
+                    t = time.perf_counter()
+                    run()
+                    times[name].append((time.perf_counter() - t) * 1e3)
+            except Exception as exc:
+                failed[name] = _first_line(exc)
+                live.pop(name)
+                times.pop(name)
+    return {n: round(statistics.median(v), 4) for n, v in times.items()}, failed
 
 
 def _first_line(exc: BaseException) -> str:
@@ -440,11 +453,11 @@ def _timed(fn: Callable, args: tuple, grad: bool) -> Callable[[], Any]:
 
 def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float = BUDGET_S,
             amp: torch.dtype | None = None) -> Decision:
-    """Verify every backend that can run args against the reference, time the verified ones, pick (module
-    docstring). Never raises for a backend's fault; the reference raising (bad input) propagates. amp: run under
-    torch.autocast with this dtype (the training step's precision)."""
+    """Verify every backend that can run args against the reference, time the verified ones (interleaved; timer:
+    an injected timer(name, fn, device, budget_s) -> ms instead, tests), pick (module docstring). Never raises for
+    a backend's fault; the reference raising (bad input) propagates. amp: run under torch.autocast with this dtype
+    (the training step's precision)."""
     o, t_start = get(op), time.perf_counter()
-    timer = timer or default_timer
     first = next(a for a in args if isinstance(a, torch.Tensor))
     device = first.device
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
@@ -477,17 +490,21 @@ def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float
                          op, b.name, d.shape, bad)
             continue
         ok.append(b)
-    t0 = time.perf_counter()
-    for j, b in enumerate(ok):
-        left = max(0.0, budget_s - (time.perf_counter() - t0)) / (len(ok) - j)
-        run = _timed(b.fn, args, grad)
-        try:
-            with ctx():
-                d.ms[b.name] = round(float(timer(b.name, run, device, left)), 4)
-        except Exception as exc:                 # ran once, fails when timed (its backward)
-            d.dropped[b.name] = f"raised while timed: {_first_line(exc)}"
-            logger.warning("maect: %s %s: backend '%s' dropped: timing it raised %s", op, d.shape, b.name,
-                           _first_line(exc))
+    runs = {b.name: _timed(b.fn, args, grad) for b in ok}
+    with ctx():
+        if timer is not None:                    # injected (tests): one backend at a time
+            t0 = time.perf_counter()
+            for j, (name, run) in enumerate(runs.items()):
+                left = max(0.0, budget_s - (time.perf_counter() - t0)) / (len(runs) - j)
+                try:
+                    d.ms[name] = round(float(timer(name, run, device, left)), 4)
+                except Exception as exc:         # ran once, fails when timed (its backward)
+                    d.dropped[name] = f"raised while timed: {_first_line(exc)}"
+        else:
+            d.ms, failed = interleaved(runs, device, budget_s)
+            d.dropped.update({n: f"raised while timed: {why}" for n, why in failed.items()})
+    for name in set(runs) - set(d.ms):
+        logger.warning("maect: %s %s: backend '%s' dropped: %s", op, d.shape, name, d.dropped.get(name, ""))
     timed = [b.name for b in ok if b.name in d.ms and math.isfinite(d.ms[b.name])]
     if timed:
         best = min(d.ms[n] for n in timed)
