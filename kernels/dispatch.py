@@ -19,13 +19,12 @@ rule applies. Nothing is measured at call time, so no forward or backward ever t
 
 Decisions: `decide(op, args)` runs the reference once, runs every backend that can run on the same inputs and drops
 the ones that raise or that the op's rule rejects (logged as a defect with the first bad row), times the others
-(forward, or forward + backward when the inputs record gradients) with `timer`, and picks the earliest backend in
+(forward, or forward + backward when the inputs record gradients) in interleaved rounds, and picks the earliest backend in
 the op's order whose time is within MARGIN of the fastest. The torch path comes first, so a backend replaces it only
 when measured more than MARGIN faster: the pick is never slower than the torch path by measurement, and timing
 noise below MARGIN does not change it between runs. The decision is kept in this process and in the cache file (one
 JSON object, merged and rewritten atomically under a lock). The trainer decides at start-up for the shapes its
-stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides for a preset or a list
-of shapes. Under torch.distributed every rank runs rank 0's decisions (share_from_rank0).
+stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides a preset's again. Under torch.distributed every rank runs rank 0's decisions (share_from_rank0).
 """
 from __future__ import annotations
 
