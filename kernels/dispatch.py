@@ -24,7 +24,8 @@ the op's order whose time is within MARGIN of the fastest. The torch path comes 
 when measured more than MARGIN faster: the pick is never slower than the torch path by measurement, and timing
 noise below MARGIN does not change it between runs. The decision is kept in this process and in the cache file (one
 JSON object, merged and rewritten atomically under a lock). The trainer decides at start-up for the shapes its
-stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides a preset's again. Under torch.distributed every rank runs rank 0's decisions (share_from_rank0).
+stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides a preset's again.
+Under torch.distributed every rank runs rank 0's decisions (share_from_rank0).
 """
 from __future__ import annotations
 
