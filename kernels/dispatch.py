@@ -19,9 +19,9 @@ rule applies. Nothing is measured at call time, so no forward or backward ever t
 
 Decisions: `decide(op, args)` runs the reference once, runs every backend that can run on the same inputs and drops
 the ones that raise or that the op's rule rejects (logged as a defect with the first bad row), times the others
-(forward, or forward + backward when the inputs record gradients) in interleaved rounds, and picks the earliest backend in
-the op's order whose time is within MARGIN of the fastest. The torch path comes first, so a backend replaces it only
-when measured more than MARGIN faster: the pick is never slower than the torch path by measurement, and timing
+(forward, or forward + backward when the inputs record gradients) in interleaved rounds, and picks the earliest
+backend in the op's order whose time is within MARGIN of the fastest. The torch path comes first, so a backend
+replaces it only when measured more than MARGIN faster: the pick is never slower than the torch path by measurement, and timing
 noise below MARGIN does not change it between runs. The decision is kept in this process and in the cache file (one
 JSON object, merged and rewritten atomically under a lock). The trainer decides at start-up for the shapes its
 stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides a preset's again.
@@ -258,7 +258,8 @@ class Decision:
         return cls(**{k: v for k, v in d.items() if k in names}, source=source)
 
     def brief(self) -> str:
-        """'cpp 0.41 ms (3.20x torch)', 'sdpa 0.2 ms (torch path)', 'cpp (cached: 3.20x torch)', 'cpp (static default)'."""
+        """'cpp 0.41 ms (3.20x torch)', 'sdpa 0.2 ms (torch path)', 'cpp (cache: 0.41 ms, 3.20x torch)',
+        'cpp (static default)'."""
         t, r = self.ms.get(self.pick), self.ratio()
         vs = "torch path" if self.pick == self.torch_path else (f"{r:.2f}x torch" if r else "")
         if t is None:
@@ -316,7 +317,8 @@ def decisions() -> dict[tuple, Decision]:
     return dict(_decisions)
 
 
-INTERPRETER = "Triton runs on CUDA (the interpreter is a correctness tool: it runs a backend asked by name, never decided)"
+INTERPRETER = ("Triton runs on CUDA (the interpreter is a correctness tool: it runs a backend asked by name, never "
+               "decided)")
 
 
 def _unavailable(op: Op, name: str, device: torch.device, meta: tuple, asked: bool = False) -> str | None:

@@ -108,8 +108,8 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
                               _g(1, 1, Dd, device=dev, grad=True, gen=gen), ids, _g(1, 1 + L, Dd, device=dev, gen=gen),
                               True), amp, "mae-dec")
         add("attention", attn(1 + L, Dd // Hd, act, True, n, Hd), None, "mae-dec")
-    qdt = torch.bfloat16 if cfg.nnclr.queue_dtype == "bf16" or (cfg.nnclr.queue_dtype == "auto" and dev.type == "cuda") \
-        else torch.float32
+    from maect.heads import queue_dtype
+    qdt = queue_dtype(cfg.nnclr.queue_dtype, dev)                               # the queue's storage, as the stages'
     for st in ("head", "ct"):
         if st not in stages:
             continue
