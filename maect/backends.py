@@ -63,8 +63,9 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
     from maect.engine import uses_bf16
     from maect.models import attention as _attention  # noqa: F401  (registers the attention op)
     stages = C.stages(cfg)
+    mcfg = _model_cfg(cfg, stages)                  # (outside the meta device: it may read init's weights)
     with torch.device("meta"):
-        model = hub.model_from_cfg(_model_cfg(cfg, stages), decoder=True)
+        model = hub.model_from_cfg(mcfg, decoder=True)
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     amp = torch.bfloat16 if uses_bf16(cfg.precision, dev) else None

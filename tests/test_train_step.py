@@ -34,11 +34,11 @@ def math_attention(monkeypatch):
     kept ones: fewer executed FLOPs, the same model FLOPs)."""
     monkeypatch.setenv("MAECT_KERNELS", "0")
     prev = A.get_backend()
+    A.clear_cache()                 # forgets every decision and forced backend: before asking for math
     A.set_backend("math")
-    A.clear_cache()
     yield
-    A.set_backend(prev)
     A.clear_cache()
+    A.set_backend(prev)
 
 
 def tiny(depth=1, decoder=True):
