@@ -48,9 +48,9 @@ import torch
 
 logger = logging.getLogger("maect.kernels")
 
-MARGIN = 0.05           # a backend replaces an earlier one only when measured more than 5 % faster
+MARGIN = 0.10           # a backend replaces an earlier one only when measured more than 10 % faster
 BUDGET_S = 1.0          # seconds of timing per decision (all backends together)
-MAX_REPS = {"cpu": 9, "cuda": 20}
+MAX_REPS = {"cpu": 30, "cuda": 30}
 CACHE_FORMAT = 2
 
 

@@ -61,7 +61,7 @@ def runnable_topk() -> list[str]:
     return [b.name for b in D.OPS["queue_topk"].backends if b.why_not(torch.device("cpu"), ()) is None]
 
 
-@pytest.mark.parametrize("torch_ms, other_ms, pick", [(1.0, 0.5, "other"), (1.0, 0.97, "torch"), (0.4, 1.0, "torch")])
+@pytest.mark.parametrize("torch_ms, other_ms, pick", [(1.0, 0.5, "other"), (1.0, 0.93, "torch"), (0.4, 1.0, "torch")])
 def test_torch_path_wins_when_it_is_faster(monkeypatch, torch_ms, other_ms, pick):
     """The torch path is first in every op's order: a backend replaces it only when measured > MARGIN faster."""
     other = D.Backend("other", D.OPS["queue_topk"].backends[0].fn)

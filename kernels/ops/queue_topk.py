@@ -763,7 +763,7 @@ def register_cpp() -> None:
 # Verification and the torch path (what kernels/dispatch.py measures for this op)
 
 ROWS = {"cpu": 256, "cuda": 1 << 16}       # measurement rows (kernels/dispatch.py), at most SIMS similarities
-SIMS = {"cpu": 1 << 22, "cuda": 1 << 30}
+SIMS = {"cpu": 1 << 24, "cuda": 1 << 30}
 
 
 def check_topk(query, queue, k, exclude_ids, queue_ids, normalized, out, ref) -> str | None:
