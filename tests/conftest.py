@@ -13,3 +13,18 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import tempfile  # noqa: E402
 
 os.environ.setdefault("MAECT_CACHE_DIR", tempfile.mkdtemp(prefix="maect_test_cache_"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch, tmp_path):
+    """No backend decision in this process, a fresh cache folder, nothing forced, MAECT_KERNELS unset (before and
+    after the test); yields monkeypatch."""
+    from maect.kernels import dispatch
+    monkeypatch.delenv("MAECT_KERNELS", raising=False)
+    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
+    dispatch.clear()
+    yield monkeypatch
+    dispatch.clear()

@@ -15,12 +15,7 @@ from test_nnclr import TINY
 SMALL = [a for a in TINY if not a.startswith(("mae.epochs", "head.epochs", "ct.epochs", "eval.", "log_every"))]
 
 
-@pytest.fixture(autouse=True)
-def fresh(monkeypatch, tmp_path):
-    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
-    D.clear()
-    yield
-    D.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dispatch")     # tests/conftest.py
 
 
 def test_decisions_are_made_at_start_up_and_never_inside_a_step(tmp_path, monkeypatch, capfd):

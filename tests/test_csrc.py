@@ -25,14 +25,7 @@ from maect.kernels.ops.queue_topk import queue_topk_cpp, queue_topk_ref, queue_t
 from maect.kernels.ops.random_masking import random_masking_cpp, random_masking_ref
 from maect.kernels.ops.unshuffle import unshuffle_cpp, unshuffle_ref
 
-@pytest.fixture(autouse=True)
-def fresh_dispatch(monkeypatch, tmp_path):
-    """No decision in this process or the cache: lookups run the static defaults (resolutions memoised with or
-    without the extension are forgotten before and after)."""
-    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
-    D.clear()
-    yield
-    D.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dispatch")     # tests/conftest.py: no decision, a fresh cache
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from maect.kernels import dispatch as D
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def fresh(monkeypatch, tmp_path):
-    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
-    D.clear()
-    yield
-    D.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dispatch")     # tests/conftest.py
 
 
 def timer_of(ms: dict, calls: list | None = None):

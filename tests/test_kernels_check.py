@@ -31,11 +31,9 @@ def fast_torch(name, fn, device, budget):
 
 
 @pytest.fixture(autouse=True)
-def fresh(monkeypatch, tmp_path):
-    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
-    D.clear()
-    yield monkeypatch
-    D.clear()
+def fresh(fresh_dispatch):
+    """tests/conftest.py's fresh_dispatch for every test here (its monkeypatch, by this name)."""
+    return fresh_dispatch
 
 
 def _plan_keys():

@@ -206,14 +206,6 @@ def test_bad_input_is_a_clear_error():
 MASKING_OPS = ("random_masking", "unshuffle", "decoder_input", "masked_patch_embed")
 
 
-@pytest.fixture
-def fresh_dispatch(monkeypatch, tmp_path):
-    """No decision in this process; the cache is a fresh folder; nothing forced."""
-    monkeypatch.delenv("MAECT_KERNELS", raising=False)
-    monkeypatch.setenv("MAECT_CACHE_DIR", str(tmp_path / "cache"))
-    D.clear()
-    yield monkeypatch
-    D.clear()
 
 
 def test_static_defaults_keep_torch_on_gpu_until_measured(fresh_dispatch):
