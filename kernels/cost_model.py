@@ -128,6 +128,8 @@ def measure_into(preds: list[dict]) -> None:
 
     import torch
     import torch.nn.functional as F
+
+    from .dispatch import call_ms
     qt = importlib.import_module("maect.kernels.ops.queue_topk")
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
@@ -138,12 +140,7 @@ def measure_into(preds: list[dict]) -> None:
         ts = []
         for _ in range(reps):
             flush.zero_()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
+            ts.append(call_ms(fn, dev))
         return sorted(ts)[len(ts) // 2]
 
     for p in preds:

@@ -21,9 +21,9 @@ Decisions: `decide(op, args)` runs the reference once, runs every backend that c
 the ones that raise or that the op's rule rejects (logged as a defect with the first bad row), times the others
 (forward, or forward + backward when the inputs record gradients) in interleaved rounds, and picks the earliest
 backend in the op's order whose time is within MARGIN of the fastest. The torch path comes first, so a backend
-replaces it only when measured more than MARGIN faster: the pick is never slower than the torch path by measurement, and timing
-noise below MARGIN does not change it between runs. The decision is kept in this process and in the cache file (one
-JSON object, merged and rewritten atomically under a lock). The trainer decides at start-up for the shapes its
+replaces it only when measured more than MARGIN faster: the pick is never slower than the torch path by measurement,
+and timing noise below MARGIN does not change it between runs. The decision is kept in this process and in the cache
+file (one JSON object, merged and rewritten atomically under a lock). The trainer decides at start-up for the shapes its
 stages will train and evaluate (maect/backends.py); `python -m maect.kernels.check` decides a preset's again.
 Under torch.distributed every rank runs rank 0's decisions (share_from_rank0).
 """
@@ -233,7 +233,7 @@ class Cache:
 @dataclasses.dataclass
 class Decision:
     pick: str
-    source: str                                     # measured | cache | rank 0 | default | asked
+    source: str                                     # measured | cache | static default | rank 0 (<its source>)
     ms: dict[str, float] = dataclasses.field(default_factory=dict)          # verified backends' median times
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)       # backend -> why (raised, defect)
     not_run: dict[str, str] = dataclasses.field(default_factory=dict)       # backend -> why it cannot run here
@@ -342,6 +342,34 @@ def _why_each(op: Op, device: torch.device, meta: tuple) -> str:
                      for n in names)
 
 
+def _cache_key(device: torch.device, op: str, key: str) -> str:
+    return f"{device_key(device)}|{op}|{key}"
+
+
+def _known(op: Op, device: torch.device, meta: tuple, otherwise: str) -> Decision | None:
+    """This process's decision for the key, else the cache file's (kept in this process; not read after
+    share_from_rank0), or None. A decision whose backend cannot run here is dropped with one log line ending in
+    `otherwise` (what happens instead)."""
+    key = op.key(meta)
+    dkey = (op.name, device.type, key)
+    d = _decisions.get(dkey)
+    if d is None and not _follow_rank0:
+        entry = cache().get(_cache_key(device, op.name, key))
+        if entry is not None:
+            d = _decisions[dkey] = Decision.from_json(entry, "cache")
+    if d is not None and (why := _unavailable(op, d.pick, device, meta)) is not None:
+        logger.info("maect: %s %s: the %s decision '%s' cannot run here (%s); %s", op.name, key, d.source, d.pick,
+                    why, otherwise)
+        return None
+    return d
+
+
+def _static_default(op: Op, device: torch.device, meta: tuple) -> str:
+    """The op's static default for the device type, or its torch path where that cannot run here."""
+    name = op.default.get(device.type, op.backends[0].name)
+    return name if _unavailable(op, name, device, meta) is None else op.backends[0].name
+
+
 @torch.compiler.assume_constant_result
 def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tuple, asked: str | None) -> str:
     """Rules 1 and 3-6 of the module docstring for one key, memoised: Python constants in, a name out (a trace-time
@@ -360,24 +388,10 @@ def _resolve(op_name: str, device_type: str, device_index: int | None, meta: tup
                                   f"Every backend for these inputs:\n{_why_each(op, device, meta)}")
             _resolved[rkey] = asked
             return asked
-        key = op.key(meta)
-        d = _decisions.get((op_name, device_type, key))
-        if d is None and not _follow_rank0:
-            entry = cache().get(f"{device_key(device)}|{op_name}|{key}")
-            if entry is not None:
-                d = _decisions[(op_name, device_type, key)] = Decision.from_json(entry, "cache")
-        if d is not None and (why := _unavailable(op, d.pick, device, meta)) is not None:
-            logger.info("maect: %s %s: the %s decision '%s' cannot run here (%s); the static default runs",
-                        op_name, key, d.source, d.pick, why)
-            d = None
-        if d is None:
-            name = op.default.get(device_type, op.backends[0].name)
-            if _unavailable(op, name, device, meta) is not None:
-                name = op.backends[0].name
-            d = Decision(name, "static default")
-            logger.debug("maect: %s %s on %s: %s (no decision)", op_name, key, device_type, name)
-        _resolved[rkey] = d.pick
-        return d.pick
+        d = _known(op, device, meta, "the static default runs")
+        name = d.pick if d is not None else _static_default(op, device, meta)
+        _resolved[rkey] = name
+        return name
 
 
 def lookup(op: str, meta: tuple, device: torch.device, asked: str | None = None) -> Callable:
@@ -392,6 +406,21 @@ def lookup(op: str, meta: tuple, device: torch.device, asked: str | None = None)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def call_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call of fn: CUDA events on GPU (the kernels' time, launched asynchronously), perf_counter
+    on CPU."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
 
 
 def interleaved(runs: dict[str, Callable[[], Any]], device: torch.device, budget: float
@@ -415,17 +444,7 @@ def interleaved(runs: dict[str, Callable[[], Any]], device: torch.device, budget
                                                         len(times[next(iter(live))]) < MAX_REPS.get(device.type, 5))):
         for name, run in list(live.items()):
             try:
-                if device.type == "cuda":
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    run()
-                    b.record()
-                    b.synchronize()
-                    times[name].append(a.elapsed_time(b))
-                else:
-                    t = time.perf_counter()
-                    run()
-                    times[name].append((time.perf_counter() - t) * 1e3)
+                times[name].append(call_ms(run, device))
             except Exception as exc:
                 failed[name] = _first_line(exc)
                 live.pop(name)
@@ -453,6 +472,13 @@ def _timed(fn: Callable, args: tuple, grad: bool) -> Callable[[], Any]:
     return run
 
 
+def _device_meta(o: Op, args: tuple, amp: torch.dtype | None) -> tuple[torch.device, tuple]:
+    """The device of the first tensor argument, and the op's meta of args (under autocast to amp when given)."""
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device
+    with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        return device, o.meta(*args)
+
+
 def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float = BUDGET_S,
             amp: torch.dtype | None = None) -> Decision:
     """Verify every backend that can run args against the reference, time the verified ones (interleaved; timer:
@@ -460,11 +486,8 @@ def measure(op: str, args: tuple, timer: Callable | None = None, budget_s: float
     a backend's fault; the reference raising (bad input) propagates. amp: run under torch.autocast with this dtype
     (the training step's precision)."""
     o, t_start = get(op), time.perf_counter()
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    device = first.device
+    device, meta = _device_meta(o, args, amp)   # the caller's shape class (the decision's key), not the slice's
     ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
-    with ctx():
-        meta = o.meta(*args)            # the caller's shape class (the decision's key), not the measured slice's
     args = o.prepare(args) if o.prepare is not None else args
     d = Decision(o.backends[0].name, "measured", torch_path=o.backends[0].name, shape=o.key(meta))
     grad = _records_grad(args)
@@ -521,28 +544,16 @@ def decide(op: str, args: tuple, *, measure_missing: bool = True, timer: Callabl
     else the static default), or always when again=True (python -m maect.kernels.check). A decision from the cache
     whose backend cannot run here is made again. Kept in this process and (measured ones) in the cache file."""
     o = get(op)
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    device = first.device
-    with (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
-        meta = o.meta(*args)
+    device, meta = _device_meta(o, args, amp)
     key = o.key(meta)
-    dkey = (op, device.type, key)
     with _state:
-        d = None if again else _decisions.get(dkey)
-        if d is None and not again:
-            entry = cache().get(f"{device_key(device)}|{op}|{key}")
-            d = Decision.from_json(entry, "cache") if entry is not None else None
-        if d is not None and (why := _unavailable(o, d.pick, device, meta)) is not None:
-            logger.info("maect: %s %s: the %s decision '%s' cannot run here (%s); deciding again", op, key,
-                        d.source, d.pick, why)
-            d = None
+        d = None if again else _known(o, device, meta, "deciding again")
         if d is None and (measure_missing or again):
             d = measure(op, args, timer=timer, budget_s=budget_s, amp=amp)
-            cache().put(f"{device_key(device)}|{op}|{key}", d.to_json())
+            cache().put(_cache_key(device, op, key), d.to_json())
         if d is None:
-            name = o.default.get(device.type, o.backends[0].name)
-            d = Decision(name if _unavailable(o, name, device, meta) is None else o.backends[0].name, "static default")
-        _decisions[dkey] = d
+            d = Decision(_static_default(o, device, meta), "static default")
+        _decisions[(op, device.type, key)] = d
         _resolved.clear()
         return d
 
