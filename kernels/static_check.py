@@ -181,7 +181,7 @@ def _model_dims(cfg) -> dict:
 def _preset_cases(cfg, dims: dict) -> list[dict]:
     """The Triton launches a preset's run makes on one GPU: the head / CT queue lookups (both views, the queue's
     dtype), the final k-NN's chunk (maect.eval.knn) and the MAE masking batch."""
-    from maect.eval.knn import SIM_BUDGET
+    from maect.eval.knn import chunk_rows
     from maect.heads import queue_dtype
     from .check import IMAGENET, SIZES
     qdt = queue_dtype(cfg.nnclr.queue_dtype, torch.device("cuda"))
@@ -192,7 +192,7 @@ def _preset_cases(cfg, dims: dict) -> list[dict]:
         B = 2 * max(1, getattr(cfg, stages[-1]).batch_size)
         out.append({"op": "queue_topk", "label": f"{'+'.join(stages)} lookup", "args": ("lookup", B, Q, Dp, k, qdt)})
     n_train = cfg.eval.final_train or SIZES.get(cfg.data.name, IMAGENET)[0]
-    chunk = max(1, min(4096, SIM_BUDGET // n_train))
+    chunk = chunk_rows(n_train)
     out.append({"op": "queue_topk", "label": "final k-NN chunk",
                 "args": ("knn", chunk, n_train, dims["D"], cfg.eval.knn_k, torch.float32)})
     out.append({"op": "masked_patch_embed", "label": "MAE",

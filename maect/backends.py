@@ -61,6 +61,7 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
     """(op, args, autocast dtype or None) for every decision the run needs (module docstring)."""
     from maect import hub
     from maect.engine import uses_bf16
+    from maect.eval.knn import chunk_rows
     from maect.models import attention as _attention  # noqa: F401  (registers the attention op)
     stages = C.stages(cfg)
     mcfg = _model_cfg(cfg, stages)                  # (outside the meta device: it may read init's weights)
@@ -77,8 +78,8 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
     H = model.blocks[0].attn.num_heads
     calls, seen = [], set()
 
-    def add(op, args, a=None, tag=""):
-        """One call per (op, shape class): the first one planned (tag: where it comes from, for readers)."""
+    def add(op, args, a=None):
+        """One call per (op, shape class): the first one planned."""
         o = dispatch.get(op)
         with torch.autocast(dev.type, dtype=a) if a is not None else contextlib.nullcontext():
             k = (op, o.key(o.meta(*args)))
@@ -100,15 +101,15 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
         w = pe.proj.weight
         args = (imgs, _g(*w.shape, device=dev, grad=True, gen=gen), _g(D, device=dev, grad=True, gen=gen),
                 _g(1, L, D, device=dev, gen=gen), s.mask_ratio, torch.rand(n, L, generator=gen).to(dev))
-        add("masked_patch_embed", args, amp, "mae")
-        add("attention", attn(1 + K, D // H, act, True, n, H), None, "mae-enc")
+        add("masked_patch_embed", args, amp)                       # the encoder input
+        add("attention", attn(1 + K, D // H, act, True, n, H))      # the encoder on the visible tokens
         Dd = model.decoder_embed.out_features
         Hd = model.decoder_blocks[0].attn.num_heads
         ids = torch.argsort(torch.rand(n, L, generator=gen), dim=1).to(dev)
         add("decoder_input", (_g(n, 1 + K, Dd, dtype=act, device=dev, grad=True, gen=gen),
                               _g(1, 1, Dd, device=dev, grad=True, gen=gen), ids, _g(1, 1 + L, Dd, device=dev, gen=gen),
-                              True), amp, "mae-dec")
-        add("attention", attn(1 + L, Dd // Hd, act, True, n, Hd), None, "mae-dec")
+                              True), amp)
+        add("attention", attn(1 + L, Dd // Hd, act, True, n, Hd))   # the decoder on all tokens
     from maect.heads import queue_dtype
     qdt = queue_dtype(cfg.nnclr.queue_dtype, dev)                               # the queue's storage, as the stages'
     for st in ("head", "ct"):
@@ -116,17 +117,17 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
             continue
         s = getattr(cfg, st)
         b = max(1, s.batch_size // max(1, world))
-        add("attention", attn(1 + L, D // H, act, False, n_rows(2 * b), H), None, "frozen")
+        add("attention", attn(1 + L, D // H, act, False, n_rows(2 * b), H))      # the frozen blocks
         if st == "ct":
-            add("attention", attn(1 + L, D // H, act, True, n_rows(2 * b), H), None, "tuned")
+            add("attention", attn(1 + L, D // H, act, True, n_rows(2 * b), H))   # the tuned blocks
         Q, Dp = cfg.nnclr.queue_size, cfg.nnclr.proj_dim
         q = torch.nn.functional.normalize(_g(2 * b, Dp, gen=gen), dim=1).to(dev, qdt)
         e = torch.nn.functional.normalize(_g(Q, Dp, gen=gen), dim=1).to(dev, qdt)
         qids = torch.randint(0, max(1, n_train or Q), (Q,), generator=gen).to(dev)
         ids = torch.randint(0, max(1, n_train or Q), (b,), generator=gen).to(dev).repeat(2)
-        add("queue_topk", (q, e, max(1, s.topk), ids, qids, True), None, f"queue-{st}")
+        add("queue_topk", (q, e, max(1, s.topk), ids, qids, True))
     if any(st in stages for st in ("head", "ct")) or cfg.stage in ("pipeline", "ct_pipeline"):
-        add("attention", attn(1 + L, D // H, eval_dt, False, ROWS.get(dev.type, 64), H), None, "eval")
+        add("attention", attn(1 + L, D // H, eval_dt, False, ROWS.get(dev.type, 64), H))    # evaluation
         ev = cfg.eval
 
         def size(limit, n):
@@ -136,11 +137,11 @@ def plan(cfg: C.Config, device: torch.device, world: int = 1, n_train: int | Non
             N, Bq = size(bank_limit, n_bank), size(query_limit, n_query)
             if not N or not Bq:
                 continue
-            Bq = min(Bq, 4096, max(1, (1 << 26) // N))                        # maect.eval.knn's chunk
+            Bq = min(Bq, chunk_rows(N))                                        # maect.eval.knn's chunk
             # the encoder's features; the monitor also looks up in the projector's space (maect.eval.monitor)
             for Df in (D, cfg.nnclr.proj_dim) if i == 0 else (D,):
                 f = torch.nn.functional.normalize(_g(N + Bq, Df, gen=gen), dim=1).to(dev)
-                add("queue_topk", (f[N:], f[:N], min(ev.knn_k, N)), None, f"knn-{N}-{Bq}-{Df}")
+                add("queue_topk", (f[N:], f[:N], min(ev.knn_k, N)))
     return calls
 
 
@@ -153,15 +154,12 @@ def decide_for_run(cfg: C.Config, device: torch.device, world: int = 1, rank: in
             dispatch.force(op, name)
         except ValueError as exc:
             raise C.ConfigError(f"{key}={name!r}: {exc}") from None
-    made, seen = [], set()
-    if rank == 0:
+    made = []
+    if rank == 0:                        # plan() lists each (op, shape class) once
         for op, args, amp in plan(cfg, device, world, **sizes):
-            if op in dispatch.forced():
-                continue
-            d = dispatch.decide(op, args, measure_missing=cfg.kernels.measure, budget_s=cfg.kernels.budget_s, amp=amp)
-            if (op, d.shape) not in seen:
-                seen.add((op, d.shape))
-                made.append((op, d))
+            if op not in dispatch.forced():
+                made.append((op, dispatch.decide(op, args, measure_missing=cfg.kernels.measure,
+                                                 budget_s=cfg.kernels.budget_s, amp=amp)))
     dispatch.share_from_rank0()
     asked = [f"{op} -> {name} (asked)" for op, name in dispatch.forced().items()]
     line = dispatch.summary(made) + ("; " if made and asked else "") + "; ".join(asked)

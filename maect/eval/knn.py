@@ -31,6 +31,12 @@ from maect.eval.features import check_finite, check_labels
 SIM_BUDGET = 1 << 26    # similarities per chunk (256 MiB fp32 in the reference path's [chunk, N_train] matrix)
 
 
+def chunk_rows(n_bank: int) -> int:
+    """Test queries per queue_topk call against a bank of n_bank features: at most 4096, and chunk x n_bank <=
+    SIM_BUDGET similarities."""
+    return max(1, min(4096, SIM_BUDGET // max(n_bank, 1)))
+
+
 def min_temperature(k: int) -> float:
     """The smallest T whose scores stay finite in fp32: k weights of at most exp(1 / T) (cosine <= 1) sum below
     float32's max when 1 / T + ln k < ln(3.4e38) = 88.72, i.e. T > 1 / (88.72 - ln k) (0.0113 at k = 1, 0.0120
@@ -72,7 +78,7 @@ def knn_scores(train_f: Tensor, train_y: Tensor, test_f: Tensor, k: int | list[i
     check_labels("knn", C, train=train_y)             # a -1 bank label would vote for no class (or crash)
     bank, query = prepare(train_f, test_f.to(train_f.device), standardize)
     bank_y = train_y.to(bank.device).long()
-    chunk = chunk or max(1, min(4096, SIM_BUDGET // max(N, 1)))
+    chunk = chunk or chunk_rows(N)
     out = {kk: [] for kk in ks}
     padded = torch.zeros((), dtype=torch.bool, device=bank.device)             # any -1 index: read once at the end
     for s in range(0, query.shape[0], chunk):
