@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # the bench scripts run as `python bench/x.py` from the repo root
     sys.path.insert(0, str(ROOT))
 
+from maect.kernels.dispatch import call_ms  # noqa: E402  (one call's ms: CUDA events, or perf_counter on CPU)
+
 MiB = 2 ** 20
 
 
@@ -72,20 +74,11 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, bud
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        if device.type == "cuda":
+        if device.type == "cuda":                 # a cold L2 for every call
             if device not in _l2_flush:
                 _l2_flush[device] = torch.empty(256 * MiB, dtype=torch.int8, device=device)
             _l2_flush[device].zero_()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(call_ms(fn, device))
     return quantiles(times)
 
 
